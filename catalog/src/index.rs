@@ -1,0 +1,555 @@
+//! The validated catalog: every record keyed, every reference resolved, every
+//! machine with an address. Built from the documents of all sources at once, so a
+//! set of records is either valid together or rejected together.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use skein_sixpn::{HostId, MachineSlot, NetId, SixPn};
+
+use crate::check;
+use crate::error::{Invalid, Problems};
+use crate::model::*;
+use crate::record::{Kind, Record, ServiceKey};
+
+/// Where a record came from. A record is owned by exactly one source: a key
+/// defined by two sources is an error, so that no source silently overrides
+/// another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// The catalog file.
+    File,
+    /// The admin API (persisted in SQLite).
+    Api,
+    /// etcd.
+    Etcd,
+    /// Kubernetes.
+    Kubernetes,
+    /// Built in (the demo).
+    Builtin,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Source::File => "the catalog file",
+            Source::Api => "the admin API",
+            Source::Etcd => "etcd",
+            Source::Kubernetes => "Kubernetes",
+            Source::Builtin => "the built-in demo",
+        })
+    }
+}
+
+/// A validated catalog. Records are behind `Arc`s that are shared with the
+/// previous catalog when unchanged, so building is cheap on memory and
+/// [`crate::Changes`] can compare by pointer.
+#[derive(Clone, Debug, Default)]
+pub struct Catalog {
+    /// Regions by code.
+    pub regions: BTreeMap<String, Arc<Region>>,
+    /// Hosts by id.
+    pub hosts: BTreeMap<HostId, Arc<Host>>,
+    /// Networks by name.
+    pub networks: BTreeMap<String, Arc<Network>>,
+    /// Apps by name.
+    pub apps: BTreeMap<String, Arc<App>>,
+    /// Machines by id; every one has its `address`.
+    pub machines: BTreeMap<String, Arc<Machine>>,
+    /// Certificates by name; every one has its `hostnames`.
+    pub certificates: BTreeMap<String, Arc<Certificate>>,
+    /// Kubernetes Services by namespace/name.
+    pub k8s_services: BTreeMap<ServiceKey, Arc<K8sService>>,
+    /// Which source owns each record, by kind and key text.
+    pub owners: BTreeMap<(Kind, String), Source>,
+}
+
+impl Catalog {
+    /// The network an app is on.
+    pub fn app_network(&self, app: &App) -> Option<&Network> {
+        self.networks.get(&app.network).map(|n| &**n)
+    }
+
+    /// Round-trip time between two regions in ms (0 for the same region), as
+    /// declared by either side.
+    pub fn rtt_ms(&self, a: &str, b: &str) -> Option<u32> {
+        if a == b {
+            return Some(0);
+        }
+        let from = |x: &str, y: &str| self.regions.get(x).and_then(|r| r.rtt_ms.get(y).copied());
+        from(a, b).or_else(|| from(b, a))
+    }
+
+    /// The whole catalog as one document (records sorted by key).
+    pub fn to_document(&self) -> Document {
+        fn all<T: Record>(m: &BTreeMap<T::Key, Arc<T>>) -> Vec<T> {
+            m.values().map(|v| (**v).clone()).collect()
+        }
+        Document {
+            regions: all(&self.regions),
+            hosts: all(&self.hosts),
+            networks: all(&self.networks),
+            apps: all(&self.apps),
+            machines: all(&self.machines),
+            certificates: all(&self.certificates),
+            k8s_services: all(&self.k8s_services),
+        }
+    }
+
+    /// Number of records of a kind.
+    pub fn count(&self, kind: Kind) -> usize {
+        match kind {
+            Kind::Regions => self.regions.len(),
+            Kind::Hosts => self.hosts.len(),
+            Kind::Networks => self.networks.len(),
+            Kind::Apps => self.apps.len(),
+            Kind::Machines => self.machines.len(),
+            Kind::Certificates => self.certificates.len(),
+            Kind::K8sServices => self.k8s_services.len(),
+        }
+    }
+}
+
+/// A record on its way in: where it is, who owns it.
+struct Entry<T> {
+    path: String,
+    source: Source,
+    rec: T,
+}
+
+type Gathered<T> = BTreeMap<<T as Record>::Key, Entry<T>>;
+
+/// The path of the `idx`th record of a kind in a source's document: by index in a
+/// file, by key elsewhere (API and etcd records have no stable position).
+fn path_of<T: Record>(source: Source, idx: usize, rec: &T) -> String {
+    match source {
+        Source::File | Source::Builtin => format!("{}[{idx}]", T::KIND),
+        _ => format!("{}[\"{}\"]", T::KIND, rec.key()),
+    }
+}
+
+/// Collects one kind from every layer, runs its local check and catches keys
+/// defined twice.
+fn gather<T: Record>(
+    layers: &[(Source, &Document)],
+    p: &mut Problems,
+    mut local: impl FnMut(&mut T, &str, &mut Problems),
+) -> Gathered<T> {
+    let mut out: Gathered<T> = BTreeMap::new();
+    for (source, doc) in layers {
+        for (idx, rec) in T::list(doc).iter().enumerate() {
+            let mut rec = rec.clone();
+            let path = path_of(*source, idx, &rec);
+            local(&mut rec, &path, p);
+            match out.get(&rec.key()) {
+                Some(first) if first.source == *source => {
+                    p.add(
+                        &path,
+                        format!(
+                            "duplicate {} {:?}, first at {}",
+                            singular(T::KIND),
+                            rec.key().to_string(),
+                            first.path
+                        ),
+                    );
+                }
+                Some(first) => p.add(
+                    &path,
+                    format!(
+                        "{} {:?} is already defined by {} ({}); a record has one owner",
+                        singular(T::KIND),
+                        rec.key().to_string(),
+                        first.source,
+                        first.path
+                    ),
+                ),
+                None => {
+                    out.insert(
+                        rec.key(),
+                        Entry {
+                            path,
+                            source: *source,
+                            rec,
+                        },
+                    );
+                }
+            }
+        }
+    }
+    out
+}
+
+fn singular(k: Kind) -> &'static str {
+    match k {
+        Kind::Regions => "region",
+        Kind::Hosts => "host",
+        Kind::Networks => "network",
+        Kind::Apps => "app",
+        Kind::Machines => "machine",
+        Kind::Certificates => "certificate",
+        Kind::K8sServices => "service",
+    }
+}
+
+/// Keeps the previous catalog's `Arc` when the record did not change.
+fn intern<T: Record>(
+    g: Gathered<T>,
+    prev: &BTreeMap<T::Key, Arc<T>>,
+    owners: &mut BTreeMap<(Kind, String), Source>,
+) -> BTreeMap<T::Key, Arc<T>> {
+    g.into_iter()
+        .map(|(k, e)| {
+            owners.insert((T::KIND, k.to_string()), e.source);
+            let arc = match prev.get(&k) {
+                Some(old) if **old == e.rec => old.clone(),
+                _ => Arc::new(e.rec),
+            };
+            (k, arc)
+        })
+        .collect()
+}
+
+/// Validates the documents of all sources together and builds the catalog.
+/// `prev` is the catalog in force: unchanged records share its `Arc`s and a
+/// machine without an address keeps the one it had.
+pub fn build(layers: &[(Source, &Document)], prev: &Catalog) -> Result<Catalog, Invalid> {
+    build_at(layers, prev, SystemTime::now())
+}
+
+/// [`build`] with the clock given (certificate validity is checked against it).
+pub fn build_at(
+    layers: &[(Source, &Document)],
+    prev: &Catalog,
+    now: SystemTime,
+) -> Result<Catalog, Invalid> {
+    let mut p = Problems::default();
+    let regions = gather::<Region>(layers, &mut p, |r, at, p| check::region(r, at, p));
+    let hosts = gather::<Host>(layers, &mut p, |r, at, p| check::host(r, at, p));
+    let networks = gather::<Network>(layers, &mut p, |r, at, p| check::network(r, at, p));
+    let apps = gather::<App>(layers, &mut p, |r, at, p| check::app(r, at, p));
+    let mut machines = gather::<Machine>(layers, &mut p, |r, at, p| check::machine(r, at, p));
+    let certificates =
+        gather::<Certificate>(layers, &mut p, |r, at, p| check::certificate(r, at, p, now));
+    let services = gather::<K8sService>(layers, &mut p, |r, at, p| check::k8s_service(r, at, p));
+
+    // Regions: round-trip times name known regions and agree both ways.
+    for e in regions.values() {
+        for (other, ms) in &e.rec.rtt_ms {
+            match regions.get(other) {
+                None => p.add(
+                    format!("{}.rtt_ms.{other}", e.path),
+                    format!("unknown region {other:?}"),
+                ),
+                Some(o) => {
+                    if let Some(back) = o.rec.rtt_ms.get(&e.rec.code)
+                        && back != ms
+                    {
+                        p.add(
+                            format!("{}.rtt_ms.{other}", e.path),
+                            format!(
+                                "{ms} disagrees with {}.rtt_ms.{} = {back}",
+                                o.path, e.rec.code
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    let region_known = |p: &mut Problems, path: String, code: &str| {
+        if !regions.contains_key(code) {
+            p.add(path, format!("unknown region {code:?}"));
+        }
+    };
+
+    // Hosts: known region, unique names.
+    let mut host_names: HashMap<&str, &str> = HashMap::new();
+    for e in hosts.values() {
+        region_known(&mut p, format!("{}.region", e.path), &e.rec.region);
+        if let Some(first) = host_names.insert(&e.rec.name, &e.path) {
+            p.add(
+                format!("{}.name", e.path),
+                format!("{:?} is also the name of {first}", e.rec.name),
+            );
+        }
+    }
+
+    // Networks: unique ids.
+    let mut net_ids: HashMap<NetId, &str> = HashMap::new();
+    for e in networks.values() {
+        if let Some(first) = net_ids.insert(e.rec.id, &e.path) {
+            p.add(
+                format!("{}.id", e.path),
+                format!("{} is also the id of {first}", e.rec.id),
+            );
+        }
+    }
+
+    // Flycast addresses identify one app or one service.
+    let mut flycasts: HashMap<SixPn, String> = HashMap::new();
+    let mut flycast =
+        |p: &mut Problems, path: String, addr: std::net::Ipv6Addr, net: Option<&Network>| {
+            let Ok(a) = SixPn::try_from(addr) else {
+                return p.add(path, format!("{addr} is not a 6PN address"));
+            };
+            if !a.is_flycast() {
+                return p.add(
+                    path,
+                    format!("{addr} is not a flycast address (fdaa:<net>:0:1::<n>)"),
+                );
+            }
+            if let Some(net) = net
+                && a.net() != net.id
+            {
+                return p.add(
+                    path,
+                    format!(
+                        "{addr} is outside network {:?} (fdaa:{}::/48)",
+                        net.name, net.id
+                    ),
+                );
+            }
+            if let Some(first) = flycasts.insert(a, path.clone()) {
+                p.add(
+                    path,
+                    format!("{addr} is also the flycast address of {first}"),
+                );
+            }
+        };
+
+    // Apps: known network, hostnames owned by one app, flycast in the network.
+    let mut hostnames: HashMap<&str, &str> = HashMap::new();
+    for e in apps.values() {
+        let net = networks.get(&e.rec.network).map(|n| &n.rec);
+        if net.is_none() {
+            p.add(
+                format!("{}.network", e.path),
+                format!("unknown network {:?}", e.rec.network),
+            );
+        }
+        for (i, h) in e.rec.hostnames.iter().enumerate() {
+            if let Some(first) = hostnames.insert(h, &e.path) {
+                p.add(
+                    format!("{}.hostnames[{i}]", e.path),
+                    format!("{h:?} already routes to {first}"),
+                );
+            }
+        }
+        if let Some(f) = e.rec.flycast {
+            flycast(&mut p, format!("{}.flycast", e.path), f, net);
+        }
+    }
+
+    // Machines: known app, host and region; addresses consistent and unique.
+    let mut slots: HashMap<(HostId, MachineSlot), String> = HashMap::new();
+    for e in machines.values() {
+        let m = &e.rec;
+        let app_net = apps
+            .get(&m.app)
+            .map(|a| networks.get(&a.rec.network).map(|n| n.rec.id));
+        if app_net.is_none() {
+            p.add(
+                format!("{}.app", e.path),
+                format!("unknown app {:?}", m.app),
+            );
+        }
+        region_known(&mut p, format!("{}.region", e.path), &m.region);
+        match hosts.get(&m.host) {
+            None => p.add(
+                format!("{}.host", e.path),
+                format!("unknown host {}", m.host),
+            ),
+            Some(h) => {
+                if h.rec.region != m.region {
+                    p.add(
+                        format!("{}.region", e.path),
+                        format!(
+                            "{:?} is not the region of host {} ({:?})",
+                            m.region, h.rec.name, h.rec.region
+                        ),
+                    );
+                }
+                if h.rec.role == HostRole::Edge {
+                    p.add(
+                        format!("{}.host", e.path),
+                        format!("host {} is an edge and runs no machines", h.rec.name),
+                    );
+                }
+            }
+        }
+        if let Some(a) = m.address {
+            if let Some(Some(net)) = app_net
+                && a.net() != net
+            {
+                p.add(
+                    format!("{}.address", e.path),
+                    format!("{a} is outside the app's network fdaa:{net}::/48"),
+                );
+            }
+            if a.host() != m.host {
+                p.add(
+                    format!("{}.address", e.path),
+                    format!(
+                        "{a} names host {}, the machine runs on {}",
+                        a.host(),
+                        m.host
+                    ),
+                );
+            }
+            if a.machine().0 == 0 {
+                p.add(
+                    format!("{}.address", e.path),
+                    format!("{a} has machine slot 0, which is reserved"),
+                );
+            }
+            if let Some(first) = slots.insert((a.host(), a.machine()), e.path.clone()) {
+                p.add(
+                    format!("{}.address", e.path),
+                    format!(
+                        "{a}: slot {} on host {} is taken by {first}",
+                        a.machine(),
+                        a.host()
+                    ),
+                );
+            }
+        }
+    }
+
+    // Certificates: one per hostname.
+    let mut cert_names: HashMap<&str, &str> = HashMap::new();
+    for e in certificates.values() {
+        for (i, h) in e.rec.hostnames.iter().enumerate() {
+            if let Some(first) = cert_names.insert(h, &e.path) {
+                p.add(
+                    format!("{}.hostnames[{i}]", e.path),
+                    format!("{h:?} is already served by {first}"),
+                );
+            }
+        }
+    }
+
+    // Kubernetes Services: known network, ClusterIP a flycast of it, endpoints
+    // machines of that network.
+    for e in services.values() {
+        let s = &e.rec;
+        let net = networks.get(&s.network).map(|n| &n.rec);
+        if net.is_none() {
+            p.add(
+                format!("{}.network", e.path),
+                format!("unknown network {:?}", s.network),
+            );
+        }
+        if let Some(ip) = s.cluster_ip {
+            flycast(&mut p, format!("{}.cluster_ip", e.path), ip, net);
+        }
+        for (i, ep) in s.endpoints.iter().enumerate() {
+            let at = format!("{}.endpoints[{i}].machine", e.path);
+            match machines.get(&ep.machine) {
+                None => p.add(at, format!("unknown machine {:?}", ep.machine)),
+                Some(m) => {
+                    // (an app on an unknown network is reported once, at the app)
+                    let m_net = apps
+                        .get(&m.rec.app)
+                        .map(|a| &a.rec.network)
+                        .filter(|n| networks.contains_key(*n));
+                    if net.is_some() && m_net.is_some_and(|n| n != &s.network) {
+                        p.add(
+                            at,
+                            format!("machine {:?} is not on network {:?}", ep.machine, s.network),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    if !p.0.is_empty() {
+        return Err(Invalid { problems: p.0 });
+    }
+
+    allocate(&mut machines, &apps, &networks, prev, &mut slots, &mut p);
+    let mut owners = BTreeMap::new();
+    let cat = Catalog {
+        regions: intern(regions, &prev.regions, &mut owners),
+        hosts: intern(hosts, &prev.hosts, &mut owners),
+        networks: intern(networks, &prev.networks, &mut owners),
+        apps: intern(apps, &prev.apps, &mut owners),
+        machines: intern(machines, &prev.machines, &mut owners),
+        certificates: intern(certificates, &prev.certificates, &mut owners),
+        k8s_services: intern(services, &prev.k8s_services, &mut owners),
+        owners,
+    };
+    p.into_result(cat)
+}
+
+/// Gives every machine without an address one: the address it had in the
+/// previous catalog when that still fits, else the lowest free slot on its host.
+fn allocate(
+    machines: &mut Gathered<Machine>,
+    apps: &Gathered<App>,
+    networks: &Gathered<Network>,
+    prev: &Catalog,
+    taken: &mut HashMap<(HostId, MachineSlot), String>,
+    p: &mut Problems,
+) {
+    let mut next: HashMap<HostId, u32> = HashMap::new();
+    let mut pending: BTreeSet<String> = BTreeSet::new();
+    for (id, e) in machines.iter_mut() {
+        if e.rec.address.is_some() {
+            continue;
+        }
+        let Some(net) = apps
+            .get(&e.rec.app)
+            .and_then(|a| networks.get(&a.rec.network))
+            .map(|n| n.rec.id)
+        else {
+            continue; // reported above
+        };
+        let kept = prev.machines.get(id).and_then(|m| m.address).filter(|a| {
+            a.net() == net
+                && a.host() == e.rec.host
+                && !taken.contains_key(&(a.host(), a.machine()))
+        });
+        match kept {
+            Some(a) => {
+                taken.insert((a.host(), a.machine()), e.path.clone());
+                e.rec.address = Some(a);
+            }
+            None => {
+                pending.insert(id.clone());
+            }
+        }
+    }
+    for id in pending {
+        let Some(e) = machines.get_mut(&id) else {
+            continue;
+        };
+        let Some(net) = apps
+            .get(&e.rec.app)
+            .and_then(|a| networks.get(&a.rec.network))
+            .map(|n| n.rec.id)
+        else {
+            continue;
+        };
+        let host = e.rec.host;
+        let cursor = next.entry(host).or_insert(1);
+        while taken.contains_key(&(host, MachineSlot(*cursor))) {
+            if *cursor == u32::MAX {
+                p.add(
+                    format!("{}.address", e.path),
+                    format!("host {host} has no free machine slot"),
+                );
+                return;
+            }
+            *cursor += 1;
+        }
+        let slot = MachineSlot(*cursor);
+        taken.insert((host, slot), e.path.clone());
+        e.rec.address = Some(SixPn::new(net, host, slot));
+    }
+}

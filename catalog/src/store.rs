@@ -1,0 +1,289 @@
+//! The live catalog: versioned immutable snapshots behind an `ArcSwap`.
+//!
+//! Readers call [`Store::snapshot`] (one atomic load, no lock) and keep the `Arc`
+//! as long as they like; a snapshot never changes. Writers are serialized by a
+//! mutex that readers never touch: each write takes the documents of all sources,
+//! applies its edit to one of them, validates the whole, and either publishes a
+//! new snapshot or changes nothing. Subscribers get the newest snapshot through a
+//! `tokio::sync::watch`; a subscriber that was slow sees only the latest, and
+//! [`Changes::between`] the one it last applied and that one tells it everything
+//! that changed meanwhile.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::error::Invalid;
+use crate::index::{Catalog, Source, build};
+use crate::model::Document;
+use crate::record::{Kind, Record};
+
+/// One version of the catalog. Immutable.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Increases by one with every published change; 0 is the empty catalog.
+    pub version: u64,
+    /// The catalog.
+    pub catalog: Catalog,
+    /// When it was published.
+    pub published: Option<SystemTime>,
+}
+
+/// What changed in one kind between two snapshots.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Diff<K> {
+    /// Keys only in the newer one.
+    pub added: Vec<K>,
+    /// Keys only in the older one.
+    pub removed: Vec<K>,
+    /// Keys in both whose records differ.
+    pub changed: Vec<K>,
+}
+
+impl<K> Diff<K> {
+    /// True if nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
+}
+
+impl<K: Ord + Clone> Diff<K> {
+    /// Compares two maps of records. Unchanged records share their `Arc`, so most
+    /// comparisons are one pointer compare.
+    pub fn of<V: PartialEq>(old: &BTreeMap<K, Arc<V>>, new: &BTreeMap<K, Arc<V>>) -> Self {
+        let mut d = Diff {
+            added: Vec::new(),
+            removed: Vec::new(),
+            changed: Vec::new(),
+        };
+        for (k, v) in new {
+            match old.get(k) {
+                None => d.added.push(k.clone()),
+                Some(o) if !Arc::ptr_eq(o, v) && **o != **v => d.changed.push(k.clone()),
+                Some(_) => {}
+            }
+        }
+        d.removed = old
+            .keys()
+            .filter(|k| !new.contains_key(*k))
+            .cloned()
+            .collect();
+        d
+    }
+}
+
+/// Everything that changed between two snapshots, kind by kind, keys as text.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Changes {
+    /// Older version.
+    pub from: u64,
+    /// Newer version.
+    pub to: u64,
+    /// Per kind; kinds without changes are left out.
+    pub kinds: BTreeMap<Kind, Diff<String>>,
+}
+
+impl Changes {
+    /// What changed from `old` to `new`.
+    pub fn between(old: &Snapshot, new: &Snapshot) -> Changes {
+        fn text<T: Record>(old: &Catalog, new: &Catalog) -> Diff<String> {
+            let d = Diff::of(T::map(old), T::map(new));
+            let s = |v: Vec<T::Key>| v.into_iter().map(|k| k.to_string()).collect();
+            Diff {
+                added: s(d.added),
+                removed: s(d.removed),
+                changed: s(d.changed),
+            }
+        }
+        let (o, n) = (&old.catalog, &new.catalog);
+        let mut kinds = BTreeMap::new();
+        let all = [
+            (Kind::Regions, text::<crate::model::Region>(o, n)),
+            (Kind::Hosts, text::<crate::model::Host>(o, n)),
+            (Kind::Networks, text::<crate::model::Network>(o, n)),
+            (Kind::Apps, text::<crate::model::App>(o, n)),
+            (Kind::Machines, text::<crate::model::Machine>(o, n)),
+            (Kind::Certificates, text::<crate::model::Certificate>(o, n)),
+            (Kind::K8sServices, text::<crate::model::K8sService>(o, n)),
+        ];
+        for (k, d) in all {
+            if !d.is_empty() {
+                kinds.insert(k, d);
+            }
+        }
+        Changes {
+            from: old.version,
+            to: new.version,
+            kinds,
+        }
+    }
+
+    /// True if nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.kinds.is_empty()
+    }
+}
+
+/// Why a write did not publish.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError<E> {
+    /// The result would be invalid; nothing changed.
+    #[error("{0}")]
+    Invalid(#[from] Invalid),
+    /// The edit or the commit hook refused; nothing changed.
+    #[error("{0}")]
+    Refused(E),
+}
+
+/// The outcome of a write that did not fail.
+#[derive(Debug, Clone)]
+pub struct Written {
+    /// The snapshot in force after the write.
+    pub snapshot: Arc<Snapshot>,
+    /// False if the write left the catalog as it was (no new version).
+    pub changed: bool,
+}
+
+/// The live catalog. Cheap to share (`Arc<Store>`).
+pub struct Store {
+    current: ArcSwap<Snapshot>,
+    tx: watch::Sender<Arc<Snapshot>>,
+    layers: Mutex<BTreeMap<Source, Document>>,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Store {
+    /// An empty catalog at version 0.
+    pub fn new() -> Self {
+        let empty = Arc::new(Snapshot::default());
+        let (tx, _) = watch::channel(empty.clone());
+        Store {
+            current: ArcSwap::new(empty),
+            tx,
+            layers: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The snapshot in force: one atomic load, never blocks.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Tells of every new snapshot (the latest when several came at once).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.tx.subscribe()
+    }
+
+    /// The document a source contributes now.
+    pub fn layer(&self, source: Source) -> Document {
+        self.lock().get(&source).cloned().unwrap_or_default()
+    }
+
+    /// Replaces a source's whole document.
+    pub fn replace(&self, source: Source, doc: Document) -> Result<Written, Invalid> {
+        self.write::<std::convert::Infallible>(
+            source,
+            |d| {
+                *d = doc;
+                Ok(())
+            },
+            |_, _| Ok(()),
+        )
+        .map_err(|e| match e {
+            WriteError::Invalid(i) => i,
+            WriteError::Refused(never) => match never {},
+        })
+    }
+
+    /// Applies `edit` to a source's document, validates the result with every
+    /// other source's, runs `commit` (for example a durable write) with the new
+    /// catalog and the edited document, and publishes. If any step fails, nothing
+    /// changes. Writers run one at a time; readers are never blocked.
+    pub fn write<E>(
+        &self,
+        source: Source,
+        edit: impl FnOnce(&mut Document) -> Result<(), E>,
+        commit: impl FnOnce(&Catalog, &Document) -> Result<(), E>,
+    ) -> Result<Written, WriteError<E>> {
+        let mut layers = self.lock();
+        let mut doc = layers.get(&source).cloned().unwrap_or_default();
+        edit(&mut doc).map_err(WriteError::Refused)?;
+        let prev = self.current.load_full();
+        let result = {
+            let view: Vec<(Source, &Document)> = layers
+                .iter()
+                .map(|(s, d)| (*s, if *s == source { &doc } else { d }))
+                .chain((!layers.contains_key(&source)).then_some((source, &doc)))
+                .collect();
+            build(&view, &prev.catalog)
+        };
+        let catalog = match result {
+            Ok(c) => c,
+            Err(invalid) => {
+                metrics::counter!("skein_catalog_writes_total", "source" => source_label(source), "result" => "invalid")
+                    .increment(1);
+                return Err(WriteError::Invalid(invalid));
+            }
+        };
+        commit(&catalog, &doc).map_err(WriteError::Refused)?;
+        layers.insert(source, doc);
+        let next = Snapshot {
+            version: prev.version + 1,
+            catalog,
+            published: Some(SystemTime::now()),
+        };
+        if Changes::between(&prev, &next).is_empty() && prev.catalog.owners == next.catalog.owners {
+            metrics::counter!("skein_catalog_writes_total", "source" => source_label(source), "result" => "unchanged")
+                .increment(1);
+            return Ok(Written {
+                snapshot: prev,
+                changed: false,
+            });
+        }
+        let next = Arc::new(next);
+        self.current.store(next.clone());
+        self.tx.send_replace(next.clone());
+        metrics::counter!("skein_catalog_writes_total", "source" => source_label(source), "result" => "published")
+            .increment(1);
+        metrics::gauge!("skein_catalog_version").set(next.version as f64);
+        for kind in Kind::ALL {
+            metrics::gauge!("skein_catalog_records", "kind" => kind.as_str())
+                .set(next.catalog.count(kind) as f64);
+        }
+        tracing::info!(
+            version = next.version,
+            source = source_label(source),
+            "catalog published"
+        );
+        Ok(Written {
+            snapshot: next,
+            changed: true,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<Source, Document>> {
+        // A writer that panicked left the layers as they were before its edit
+        // (edits work on a copy), so the data behind a poisoned lock is sound.
+        self.layers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A static label for metrics.
+pub fn source_label(s: Source) -> &'static str {
+    match s {
+        Source::File => "file",
+        Source::Api => "api",
+        Source::Etcd => "etcd",
+        Source::Kubernetes => "kubernetes",
+        Source::Builtin => "builtin",
+    }
+}
