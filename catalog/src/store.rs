@@ -214,36 +214,60 @@ impl Store {
         edit: impl FnOnce(&mut Document) -> Result<(), E>,
         commit: impl FnOnce(&Catalog, &Document) -> Result<(), E>,
     ) -> Result<Written, WriteError<E>> {
+        self.transact(
+            source_label(source),
+            |layers| edit(layers.entry(source).or_default()),
+            |cat, layers| match layers.get(&source) {
+                Some(doc) => commit(cat, doc),
+                None => Ok(()),
+            },
+        )
+    }
+
+    /// Replaces the documents of several sources at once (as at start, when the
+    /// file's records may refer to the API's and the reverse).
+    pub fn replace_all(&self, docs: Vec<(Source, Document)>) -> Result<Written, Invalid> {
+        self.transact::<std::convert::Infallible>(
+            "startup",
+            |layers| {
+                layers.extend(docs);
+                Ok(())
+            },
+            |_, _| Ok(()),
+        )
+        .map_err(|e| match e {
+            WriteError::Invalid(i) => i,
+            WriteError::Refused(never) => match never {},
+        })
+    }
+
+    fn transact<E>(
+        &self,
+        label: &'static str,
+        edit: impl FnOnce(&mut BTreeMap<Source, Document>) -> Result<(), E>,
+        commit: impl FnOnce(&Catalog, &BTreeMap<Source, Document>) -> Result<(), E>,
+    ) -> Result<Written, WriteError<E>> {
         let mut layers = self.lock();
-        let mut doc = layers.get(&source).cloned().unwrap_or_default();
-        edit(&mut doc).map_err(WriteError::Refused)?;
+        let mut next_layers = layers.clone();
+        edit(&mut next_layers).map_err(WriteError::Refused)?;
         let prev = self.current.load_full();
-        let result = {
-            let view: Vec<(Source, &Document)> = layers
-                .iter()
-                .map(|(s, d)| (*s, if *s == source { &doc } else { d }))
-                .chain((!layers.contains_key(&source)).then_some((source, &doc)))
-                .collect();
-            build(&view, &prev.catalog)
-        };
-        let catalog = match result {
+        let view: Vec<(Source, &Document)> = next_layers.iter().map(|(s, d)| (*s, d)).collect();
+        let catalog = match build(&view, &prev.catalog) {
             Ok(c) => c,
             Err(invalid) => {
-                metrics::counter!("skein_catalog_writes_total", "source" => source_label(source), "result" => "invalid")
-                    .increment(1);
+                metrics::counter!("skein_catalog_writes_total", "source" => label, "result" => "invalid").increment(1);
                 return Err(WriteError::Invalid(invalid));
             }
         };
-        commit(&catalog, &doc).map_err(WriteError::Refused)?;
-        layers.insert(source, doc);
+        commit(&catalog, &next_layers).map_err(WriteError::Refused)?;
+        *layers = next_layers;
         let next = Snapshot {
             version: prev.version + 1,
             catalog,
             published: Some(SystemTime::now()),
         };
         if Changes::between(&prev, &next).is_empty() && prev.catalog.owners == next.catalog.owners {
-            metrics::counter!("skein_catalog_writes_total", "source" => source_label(source), "result" => "unchanged")
-                .increment(1);
+            metrics::counter!("skein_catalog_writes_total", "source" => label, "result" => "unchanged").increment(1);
             return Ok(Written {
                 snapshot: prev,
                 changed: false,
@@ -252,18 +276,14 @@ impl Store {
         let next = Arc::new(next);
         self.current.store(next.clone());
         self.tx.send_replace(next.clone());
-        metrics::counter!("skein_catalog_writes_total", "source" => source_label(source), "result" => "published")
+        metrics::counter!("skein_catalog_writes_total", "source" => label, "result" => "published")
             .increment(1);
         metrics::gauge!("skein_catalog_version").set(next.version as f64);
         for kind in Kind::ALL {
             metrics::gauge!("skein_catalog_records", "kind" => kind.as_str())
                 .set(next.catalog.count(kind) as f64);
         }
-        tracing::info!(
-            version = next.version,
-            source = source_label(source),
-            "catalog published"
-        );
+        tracing::info!(version = next.version, source = label, "catalog published");
         Ok(Written {
             snapshot: next,
             changed: true,

@@ -318,7 +318,7 @@ mod tests {
         let f = SixPn::flycast(NetId(0x18), 5);
         assert_eq!(f.to_string(), "fdaa:0:18:0:1::5");
         assert!(f.is_flycast());
-        assert!(!"fd00::1".parse::<SixPn>().is_ok());
+        assert!("fd00::1".parse::<SixPn>().is_err());
         assert_eq!("zz".parse::<SixPn>(), Err(ParseError::NotIpv6));
     }
 

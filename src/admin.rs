@@ -1,0 +1,74 @@
+//! The admin listener: the catalog API under `/v1` (bearer token), and the
+//! unauthenticated `/metrics`, `/healthz` and `/readyz`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use skein_catalog::Store;
+use skein_catalog::sources::api::{self, Api};
+
+/// What `/readyz` answers from.
+#[derive(Default)]
+pub struct Readiness {
+    /// The catalog was loaded at start.
+    pub loaded: AtomicBool,
+    /// A shutdown began: stop sending traffic here.
+    pub draining: AtomicBool,
+}
+
+#[derive(Clone)]
+struct Health {
+    ready: Arc<Readiness>,
+    store: Arc<Store>,
+    prom: PrometheusHandle,
+}
+
+/// The admin router.
+pub fn router(
+    api: Api,
+    body_limit: usize,
+    ready: Arc<Readiness>,
+    prom: PrometheusHandle,
+) -> Router {
+    let health = Health {
+        ready,
+        store: api.store.clone(),
+        prom,
+    };
+    let open = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(health);
+    open.merge(api::router(api, body_limit))
+}
+
+async fn metrics(State(h): State<Health>) -> impl IntoResponse {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        h.prom.render(),
+    )
+}
+
+async fn readyz(State(h): State<Health>) -> impl IntoResponse {
+    let version = h.store.snapshot().version;
+    if h.ready.draining.load(Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n".to_string())
+    } else if !h.ready.loaded.load(Ordering::Relaxed) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "catalog not loaded\n".to_string(),
+        )
+    } else {
+        (
+            StatusCode::OK,
+            format!("ready: catalog version {version}\n"),
+        )
+    }
+}

@@ -1,0 +1,159 @@
+//! `skein run`: load the catalog, start the admin listener and the planes the
+//! config enables, follow the catalog file, and on SIGTERM/SIGINT drain and exit.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use anyhow::Context as _;
+use skein_catalog::sources::api::Api;
+use skein_catalog::sources::client::Endpoint;
+use skein_catalog::sources::file::{self, FileSource};
+use skein_catalog::sources::sqlite::Persist;
+use skein_catalog::{Document, Source, Store};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
+
+use crate::admin::{self, Readiness};
+use crate::config::{Config, ensure_token};
+use crate::server::{self, Limits, Listener};
+
+/// A daemon that is up.
+pub struct Running {
+    /// The live catalog.
+    pub store: Arc<Store>,
+    /// Where the admin listener is bound.
+    pub admin: Endpoint,
+    /// Readiness flags.
+    pub ready: Arc<Readiness>,
+    stop: watch::Sender<bool>,
+    hup: Arc<Notify>,
+    tasks: JoinSet<()>,
+    drain: std::time::Duration,
+}
+
+/// Starts everything `cfg` asks for. `builtin` is a document compiled into the
+/// binary (the demo's), owned by [`Source::Builtin`].
+pub async fn start(cfg: Config, builtin: Option<Document>) -> anyhow::Result<Running> {
+    let prom = crate::telemetry::init_metrics()?;
+    std::fs::create_dir_all(&cfg.state.dir)
+        .with_context(|| format!("creating state dir {}", cfg.state.dir.display()))?;
+    let token = ensure_token(&cfg.token_file())
+        .with_context(|| format!("admin token {}", cfg.token_file().display()))?;
+
+    // The catalog: every source's document validated together, or no start.
+    let store = Arc::new(Store::new());
+    let db = cfg.state.dir.join("catalog.db");
+    let persist =
+        Arc::new(Persist::open(&db).with_context(|| format!("opening {}", db.display()))?);
+    let mut layers = vec![(
+        Source::Api,
+        persist
+            .load()
+            .with_context(|| format!("reading {}", db.display()))?,
+    )];
+    if let Some(doc) = builtin {
+        layers.push((Source::Builtin, doc));
+    }
+    if let Some(path) = &cfg.catalog.file {
+        let (doc, _) = file::read(path)
+            .map_err(|e| anyhow::anyhow!("catalog file {}:\n{e}", path.display()))?;
+        layers.push((Source::File, doc));
+    }
+    let written = store
+        .replace_all(layers)
+        .map_err(|e| anyhow::anyhow!("the catalog is invalid, not starting:\n{e}"))?;
+    tracing::info!(version = written.snapshot.version, "catalog loaded");
+    let ready = Arc::new(Readiness::default());
+    ready.loaded.store(true, Ordering::Relaxed);
+
+    let (stop, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let hup = Arc::new(Notify::new());
+    let mut tasks = JoinSet::new();
+
+    if let Some(path) = &cfg.catalog.file {
+        let src = Arc::new(FileSource::new(path.clone(), store.clone()));
+        tasks.spawn(src.watch(cfg.catalog.poll_interval, hup.clone(), stopped()));
+    }
+
+    let endpoint: Endpoint = cfg
+        .admin
+        .listen
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("admin.listen: {e}"))?;
+    let listener = Listener::bind(&endpoint)
+        .await
+        .with_context(|| format!("binding the admin listener on {endpoint}"))?;
+    let admin_at = listener.local();
+    let api = Api {
+        store: store.clone(),
+        persist: Some(persist),
+        token: Arc::from(token.as_str()),
+    };
+    let router = admin::router(api, cfg.admin.max_body_bytes, ready.clone(), prom);
+    let limits = Limits {
+        max_connections: cfg.admin.max_connections,
+        max_header_bytes: cfg.admin.max_header_bytes,
+        header_timeout: cfg.admin.header_timeout,
+        request_timeout: cfg.admin.request_timeout,
+    };
+    tasks.spawn(server::serve(
+        "admin",
+        listener,
+        router,
+        limits,
+        stopped(),
+        cfg.shutdown.drain_timeout,
+    ));
+    tracing::info!(admin = %admin_at, "skein is up");
+
+    Ok(Running {
+        store,
+        admin: admin_at,
+        ready,
+        stop,
+        hup,
+        tasks,
+        drain: cfg.shutdown.drain_timeout,
+    })
+}
+
+impl Running {
+    /// Waits for SIGTERM or SIGINT (reloading the catalog file on SIGHUP), then
+    /// drains and returns.
+    pub async fn until_signal(self) -> anyhow::Result<()> {
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM: draining"); break }
+                _ = int.recv() => { tracing::info!("SIGINT: draining"); break }
+                _ = hup.recv() => { tracing::info!("SIGHUP: reloading the catalog file"); self.hup.notify_one() }
+            }
+        }
+        self.shutdown().await;
+        Ok(())
+    }
+
+    /// Stops accepting, lets in-flight work finish within the drain deadline.
+    pub async fn shutdown(mut self) {
+        self.ready.draining.store(true, Ordering::Relaxed);
+        let _ = self.stop.send(true);
+        let all = async { while self.tasks.join_next().await.is_some() {} };
+        // Each listener has the drain deadline; this one is a backstop.
+        if tokio::time::timeout(self.drain + std::time::Duration::from_secs(1), all)
+            .await
+            .is_err()
+        {
+            tracing::warn!("drain deadline passed");
+        }
+        tracing::info!("stopped");
+    }
+}

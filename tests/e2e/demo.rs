@@ -1,0 +1,67 @@
+//! `skein demo` comes up with no config and no root, and every command it prints
+//! works.
+
+use std::io::BufReader;
+use std::process::{Command, Stdio};
+
+use crate::support::*;
+
+#[test]
+fn the_demo_serves_and_its_printed_commands_work() {
+    let mut child = skein()
+        .args(["demo", "--admin", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let lines = read_until(&mut out, "Ctrl-C");
+    let commands: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.trim_start().starts_with("curl") || l.contains(" catalog --admin "))
+        .collect();
+    assert!(commands.len() >= 7, "{lines:#?}");
+    let mut outputs = String::new();
+    for c in &commands {
+        let o = Command::new("sh").arg("-c").arg(c.trim()).output().unwrap();
+        assert!(
+            o.status.success(),
+            "{c}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        outputs.push_str(&String::from_utf8_lossy(&o.stdout));
+    }
+    for expect in [
+        "hello from machine ams1 in ams",
+        "hello from machine iad1 in iad",
+        "\"hostnames\": [",
+        "\"id\":\"iad2\"",
+        "ready: catalog version 2",
+        "5 is below soft_limit 20",
+        "skein_catalog_version 2",
+    ] {
+        assert!(
+            outputs.contains(expect),
+            "missing {expect:?} in:\n{outputs}"
+        );
+    }
+    let dir = lines
+        .iter()
+        .find_map(|l| l.split("$(cat ").nth(1))
+        .unwrap()
+        .split("/admin.token")
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(std::path::Path::new(&dir).exists());
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    assert!(
+        !std::path::Path::new(&dir).exists(),
+        "the demo left {dir} behind"
+    );
+}
