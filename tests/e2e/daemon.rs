@@ -280,3 +280,42 @@ fn the_catalog_command_is_a_client_of_the_admin_api() {
         "{metrics}"
     );
 }
+
+#[test]
+fn the_admin_api_can_listen_on_a_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    setup(dir.path(), 9);
+    let sock = dir.path().join("admin.sock");
+    let cfg = std::fs::read_to_string(dir.path().join("skein.toml"))
+        .unwrap()
+        .replace(
+            "listen = \"127.0.0.1:9\"",
+            &format!("listen = \"unix:{}\"", sock.display()),
+        );
+    std::fs::write(dir.path().join("skein.toml"), cfg).unwrap();
+    let mut child = skein()
+        .args(["run", "--config"])
+        .arg(dir.path().join("skein.toml"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let admin = format!("unix:{}", sock.display());
+    let token_file = dir.path().join("state/admin.token");
+    let get = || {
+        skein()
+            .args(["catalog", "--admin", &admin, "--token-file"])
+            .arg(&token_file)
+            .args(["get", "apps", "web"])
+            .output()
+            .unwrap()
+    };
+    wait_for("the socket", || get().status.success());
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the admin socket is open to others");
+    let token_mode = std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(token_mode, 0o600);
+    assert!(String::from_utf8_lossy(&get().stdout).contains("web.example.com"));
+    let _ = child.kill();
+    let _ = child.wait();
+}
