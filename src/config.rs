@@ -15,6 +15,12 @@ use skein_catalog::sources::client::Endpoint;
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// This host.
+    #[serde(default)]
+    pub host: HostConfig,
+    /// The edge proxy.
+    #[serde(default)]
+    pub proxy: skein_proxy::ProxyConfig,
     /// The admin listener.
     #[serde(default)]
     pub admin: AdminConfig,
@@ -30,6 +36,15 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+}
+
+/// `[host]`: which host this daemon is.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    /// Its region code; the proxy measures closeness from here.
+    #[serde(default)]
+    pub region: String,
 }
 
 /// `[admin]`: the admin API, `/metrics`, `/healthz`, `/readyz`.
@@ -240,6 +255,23 @@ impl Config {
                 Ok(_) => {}
             },
             Ok(Endpoint::Unix(_)) => {}
+        }
+        if self.proxy.enabled {
+            if self.host.region.is_empty() {
+                bad("host.region", "the proxy needs this edge's region".into());
+            }
+            if self.proxy.listeners.is_empty() {
+                bad(
+                    "proxy.listeners",
+                    "the proxy is enabled but has no listener".into(),
+                );
+            }
+            if self.proxy.max_connections == 0 {
+                bad("proxy.max_connections", "must be at least 1".into());
+            }
+            if self.proxy.max_header_bytes < 1024 {
+                bad("proxy.max_header_bytes", "must be at least 1024".into());
+            }
         }
         if self.admin.max_connections == 0 {
             bad("admin.max_connections", "must be at least 1".into());

@@ -24,6 +24,8 @@ pub struct Running {
     pub store: Arc<Store>,
     /// Where the admin listener is bound.
     pub admin: Endpoint,
+    /// Where the proxy listens, in the order of `proxy.listeners`.
+    pub proxy: Vec<std::net::SocketAddr>,
     /// Readiness flags.
     pub ready: Arc<Readiness>,
     stop: watch::Sender<bool>,
@@ -76,10 +78,20 @@ pub async fn start(cfg: Config, builtin: Option<Document>) -> anyhow::Result<Run
     };
     let hup = Arc::new(Notify::new());
     let mut tasks = JoinSet::new();
+    let mut listening = Vec::new();
 
     if let Some(path) = &cfg.catalog.file {
         let src = Arc::new(FileSource::new(path.clone(), store.clone()));
         tasks.spawn(src.watch(cfg.catalog.poll_interval, hup.clone(), stopped()));
+    }
+
+    if cfg.proxy.enabled {
+        let proxy = skein_proxy::Proxy::new(cfg.proxy.clone(), cfg.host.region.clone())?;
+        let bound = proxy.bind().await?;
+        proxy.apply(&store.snapshot());
+        listening.extend(bound.iter().map(|b| b.local));
+        tasks.spawn(proxy.clone().follow(store.subscribe(), stop.subscribe()));
+        tasks.spawn(proxy.serve(bound, stop.subscribe(), cfg.shutdown.drain_timeout));
     }
 
     let endpoint: Endpoint = cfg
@@ -116,6 +128,7 @@ pub async fn start(cfg: Config, builtin: Option<Document>) -> anyhow::Result<Run
     Ok(Running {
         store,
         admin: admin_at,
+        proxy: listening,
         ready,
         stop,
         hup,

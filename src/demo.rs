@@ -158,16 +158,39 @@ ports = [{ name = "http", port = 80, target_port = 8080 }]
     Ok(doc)
 }
 
-fn self_signed(dir: &Path) -> anyhow::Result<(String, String)> {
-    let key = rcgen::KeyPair::generate()?;
-    let params = rcgen::CertificateParams::new(vec![
+/// A demo CA and a certificate it signs for `demo.skein.local` and
+/// `*.demo.skein.local`. The CA goes to `demo-ca.pem` for `curl --cacert`.
+fn demo_pki(dir: &Path) -> anyhow::Result<(String, String)> {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "skein demo CA");
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
+    let key = KeyPair::generate()?;
+    let leaf = CertificateParams::new(vec![
         "demo.skein.local".to_string(),
         "*.demo.skein.local".to_string(),
-    ])?;
-    let cert = params.self_signed(&key)?;
-    let (cert_pem, key_pem) = (cert.pem(), key.serialize_pem());
-    std::fs::write(dir.join("demo-cert.pem"), &cert_pem)?;
-    Ok((cert_pem, key_pem))
+    ])?
+    .signed_by(&key, &ca)?;
+    std::fs::write(dir.join("demo-ca.pem"), ca.pem())?;
+    Ok((leaf.pem(), key.serialize_pem()))
+}
+
+/// `want` if it can be bound now, else a free port standing for `port`.
+fn listener_for(want: &str, port: u16) -> anyhow::Result<skein_proxy::ListenerConfig> {
+    let bind: std::net::SocketAddr = want.parse()?;
+    Ok(if std::net::TcpListener::bind(bind).is_ok() {
+        skein_proxy::ListenerConfig {
+            bind,
+            port: Some(port),
+        }
+    } else {
+        skein_proxy::ListenerConfig {
+            bind: std::net::SocketAddr::new(bind.ip(), 0),
+            port: Some(port),
+        }
+    })
 }
 
 /// Runs the demo until SIGINT/SIGTERM.
@@ -203,7 +226,7 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> anyhow::Result<()> {
             addr,
         });
     }
-    let (cert_pem, key_pem) = self_signed(dir)?;
+    let (cert_pem, key_pem) = demo_pki(dir)?;
     let doc = document(&backends, &cert_pem, &key_pem)?;
 
     let admin = if std::net::TcpListener::bind(&args.admin).is_ok() {
@@ -216,6 +239,12 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> anyhow::Result<()> {
     cfg.state.dir = dir.to_path_buf();
     cfg.shutdown.drain_timeout = Duration::from_secs(5);
     cfg.log.format = LogFormat::Human;
+    cfg.host.region = "ams".into();
+    cfg.proxy.enabled = true;
+    cfg.proxy.listeners = vec![
+        listener_for("127.0.0.1:8443", 8443)?,
+        listener_for("127.0.0.1:8080", 8080)?,
+    ];
     let running = daemon::start(cfg, Some(doc)).await?;
 
     let exe = std::env::current_exe()
@@ -231,7 +260,22 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> anyhow::Result<()> {
         "\nskein demo is up: catalog version {}, admin API on {admin}\n",
         running.store.snapshot().version
     );
+    let (tls_port, http_port) = (running.proxy[0].port(), running.proxy[1].port());
+    let ca = dir.join("demo-ca.pem");
+    let tls = format!(
+        "--cacert {} --resolve demo.skein.local:{tls_port}:127.0.0.1 https://demo.skein.local:{tls_port}/",
+        ca.display()
+    );
     println!("Try:\n");
+    println!("  # through the proxy: TLS by SNI, the closest machine (this edge is in ams)");
+    println!("  curl -s {tls}");
+    println!("  curl -s --http2 -o /dev/null -w '%{{http_version}} %{{http_code}}\\n' {tls}");
+    println!("  # ask for machines closest to another region");
+    println!("  curl -s -H 'skein-prefer-region: iad' {tls}");
+    println!("  # plain HTTP on the app's other port");
+    println!("  curl -s -H 'Host: demo.skein.local' http://127.0.0.1:{http_port}/");
+    println!("  # an unknown app: the proxy's own answer, with its reason in skein-error");
+    println!("  curl -s -H 'Host: nope.skein.local' http://127.0.0.1:{http_port}/\n");
     println!("  # the machines of app demo, from the catalog (admin API, bearer token)");
     println!("  curl -s {auth} http://{admin}/v1/machines\n");
     println!("  # the same through skein's own client");

@@ -20,7 +20,7 @@ fn the_demo_serves_and_its_printed_commands_work() {
         .iter()
         .filter(|l| l.trim_start().starts_with("curl") || l.contains(" catalog --admin "))
         .collect();
-    assert!(commands.len() >= 7, "{lines:#?}");
+    assert!(commands.len() >= 12, "{lines:#?}");
     let mut outputs = String::new();
     for c in &commands {
         let o = Command::new("sh").arg("-c").arg(c.trim()).output().unwrap();
@@ -33,6 +33,9 @@ fn the_demo_serves_and_its_printed_commands_work() {
     }
     for expect in [
         "hello from machine ams1 in ams",
+        "(app demo, host header demo.skein.local)",
+        "2 200",
+        "skein: no_app",
         "hello from machine iad1 in iad",
         "\"hostnames\": [",
         "\"id\":\"iad2\"",

@@ -1,0 +1,135 @@
+//! `[proxy]` in skein.toml.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// One listening socket.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Address to bind.
+    pub bind: SocketAddr,
+    /// The public port this socket stands for in the catalog (default: the bound
+    /// port). Lets a test or an unprivileged demo bind 8443 for port 443.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+/// `[proxy]`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Run the proxy.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Listening sockets.
+    #[serde(default)]
+    pub listeners: Vec<ListenerConfig>,
+    /// Most client connections per listener; more wait in the backlog.
+    #[serde(default = "d_max_conns")]
+    pub max_connections: usize,
+    /// Time a client has for its TLS handshake and request headers (slowloris).
+    #[serde(default = "d_header_timeout", with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// An idle client connection is closed after this.
+    #[serde(default = "d_idle", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Most bytes of request headers.
+    #[serde(default = "d_header_bytes")]
+    pub max_header_bytes: usize,
+    /// Most request header fields.
+    #[serde(default = "d_headers")]
+    pub max_headers: usize,
+    /// Most concurrent h2 streams per client connection.
+    #[serde(default = "d_streams")]
+    pub h2_max_streams: u32,
+    /// Time a connect to a machine may take.
+    #[serde(default = "d_connect", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time a machine has to start its response.
+    #[serde(default = "d_response", with = "humantime_serde")]
+    pub response_timeout: Duration,
+    /// Other machines tried after a failed connect.
+    #[serde(default = "d_retries")]
+    pub retries: u32,
+    /// A machine that refused a connect is skipped this long.
+    #[serde(default = "d_eject", with = "humantime_serde")]
+    pub eject_for: Duration,
+    /// Longest wait for a free machine when all are at their hard limit.
+    #[serde(default = "d_queue_timeout", with = "humantime_serde")]
+    pub queue_timeout: Duration,
+    /// Most requests waiting per service.
+    #[serde(default = "d_queue_depth")]
+    pub queue_depth: usize,
+    /// Idle upstream connections are closed after this.
+    #[serde(default = "d_idle", with = "humantime_serde")]
+    pub upstream_idle_timeout: Duration,
+    /// Most idle upstream connections per machine.
+    #[serde(default = "d_max_idle")]
+    pub upstream_max_idle: usize,
+}
+
+fn d_max_conns() -> usize {
+    10_000
+}
+fn d_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn d_idle() -> Duration {
+    Duration::from_secs(60)
+}
+fn d_header_bytes() -> usize {
+    64 << 10
+}
+fn d_headers() -> usize {
+    100
+}
+fn d_streams() -> u32 {
+    100
+}
+fn d_connect() -> Duration {
+    Duration::from_secs(2)
+}
+fn d_response() -> Duration {
+    Duration::from_secs(60)
+}
+fn d_retries() -> u32 {
+    2
+}
+fn d_eject() -> Duration {
+    Duration::from_secs(5)
+}
+fn d_queue_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn d_queue_depth() -> usize {
+    1_000
+}
+fn d_max_idle() -> usize {
+    64
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            enabled: false,
+            listeners: Vec::new(),
+            max_connections: d_max_conns(),
+            header_timeout: d_header_timeout(),
+            idle_timeout: d_idle(),
+            max_header_bytes: d_header_bytes(),
+            max_headers: d_headers(),
+            h2_max_streams: d_streams(),
+            connect_timeout: d_connect(),
+            response_timeout: d_response(),
+            retries: d_retries(),
+            eject_for: d_eject(),
+            queue_timeout: d_queue_timeout(),
+            queue_depth: d_queue_depth(),
+            upstream_idle_timeout: d_idle(),
+            upstream_max_idle: d_max_idle(),
+        }
+    }
+}

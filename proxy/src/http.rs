@@ -1,0 +1,485 @@
+//! The HTTP handler: find the app by Host, choose a machine, forward with the
+//! platform's headers, and stream the answer back.
+//!
+//! Every local answer carries `skein-error: <code>` and the same code in the body,
+//! so a client (and a test) can tell the proxy's refusals from the app's.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1;
+use skein_catalog::model::BackendProtocol;
+
+use crate::Proxy;
+use crate::balance::{Pick, Prefs, pick};
+use crate::load::Slot;
+use crate::table::{AppRoute, Backend, PortRoute, normalize_host};
+use crate::upstream::{ConnectError, Proto, ProxyBody, Sender};
+
+/// The client's real address, set by the proxy; a client's own is removed.
+pub const CLIENT_IP: &str = "skein-client-ip";
+/// The edge's region.
+pub const REGION: &str = "skein-region";
+/// The request id.
+pub const REQUEST_ID: &str = "skein-request-id";
+/// Why the proxy answered itself.
+pub const ERROR: &str = "skein-error";
+/// The machine that answered.
+pub const MACHINE: &str = "skein-machine";
+/// Client hint: prefer machines closest to this region.
+pub const PREFER_REGION: &str = "skein-prefer-region";
+/// Client hint: only this machine.
+pub const FORCE_MACHINE: &str = "skein-force-machine";
+
+/// What the handler knows about the client connection.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The client.
+    pub client: SocketAddr,
+    /// The public port it connected to (as the catalog names it).
+    pub port: u16,
+    /// TLS was terminated.
+    pub tls: bool,
+    /// The SNI name, if TLS.
+    pub sni: Option<String>,
+}
+
+fn local(
+    status: StatusCode,
+    code: &'static str,
+    extra: Option<(HeaderName, HeaderValue)>,
+) -> Response<ProxyBody> {
+    metrics::counter!("skein_proxy_local_responses_total", "code" => code).increment(1);
+    let mut r = Response::new(
+        Full::new(Bytes::from(format!("skein: {code}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(ERROR, HeaderValue::from_static(code));
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    if let Some((k, v)) = extra {
+        h.insert(k, v);
+    }
+    r
+}
+
+/// Headers that describe one hop and are never forwarded (RFC 9110 7.6.1).
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Headers named by Connection are hop-by-hop too.
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in &HOP_BY_HOP {
+        h.remove(n);
+    }
+    h.remove(header::UPGRADE);
+}
+
+static REQUEST_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A request id unique in this process and unlikely to repeat across them.
+fn request_id() -> HeaderValue {
+    use std::hash::{BuildHasher, Hasher};
+    static SEED: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    let n = REQUEST_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut h = SEED.get_or_init(Default::default).build_hasher();
+    h.write_u64(n);
+    let v = format!("{:016x}{:08x}", h.finish(), n as u32);
+    HeaderValue::from_str(&v).unwrap_or(HeaderValue::from_static("0"))
+}
+
+/// Handles one request from a client connection.
+pub async fn handle(
+    proxy: Arc<Proxy>,
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let started = Instant::now();
+    let resp = route(&proxy, &conn, req).await;
+    let code = resp.status().as_u16();
+    metrics::counter!("skein_proxy_requests_total", "status" => status_class(code)).increment(1);
+    metrics::histogram!("skein_proxy_request_duration_seconds")
+        .record(started.elapsed().as_secs_f64());
+    Ok(resp)
+}
+
+fn status_class(code: u16) -> &'static str {
+    match code {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+fn host_of(req: &Request<Incoming>, conn: &ConnInfo) -> Option<String> {
+    let raw = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .or_else(|| conn.sni.clone())?;
+    Some(normalize_host(&raw))
+}
+
+async fn route(proxy: &Arc<Proxy>, conn: &ConnInfo, req: Request<Incoming>) -> Response<ProxyBody> {
+    let Some(host) = host_of(&req, conn) else {
+        return local(StatusCode::BAD_REQUEST, "no_host", None);
+    };
+    let table = proxy.routes.load_full();
+    let Some(app) = table.app(&host).cloned() else {
+        return local(StatusCode::NOT_FOUND, "no_app", None);
+    };
+    let Some(port) = app.ports.get(&conn.port).cloned() else {
+        return local(StatusCode::NOT_FOUND, "no_service_on_port", None);
+    };
+    if port.tls && !conn.tls {
+        return local(StatusCode::BAD_REQUEST, "tls_required", None);
+    }
+    if port.force_https {
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let location = HeaderValue::from_str(&format!("https://{host}{path}")).ok();
+        return local(
+            StatusCode::PERMANENT_REDIRECT,
+            "force_https",
+            location.map(|l| (header::LOCATION, l)),
+        );
+    }
+    if !port.http {
+        return local(StatusCode::NOT_FOUND, "no_http_on_port", None);
+    }
+    forward(proxy, conn, &table, &app, &port, host, req).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    proxy: &Arc<Proxy>,
+    conn: &ConnInfo,
+    table: &crate::table::RouteTable,
+    app: &Arc<AppRoute>,
+    port: &PortRoute,
+    host: String,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let Some(svc) = app.services.get(port.service) else {
+        return local(StatusCode::INTERNAL_SERVER_ERROR, "bad_route", None);
+    };
+    let (mut parts, body) = req.into_parts();
+    let hint = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let (prefer, force) = (hint(PREFER_REGION), hint(FORCE_MACHINE));
+    let prefs = Prefs {
+        machine: force.as_deref(),
+        region: prefer.as_deref(),
+    };
+    prepare_headers(&mut parts.headers, proxy, conn, &host);
+    let proto = match svc.backend_protocol {
+        BackendProtocol::Http1 => Proto::H1,
+        BackendProtocol::H2c => Proto::H2c,
+    };
+    parts.version = match proto {
+        Proto::H1 => Version::HTTP_11,
+        Proto::H2c => Version::HTTP_2,
+    };
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_string();
+    parts.uri = match proto {
+        Proto::H1 => Uri::try_from(pq.as_str()).unwrap_or_else(|_| Uri::from_static("/")),
+        Proto::H2c => Uri::builder()
+            .scheme("http")
+            .authority(host.as_str())
+            .path_and_query(pq.as_str())
+            .build()
+            .unwrap_or_else(|_| Uri::from_static("/")),
+    };
+    if proto == Proto::H1 {
+        if let Ok(v) = HeaderValue::from_str(&host) {
+            parts.headers.insert(header::HOST, v);
+        }
+    } else {
+        parts.headers.remove(header::HOST);
+    }
+    let mut body = Some(body.boxed());
+    let mut tried: Vec<Arc<str>> = Vec::new();
+    let deadline = Instant::now() + proxy.limits.queue_timeout;
+    loop {
+        // Choose a machine (waiting in the service's queue while all are full).
+        let exclude: Vec<&str> = tried.iter().map(|s| &**s).collect();
+        let (backend, slot) = match pick(svc, table, prefs, &exclude) {
+            Pick::Chosen(b, s) => (b, s),
+            Pick::Unavailable if tried.is_empty() => {
+                return local(StatusCode::SERVICE_UNAVAILABLE, "no_machines", None);
+            }
+            Pick::Unavailable => return local(StatusCode::BAD_GATEWAY, "connect_failed", None),
+            Pick::Full => {
+                let q = &svc.queue;
+                if q.waiting.load(Ordering::Relaxed) as usize >= proxy.limits.queue_depth {
+                    return local(StatusCode::SERVICE_UNAVAILABLE, "queue_full", None);
+                }
+                q.waiting.fetch_add(1, Ordering::Relaxed);
+                let waited = tokio::time::timeout_at(deadline.into(), q.freed.notified()).await;
+                q.waiting.fetch_sub(1, Ordering::Relaxed);
+                if waited.is_err() {
+                    return local(StatusCode::SERVICE_UNAVAILABLE, "capacity", None);
+                }
+                continue;
+            }
+        };
+        let sender = match proxy.upstreams.get(backend.addr, proto).await {
+            Ok((s, _reused)) => s,
+            Err(e) => {
+                connect_failed(proxy, backend, &e);
+                tried.push(backend.machine.clone());
+                if tried.len() > proxy.limits.retries as usize {
+                    return local(StatusCode::BAD_GATEWAY, "connect_failed", None);
+                }
+                metrics::counter!("skein_proxy_retries_total", "reason" => "connect").increment(1);
+                continue;
+            }
+        };
+        let Some(b) = body.take() else {
+            return local(StatusCode::INTERNAL_SERVER_ERROR, "body_lost", None);
+        };
+        let req = Request::from_parts(parts.clone(), b);
+        match send(proxy, backend, sender, req, slot).await {
+            Ok(resp) => return resp,
+            Err(SendFailure::NotSent(req)) => {
+                // A pooled connection that the peer had closed: the request is
+                // untouched, send it again.
+                body = Some(req.into_body());
+                metrics::counter!("skein_proxy_retries_total", "reason" => "stale_connection")
+                    .increment(1);
+                continue;
+            }
+            Err(SendFailure::Failed(resp)) => return resp,
+        }
+    }
+}
+
+fn connect_failed(proxy: &Proxy, backend: &Backend, e: &ConnectError) {
+    backend.load.eject(proxy.limits.eject_for);
+    metrics::counter!("skein_proxy_upstream_connect_errors_total").increment(1);
+    tracing::warn!(machine = %backend.machine, addr = %backend.addr, error = %e, "connect failed; machine ejected");
+}
+
+fn prepare_headers(h: &mut HeaderMap, proxy: &Proxy, conn: &ConnInfo, _host: &str) {
+    strip_hop_by_hop(h);
+    for n in [
+        CLIENT_IP,
+        REGION,
+        REQUEST_ID,
+        PREFER_REGION,
+        FORCE_MACHINE,
+        MACHINE,
+    ] {
+        h.remove(n);
+    }
+    let ip = conn.client.ip().to_canonical().to_string();
+    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip.clone(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert("x-forwarded-for", v);
+    }
+    h.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+    );
+    h.insert("x-forwarded-port", HeaderValue::from(conn.port));
+    if let Ok(v) = HeaderValue::from_str(&ip) {
+        h.insert(CLIENT_IP, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&proxy.region) {
+        h.insert(REGION, v);
+    }
+    h.insert(REQUEST_ID, request_id());
+}
+
+enum SendFailure {
+    NotSent(Request<ProxyBody>),
+    Failed(Response<ProxyBody>),
+}
+
+async fn send(
+    proxy: &Arc<Proxy>,
+    backend: &Backend,
+    sender: Sender,
+    req: Request<ProxyBody>,
+    slot: Slot,
+) -> Result<Response<ProxyBody>, SendFailure> {
+    let timeout = proxy.limits.response_timeout;
+    let (result, pooled) = match sender {
+        Sender::H1(mut s) => {
+            let r = tokio::time::timeout(timeout, s.try_send_request(req)).await;
+            match r {
+                Err(_) => {
+                    return Err(SendFailure::Failed(local(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream_timeout",
+                        None,
+                    )));
+                }
+                Ok(Err(mut e)) => match e.take_message() {
+                    Some(req) => return Err(SendFailure::NotSent(req)),
+                    None => (Err(e.into_error()), None),
+                },
+                Ok(Ok(resp)) => (Ok(resp), Some(s)),
+            }
+        }
+        Sender::H2(mut s) => match tokio::time::timeout(timeout, s.send_request(req)).await {
+            Err(_) => {
+                return Err(SendFailure::Failed(local(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_timeout",
+                    None,
+                )));
+            }
+            Ok(r) => (r, None),
+        },
+    };
+    let resp = match result {
+        Ok(r) => r,
+        Err(e) => {
+            metrics::counter!("skein_proxy_upstream_errors_total").increment(1);
+            tracing::warn!(machine = %backend.machine, error = %e, "upstream request failed");
+            return Err(SendFailure::Failed(local(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                None,
+            )));
+        }
+    };
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts
+        .headers
+        .append(header::VIA, HeaderValue::from_static("1.1 skein"));
+    if let Ok(v) = HeaderValue::from_str(&backend.machine) {
+        parts.headers.insert(MACHINE, v);
+    }
+    let tracked = Tracked {
+        inner: body,
+        slot: Some(slot),
+        pool: pooled.map(|s| (proxy.clone(), backend.addr, s)),
+    };
+    Ok(Response::from_parts(parts, tracked.boxed()))
+}
+
+/// The machine's answer on its way to the client: holds the machine's slot, and
+/// returns the connection to the pool when the body has been read to its end.
+struct Tracked {
+    inner: Incoming,
+    slot: Option<Slot>,
+    pool: Option<(Arc<Proxy>, SocketAddr, http1::SendRequest<ProxyBody>)>,
+}
+
+impl Tracked {
+    fn finish(&mut self, clean: bool) {
+        self.slot.take();
+        if let Some((proxy, addr, sender)) = self.pool.take()
+            && clean
+        {
+            proxy.upstreams.put_back(addr, sender);
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        // A body that was complete before anyone polled it (HEAD, 204, empty).
+        let clean = self.inner.is_end_stream();
+        self.finish(clean);
+    }
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(None) => self.finish(true),
+            Poll::Ready(Some(Err(_))) => self.finish(false),
+            _ => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// How long to keep a machine out after a failed connect, and the rest of the
+/// request path's bounds.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLimits {
+    /// Time to wait for response headers.
+    pub response_timeout: Duration,
+    /// Other machines tried after a failed connect.
+    pub retries: u32,
+    /// A machine that refused a connect is skipped this long.
+    pub eject_for: Duration,
+    /// Longest wait for a free machine.
+    pub queue_timeout: Duration,
+    /// Most requests waiting per service.
+    pub queue_depth: usize,
+}

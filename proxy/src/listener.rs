@@ -1,0 +1,160 @@
+//! Client connections: accept (bounded), tell TLS from plaintext by the first
+//! byte, terminate TLS with the certificate the SNI names, then serve HTTP/1.1 or
+//! h2 with hyper under the configured limits.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::Watcher;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::LazyConfigAcceptor;
+use tracing::Instrument as _;
+
+use crate::Proxy;
+use crate::http::{ConnInfo, handle};
+use crate::table::normalize_host;
+
+/// First byte of a TLS record carrying a handshake.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Resolves once `stop` turns true (the guard `wait_for` returns is not `Send`,
+/// so it is dropped here rather than held across a `select!`).
+pub async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await.map(|_| ());
+}
+
+/// Accepts on `listener` until `stop` says so; connections are tracked by
+/// `graceful` so a shutdown can wait for them.
+pub async fn accept_loop(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    port: u16,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
+) {
+    let permits = Arc::new(Semaphore::new(proxy.cfg.max_connections));
+    loop {
+        let permit = tokio::select! {
+            _ = stopped(&mut stop) => break,
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = stopped(&mut stop) => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    metrics::counter!("skein_proxy_accept_errors_total").increment(1);
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        metrics::counter!("skein_proxy_connections_total").increment(1);
+        let proxy = proxy.clone();
+        let watcher = graceful.watcher();
+        let span = tracing::debug_span!("conn", client = %peer, port);
+        tokio::spawn(
+            async move {
+                let active = metrics::gauge!("skein_proxy_connections_active");
+                active.increment(1.0);
+                connection(proxy, stream, peer, port, watcher).await;
+                active.decrement(1.0);
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn connection(
+    proxy: Arc<Proxy>,
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    port: u16,
+    watcher: Watcher,
+) {
+    let header_timeout = proxy.cfg.header_timeout;
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
+        Ok(Ok(1)) => {}
+        Ok(_) => return,
+        Err(_) => {
+            metrics::counter!("skein_proxy_client_timeouts_total", "phase" => "first_byte")
+                .increment(1);
+            return;
+        }
+    }
+    if first[0] != TLS_HANDSHAKE {
+        let info = Arc::new(ConnInfo {
+            client: peer,
+            port,
+            tls: false,
+            sni: None,
+        });
+        return serve_http(proxy, TokioIo::new(stream), info, watcher).await;
+    }
+    let handshake = async {
+        let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream).await?;
+        let sni = start.client_hello().server_name().map(normalize_host);
+        let tls = start.into_stream(proxy.http_tls.clone()).await?;
+        Ok::<_, std::io::Error>((tls, sni))
+    };
+    match tokio::time::timeout(header_timeout, handshake).await {
+        Ok(Ok((tls, sni))) => {
+            metrics::counter!("skein_proxy_tls_handshakes_total", "result" => "ok").increment(1);
+            let info = Arc::new(ConnInfo {
+                client: peer,
+                port,
+                tls: true,
+                sni,
+            });
+            serve_http(proxy, TokioIo::new(tls), info, watcher).await
+        }
+        Ok(Err(e)) => {
+            metrics::counter!("skein_proxy_tls_handshakes_total", "result" => "failed")
+                .increment(1);
+            tracing::debug!(error = %e, "TLS handshake failed");
+        }
+        Err(_) => {
+            metrics::counter!("skein_proxy_tls_handshakes_total", "result" => "timeout")
+                .increment(1);
+        }
+    }
+}
+
+async fn serve_http<I>(proxy: Arc<Proxy>, io: TokioIo<I>, info: Arc<ConnInfo>, watcher: Watcher)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let cfg = &proxy.cfg;
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_timeout)
+        .max_buf_size(cfg.max_header_bytes.max(8192))
+        .max_headers(cfg.max_headers)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(cfg.h2_max_streams)
+        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
+        // Rapid reset (CVE-2023-44487): a client that cancels streams faster
+        // than they are served is cut off.
+        .max_pending_accept_reset_streams(Some(64))
+        .max_local_error_reset_streams(Some(256))
+        .keep_alive_interval(Some(cfg.idle_timeout))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let p = proxy.clone();
+    let svc = service_fn(move |req| handle(p.clone(), info.clone(), req));
+    let conn = b.serve_connection_with_upgrades(io, svc);
+    if let Err(e) = watcher.watch(conn.into_owned()).await {
+        tracing::debug!(error = %e, "client connection ended with an error");
+    }
+}

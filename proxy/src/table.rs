@@ -1,0 +1,247 @@
+//! Routing tables: what the proxy derives from a catalog snapshot. Immutable;
+//! a new one is built for every catalog version and swapped in whole.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+
+use skein_catalog::Snapshot;
+use skein_catalog::model::{BackendProtocol, ConcurrencyKind, Handler, ProxyProtoVersion};
+
+use crate::load::{Loads, MachineLoad, ServiceQueue};
+
+/// A machine as one service of its app sees it.
+#[derive(Debug)]
+pub struct Backend {
+    /// Machine id.
+    pub machine: Arc<str>,
+    /// Its region.
+    pub region: Arc<str>,
+    /// Where to connect.
+    pub addr: SocketAddr,
+    /// Round-trip time from this edge's region, in ms.
+    pub rtt_ms: u32,
+    /// Live load (outlives the table).
+    pub load: Arc<MachineLoad>,
+}
+
+/// A service of an app: its machines and limits.
+#[derive(Debug)]
+pub struct ServiceRoute {
+    /// Port on the machines.
+    pub internal_port: u16,
+    /// What the limits count.
+    pub kind: ConcurrencyKind,
+    /// Soft limit per machine.
+    pub soft: u32,
+    /// Hard limit per machine.
+    pub hard: u32,
+    /// HTTP version to the machines.
+    pub backend_protocol: BackendProtocol,
+    /// Routable machines, closest first.
+    pub backends: Vec<Backend>,
+    /// Where requests wait when all are full.
+    pub queue: Arc<ServiceQueue>,
+    /// Rotates the choice among equally good machines.
+    pub rr: AtomicUsize,
+}
+
+/// What the proxy does on one public port of an app.
+#[derive(Debug, Clone)]
+pub struct PortRoute {
+    /// Index into [`AppRoute::services`].
+    pub service: usize,
+    /// Terminate TLS.
+    pub tls: bool,
+    /// Speak HTTP.
+    pub http: bool,
+    /// Redirect to HTTPS.
+    pub force_https: bool,
+    /// PROXY protocol header to the machine.
+    pub proxy_proto: Option<ProxyProtoVersion>,
+}
+
+/// An app as the proxy sees it.
+#[derive(Debug)]
+pub struct AppRoute {
+    /// Name.
+    pub name: Arc<str>,
+    /// Public port -> what to do.
+    pub ports: HashMap<u16, PortRoute>,
+    /// Services.
+    pub services: Vec<ServiceRoute>,
+    /// Serve a generated certificate when none matches.
+    pub allow_self_signed: bool,
+}
+
+/// Every app by hostname, for one catalog version.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    /// Catalog version it was built from.
+    pub version: u64,
+    exact: HashMap<String, Arc<AppRoute>>,
+    wildcard: HashMap<String, Arc<AppRoute>>,
+    rtt: HashMap<String, HashMap<String, u32>>,
+}
+
+/// RTT assumed between regions the catalog has no figure for.
+pub const UNKNOWN_RTT_MS: u32 = 1_000;
+
+/// Lowercases, strips a port and a trailing dot.
+pub fn normalize_host(host: &str) -> String {
+    let h = match host.rsplit_once(':') {
+        // Not an IPv6 literal without brackets.
+        Some((h, port))
+            if (!h.contains(':') || h.ends_with(']'))
+                && port.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            h
+        }
+        _ => host,
+    };
+    h.trim_end_matches('.').to_ascii_lowercase()
+}
+
+impl RouteTable {
+    /// Builds the table for `snap` as seen from an edge in `region`.
+    pub fn build(snap: &Snapshot, region: &str, loads: &Loads) -> RouteTable {
+        let cat = &snap.catalog;
+        let rtt = |a: &str, b: &str| cat.rtt_ms(a, b).unwrap_or(UNKNOWN_RTT_MS);
+        let mut by_app: HashMap<&str, Vec<&skein_catalog::model::Machine>> = HashMap::new();
+        for m in cat.machines.values() {
+            if m.is_routable() {
+                by_app.entry(m.app.as_str()).or_default().push(m);
+            }
+        }
+        let mut t = RouteTable {
+            version: snap.version,
+            ..Default::default()
+        };
+        for app in cat.apps.values() {
+            let machines = by_app
+                .get(app.name.as_str())
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            let mut services = Vec::with_capacity(app.services.len());
+            let mut ports = HashMap::new();
+            for (si, s) in app.services.iter().enumerate() {
+                let queue = loads.queue(&app.name, s.internal_port);
+                let mut backends: Vec<Backend> = machines
+                    .iter()
+                    .filter_map(|m| {
+                        let addr = match (m.endpoint, m.address) {
+                            (Some(ep), _) => ep,
+                            (None, Some(a)) => {
+                                SocketAddr::new(IpAddr::V6(a.into()), s.internal_port)
+                            }
+                            (None, None) => return None,
+                        };
+                        Some(Backend {
+                            machine: Arc::from(m.id.as_str()),
+                            region: Arc::from(m.region.as_str()),
+                            addr,
+                            rtt_ms: rtt(region, &m.region),
+                            load: loads.machine(&app.name, s.internal_port, &m.id, &queue),
+                        })
+                    })
+                    .collect();
+                backends.sort_by(|a, b| {
+                    a.rtt_ms
+                        .cmp(&b.rtt_ms)
+                        .then_with(|| a.machine.cmp(&b.machine))
+                });
+                services.push(ServiceRoute {
+                    internal_port: s.internal_port,
+                    kind: s.concurrency.kind,
+                    soft: s.concurrency.soft_limit,
+                    hard: s.concurrency.hard_limit,
+                    backend_protocol: s.backend_protocol,
+                    backends,
+                    queue,
+                    rr: AtomicUsize::new(0),
+                });
+                for p in &s.ports {
+                    ports.insert(
+                        p.port,
+                        PortRoute {
+                            service: si,
+                            tls: p.handlers.contains(&Handler::Tls),
+                            http: p.handlers.contains(&Handler::Http),
+                            force_https: p.force_https,
+                            proxy_proto: p
+                                .handlers
+                                .contains(&Handler::ProxyProto)
+                                .then(|| p.proxy_proto_version.unwrap_or_default()),
+                        },
+                    );
+                }
+            }
+            let route = Arc::new(AppRoute {
+                name: Arc::from(app.name.as_str()),
+                ports,
+                services,
+                allow_self_signed: app.tls.allow_self_signed,
+            });
+            for h in &app.hostnames {
+                match h.strip_prefix("*.") {
+                    Some(suffix) => t.wildcard.insert(suffix.to_string(), route.clone()),
+                    None => t.exact.insert(h.clone(), route.clone()),
+                };
+            }
+        }
+        for a in cat.regions.keys() {
+            for b in cat.regions.keys() {
+                t.rtt
+                    .entry(a.clone())
+                    .or_default()
+                    .insert(b.clone(), rtt(a, b));
+            }
+        }
+        loads.prune();
+        t
+    }
+
+    /// The app serving `host` (exact name first, then a one-label wildcard).
+    /// `host` must already be normalized.
+    pub fn app(&self, host: &str) -> Option<&Arc<AppRoute>> {
+        self.exact.get(host).or_else(|| {
+            let (_, parent) = host.split_once('.')?;
+            self.wildcard.get(parent)
+        })
+    }
+
+    /// Round-trip time between two regions.
+    pub fn rtt(&self, a: &str, b: &str) -> u32 {
+        if a == b {
+            return 0;
+        }
+        self.rtt
+            .get(a)
+            .and_then(|m| m.get(b))
+            .copied()
+            .unwrap_or(UNKNOWN_RTT_MS)
+    }
+
+    /// Number of hostnames routed.
+    pub fn len(&self) -> usize {
+        self.exact.len() + self.wildcard.len()
+    }
+
+    /// True if no hostname is routed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_are_normalized() {
+        assert_eq!(normalize_host("Web.Example.com:8443"), "web.example.com");
+        assert_eq!(normalize_host("web.example.com."), "web.example.com");
+        assert_eq!(normalize_host("[::1]:80"), "[::1]");
+    }
+}

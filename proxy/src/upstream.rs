@@ -1,0 +1,181 @@
+//! Connections to machines: HTTP/1.1 connections pooled per address (one request
+//! at a time each, back in the pool once ready), one shared h2c connection per
+//! address for services that ask for it. Connecting is separate from sending, so a
+//! refused or timed-out connect is known before any byte of the request has
+//! gone, and the request can be retried elsewhere untouched.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+
+/// The body type on both sides of the proxy.
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// How the proxy speaks to an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    /// HTTP/1.1, one request per connection at a time.
+    H1,
+    /// HTTP/2 over cleartext, multiplexed.
+    H2c,
+}
+
+/// A connection ready to send one request.
+pub enum Sender {
+    /// HTTP/1.1.
+    H1(http1::SendRequest<ProxyBody>),
+    /// h2c.
+    H2(http2::SendRequest<ProxyBody>),
+}
+
+/// Why no connection could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The connect did not finish in time.
+    #[error("connect timed out")]
+    Timeout,
+    /// Refused, unreachable…
+    #[error("connect: {0}")]
+    Io(#[from] std::io::Error),
+    /// The HTTP handshake failed.
+    #[error("handshake: {0}")]
+    Handshake(#[from] hyper::Error),
+}
+
+struct Idle {
+    sender: http1::SendRequest<ProxyBody>,
+    since: Instant,
+}
+
+/// Limits of the upstream side.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamLimits {
+    /// Time a connect may take.
+    pub connect_timeout: Duration,
+    /// Idle pooled connections are closed after this.
+    pub idle_timeout: Duration,
+    /// Most idle connections kept per address.
+    pub max_idle_per_backend: usize,
+}
+
+/// The pool.
+pub struct Upstreams {
+    limits: UpstreamLimits,
+    idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
+    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<ProxyBody>>>,
+}
+
+impl Upstreams {
+    /// An empty pool.
+    pub fn new(limits: UpstreamLimits) -> Self {
+        Upstreams {
+            limits,
+            idle: Mutex::new(HashMap::new()),
+            h2: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A connection to `addr`: a pooled one if any is ready, else a new one.
+    /// Returns whether it was reused (a reused one may have been closed by the
+    /// peer in the meantime; the caller retries such a send).
+    pub async fn get(
+        &self,
+        addr: SocketAddr,
+        proto: Proto,
+    ) -> Result<(Sender, bool), ConnectError> {
+        match proto {
+            Proto::H1 => {
+                if let Some(s) = self.take_idle(addr) {
+                    return Ok((Sender::H1(s), true));
+                }
+                let io = self.connect(addr).await?;
+                let (sender, conn) = http1::handshake(io).await?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.with_upgrades().await {
+                        tracing::debug!(error = %e, "upstream connection ended");
+                    }
+                });
+                metrics::counter!("skein_proxy_upstream_connects_total", "proto" => "h1")
+                    .increment(1);
+                Ok((Sender::H1(sender), false))
+            }
+            Proto::H2c => {
+                let existing = {
+                    let m = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+                    m.get(&addr).filter(|s| !s.is_closed()).cloned()
+                };
+                if let Some(s) = existing {
+                    return Ok((Sender::H2(s), true));
+                }
+                let io = self.connect(addr).await?;
+                let (sender, conn) = http2::handshake(TokioExecutor::new(), io).await?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "upstream h2 connection ended");
+                    }
+                });
+                metrics::counter!("skein_proxy_upstream_connects_total", "proto" => "h2c")
+                    .increment(1);
+                self.h2
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(addr, sender.clone());
+                Ok((Sender::H2(sender), false))
+            }
+        }
+    }
+
+    fn take_idle(&self, addr: SocketAddr) -> Option<http1::SendRequest<ProxyBody>> {
+        let mut m = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = m.get_mut(&addr)?;
+        while let Some(i) = list.pop() {
+            if i.since.elapsed() < self.limits.idle_timeout && i.sender.is_ready() {
+                return Some(i.sender);
+            }
+        }
+        None
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<TokioIo<TcpStream>, ConnectError> {
+        let s = tokio::time::timeout(self.limits.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| ConnectError::Timeout)??;
+        let _ = s.set_nodelay(true);
+        Ok(TokioIo::new(s))
+    }
+
+    /// Returns an HTTP/1.1 connection to the pool once it can take another
+    /// request (when its response has been read to the end).
+    pub fn put_back(
+        self: &std::sync::Arc<Self>,
+        addr: SocketAddr,
+        mut sender: http1::SendRequest<ProxyBody>,
+    ) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            if tokio::time::timeout(Duration::from_secs(5), sender.ready())
+                .await
+                .is_err()
+                || sender.is_closed()
+            {
+                return;
+            }
+            let mut m = me.idle.lock().unwrap_or_else(|e| e.into_inner());
+            let list = m.entry(addr).or_default();
+            list.retain(|i| i.since.elapsed() < me.limits.idle_timeout && !i.sender.is_closed());
+            if list.len() < me.limits.max_idle_per_backend {
+                list.push(Idle {
+                    sender,
+                    since: Instant::now(),
+                });
+            }
+        });
+    }
+}

@@ -1,0 +1,616 @@
+//! The proxy with real sockets: a rustls client, real HTTP backends on loopback,
+//! the catalog driving routes and certificates live.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rustls::pki_types::{CertificateDer, ServerName};
+use skein_catalog::error::parse_toml;
+use skein_catalog::{Document, Source, Store};
+use skein_proxy::{ListenerConfig, Proxy, ProxyConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A CA and certificates it signs.
+struct Pki {
+    ca: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "skein test CA");
+        Pki {
+            ca: CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap(),
+        }
+    }
+
+    /// (chain PEM, key PEM) for `names`.
+    fn issue(&self, names: &[&str]) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &self.ca)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn client(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(self.ca.der().to_vec()))
+            .unwrap();
+        let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        c.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        Arc::new(c)
+    }
+}
+
+/// A backend: answers with the headers it got, as JSON, after `?sleep=ms`.
+async fn backend(name: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            let h = h.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let h = h.clone();
+                    async move {
+                        h.fetch_add(1, Ordering::SeqCst);
+                        let q = req.uri().query().unwrap_or("").to_string();
+                        if let Some(ms) = q.strip_prefix("sleep=") {
+                            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0)))
+                                .await;
+                        }
+                        let mut headers: HashMap<String, String> = HashMap::new();
+                        for (k, v) in req.headers() {
+                            headers.insert(k.to_string(), v.to_str().unwrap_or("").to_string());
+                        }
+                        let body = serde_json::json!({"machine": name, "headers": headers, "path": req.uri().to_string()});
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body.to_string()))))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, hits)
+}
+
+/// A closed port (bound, then released).
+fn dead_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+struct Harness {
+    store: Arc<Store>,
+    proxy: Arc<Proxy>,
+    tls: SocketAddr,
+    plain: SocketAddr,
+    pki: Pki,
+}
+
+fn catalog(pki: &Pki, machines: &[(&str, &str, SocketAddr)], soft: u32, hard: u32) -> Document {
+    let (chain, key) = pki.issue(&["app.example.com", "*.wild.example.com"]);
+    let mut text = format!(
+        r#"
+        regions = [{{ code = "ams", rtt_ms = {{ iad = 80, syd = 250 }} }}, {{ code = "iad", rtt_ms = {{ syd = 200 }} }}, {{ code = "syd" }}]
+        hosts = [
+          {{ id = "0:2", name = "h-ams", region = "ams", underlay = "127.0.0.1" }},
+          {{ id = "0:3", name = "h-iad", region = "iad", underlay = "127.0.0.1" }},
+          {{ id = "0:4", name = "h-syd", region = "syd", underlay = "127.0.0.1" }},
+        ]
+        networks = [{{ id = "18", name = "n" }}]
+
+        [[apps]]
+        name = "app"
+        network = "n"
+        hostnames = ["app.example.com", "*.wild.example.com"]
+        [[apps.services]]
+        internal_port = 8080
+        concurrency = {{ type = "requests", soft_limit = {soft}, hard_limit = {hard} }}
+        ports = [{{ port = 443, handlers = ["tls", "http"] }}, {{ port = 80, handlers = ["http"] }}]
+
+        [[apps]]
+        name = "selfsigned"
+        network = "n"
+        hostnames = ["self.example.net"]
+        tls = {{ allow_self_signed = true }}
+        [[apps.services]]
+        internal_port = 8080
+        ports = [{{ port = 443, handlers = ["tls", "http"] }}, {{ port = 80, handlers = ["http"], force_https = true }}]
+
+        [[certificates]]
+        name = "app"
+        chain_pem = '''{chain}'''
+        key_pem = '''{key}'''
+        "#
+    );
+    for (id, region, addr) in machines {
+        let host = match *region {
+            "ams" => "0:2",
+            "iad" => "0:3",
+            _ => "0:4",
+        };
+        text.push_str(&format!(
+            "\n[[machines]]\nid = \"{id}\"\napp = \"app\"\nregion = \"{region}\"\nhost = \"{host}\"\nstate = \"started\"\nendpoint = \"{addr}\"\n"
+        ));
+    }
+    parse_toml(&text).unwrap()
+}
+
+impl Harness {
+    async fn start(
+        machines: &[(&str, &str, SocketAddr)],
+        soft: u32,
+        hard: u32,
+        tweak: impl FnOnce(&mut ProxyConfig),
+    ) -> Harness {
+        let pki = Pki::new();
+        let store = Arc::new(Store::new());
+        store
+            .replace(Source::File, catalog(&pki, machines, soft, hard))
+            .unwrap();
+        let mut cfg = ProxyConfig {
+            enabled: true,
+            listeners: vec![
+                ListenerConfig {
+                    bind: "127.0.0.1:0".parse().unwrap(),
+                    port: Some(443),
+                },
+                ListenerConfig {
+                    bind: "127.0.0.1:0".parse().unwrap(),
+                    port: Some(80),
+                },
+            ],
+            queue_timeout: Duration::from_millis(500),
+            ..Default::default()
+        };
+        tweak(&mut cfg);
+        let proxy = Proxy::new(cfg, "ams").unwrap();
+        let bound = proxy.bind().await.unwrap();
+        let (tls, plain) = (bound[0].local, bound[1].local);
+        let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+        std::mem::forget(_stop_tx);
+        tokio::spawn(proxy.clone().follow(store.subscribe(), stop.clone()));
+        tokio::spawn(proxy.clone().serve(bound, stop, Duration::from_secs(1)));
+        proxy.apply(&store.snapshot());
+        Harness {
+            store,
+            proxy,
+            tls,
+            plain,
+            pki,
+        }
+    }
+
+    /// One request over a fresh TLS connection with `sni`; returns status,
+    /// headers and body, and the negotiated ALPN.
+    async fn https(
+        &self,
+        sni: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        h2: bool,
+    ) -> Result<(StatusCode, hyper::HeaderMap, String), String> {
+        let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
+        let connector = tokio_rustls::TlsConnector::from(self.pki.client(alpn));
+        let tcp = TcpStream::connect(self.tls)
+            .await
+            .map_err(|e| e.to_string())?;
+        let tls = connector
+            .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let negotiated_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        assert_eq!(negotiated_h2, h2);
+        let mut req = Request::builder().uri(format!("https://{sni}{path}"));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let io = TokioIo::new(tls);
+        let resp = if h2 {
+            let (mut tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            tx.send_request(req.body(Empty::<Bytes>::new()).unwrap())
+                .await
+                .map_err(|e| e.to_string())?
+        } else {
+            let (mut tx, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            let req = req.header("host", sni).body(Empty::<Bytes>::new()).unwrap();
+            tx.send_request(req).await.map_err(|e| e.to_string())?
+        };
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok((
+            parts.status,
+            parts.headers,
+            String::from_utf8_lossy(&body).into_owned(),
+        ))
+    }
+
+    async fn plain_get(&self, host: &str, path: &str) -> (StatusCode, hyper::HeaderMap, String) {
+        let tcp = TcpStream::connect(self.plain).await.unwrap();
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .uri(path)
+            .header("host", host)
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = tx.send_request(req).await.unwrap();
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8_lossy(&body).into_owned(),
+        )
+    }
+}
+
+fn machine_of(body: &str) -> String {
+    let v: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}"));
+    v["machine"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn certificates_are_chosen_by_sni_exact_wildcard_and_self_signed() {
+    let (a, _) = backend("ams1").await;
+    let h = Harness::start(&[("ams1", "ams", a)], 20, 25, |_| {}).await;
+    let (st, _, body) = h.https("app.example.com", "/", &[], false).await.unwrap();
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(machine_of(&body), "ams1");
+    // The wildcard certificate, and the wildcard route.
+    let (st, _, _) = h
+        .https("x.wild.example.com", "/", &[], false)
+        .await
+        .unwrap();
+    assert_eq!(st, StatusCode::OK);
+    // No certificate at all: the handshake fails.
+    let err = h
+        .https("unknown.example.org", "/", &[], false)
+        .await
+        .unwrap_err();
+    assert!(err.contains("handshake"), "{err}");
+    // The self-signed fallback is served, but our CA does not trust it.
+    let err = h
+        .https("self.example.net", "/", &[], false)
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("handshake") && err.to_lowercase().contains("unknown"),
+        "{err}"
+    );
+    let served = h.proxy.certs.lookup("self.example.net").unwrap();
+    assert_eq!(served.cert.len(), 1);
+}
+
+#[tokio::test]
+async fn h1_and_h2_with_the_platform_headers() {
+    let (a, _) = backend("ams1").await;
+    let h = Harness::start(&[("ams1", "ams", a)], 20, 25, |_| {}).await;
+    for h2 in [false, true] {
+        let forged = [
+            ("skein-client-ip", "6.6.6.6"),
+            ("x-forwarded-for", "10.9.9.9"),
+        ];
+        let (st, headers, body) = h
+            .https("app.example.com", "/p?q=1", &forged, h2)
+            .await
+            .unwrap();
+        assert_eq!(st, StatusCode::OK, "h2={h2} {body}");
+        assert_eq!(headers["via"], "1.1 skein");
+        assert_eq!(headers["skein-machine"], "ams1");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let got = &v["headers"];
+        assert_eq!(
+            got["skein-client-ip"], "127.0.0.1",
+            "a client cannot forge its address"
+        );
+        assert_eq!(got["x-forwarded-for"], "10.9.9.9, 127.0.0.1");
+        assert_eq!(got["x-forwarded-proto"], "https");
+        assert_eq!(got["x-forwarded-port"], "443");
+        assert_eq!(got["skein-region"], "ams");
+        assert_eq!(got["host"], "app.example.com");
+        assert_eq!(got["skein-request-id"].as_str().unwrap().len(), 24);
+        assert_eq!(v["path"], "/p?q=1");
+    }
+}
+
+#[tokio::test]
+async fn plain_http_ports_redirects_and_refusals() {
+    let (a, _) = backend("ams1").await;
+    let h = Harness::start(&[("ams1", "ams", a)], 20, 25, |_| {}).await;
+    let (st, _, body) = h.plain_get("app.example.com", "/x").await;
+    assert_eq!(
+        (st, machine_of(&body)),
+        (StatusCode::OK, "ams1".to_string())
+    );
+    let (st, headers, _) = h.plain_get("self.example.net", "/a?b").await;
+    assert_eq!(st, StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(headers["location"], "https://self.example.net/a?b");
+    let (st, headers, _) = h.plain_get("nothing.example.com", "/").await;
+    assert_eq!(
+        (st, &headers["skein-error"]),
+        (
+            StatusCode::NOT_FOUND,
+            &"no_app".parse::<hyper::header::HeaderValue>().unwrap()
+        )
+    );
+}
+
+#[tokio::test]
+async fn closest_region_first_then_spill_when_soft_limits_fill() {
+    let (a, a_hits) = backend("ams1").await;
+    let (i, _) = backend("iad1").await;
+    let (s, s_hits) = backend("syd1").await;
+    let h = Arc::new(
+        Harness::start(
+            &[("ams1", "ams", a), ("iad1", "iad", i), ("syd1", "syd", s)],
+            2,
+            10,
+            |_| {},
+        )
+        .await,
+    );
+    let (_, _, body) = h.https("app.example.com", "/", &[], true).await.unwrap();
+    assert_eq!(machine_of(&body), "ams1");
+    // The client's region hint.
+    let (_, _, body) = h
+        .https(
+            "app.example.com",
+            "/",
+            &[("skein-prefer-region", "syd")],
+            true,
+        )
+        .await
+        .unwrap();
+    assert_eq!(machine_of(&body), "syd1");
+    let before = (a_hits.load(Ordering::SeqCst), s_hits.load(Ordering::SeqCst));
+    // Six slow requests at once: ams takes 2 (its soft limit), iad 2, syd 2.
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let h = h.clone();
+        tasks.push(tokio::spawn(async move {
+            machine_of(
+                &h.https("app.example.com", "/?sleep=400", &[], false)
+                    .await
+                    .unwrap()
+                    .2,
+            )
+        }));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let mut got: Vec<String> = Vec::new();
+    for t in tasks {
+        got.push(t.await.unwrap());
+    }
+    got.sort();
+    assert_eq!(got, ["ams1", "ams1", "iad1", "iad1", "syd1", "syd1"]);
+    assert_eq!(a_hits.load(Ordering::SeqCst) - before.0, 2);
+    assert_eq!(s_hits.load(Ordering::SeqCst) - before.1, 2);
+}
+
+#[tokio::test]
+async fn hard_limit_then_queue_then_503() {
+    let (a, _) = backend("ams1").await;
+    let h = Arc::new(
+        Harness::start(&[("ams1", "ams", a)], 1, 2, |c| {
+            c.queue_timeout = Duration::from_millis(300)
+        })
+        .await,
+    );
+    let slow = |h: Arc<Harness>, ms: u64| {
+        tokio::spawn(async move {
+            h.https("app.example.com", &format!("/?sleep={ms}"), &[], false)
+                .await
+                .unwrap()
+        })
+    };
+    // Two hold the machine's two slots for 1.5 s.
+    let holders = [slow(h.clone(), 1500), slow(h.clone(), 1500)];
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The third waits in the queue, gives up after 300 ms.
+    let started = Instant::now();
+    let (st, headers, _) = h.https("app.example.com", "/", &[], false).await.unwrap();
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers["skein-error"], "capacity");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    for t in holders {
+        assert_eq!(t.await.unwrap().0, StatusCode::OK);
+    }
+    // A queued request is served as soon as a slot frees.
+    let holders = [slow(h.clone(), 200), slow(h.clone(), 200)];
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let h2 = h.clone();
+    let queued =
+        tokio::spawn(async move { h2.https("app.example.com", "/", &[], false).await.unwrap() });
+    let (st, _, _) = queued.await.unwrap();
+    assert_eq!(st, StatusCode::OK, "the queued request got the freed slot");
+    for t in holders {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_refused_connect_is_retried_on_another_machine_and_ejects_the_dead_one() {
+    let (i, _) = backend("iad1").await;
+    // The dead machine is the closest: it is tried first.
+    let h = Harness::start(
+        &[("ams1", "ams", dead_addr()), ("iad1", "iad", i)],
+        20,
+        25,
+        |_| {},
+    )
+    .await;
+    for _ in 0..5 {
+        let (st, _, body) = h.https("app.example.com", "/", &[], false).await.unwrap();
+        assert_eq!(st, StatusCode::OK, "{body}");
+        assert_eq!(machine_of(&body), "iad1");
+    }
+    let app = h.proxy.routes.load();
+    let svc = &app.app("app.example.com").unwrap().services[0];
+    let dead = svc.backends.iter().find(|b| &*b.machine == "ams1").unwrap();
+    assert!(dead.load.is_ejected());
+    // With no machine left at all: 502 after the retries.
+    let h = Harness::start(&[("ams1", "ams", dead_addr())], 20, 25, |_| {}).await;
+    let (st, headers, _) = h.https("app.example.com", "/", &[], false).await.unwrap();
+    assert_eq!(
+        (st, headers["skein-error"].to_str().unwrap()),
+        (StatusCode::BAD_GATEWAY, "connect_failed")
+    );
+}
+
+#[tokio::test]
+async fn catalog_changes_reach_new_requests_without_failing_any() {
+    let (a, _) = backend("ams1").await;
+    let (b, _) = backend("ams2").await;
+    let h = Arc::new(Harness::start(&[("ams1", "ams", a)], 100, 200, |_| {}).await);
+    // Load runs while the catalog flips between one and two machines.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (h, stop) = (h.clone(), stop.clone());
+        load.push(tokio::spawn(async move {
+            let (mut ok, mut seen) = (0, std::collections::BTreeSet::new());
+            while !stop.load(Ordering::Relaxed) {
+                let (st, _, body) = h.https("app.example.com", "/", &[], false).await.unwrap();
+                assert_eq!(st, StatusCode::OK, "{body}");
+                seen.insert(machine_of(&body));
+                ok += 1;
+            }
+            (ok, seen)
+        }));
+    }
+    let pki_doc = |two: bool| {
+        let mut m = vec![("ams1", "ams", a)];
+        if two {
+            m.push(("ams2", "ams", b));
+        }
+        catalog(&h.pki, &m, 100, 200)
+    };
+    for i in 0..20 {
+        h.store.replace(Source::File, pki_doc(i % 2 == 0)).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A change is visible to the next request within 100 ms.
+    h.store.replace(Source::File, pki_doc(false)).unwrap();
+    let changed = Instant::now();
+    loop {
+        let table = h.proxy.routes.load();
+        if table.version == h.store.snapshot().version {
+            break;
+        }
+        assert!(
+            changed.elapsed() < Duration::from_millis(100),
+            "route change took over 100 ms"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    let mut machines = std::collections::BTreeSet::new();
+    for t in load {
+        let (ok, seen) = t.await.unwrap();
+        total += ok;
+        machines.extend(seen);
+    }
+    assert!(total > 20, "only {total} requests ran");
+    assert_eq!(machines.into_iter().collect::<Vec<_>>(), ["ams1", "ams2"]);
+}
+
+#[tokio::test]
+async fn a_slowloris_client_is_cut_off_at_the_header_timeout() {
+    let (a, _) = backend("ams1").await;
+    let h = Harness::start(&[("ams1", "ams", a)], 20, 25, |c| {
+        c.header_timeout = Duration::from_millis(300)
+    })
+    .await;
+    let mut s = TcpStream::connect(h.plain).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: app.example.com\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 512];
+    // Keep dribbling bytes; the proxy must close anyway.
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_millis(100), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(_)) => break true,
+            Err(_) => {
+                if s.write_all(b"a").await.is_err() {
+                    break true;
+                }
+            }
+        }
+        if started.elapsed() > Duration::from_secs(3) {
+            break false;
+        }
+    };
+    assert!(closed, "the connection stayed open past the header timeout");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // A silent TLS client is cut off too.
+    let mut s = TcpStream::connect(h.tls).await.unwrap();
+    let started = Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+        .await
+        .expect("closed in time");
+    assert!(matches!(n, Ok(0) | Err(_)));
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn plain_http_on_a_tls_port_is_refused() {
+    let (a, _) = backend("ams1").await;
+    let h = Harness::start(&[("ams1", "ams", a)], 20, 25, |_| {}).await;
+    let tcp = TcpStream::connect(h.tls).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .uri("/")
+        .header("host", "app.example.com")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(resp.headers()["skein-error"], "tls_required");
+}
