@@ -87,7 +87,7 @@ pub async fn start(cfg: Config, builtin: Option<Document>) -> anyhow::Result<Run
 
     if cfg.proxy.enabled {
         let proxy = skein_proxy::Proxy::new(cfg.proxy.clone(), cfg.host.region.clone())?;
-        let bound = proxy.bind().await?;
+        let bound = proxy.bind()?;
         proxy.apply(&store.snapshot());
         listening.extend(bound.iter().map(|b| b.local));
         tasks.spawn(proxy.clone().follow(store.subscribe(), stop.subscribe()));

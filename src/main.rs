@@ -14,6 +14,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc: per-thread free lists suit a proxy's many short-lived buffers far
+/// better than glibc's malloc (about 7% of the proxy's CPU went to glibc malloc
+/// and free in a keep-alive profile).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "skein",

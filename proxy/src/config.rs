@@ -27,7 +27,16 @@ pub struct ProxyConfig {
     /// Listening sockets.
     #[serde(default)]
     pub listeners: Vec<ListenerConfig>,
-    /// Most client connections per listener; more wait in the backlog.
+    /// The hostname whose app and certificate serve clients that send no SNI, or
+    /// a Host that names no app (an IP literal, say): nginx's `default_server`.
+    /// None: such clients get no certificate and a 404.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_hostname: Option<String>,
+    /// Threads serving clients, each with its own runtime and sockets
+    /// (default: one per available core).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threads: Option<usize>,
+    /// Most client connections per listener and thread; more wait in the backlog.
     #[serde(default = "d_max_conns")]
     pub max_connections: usize,
     /// Time a client has for its TLS handshake and request headers (slowloris).
@@ -108,7 +117,7 @@ fn d_queue_depth() -> usize {
     1_000
 }
 fn d_max_idle() -> usize {
-    64
+    1_024
 }
 
 impl Default for ProxyConfig {
@@ -116,6 +125,8 @@ impl Default for ProxyConfig {
         ProxyConfig {
             enabled: false,
             listeners: Vec::new(),
+            default_hostname: None,
+            threads: None,
             max_connections: d_max_conns(),
             header_timeout: d_header_timeout(),
             idle_timeout: d_idle(),

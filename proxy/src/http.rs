@@ -126,20 +126,37 @@ pub async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     let resp = route(&proxy, &conn, req).await;
-    let code = resp.status().as_u16();
-    metrics::counter!("skein_proxy_requests_total", "status" => status_class(code)).increment(1);
-    metrics::histogram!("skein_proxy_request_duration_seconds")
+    let class = usize::from(resp.status().as_u16() / 100).clamp(1, 5) - 1;
+    proxy.metrics.requests[class].increment(1);
+    proxy
+        .metrics
+        .duration
         .record(started.elapsed().as_secs_f64());
     Ok(resp)
 }
 
-fn status_class(code: u16) -> &'static str {
-    match code {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+/// Metric handles resolved once, so the request path does no registry lookup.
+pub struct RequestMetrics {
+    /// Requests by status class 1xx..5xx.
+    pub requests: [metrics::Counter; 5],
+    /// Time from request to response headers.
+    pub duration: metrics::Histogram,
+}
+
+impl RequestMetrics {
+    /// Registers the handles with the installed recorder.
+    pub fn new() -> Self {
+        let c = |class: &'static str| metrics::counter!("skein_proxy_requests_total", "status" => class);
+        RequestMetrics {
+            requests: [c("1xx"), c("2xx"), c("3xx"), c("4xx"), c("5xx")],
+            duration: metrics::histogram!("skein_proxy_request_duration_seconds"),
+        }
+    }
+}
+
+impl Default for RequestMetrics {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -163,7 +180,14 @@ async fn route(proxy: &Arc<Proxy>, conn: &ConnInfo, req: Request<Incoming>) -> R
         return local(StatusCode::BAD_REQUEST, "no_host", None);
     };
     let table = proxy.routes.load_full();
-    let Some(app) = table.app(&host).cloned() else {
+    let fallback = || {
+        proxy
+            .cfg
+            .default_hostname
+            .as_deref()
+            .and_then(|d| table.app(d))
+    };
+    let Some(app) = table.app(&host).or_else(fallback).cloned() else {
         return local(StatusCode::NOT_FOUND, "no_app", None);
     };
     let Some(port) = app.ports.get(&conn.port).cloned() else {
@@ -188,7 +212,9 @@ async fn route(proxy: &Arc<Proxy>, conn: &ConnInfo, req: Request<Incoming>) -> R
     if !port.http {
         return local(StatusCode::NOT_FOUND, "no_http_on_port", None);
     }
-    forward(proxy, conn, &table, &app, &port, host, req).await
+    // Boxed: the forwarding state machine is large, and hyper moves the
+    // handler future into a task per request (per stream on h2).
+    Box::pin(forward(proxy, conn, &table, &app, &port, host, req)).await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -248,7 +274,7 @@ async fn forward(
     } else {
         parts.headers.remove(header::HOST);
     }
-    let mut body = Some(body.boxed());
+    let mut pending = Some(Request::from_parts(parts, body.boxed()));
     let mut tried: Vec<Arc<str>> = Vec::new();
     let deadline = Instant::now() + proxy.limits.queue_timeout;
     loop {
@@ -286,16 +312,15 @@ async fn forward(
                 continue;
             }
         };
-        let Some(b) = body.take() else {
-            return local(StatusCode::INTERNAL_SERVER_ERROR, "body_lost", None);
+        let Some(req) = pending.take() else {
+            return local(StatusCode::INTERNAL_SERVER_ERROR, "request_lost", None);
         };
-        let req = Request::from_parts(parts.clone(), b);
         match send(proxy, backend, sender, req, slot).await {
             Ok(resp) => return resp,
             Err(SendFailure::NotSent(req)) => {
                 // A pooled connection that the peer had closed: the request is
                 // untouched, send it again.
-                body = Some(req.into_body());
+                pending = Some(req);
                 metrics::counter!("skein_proxy_retries_total", "reason" => "stale_connection")
                     .increment(1);
                 continue;

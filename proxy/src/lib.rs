@@ -72,12 +72,16 @@ pub struct Proxy {
     pub region: String,
     /// The configuration.
     pub cfg: ProxyConfig,
+    /// Request counters.
+    pub metrics: http::RequestMetrics,
     http_tls: Arc<ServerConfig>,
 }
 
 /// A bound listener, ready to serve.
 pub struct Bound {
-    listener: TcpListener,
+    /// One socket per serving thread, all on the same address (SO_REUSEPORT:
+    /// the kernel spreads connections across them).
+    sockets: Vec<std::net::TcpListener>,
     port: u16,
     /// The bound address.
     pub local: SocketAddr,
@@ -87,7 +91,7 @@ impl Proxy {
     /// A proxy for an edge in `region`, with empty tables.
     pub fn new(cfg: ProxyConfig, region: impl Into<String>) -> Result<Arc<Proxy>, ProxyError> {
         let routes = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
-        let certs = Arc::new(Certs::new(routes.clone()));
+        let certs = Arc::new(Certs::new(routes.clone(), cfg.default_hostname.clone()));
         let resumption = tls::resumption()?;
         let http_tls = certs.server_config(&[b"h2", b"http/1.1"], &resumption)?;
         Ok(Arc::new(Proxy {
@@ -108,6 +112,7 @@ impl Proxy {
             },
             region: region.into(),
             cfg,
+            metrics: http::RequestMetrics::new(),
             http_tls,
         }))
     }
@@ -145,22 +150,35 @@ impl Proxy {
         }
     }
 
-    /// Binds the configured listeners.
-    pub async fn bind(&self) -> Result<Vec<Bound>, ProxyError> {
+    /// How many threads serve clients.
+    pub fn threads(&self) -> usize {
+        self.cfg
+            .threads
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            })
+            .max(1)
+    }
+
+    /// Binds the configured listeners, one SO_REUSEPORT socket per thread.
+    pub fn bind(&self) -> Result<Vec<Bound>, ProxyError> {
         let mut out = Vec::new();
         for l in &self.cfg.listeners {
-            let listener = TcpListener::bind(l.bind)
-                .await
-                .map_err(|source| ProxyError::Bind {
-                    addr: l.bind,
-                    source,
-                })?;
-            let local = listener.local_addr().map_err(|source| ProxyError::Bind {
+            let err = |source| ProxyError::Bind {
                 addr: l.bind,
                 source,
-            })?;
+            };
+            let first = reuseport_listener(l.bind).map_err(err)?;
+            // Port 0: the other sockets join the port the first one got.
+            let local = first.local_addr().map_err(err)?;
+            let mut sockets = vec![first];
+            for _ in 1..self.threads() {
+                sockets.push(reuseport_listener(local).map_err(err)?);
+            }
             out.push(Bound {
-                listener,
+                sockets,
                 port: l.port.unwrap_or(local.port()),
                 local,
             });
@@ -169,36 +187,99 @@ impl Proxy {
     }
 
     /// Serves bound listeners until `stop`, then drains open connections for up
-    /// to `drain`.
+    /// to `drain`. Each thread runs its own single-threaded runtime with its own
+    /// sockets, as nginx runs its workers: a connection and the tasks it spawns
+    /// stay on one core, with no work stealing and no cross-thread wakeups.
     pub async fn serve(
         self: Arc<Self>,
         bound: Vec<Bound>,
         stop: watch::Receiver<bool>,
         drain: Duration,
     ) {
-        let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
-        let mut loops = tokio::task::JoinSet::new();
+        let threads = self.threads();
+        let mut per_thread: Vec<Vec<(std::net::TcpListener, u16, SocketAddr)>> =
+            (0..threads).map(|_| Vec::new()).collect();
         for b in bound {
-            tracing::info!(addr = %b.local, port = b.port, "proxy listening");
-            loops.spawn(listener::accept_loop(
-                self.clone(),
-                b.listener,
-                b.port,
-                stop.clone(),
-                graceful.clone(),
-            ));
+            tracing::info!(addr = %b.local, port = b.port, threads, "proxy listening");
+            for (i, s) in b.sockets.into_iter().enumerate() {
+                per_thread[i % threads].push((s, b.port, b.local));
+            }
         }
-        while loops.join_next().await.is_some() {}
-        tracing::info!("proxy stopped accepting; draining");
-        let Ok(graceful) = Arc::try_unwrap(graceful) else {
-            tracing::warn!("proxy drain: listeners still hold the tracker");
-            return;
-        };
-        if tokio::time::timeout(drain, graceful.shutdown())
-            .await
-            .is_err()
-        {
-            tracing::warn!("proxy drain deadline passed; closing what is left");
+        // Each thread says when it has drained (a dropped sender says it too).
+        let mut done = Vec::new();
+        for (i, sockets) in per_thread.into_iter().enumerate() {
+            let (me, stop) = (self.clone(), stop.clone());
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let spawned = std::thread::Builder::new()
+                .name(format!("skein-proxy-{i}"))
+                .spawn(move || {
+                    me.thread_main(sockets, stop, drain);
+                    let _ = tx.send(());
+                });
+            match spawned {
+                Ok(_) => done.push(rx),
+                Err(e) => tracing::error!(error = %e, "cannot start a proxy thread"),
+            }
+        }
+        for rx in done {
+            let _ = rx.await;
         }
     }
+
+    fn thread_main(
+        self: Arc<Self>,
+        sockets: Vec<(std::net::TcpListener, u16, SocketAddr)>,
+        stop: watch::Receiver<bool>,
+        drain: Duration,
+    ) {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => return tracing::error!(error = %e, "cannot build a proxy runtime"),
+        };
+        rt.block_on(async move {
+            let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
+            let mut loops = tokio::task::JoinSet::new();
+            for (s, port, local) in sockets {
+                match TcpListener::from_std(s) {
+                    Ok(l) => {
+                        loops.spawn(listener::accept_loop(
+                            self.clone(),
+                            l,
+                            port,
+                            stop.clone(),
+                            graceful.clone(),
+                        ));
+                    }
+                    Err(e) => {
+                        tracing::error!(addr = %local, error = %e, "cannot register a listener")
+                    }
+                }
+            }
+            while loops.join_next().await.is_some() {}
+            let Ok(graceful) = Arc::try_unwrap(graceful) else {
+                return tracing::warn!("proxy drain: listeners still hold the tracker");
+            };
+            if tokio::time::timeout(drain, graceful.shutdown())
+                .await
+                .is_err()
+            {
+                tracing::warn!("proxy drain deadline passed; closing what is left");
+            }
+        });
+    }
+}
+
+/// A listening socket with SO_REUSEPORT (and SO_REUSEADDR), non-blocking.
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(4096)?;
+    Ok(s.into())
 }

@@ -39,6 +39,7 @@ pub struct Certs {
     table: ArcSwap<CertTable>,
     routes: Arc<ArcSwap<RouteTable>>,
     self_signed: Mutex<HashMap<String, Arc<CertifiedKey>>>,
+    default_name: Option<String>,
 }
 
 impl std::fmt::Debug for Certs {
@@ -63,13 +64,15 @@ pub fn certified_key(c: &Certificate, provider: &CryptoProvider) -> Result<Certi
 }
 
 impl Certs {
-    /// An empty store that consults `routes` for apps' self-signed option.
-    pub fn new(routes: Arc<ArcSwap<RouteTable>>) -> Self {
+    /// An empty store that consults `routes` for apps' self-signed option and
+    /// serves `default_name`'s certificate to clients without SNI.
+    pub fn new(routes: Arc<ArcSwap<RouteTable>>, default_name: Option<String>) -> Self {
         Certs {
             provider: Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
             table: ArcSwap::from_pointee(CertTable::default()),
             routes,
             self_signed: Mutex::new(HashMap::new()),
+            default_name,
         }
     }
 
@@ -195,8 +198,8 @@ pub fn resumption() -> Result<Resumption, rustls::Error> {
 
 impl ResolvesServerCert for Certs {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        match hello.server_name() {
-            Some(sni) => self.lookup(sni),
+        match hello.server_name().or(self.default_name.as_deref()) {
+            Some(name) => self.lookup(name),
             None => {
                 metrics::counter!("skein_proxy_certificate_misses_total", "reason" => "no_sni")
                     .increment(1);

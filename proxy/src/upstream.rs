@@ -152,30 +152,37 @@ impl Upstreams {
     }
 
     /// Returns an HTTP/1.1 connection to the pool once it can take another
-    /// request (when its response has been read to the end).
+    /// request (when its response has been read to the end). Usually it is
+    /// ready at once; otherwise a small task waits for it.
     pub fn put_back(
         self: &std::sync::Arc<Self>,
         addr: SocketAddr,
         mut sender: http1::SendRequest<ProxyBody>,
     ) {
+        if sender.is_ready() {
+            return self.push_idle(addr, sender);
+        }
         let me = self.clone();
         tokio::spawn(async move {
             if tokio::time::timeout(Duration::from_secs(5), sender.ready())
                 .await
-                .is_err()
-                || sender.is_closed()
+                .is_ok()
+                && !sender.is_closed()
             {
-                return;
-            }
-            let mut m = me.idle.lock().unwrap_or_else(|e| e.into_inner());
-            let list = m.entry(addr).or_default();
-            list.retain(|i| i.since.elapsed() < me.limits.idle_timeout && !i.sender.is_closed());
-            if list.len() < me.limits.max_idle_per_backend {
-                list.push(Idle {
-                    sender,
-                    since: Instant::now(),
-                });
+                me.push_idle(addr, sender);
             }
         });
+    }
+
+    fn push_idle(&self, addr: SocketAddr, sender: http1::SendRequest<ProxyBody>) {
+        let mut m = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = m.entry(addr).or_default();
+        // Stale entries are dropped when taken; the bound keeps the list short.
+        if list.len() < self.limits.max_idle_per_backend {
+            list.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
     }
 }

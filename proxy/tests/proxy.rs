@@ -196,7 +196,7 @@ impl Harness {
         };
         tweak(&mut cfg);
         let proxy = Proxy::new(cfg, "ams").unwrap();
-        let bound = proxy.bind().await.unwrap();
+        let bound = proxy.bind().unwrap();
         let (tls, plain) = (bound[0].local, bound[1].local);
         let (_stop_tx, stop) = tokio::sync::watch::channel(false);
         std::mem::forget(_stop_tx);
