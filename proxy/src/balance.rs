@@ -109,6 +109,50 @@ pub fn pick<'a>(
     }
 }
 
+/// Why no machine could be had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No machine runs (or the forced one is unknown); with exclusions: every
+    /// machine left was tried.
+    Unavailable,
+    /// All were full until the queue deadline.
+    Capacity,
+    /// Too many were already waiting.
+    QueueFull,
+}
+
+/// Chooses a machine, waiting in the service's bounded queue while all are at
+/// their hard limit, until `deadline`.
+pub async fn acquire<'a>(
+    svc: &'a ServiceRoute,
+    table: &RouteTable,
+    prefs: Prefs<'_>,
+    exclude: &[&str],
+    deadline: std::time::Instant,
+    queue_depth: usize,
+) -> Result<(&'a Backend, Slot), Refusal> {
+    loop {
+        match pick(svc, table, prefs, exclude) {
+            Pick::Chosen(b, s) => return Ok((b, s)),
+            Pick::Unavailable => return Err(Refusal::Unavailable),
+            Pick::Full => {
+                let q = &svc.queue;
+                if q.waiting.load(Ordering::Relaxed) as usize >= queue_depth {
+                    return Err(Refusal::QueueFull);
+                }
+                q.waiting.fetch_add(1, Ordering::Relaxed);
+                metrics::gauge!("skein_proxy_queue_waiting").increment(1.0);
+                let waited = tokio::time::timeout_at(deadline.into(), q.freed.notified()).await;
+                q.waiting.fetch_sub(1, Ordering::Relaxed);
+                metrics::gauge!("skein_proxy_queue_waiting").decrement(1.0);
+                if waited.is_err() {
+                    return Err(Refusal::Capacity);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

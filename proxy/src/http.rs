@@ -21,7 +21,7 @@ use hyper::client::conn::http1;
 use skein_catalog::model::BackendProtocol;
 
 use crate::Proxy;
-use crate::balance::{Pick, Prefs, pick};
+use crate::balance::{Prefs, Refusal, acquire};
 use crate::load::Slot;
 use crate::table::{AppRoute, Backend, PortRoute, normalize_host};
 use crate::upstream::{ConnectError, Proto, ProxyBody, Sender};
@@ -46,6 +46,8 @@ pub const FORCE_MACHINE: &str = "skein-force-machine";
 pub struct ConnInfo {
     /// The client.
     pub client: SocketAddr,
+    /// The proxy's address as the client reached it.
+    pub local: SocketAddr,
     /// The public port it connected to (as the catalog names it).
     pub port: u16,
     /// TLS was terminated.
@@ -225,11 +227,15 @@ async fn forward(
     app: &Arc<AppRoute>,
     port: &PortRoute,
     host: String,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let Some(svc) = app.services.get(port.service) else {
         return local(StatusCode::INTERNAL_SERVER_ERROR, "bad_route", None);
     };
+    // A protocol upgrade (websocket): the connection becomes a byte tunnel
+    // once the machine answers 101.
+    let upgrade = upgrade_protocol(req.headers());
+    let mut client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let hint = |name: &str| {
         parts
@@ -244,10 +250,16 @@ async fn forward(
         region: prefer.as_deref(),
     };
     prepare_headers(&mut parts.headers, proxy, conn, &host);
-    let proto = match svc.backend_protocol {
-        BackendProtocol::Http1 => Proto::H1,
-        BackendProtocol::H2c => Proto::H2c,
+    let proto = match (svc.backend_protocol, &upgrade) {
+        (BackendProtocol::Http1, _) | (_, Some(_)) => Proto::H1,
+        (BackendProtocol::H2c, None) => Proto::H2c,
     };
+    if let Some(p) = &upgrade {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, p.clone());
+    }
     parts.version = match proto {
         Proto::H1 => Version::HTTP_11,
         Proto::H2c => Version::HTTP_2,
@@ -280,25 +292,18 @@ async fn forward(
     loop {
         // Choose a machine (waiting in the service's queue while all are full).
         let exclude: Vec<&str> = tried.iter().map(|s| &**s).collect();
-        let (backend, slot) = match pick(svc, table, prefs, &exclude) {
-            Pick::Chosen(b, s) => (b, s),
-            Pick::Unavailable if tried.is_empty() => {
-                return local(StatusCode::SERVICE_UNAVAILABLE, "no_machines", None);
-            }
-            Pick::Unavailable => return local(StatusCode::BAD_GATEWAY, "connect_failed", None),
-            Pick::Full => {
-                let q = &svc.queue;
-                if q.waiting.load(Ordering::Relaxed) as usize >= proxy.limits.queue_depth {
-                    return local(StatusCode::SERVICE_UNAVAILABLE, "queue_full", None);
-                }
-                q.waiting.fetch_add(1, Ordering::Relaxed);
-                let waited = tokio::time::timeout_at(deadline.into(), q.freed.notified()).await;
-                q.waiting.fetch_sub(1, Ordering::Relaxed);
-                if waited.is_err() {
-                    return local(StatusCode::SERVICE_UNAVAILABLE, "capacity", None);
-                }
-                continue;
-            }
+        let (backend, slot) = match acquire(
+            svc,
+            table,
+            prefs,
+            &exclude,
+            deadline,
+            proxy.limits.queue_depth,
+        )
+        .await
+        {
+            Ok(x) => x,
+            Err(r) => return refusal(r, !tried.is_empty()),
         };
         let sender = match proxy.upstreams.get(backend.addr, proto).await {
             Ok((s, _reused)) => s,
@@ -315,7 +320,7 @@ async fn forward(
         let Some(req) = pending.take() else {
             return local(StatusCode::INTERNAL_SERVER_ERROR, "request_lost", None);
         };
-        match send(proxy, backend, sender, req, slot).await {
+        match send(proxy, backend, sender, req, slot, &mut client_upgrade).await {
             Ok(resp) => return resp,
             Err(SendFailure::NotSent(req)) => {
                 // A pooled connection that the peer had closed: the request is
@@ -330,7 +335,20 @@ async fn forward(
     }
 }
 
-fn connect_failed(proxy: &Proxy, backend: &Backend, e: &ConnectError) {
+/// The answer when no machine could be had.
+fn refusal(r: Refusal, tried_some: bool) -> Response<ProxyBody> {
+    match r {
+        Refusal::Unavailable if tried_some => {
+            local(StatusCode::BAD_GATEWAY, "connect_failed", None)
+        }
+        Refusal::Unavailable => local(StatusCode::SERVICE_UNAVAILABLE, "no_machines", None),
+        Refusal::Capacity => local(StatusCode::SERVICE_UNAVAILABLE, "capacity", None),
+        Refusal::QueueFull => local(StatusCode::SERVICE_UNAVAILABLE, "queue_full", None),
+    }
+}
+
+/// Marks a machine that refused a connect.
+pub fn connect_failed(proxy: &Proxy, backend: &Backend, e: &ConnectError) {
     backend.load.eject(proxy.limits.eject_for);
     metrics::counter!("skein_proxy_upstream_connect_errors_total").increment(1);
     tracing::warn!(machine = %backend.machine, addr = %backend.addr, error = %e, "connect failed; machine ejected");
@@ -381,6 +399,7 @@ async fn send(
     sender: Sender,
     req: Request<ProxyBody>,
     slot: Slot,
+    client_upgrade: &mut Option<hyper::upgrade::OnUpgrade>,
 ) -> Result<Response<ProxyBody>, SendFailure> {
     let timeout = proxy.limits.response_timeout;
     let (result, pooled) = match sender {
@@ -424,6 +443,11 @@ async fn send(
             )));
         }
     };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client) = client_upgrade.take()
+    {
+        return Ok(tunnel(backend, resp, client, slot));
+    }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts
@@ -438,6 +462,60 @@ async fn send(
         pool: pooled.map(|s| (proxy.clone(), backend.addr, s)),
     };
     Ok(Response::from_parts(parts, tracked.boxed()))
+}
+
+/// The protocol a request asks to upgrade to (`Connection: upgrade` with an
+/// `Upgrade` header), if any.
+fn upgrade_protocol(h: &HeaderMap) -> Option<HeaderValue> {
+    let asks = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if asks {
+        h.get(header::UPGRADE).cloned()
+    } else {
+        None
+    }
+}
+
+/// Answers the client's upgrade with the machine's 101 and joins the two
+/// upgraded connections; the machine's slot is held until the tunnel closes.
+fn tunnel(
+    backend: &Backend,
+    mut resp: Response<Incoming>,
+    client: hyper::upgrade::OnUpgrade,
+    slot: Slot,
+) -> Response<ProxyBody> {
+    let upstream = hyper::upgrade::on(&mut resp);
+    let machine = backend.machine.clone();
+    tokio::spawn(async move {
+        let _slot = slot;
+        match tokio::try_join!(client, upstream) {
+            Ok((c, u)) => {
+                metrics::counter!("skein_proxy_upgrades_total").increment(1);
+                let (mut c, mut u) = (
+                    hyper_util::rt::TokioIo::new(c),
+                    hyper_util::rt::TokioIo::new(u),
+                );
+                if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                    tracing::debug!(%machine, error = %e, "upgraded connection ended with an error");
+                }
+            }
+            Err(e) => tracing::debug!(%machine, error = %e, "upgrade failed"),
+        }
+    });
+    let (mut parts, _) = resp.into_parts();
+    parts
+        .headers
+        .append(header::VIA, HeaderValue::from_static("1.1 skein"));
+    Response::from_parts(
+        parts,
+        http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed(),
+    )
 }
 
 /// The machine's answer on its way to the client: holds the machine's slot, and

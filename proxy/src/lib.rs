@@ -18,7 +18,9 @@ pub mod config;
 pub mod http;
 pub mod listener;
 pub mod load;
+pub mod proxy_proto;
 pub mod table;
+pub mod tcp;
 pub mod tls;
 pub mod upstream;
 
@@ -75,6 +77,7 @@ pub struct Proxy {
     /// Request counters.
     pub metrics: http::RequestMetrics,
     http_tls: Arc<ServerConfig>,
+    raw_tls: Arc<ServerConfig>,
 }
 
 /// A bound listener, ready to serve.
@@ -94,6 +97,7 @@ impl Proxy {
         let certs = Arc::new(Certs::new(routes.clone(), cfg.default_hostname.clone()));
         let resumption = tls::resumption()?;
         let http_tls = certs.server_config(&[b"h2", b"http/1.1"], &resumption)?;
+        let raw_tls = certs.server_config(&[], &resumption)?;
         Ok(Arc::new(Proxy {
             routes,
             certs,
@@ -114,6 +118,7 @@ impl Proxy {
             cfg,
             metrics: http::RequestMetrics::new(),
             http_tls,
+            raw_tls,
         }))
     }
 

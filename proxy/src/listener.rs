@@ -2,14 +2,16 @@
 //! byte, terminate TLS with the certificate the SNI names, then serve HTTP/1.1 or
 //! h2 with hyper under the configured limits.
 
+use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::Watcher;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::LazyConfigAcceptor;
@@ -18,6 +20,7 @@ use tracing::Instrument as _;
 use crate::Proxy;
 use crate::http::{ConnInfo, handle};
 use crate::table::normalize_host;
+use crate::tcp::{self, Prefixed};
 
 /// First byte of a TLS record carrying a handshake.
 const TLS_HANDSHAKE: u8 = 0x16;
@@ -73,14 +76,63 @@ pub async fn accept_loop(
     }
 }
 
+/// Most bytes read while looking for a complete ClientHello.
+const MAX_HELLO: usize = 64 << 10;
+
+/// Reads TLS records until rustls has a whole ClientHello; returns the bytes
+/// read (to be replayed) and the SNI name.
+async fn read_client_hello(stream: &mut TcpStream) -> io::Result<(Bytes, Option<String>)> {
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut buf = BytesMut::with_capacity(2048);
+    loop {
+        let start = buf.len();
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let mut fresh = &buf[start..];
+        while !fresh.is_empty() {
+            acceptor.read_tls(&mut fresh)?;
+        }
+        match acceptor.accept() {
+            Ok(Some(accepted)) => {
+                let sni = accepted.client_hello().server_name().map(normalize_host);
+                return Ok((buf.freeze(), sni));
+            }
+            Ok(None) if buf.len() < MAX_HELLO => continue,
+            Ok(None) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "ClientHello too large",
+                ));
+            }
+            Err((e, _)) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+        }
+    }
+}
+
 async fn connection(
     proxy: Arc<Proxy>,
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: std::net::SocketAddr,
     port: u16,
     watcher: Watcher,
 ) {
     let header_timeout = proxy.cfg.header_timeout;
+    let local = stream.local_addr().unwrap_or(peer);
+    let info = |tls: bool, sni: Option<String>| ConnInfo {
+        client: peer,
+        local,
+        port,
+        tls,
+        sni,
+    };
+    let table = proxy.routes.load_full();
+    // A raw TCP port: the machine may speak first, so nothing is read here.
+    if let Some(app) = table.raw_port(port).cloned()
+        && let Some(route) = app.ports.get(&port).cloned()
+    {
+        return tcp::pipe(proxy, stream, table, app, route, info(false, None)).await;
+    }
     let mut first = [0u8; 1];
     match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
         Ok(Ok(1)) => {}
@@ -92,40 +144,78 @@ async fn connection(
         }
     }
     if first[0] != TLS_HANDSHAKE {
-        let info = Arc::new(ConnInfo {
-            client: peer,
-            port,
-            tls: false,
-            sni: None,
-        });
-        return serve_http(proxy, TokioIo::new(stream), info, watcher).await;
+        return serve_http(
+            proxy,
+            TokioIo::new(stream),
+            Arc::new(info(false, None)),
+            watcher,
+        )
+        .await;
     }
+    let (hello, sni) =
+        match tokio::time::timeout(header_timeout, read_client_hello(&mut stream)).await {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => {
+                metrics::counter!("skein_proxy_tls_handshakes_total", "result" => "bad_hello")
+                    .increment(1);
+                return tracing::debug!(error = %e, "no ClientHello");
+            }
+            Err(_) => {
+                metrics::counter!("skein_proxy_tls_handshakes_total", "result" => "timeout")
+                    .increment(1);
+                return;
+            }
+        };
+    let name = sni.clone().or_else(|| proxy.cfg.default_hostname.clone());
+    let routed = name
+        .as_deref()
+        .and_then(|n| table.app(n))
+        .and_then(|app| Some((app.clone(), app.ports.get(&port)?.clone())));
+    let stream = Prefixed::new(hello, stream);
+    // TLS the machine terminates itself: pass the bytes through, ClientHello first.
+    if let Some((app, route)) = &routed
+        && !route.tls
+        && !route.http
+    {
+        return tcp::pipe(
+            proxy.clone(),
+            stream,
+            table,
+            app.clone(),
+            route.clone(),
+            info(true, sni),
+        )
+        .await;
+    }
+    let raw = matches!(&routed, Some((_, r)) if r.tls && !r.http);
+    let config = if raw {
+        proxy.raw_tls.clone()
+    } else {
+        proxy.http_tls.clone()
+    };
     let handshake = async {
         let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream).await?;
-        let sni = start.client_hello().server_name().map(normalize_host);
-        let tls = start.into_stream(proxy.http_tls.clone()).await?;
-        Ok::<_, std::io::Error>((tls, sni))
+        start.into_stream(config).await
     };
-    match tokio::time::timeout(header_timeout, handshake).await {
-        Ok(Ok((tls, sni))) => {
-            metrics::counter!("skein_proxy_tls_handshakes_total", "result" => "ok").increment(1);
-            let info = Arc::new(ConnInfo {
-                client: peer,
-                port,
-                tls: true,
-                sni,
-            });
-            serve_http(proxy, TokioIo::new(tls), info, watcher).await
-        }
+    let tls = match tokio::time::timeout(header_timeout, handshake).await {
+        Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             metrics::counter!("skein_proxy_tls_handshakes_total", "result" => "failed")
                 .increment(1);
-            tracing::debug!(error = %e, "TLS handshake failed");
+            return tracing::debug!(error = %e, "TLS handshake failed");
         }
         Err(_) => {
             metrics::counter!("skein_proxy_tls_handshakes_total", "result" => "timeout")
                 .increment(1);
+            return;
         }
+    };
+    metrics::counter!("skein_proxy_tls_handshakes_total", "result" => "ok").increment(1);
+    match routed {
+        Some((app, route)) if raw => {
+            tcp::pipe(proxy, tls, table, app, route, info(true, sni)).await
+        }
+        _ => serve_http(proxy, TokioIo::new(tls), Arc::new(info(true, sni)), watcher).await,
     }
 }
 

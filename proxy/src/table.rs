@@ -82,6 +82,9 @@ pub struct RouteTable {
     pub version: u64,
     exact: HashMap<String, Arc<AppRoute>>,
     wildcard: HashMap<String, Arc<AppRoute>>,
+    /// Public ports of apps that have no hostnames and speak raw TCP there (no
+    /// tls, no http handler): such a connection has no name to route by.
+    raw_ports: HashMap<u16, Arc<AppRoute>>,
     rtt: HashMap<String, HashMap<String, u32>>,
 }
 
@@ -183,6 +186,23 @@ impl RouteTable {
                 services,
                 allow_self_signed: app.tls.allow_self_signed,
             });
+            // An app without hostnames is reached by its port alone; one with
+            // hostnames and no handler is TLS passthrough, routed by SNI.
+            for (p, r) in route.ports.iter().filter(|_| app.hostnames.is_empty()) {
+                if !r.tls && !r.http {
+                    match t.raw_ports.get(p) {
+                        Some(other) => tracing::warn!(
+                            port = p,
+                            app = %app.name,
+                            other = %other.name,
+                            "two apps want raw TCP on one port; the first keeps it"
+                        ),
+                        None => {
+                            t.raw_ports.insert(*p, route.clone());
+                        }
+                    }
+                }
+            }
             for h in &app.hostnames {
                 match h.strip_prefix("*.") {
                     Some(suffix) => t.wildcard.insert(suffix.to_string(), route.clone()),
@@ -209,6 +229,11 @@ impl RouteTable {
             let (_, parent) = host.split_once('.')?;
             self.wildcard.get(parent)
         })
+    }
+
+    /// The raw-TCP app of a public port, if one claims it.
+    pub fn raw_port(&self, port: u16) -> Option<&Arc<AppRoute>> {
+        self.raw_ports.get(&port)
     }
 
     /// Round-trip time between two regions.

@@ -80,6 +80,9 @@ async fn backend(name: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
                     let h = h.clone();
                     async move {
                         h.fetch_add(1, Ordering::SeqCst);
+                        if req.headers().contains_key("upgrade") {
+                            return Ok(upgrade_echo(req));
+                        }
                         let q = req.uri().query().unwrap_or("").to_string();
                         if let Some(ms) = q.strip_prefix("sleep=") {
                             tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0)))
@@ -94,12 +97,69 @@ async fn backend(name: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
                     }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(s), svc)
+                    .serve_connection_with_upgrades(TokioIo::new(s), svc)
                     .await;
             });
         }
     });
     (addr, hits)
+}
+
+/// Answers an upgrade with 101, then echoes every byte, upper-cased.
+fn upgrade_echo(mut req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    let on = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(up) = on.await else { return };
+        let mut io = TokioIo::new(up);
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = io.read(&mut buf).await {
+            if n == 0 || io.write_all(&buf[..n].to_ascii_uppercase()).await.is_err() {
+                return;
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+/// A TCP server that speaks first (`hello <name>\n`), then reports the PROXY
+/// header it got, if any, and echoes.
+async fn tcp_backend(name: &'static str, expect_proxy: bool) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                if expect_proxy {
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    let hdr = if buf[..n].starts_with(b"PROXY ") {
+                        String::from_utf8_lossy(&buf[..n]).trim_end().to_string()
+                    } else if buf[..n].starts_with(&skein_proxy::proxy_proto::V2_SIGNATURE) {
+                        format!("v2 {} bytes", n)
+                    } else {
+                        "none".to_string()
+                    };
+                    let _ = s.write_all(format!("proxy: {hdr}\n").as_bytes()).await;
+                } else {
+                    let _ = s.write_all(format!("hello {name}\n").as_bytes()).await;
+                }
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
 }
 
 /// A closed port (bound, then released).
@@ -115,10 +175,22 @@ struct Harness {
     proxy: Arc<Proxy>,
     tls: SocketAddr,
     plain: SocketAddr,
+    raw: SocketAddr,
+    raw_pp: SocketAddr,
     pki: Pki,
 }
 
 fn catalog(pki: &Pki, machines: &[(&str, &str, SocketAddr)], soft: u32, hard: u32) -> Document {
+    catalog_with(pki, machines, soft, hard, "")
+}
+
+fn catalog_with(
+    pki: &Pki,
+    machines: &[(&str, &str, SocketAddr)],
+    soft: u32,
+    hard: u32,
+    extra: &str,
+) -> Document {
     let (chain, key) = pki.issue(&["app.example.com", "*.wild.example.com"]);
     let mut text = format!(
         r#"
@@ -154,6 +226,7 @@ fn catalog(pki: &Pki, machines: &[(&str, &str, SocketAddr)], soft: u32, hard: u3
         key_pem = '''{key}'''
         "#
     );
+    text.push_str(extra);
     for (id, region, addr) in machines {
         let host = match *region {
             "ams" => "0:2",
@@ -174,10 +247,24 @@ impl Harness {
         hard: u32,
         tweak: impl FnOnce(&mut ProxyConfig),
     ) -> Harness {
+        Self::start_with(machines, soft, hard, |_| String::new(), tweak).await
+    }
+
+    async fn start_with(
+        machines: &[(&str, &str, SocketAddr)],
+        soft: u32,
+        hard: u32,
+        extra: impl FnOnce(&Pki) -> String,
+        tweak: impl FnOnce(&mut ProxyConfig),
+    ) -> Harness {
         let pki = Pki::new();
         let store = Arc::new(Store::new());
+        let extra = extra(&pki);
         store
-            .replace(Source::File, catalog(&pki, machines, soft, hard))
+            .replace(
+                Source::File,
+                catalog_with(&pki, machines, soft, hard, &extra),
+            )
             .unwrap();
         let mut cfg = ProxyConfig {
             enabled: true,
@@ -190,6 +277,14 @@ impl Harness {
                     bind: "127.0.0.1:0".parse().unwrap(),
                     port: Some(80),
                 },
+                ListenerConfig {
+                    bind: "127.0.0.1:0".parse().unwrap(),
+                    port: Some(7000),
+                },
+                ListenerConfig {
+                    bind: "127.0.0.1:0".parse().unwrap(),
+                    port: Some(7001),
+                },
             ],
             queue_timeout: Duration::from_millis(500),
             ..Default::default()
@@ -197,7 +292,12 @@ impl Harness {
         tweak(&mut cfg);
         let proxy = Proxy::new(cfg, "ams").unwrap();
         let bound = proxy.bind().unwrap();
-        let (tls, plain) = (bound[0].local, bound[1].local);
+        let (tls, plain, raw, raw_pp) = (
+            bound[0].local,
+            bound[1].local,
+            bound[2].local,
+            bound[3].local,
+        );
         let (_stop_tx, stop) = tokio::sync::watch::channel(false);
         std::mem::forget(_stop_tx);
         tokio::spawn(proxy.clone().follow(store.subscribe(), stop.clone()));
@@ -208,8 +308,25 @@ impl Harness {
             proxy,
             tls,
             plain,
+            raw,
+            raw_pp,
             pki,
         }
+    }
+
+    async fn tls_stream(
+        &self,
+        sni: &str,
+        alpn: &[&[u8]],
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+        let connector = tokio_rustls::TlsConnector::from(self.pki.client(alpn));
+        let tcp = TcpStream::connect(self.tls)
+            .await
+            .map_err(|e| e.to_string())?;
+        connector
+            .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
+            .await
+            .map_err(|e| format!("handshake: {e}"))
     }
 
     /// One request over a fresh TLS connection with `sni`; returns status,
@@ -222,14 +339,7 @@ impl Harness {
         h2: bool,
     ) -> Result<(StatusCode, hyper::HeaderMap, String), String> {
         let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
-        let connector = tokio_rustls::TlsConnector::from(self.pki.client(alpn));
-        let tcp = TcpStream::connect(self.tls)
-            .await
-            .map_err(|e| e.to_string())?;
-        let tls = connector
-            .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
+        let tls = self.tls_stream(sni, alpn).await?;
         let negotiated_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
         assert_eq!(negotiated_h2, h2);
         let mut req = Request::builder().uri(format!("https://{sni}{path}"));
@@ -613,4 +723,185 @@ async fn plain_http_on_a_tls_port_is_refused() {
     let resp = tx.send_request(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     assert_eq!(resp.headers()["skein-error"], "tls_required");
+}
+
+/// Reads until `n` newlines have arrived (or 5 s pass).
+async fn read_lines<S: tokio::io::AsyncRead + Unpin>(s: &mut S, n: usize) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while out.iter().filter(|b| **b == b'\n').count() < n && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(k)) => out.extend_from_slice(&buf[..k]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn websockets_are_tunnelled_after_the_machines_101() {
+    let (a, _) = backend("ams1").await;
+    let h = Harness::start(&[("ams1", "ams", a)], 20, 25, |_| {}).await;
+    let mut s = h
+        .tls_stream("app.example.com", &[b"http/1.1"])
+        .await
+        .unwrap();
+    s.write_all(b"GET /chat HTTP/1.1\r\nHost: app.example.com\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_lines(&mut s, 4).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(head.to_lowercase().contains("upgrade: websocket"), "{head}");
+    let head_end = head.find("\r\n\r\n").map(|i| i + 4).unwrap_or(head.len());
+    let mut got = head[head_end..].to_string();
+    s.write_all(b"ping over the tunnel").await.unwrap();
+    let mut buf = [0u8; 64];
+    while got.len() < 20 {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "tunnel closed");
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert_eq!(got, "PING OVER THE TUNNEL");
+}
+
+fn raw_apps(pass_addr: SocketAddr, raw_addr: SocketAddr, pp_addr: SocketAddr) -> String {
+    let m = |id: &str, app: &str, addr: SocketAddr| {
+        format!(
+            "\n[[machines]]\nid = \"{id}\"\napp = \"{app}\"\nregion = \"ams\"\nhost = \"0:2\"\nstate = \"started\"\nendpoint = \"{addr}\"\n"
+        )
+    };
+    format!(
+        r#"
+        [[apps]]
+        name = "raw"
+        network = "n"
+        services = [{{ internal_port = 7000, ports = [{{ port = 7000 }}] }}]
+        [[apps]]
+        name = "rawpp"
+        network = "n"
+        services = [{{ internal_port = 7001, ports = [{{ port = 7001, handlers = ["proxy_proto"] }}] }}]
+        [[apps]]
+        name = "tlsraw"
+        network = "n"
+        hostnames = ["tlsraw.example.com"]
+        services = [{{ internal_port = 9000, ports = [{{ port = 443, handlers = ["tls", "proxy_proto"], proxy_proto_version = "v2" }}] }}]
+        [[apps]]
+        name = "pass"
+        network = "n"
+        hostnames = ["pass.example.com"]
+        services = [{{ internal_port = 9443, ports = [{{ port = 443 }}] }}]
+        {}{}{}{}"#,
+        m("raw1", "raw", raw_addr),
+        m("pp1", "rawpp", pp_addr),
+        m("tr1", "tlsraw", pp_addr),
+        m("pass1", "pass", pass_addr)
+    )
+}
+
+/// A TLS server with its own certificate for pass.example.com, greeting first.
+async fn tls_backend(chain: String, key: String) -> SocketAddr {
+    use rustls::pki_types::pem::PemObject;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(mut tls) = acceptor.accept(s).await {
+                    let _ = tls.write_all(b"hello from the machine's own TLS\n").await;
+                    let _ = tls.flush().await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn raw_tcp_tls_passthrough_tls_to_tcp_and_proxy_protocol() {
+    let (a, _) = backend("ams1").await;
+    let raw_addr = tcp_backend("raw1", false).await;
+    let pp_addr = tcp_backend("pp1", true).await;
+    let pki_pass = std::sync::Mutex::new(None);
+    let h = Harness::start_with(
+        &[("ams1", "ams", a)],
+        20,
+        25,
+        |pki| {
+            let (chain, key) = pki.issue(&["pass.example.com"]);
+            *pki_pass.lock().unwrap() = Some((chain, key));
+            String::new()
+        },
+        |_| {},
+    )
+    .await;
+    let (chain, key) = pki_pass.lock().unwrap().take().unwrap();
+    let pass_addr = tls_backend(chain, key).await;
+    let mut doc = catalog(&h.pki, &[("ams1", "ams", a)], 20, 25);
+    let extra: Document = parse_toml(&raw_apps(pass_addr, raw_addr, pp_addr)).unwrap();
+    doc.apps.extend(extra.apps);
+    doc.machines.extend(extra.machines);
+    let (chain_pem, key_pem) = h.pki.issue(&["tlsraw.example.com"]);
+    doc.certificates.push(skein_catalog::model::Certificate {
+        name: "tlsraw".into(),
+        hostnames: vec![],
+        chain_pem,
+        key_pem,
+        source: Default::default(),
+    });
+    h.store.replace(Source::File, doc).unwrap();
+    h.proxy.apply(&h.store.snapshot());
+
+    // Raw TCP where the machine speaks first: nothing waits for the client.
+    let mut s = TcpStream::connect(h.raw).await.unwrap();
+    assert_eq!(read_lines(&mut s, 1).await, "hello raw1\n");
+    s.write_all(b"echo me\n").await.unwrap();
+    assert_eq!(read_lines(&mut s, 1).await, "echo me\n");
+
+    // PROXY v1 in front of the client's bytes.
+    let mut s = TcpStream::connect(h.raw_pp).await.unwrap();
+    let local = s.local_addr().unwrap();
+    let line = read_lines(&mut s, 1).await;
+    assert_eq!(
+        line,
+        format!(
+            "proxy: PROXY TCP4 127.0.0.1 127.0.0.1 {} {}\n",
+            local.port(),
+            h.raw_pp.port()
+        )
+    );
+
+    // TLS terminated here, plaintext and a PROXY v2 header to the machine.
+    let mut s = h.tls_stream("tlsraw.example.com", &[]).await.unwrap();
+    assert_eq!(read_lines(&mut s, 1).await, "proxy: v2 28 bytes\n");
+    s.write_all(b"secret\n").await.unwrap();
+    assert_eq!(read_lines(&mut s, 1).await, "secret\n");
+
+    // TLS passthrough by SNI: the client verifies the machine's own certificate.
+    let mut s = h.tls_stream("pass.example.com", &[]).await.unwrap();
+    assert_eq!(
+        read_lines(&mut s, 1).await,
+        "hello from the machine's own TLS\n"
+    );
+
+    // HTTP on the same port still works beside them.
+    let (st, _, _) = h.https("app.example.com", "/", &[], false).await.unwrap();
+    assert_eq!(st, StatusCode::OK);
 }

@@ -1,0 +1,146 @@
+//! Byte streams to machines: raw TCP passthrough (by port, or by SNI for TLS the
+//! machine terminates itself), TLS terminated here and the plaintext piped, and
+//! the PROXY protocol header in front when the port asks for it. Concurrency is
+//! counted per connection: the slot is held for the connection's life.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::Proxy;
+use crate::balance::{Prefs, acquire};
+use crate::http::{ConnInfo, connect_failed};
+use crate::proxy_proto;
+use crate::table::{AppRoute, PortRoute, RouteTable};
+use crate::upstream::ConnectError;
+
+/// A stream whose first bytes were already read (a peeked ClientHello); they
+/// are read again before the rest.
+pub struct Prefixed<S> {
+    prefix: Bytes,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    /// `prefix` comes out first, then `inner`.
+    pub fn new(prefix: Bytes, inner: S) -> Self {
+        Prefixed { prefix, inner }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.prefix.has_remaining() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Pipes a client stream to a machine of `app` for `port`. Returns when either
+/// side closes.
+pub async fn pipe<C>(
+    proxy: Arc<Proxy>,
+    mut client: C,
+    table: Arc<RouteTable>,
+    app: Arc<AppRoute>,
+    port: PortRoute,
+    info: ConnInfo,
+) where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(svc) = app.services.get(port.service) else {
+        return;
+    };
+    let deadline = Instant::now() + proxy.limits.queue_timeout;
+    let mut tried: Vec<Arc<str>> = Vec::new();
+    let (mut upstream, _slot) = loop {
+        let exclude: Vec<&str> = tried.iter().map(|s| &**s).collect();
+        let (backend, slot) = match acquire(
+            svc,
+            &table,
+            Prefs::default(),
+            &exclude,
+            deadline,
+            proxy.limits.queue_depth,
+        )
+        .await
+        {
+            Ok(x) => x,
+            Err(r) => {
+                metrics::counter!("skein_proxy_tcp_refused_total").increment(1);
+                tracing::debug!(app = %app.name, refusal = ?r, "no machine for a TCP connection");
+                return;
+            }
+        };
+        let connected =
+            tokio::time::timeout(proxy.cfg.connect_timeout, TcpStream::connect(backend.addr)).await;
+        match connected {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                break (s, slot);
+            }
+            Ok(Err(e)) => connect_failed(&proxy, backend, &ConnectError::Io(e)),
+            Err(_) => connect_failed(&proxy, backend, &ConnectError::Timeout),
+        }
+        tried.push(backend.machine.clone());
+        if tried.len() > proxy.limits.retries as usize {
+            return;
+        }
+    };
+    if let Some(v) = port.proxy_proto {
+        let h = proxy_proto::header(v, info.client, info.local);
+        if upstream.write_all(&h).await.is_err() {
+            return;
+        }
+    }
+    metrics::counter!("skein_proxy_tcp_connections_total").increment(1);
+    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok((up, down)) => {
+            metrics::counter!("skein_proxy_tcp_bytes_total", "direction" => "to_machine")
+                .increment(up);
+            metrics::counter!("skein_proxy_tcp_bytes_total", "direction" => "to_client")
+                .increment(down);
+        }
+        Err(e) => tracing::debug!(error = %e, "tcp pipe ended with an error"),
+    }
+}
