@@ -91,6 +91,7 @@ pub async fn start(cfg: Config, builtin: Option<Document>) -> anyhow::Result<Run
         proxy.apply(&store.snapshot());
         listening.extend(bound.iter().map(|b| b.local));
         tasks.spawn(proxy.clone().follow(store.subscribe(), stop.subscribe()));
+        tasks.spawn(skein_proxy::health::run(proxy.clone(), stop.subscribe()));
         tasks.spawn(proxy.serve(bound, stop.subscribe(), cfg.shutdown.drain_timeout));
     }
 

@@ -16,6 +16,8 @@ pub struct Prefs<'a> {
     pub machine: Option<&'a str>,
     /// Measure closeness from this region instead of the edge's.
     pub region: Option<&'a str>,
+    /// Only machines in this region (a replay to a region).
+    pub only_region: Option<&'a str>,
 }
 
 /// The outcome of a choice.
@@ -36,7 +38,12 @@ pub fn pick<'a>(
     prefs: Prefs<'_>,
     exclude: &[&str],
 ) -> Pick<'a> {
-    let usable = |b: &&Backend| !exclude.contains(&&*b.machine);
+    // A machine failing its active checks is out until it passes again.
+    let usable = |b: &&Backend| {
+        !exclude.contains(&&*b.machine)
+            && !b.load.is_failing_checks()
+            && prefs.only_region.is_none_or(|r| r == &*b.region)
+    };
     if let Some(id) = prefs.machine {
         return match svc
             .backends

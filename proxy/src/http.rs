@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
 use skein_catalog::model::BackendProtocol;
@@ -219,47 +219,101 @@ async fn route(proxy: &Arc<Proxy>, conn: &ConnInfo, req: Request<Incoming>) -> R
     Box::pin(forward(proxy, conn, &table, &app, &port, host, req)).await
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn forward(
-    proxy: &Arc<Proxy>,
-    conn: &ConnInfo,
-    table: &crate::table::RouteTable,
-    app: &Arc<AppRoute>,
-    port: &PortRoute,
-    host: String,
-    mut req: Request<Incoming>,
-) -> Response<ProxyBody> {
-    let Some(svc) = app.services.get(port.service) else {
-        return local(StatusCode::INTERNAL_SERVER_ERROR, "bad_route", None);
-    };
-    // A protocol upgrade (websocket): the connection becomes a byte tunnel
-    // once the machine answers 101.
-    let upgrade = upgrade_protocol(req.headers());
-    let mut client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
-    let (mut parts, body) = req.into_parts();
-    let hint = |name: &str| {
-        parts
-            .headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    };
-    let (prefer, force) = (hint(PREFER_REGION), hint(FORCE_MACHINE));
-    let prefs = Prefs {
-        machine: force.as_deref(),
-        region: prefer.as_deref(),
-    };
-    prepare_headers(&mut parts.headers, proxy, conn, &host);
-    let proto = match (svc.backend_protocol, &upgrade) {
-        (BackendProtocol::Http1, _) | (_, Some(_)) => Proto::H1,
-        (BackendProtocol::H2c, None) => Proto::H2c,
-    };
-    if let Some(p) = &upgrade {
-        parts
-            .headers
-            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        parts.headers.insert(header::UPGRADE, p.clone());
+/// The response header with which a machine asks the proxy to send the
+/// request elsewhere: `region=<code>`, `instance=<machine id>`, `app=<name>`
+/// (an app of the same network), `elsewhere=true` (any machine but this one),
+/// combined with `;`. The request is replayed with its body (buffered when at
+/// most [`REPLAY_BODY_MAX`] bytes) and the client never sees the header.
+pub const REPLAY: &str = "skein-replay";
+/// The largest request body kept for a replay.
+pub const REPLAY_BODY_MAX: u64 = 1 << 20;
+/// Replays of one request before the proxy gives up (a loop).
+pub const MAX_REPLAYS: usize = 3;
+
+/// A parsed `skein-replay` directive.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Replay {
+    /// Only machines in this region.
+    pub region: Option<String>,
+    /// Only this machine.
+    pub instance: Option<String>,
+    /// Another app of the same network.
+    pub app: Option<String>,
+    /// Any machine but the one that answered.
+    pub elsewhere: bool,
+}
+
+impl Replay {
+    /// Parses `key=value;key=value`; unknown keys or an empty directive are
+    /// refused (None).
+    pub fn parse(v: &str) -> Option<Replay> {
+        let mut r = Replay::default();
+        for part in v.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, val) = part.split_once('=')?;
+            let val = val.trim().to_string();
+            match k.trim() {
+                "region" => r.region = Some(val),
+                "instance" => r.instance = Some(val),
+                "app" => r.app = Some(val),
+                "elsewhere" => r.elsewhere = val == "true",
+                _ => return None,
+            }
+        }
+        (r != Replay::default()).then_some(r)
     }
+}
+
+/// Keeps a request body that is absent or small enough to replay.
+async fn hold_small_body(
+    proxy: &Proxy,
+    parts: &http::request::Parts,
+    body: Incoming,
+) -> Result<(ProxyBody, Option<Bytes>), Response<ProxyBody>> {
+    if body.is_end_stream() {
+        return Ok((
+            Empty::new().map_err(|never| match never {}).boxed(),
+            Some(Bytes::new()),
+        ));
+    }
+    let len = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match len {
+        Some(n) if n <= REPLAY_BODY_MAX => {
+            match tokio::time::timeout(proxy.cfg.header_timeout, body.collect()).await {
+                Ok(Ok(c)) => {
+                    let bytes = c.to_bytes();
+                    Ok((
+                        Full::new(bytes.clone())
+                            .map_err(|never| match never {})
+                            .boxed(),
+                        Some(bytes),
+                    ))
+                }
+                Ok(Err(_)) => Err(local(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request_body",
+                    Some(close()),
+                )),
+                Err(_) => Err(local(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_timeout",
+                    Some(close()),
+                )),
+            }
+        }
+        _ => Ok((body.boxed(), None)),
+    }
+}
+
+fn close() -> (HeaderName, HeaderValue) {
+    (header::CONNECTION, HeaderValue::from_static("close"))
+}
+
+/// Sets what differs between HTTP/1.1 and h2c upstreams: version, URI form, Host.
+fn fit(parts: &mut http::request::Parts, proto: Proto, host: &str) {
     parts.version = match proto {
         Proto::H1 => Version::HTTP_11,
         Proto::H2c => Version::HTTP_2,
@@ -274,37 +328,163 @@ async fn forward(
         Proto::H1 => Uri::try_from(pq.as_str()).unwrap_or_else(|_| Uri::from_static("/")),
         Proto::H2c => Uri::builder()
             .scheme("http")
-            .authority(host.as_str())
+            .authority(host)
             .path_and_query(pq.as_str())
             .build()
             .unwrap_or_else(|_| Uri::from_static("/")),
     };
-    if proto == Proto::H1 {
-        if let Ok(v) = HeaderValue::from_str(&host) {
-            parts.headers.insert(header::HOST, v);
+    match proto {
+        Proto::H1 => {
+            if let Ok(v) = HeaderValue::from_str(host) {
+                parts.headers.insert(header::HOST, v);
+            }
         }
-    } else {
-        parts.headers.remove(header::HOST);
+        Proto::H2c => {
+            parts.headers.remove(header::HOST);
+        }
     }
-    let mut pending = Some(Request::from_parts(parts, body.boxed()));
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    proxy: &Arc<Proxy>,
+    conn: &ConnInfo,
+    table: &crate::table::RouteTable,
+    app: &Arc<AppRoute>,
+    port: &PortRoute,
+    host: String,
+    mut req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    // A protocol upgrade (websocket): the connection becomes a byte tunnel
+    // once the machine answers 101.
+    let upgrade = upgrade_protocol(req.headers());
+    let mut client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let hint = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let (prefer, mut force) = (hint(PREFER_REGION), hint(FORCE_MACHINE));
+    prepare_headers(&mut parts.headers, proxy, conn, &host);
+    if let Some(p) = &upgrade {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, p.clone());
+    }
+    let (body, replay_body) = if upgrade.is_some() {
+        (body.boxed(), None)
+    } else {
+        match hold_small_body(proxy, &parts, body).await {
+            Ok(x) => x,
+            Err(resp) => return resp,
+        }
+    };
+    let replay_parts = replay_body.as_ref().map(|_| parts.clone());
+    let (mut app, mut service) = (app.clone(), port.service);
+    let (mut only_region, mut not_machine): (Option<String>, Option<String>) = (None, None);
+    let mut next = Request::from_parts(parts, body);
+    for hop in 0..=MAX_REPLAYS {
+        let Some(svc) = app.services.get(service) else {
+            return local(StatusCode::INTERNAL_SERVER_ERROR, "bad_route", None);
+        };
+        let proto = match (svc.backend_protocol, &upgrade) {
+            (BackendProtocol::Http1, _) | (_, Some(_)) => Proto::H1,
+            (BackendProtocol::H2c, None) => Proto::H2c,
+        };
+        let (mut p, b) = next.into_parts();
+        fit(&mut p, proto, &host);
+        let prefs = Prefs {
+            machine: force.as_deref(),
+            region: prefer.as_deref(),
+            only_region: only_region.as_deref(),
+        };
+        let exclude: Vec<&str> = not_machine.iter().map(String::as_str).collect();
+        let resp = attempt(
+            proxy,
+            table,
+            svc,
+            prefs,
+            &exclude,
+            proto,
+            Request::from_parts(p, b),
+            &mut client_upgrade,
+        )
+        .await;
+        let Some(directive) = resp.headers().get(REPLAY) else {
+            return resp;
+        };
+        let Some(replay) = directive.to_str().ok().and_then(Replay::parse) else {
+            return local(StatusCode::BAD_GATEWAY, "replay_invalid", None);
+        };
+        let (Some(rp), Some(rb)) = (&replay_parts, &replay_body) else {
+            return local(StatusCode::BAD_GATEWAY, "replay_body_too_large", None);
+        };
+        if hop == MAX_REPLAYS {
+            return local(StatusCode::LOOP_DETECTED, "replay_loop", None);
+        }
+        metrics::counter!("skein_proxy_replays_total").increment(1);
+        if let Some(name) = &replay.app {
+            let Some(target) = table.app_by_name(name).filter(|t| t.network == app.network) else {
+                return local(StatusCode::BAD_GATEWAY, "replay_no_target", None);
+            };
+            let Some(route) = target.ports.get(&conn.port) else {
+                return local(StatusCode::BAD_GATEWAY, "replay_no_target", None);
+            };
+            service = route.service;
+            app = target.clone();
+        }
+        if replay.region.is_some() {
+            only_region = replay.region;
+        }
+        if replay.instance.is_some() {
+            force = replay.instance;
+        }
+        if replay.elsewhere {
+            not_machine = resp
+                .headers()
+                .get(MACHINE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+        }
+        next = Request::from_parts(
+            rp.clone(),
+            Full::new(rb.clone())
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+    }
+    local(StatusCode::LOOP_DETECTED, "replay_loop", None)
+}
+
+/// Sends a request to one machine of `svc`: choose, connect (retrying a
+/// refused connect on another machine), send, and answer.
+#[allow(clippy::too_many_arguments)]
+async fn attempt(
+    proxy: &Arc<Proxy>,
+    table: &crate::table::RouteTable,
+    svc: &crate::table::ServiceRoute,
+    prefs: Prefs<'_>,
+    exclude: &[&str],
+    proto: Proto,
+    req: Request<ProxyBody>,
+    client_upgrade: &mut Option<hyper::upgrade::OnUpgrade>,
+) -> Response<ProxyBody> {
+    let mut pending = Some(req);
     let mut tried: Vec<Arc<str>> = Vec::new();
     let deadline = Instant::now() + proxy.limits.queue_timeout;
     loop {
         // Choose a machine (waiting in the service's queue while all are full).
-        let exclude: Vec<&str> = tried.iter().map(|s| &**s).collect();
-        let (backend, slot) = match acquire(
-            svc,
-            table,
-            prefs,
-            &exclude,
-            deadline,
-            proxy.limits.queue_depth,
-        )
-        .await
-        {
-            Ok(x) => x,
-            Err(r) => return refusal(r, !tried.is_empty()),
-        };
+        let mut skip: Vec<&str> = tried.iter().map(|s| &**s).collect();
+        skip.extend_from_slice(exclude);
+        let (backend, slot) =
+            match acquire(svc, table, prefs, &skip, deadline, proxy.limits.queue_depth).await {
+                Ok(x) => x,
+                Err(r) => return refusal(r, !tried.is_empty()),
+            };
         let sender = match proxy.upstreams.get(backend.addr, proto).await {
             Ok((s, _reused)) => s,
             Err(e) => {
@@ -320,7 +500,7 @@ async fn forward(
         let Some(req) = pending.take() else {
             return local(StatusCode::INTERNAL_SERVER_ERROR, "request_lost", None);
         };
-        match send(proxy, backend, sender, req, slot, &mut client_upgrade).await {
+        match send(proxy, backend, sender, req, slot, client_upgrade).await {
             Ok(resp) => return resp,
             Err(SendFailure::NotSent(req)) => {
                 // A pooled connection that the peer had closed: the request is
@@ -433,6 +613,16 @@ async fn send(
     };
     let resp = match result {
         Ok(r) => r,
+        // The client's own body broke (a bad chunk, a reset): its fault, not
+        // the machine's, and the connection cannot be trusted any more.
+        Err(e) if e.is_user() => {
+            tracing::debug!(machine = %backend.machine, error = %e, "client body failed");
+            return Err(SendFailure::Failed(local(
+                StatusCode::BAD_REQUEST,
+                "bad_request_body",
+                Some(close()),
+            )));
+        }
         Err(e) => {
             metrics::counter!("skein_proxy_upstream_errors_total").increment(1);
             tracing::warn!(machine = %backend.machine, error = %e, "upstream request failed");

@@ -15,6 +15,7 @@
 
 pub mod balance;
 pub mod config;
+pub mod health;
 pub mod http;
 pub mod listener;
 pub mod load;

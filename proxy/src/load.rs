@@ -29,6 +29,7 @@ pub struct ServiceQueue {
 #[derive(Debug)]
 pub struct MachineLoad {
     inflight: AtomicU32,
+    check_failing: std::sync::atomic::AtomicBool,
     ejected_until_ms: AtomicU64,
     epoch: Instant,
     queue: Arc<ServiceQueue>,
@@ -57,6 +58,16 @@ impl MachineLoad {
                 Err(now) => cur = now,
             }
         }
+    }
+
+    /// True while an active health check fails: out of routing until it passes.
+    pub fn is_failing_checks(&self) -> bool {
+        self.check_failing.load(Ordering::Relaxed)
+    }
+
+    /// Records the outcome of an active check; returns whether it changed.
+    pub fn set_check_result(&self, passing: bool) -> bool {
+        self.check_failing.swap(!passing, Ordering::Relaxed) == passing
     }
 
     /// True while a recent failure keeps it out of rotation.
@@ -130,6 +141,7 @@ impl Loads {
         }
         let l = Arc::new(MachineLoad {
             inflight: AtomicU32::new(0),
+            check_failing: std::sync::atomic::AtomicBool::new(false),
             ejected_until_ms: AtomicU64::new(0),
             epoch: self.epoch,
             queue: queue.clone(),

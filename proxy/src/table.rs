@@ -45,6 +45,10 @@ pub struct ServiceRoute {
     pub queue: Arc<ServiceQueue>,
     /// Rotates the choice among equally good machines.
     pub rr: AtomicUsize,
+    /// Active health checks of the machines.
+    pub checks: Vec<skein_catalog::model::Check>,
+    /// A hostname of the app, for the Host header of HTTP checks.
+    pub check_host: Option<Arc<str>>,
 }
 
 /// What the proxy does on one public port of an app.
@@ -67,6 +71,8 @@ pub struct PortRoute {
 pub struct AppRoute {
     /// Name.
     pub name: Arc<str>,
+    /// Its network (replays stay inside it).
+    pub network: Arc<str>,
     /// Public port -> what to do.
     pub ports: HashMap<u16, PortRoute>,
     /// Services.
@@ -85,6 +91,8 @@ pub struct RouteTable {
     /// Public ports of apps that have no hostnames and speak raw TCP there (no
     /// tls, no http handler): such a connection has no name to route by.
     raw_ports: HashMap<u16, Arc<AppRoute>>,
+    /// Every app by name.
+    by_name: HashMap<String, Arc<AppRoute>>,
     rtt: HashMap<String, HashMap<String, u32>>,
 }
 
@@ -163,6 +171,12 @@ impl RouteTable {
                     backends,
                     queue,
                     rr: AtomicUsize::new(0),
+                    checks: s.checks.clone(),
+                    check_host: app
+                        .hostnames
+                        .iter()
+                        .find(|h| !h.starts_with("*."))
+                        .map(|h| Arc::from(h.as_str())),
                 });
                 for p in &s.ports {
                     ports.insert(
@@ -182,6 +196,7 @@ impl RouteTable {
             }
             let route = Arc::new(AppRoute {
                 name: Arc::from(app.name.as_str()),
+                network: Arc::from(app.network.as_str()),
                 ports,
                 services,
                 allow_self_signed: app.tls.allow_self_signed,
@@ -203,6 +218,7 @@ impl RouteTable {
                     }
                 }
             }
+            t.by_name.insert(app.name.clone(), route.clone());
             for h in &app.hostnames {
                 match h.strip_prefix("*.") {
                     Some(suffix) => t.wildcard.insert(suffix.to_string(), route.clone()),
@@ -229,6 +245,16 @@ impl RouteTable {
             let (_, parent) = host.split_once('.')?;
             self.wildcard.get(parent)
         })
+    }
+
+    /// Every app once.
+    pub fn apps(&self) -> impl Iterator<Item = &Arc<AppRoute>> {
+        self.by_name.values()
+    }
+
+    /// An app by name.
+    pub fn app_by_name(&self, name: &str) -> Option<&Arc<AppRoute>> {
+        self.by_name.get(name)
     }
 
     /// The raw-TCP app of a public port, if one claims it.

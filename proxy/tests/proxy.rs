@@ -83,6 +83,19 @@ async fn backend(name: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
                         if req.headers().contains_key("upgrade") {
                             return Ok(upgrade_echo(req));
                         }
+                        // /from/<machine or *>/<directive with ! for = and , for ;>
+                        let path = req.uri().path().to_string();
+                        if let Some(rest) = path.strip_prefix("/from/")
+                            && let Some((who, d)) = rest.split_once('/')
+                            && (who == "*" || who == name)
+                        {
+                            let d = d.replace('!', "=").replace(',', ";");
+                            let r = Response::builder()
+                                .header("skein-replay", d)
+                                .body(Full::new(Bytes::from("replay")))
+                                .unwrap();
+                            return Ok(r);
+                        }
                         let q = req.uri().query().unwrap_or("").to_string();
                         if let Some(ms) = q.strip_prefix("sleep=") {
                             tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0)))
@@ -92,7 +105,14 @@ async fn backend(name: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
                         for (k, v) in req.headers() {
                             headers.insert(k.to_string(), v.to_str().unwrap_or("").to_string());
                         }
-                        let body = serde_json::json!({"machine": name, "headers": headers, "path": req.uri().to_string()});
+                        let uri = req.uri().to_string();
+                        let got = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|c| c.to_bytes())
+                            .unwrap_or_default();
+                        let body = serde_json::json!({"machine": name, "headers": headers, "path": uri, "body": String::from_utf8_lossy(&got)});
                         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body.to_string()))))
                     }
                 });
@@ -301,6 +321,7 @@ impl Harness {
         let (_stop_tx, stop) = tokio::sync::watch::channel(false);
         std::mem::forget(_stop_tx);
         tokio::spawn(proxy.clone().follow(store.subscribe(), stop.clone()));
+        tokio::spawn(skein_proxy::health::run(proxy.clone(), stop.clone()));
         tokio::spawn(proxy.clone().serve(bound, stop, Duration::from_secs(1)));
         proxy.apply(&store.snapshot());
         Harness {
@@ -904,4 +925,250 @@ async fn raw_tcp_tls_passthrough_tls_to_tcp_and_proxy_protocol() {
     // HTTP on the same port still works beside them.
     let (st, _, _) = h.https("app.example.com", "/", &[], false).await.unwrap();
     assert_eq!(st, StatusCode::OK);
+}
+
+/// Sends raw bytes on the plaintext port; returns what came back until the
+/// proxy closed the connection (or 3 s passed).
+async fn raw_exchange(h: &Harness, bytes: &[u8]) -> (String, bool) {
+    let mut s = TcpStream::connect(h.plain).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match tokio::time::timeout_at(deadline.into(), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&out).into_owned(), true),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => return (String::from_utf8_lossy(&out).into_owned(), false),
+        }
+    }
+}
+
+#[tokio::test]
+async fn request_smuggling_forms_are_refused_and_the_connection_closed() {
+    let (a, hits) = backend("ams1").await;
+    let h = Harness::start(&[("ams1", "ams", a)], 20, 25, |_| {}).await;
+    // Content-Length with Transfer-Encoding: hyper frames the body by
+    // Transfer-Encoding alone, drops Content-Length and closes the connection
+    // after the response (RFC 9112 6.1 allows this instead of a 400). What
+    // matters: the bytes after the chunked body never become a request.
+    let before = hits.load(Ordering::SeqCst);
+    let (resp, closed) = raw_exchange(
+        &h,
+        b"POST / HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: app.example.com\r\n\r\n",
+    )
+    .await;
+    assert!(closed, "CL+TE: the connection stayed open");
+    assert_eq!(resp.matches("HTTP/1.1 ").count(), 1, "CL+TE: {resp}");
+    assert!(!resp.contains("smuggled"), "{resp}");
+    assert_eq!(hits.load(Ordering::SeqCst), before + 1);
+    let cases: [(&str, &[u8]); 7] = [
+        ("two different CL", b"POST / HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde"),
+        ("CL list", b"POST / HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 4, 5\r\n\r\nabcde"),
+        ("bad CL", b"POST / HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: +4\r\n\r\nabcd"),
+        ("obs-fold", b"GET / HTTP/1.1\r\nHost: app.example.com\r\nX-A: a\r\n  folded\r\n\r\n"),
+        ("bad chunk size", b"POST / HTTP/1.1\r\nHost: app.example.com\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n"),
+        ("TE not ending in chunked", b"POST / HTTP/1.1\r\nHost: app.example.com\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n"),
+        ("space before colon", b"GET / HTTP/1.1\r\nHost: app.example.com\r\nContent-Length : 0\r\n\r\n"),
+    ];
+    for (name, bytes) in cases {
+        let before = hits.load(Ordering::SeqCst);
+        let (resp, closed) = raw_exchange(&h, bytes).await;
+        assert!(resp.starts_with("HTTP/1.1 400"), "{name}: {resp:?}");
+        assert!(closed, "{name}: the connection stayed open");
+        assert_eq!(
+            resp.matches("HTTP/1.1").count(),
+            1,
+            "{name}: a second response: {resp:?}"
+        );
+        // A bad chunk is seen only after the request went on: the machine may
+        // have been reached, but never by a smuggled second request.
+        if name != "bad chunk size" {
+            assert_eq!(
+                hits.load(Ordering::SeqCst),
+                before,
+                "{name}: the machine saw it"
+            );
+        }
+    }
+    // A well-formed request on the same port still works.
+    let (resp, _) = raw_exchange(
+        &h,
+        b"GET / HTTP/1.1\r\nHost: app.example.com\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+}
+
+/// Answers `/healthz` with 200 or 503 as `healthy` says, anything else with
+/// its name.
+async fn health_backend(
+    name: &'static str,
+    healthy: Arc<std::sync::atomic::AtomicBool>,
+) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let healthy = healthy.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let ok = healthy.load(Ordering::SeqCst);
+                    async move {
+                        let mut r = Response::new(Full::new(Bytes::from(format!(
+                            "{{\"machine\":\"{name}\"}}"
+                        ))));
+                        if req.uri().path() == "/healthz" && !ok {
+                            *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                        }
+                        Ok::<_, Infallible>(r)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_failing_health_check_takes_a_machine_out_until_it_passes() {
+    let ams_ok = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let a = health_backend("ams1", ams_ok.clone()).await;
+    let i = health_backend("iad1", Arc::new(std::sync::atomic::AtomicBool::new(true))).await;
+    let h = Harness::start(&[("ams1", "ams", a), ("iad1", "iad", i)], 20, 25, |_| {}).await;
+    let mut doc = catalog(&h.pki, &[("ams1", "ams", a), ("iad1", "iad", i)], 20, 25);
+    doc.apps[0].services[0]
+        .checks
+        .push(skein_catalog::model::Check {
+            kind: skein_catalog::model::CheckKind::Http,
+            port: None,
+            path: Some("/healthz".into()),
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_millis(80),
+        });
+    h.store.replace(Source::File, doc).unwrap();
+    let machine =
+        || async { machine_of(&h.https("app.example.com", "/", &[], false).await.unwrap().2) };
+    let wait_for = |want: &'static str| async move {
+        let start = Instant::now();
+        loop {
+            if machine().await == want {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "never routed to {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    wait_for("ams1").await;
+    ams_ok.store(false, Ordering::SeqCst);
+    wait_for("iad1").await;
+    // Out means out: every request goes elsewhere while the check fails.
+    for _ in 0..10 {
+        assert_eq!(machine().await, "iad1");
+    }
+    ams_ok.store(true, Ordering::SeqCst);
+    wait_for("ams1").await;
+}
+
+#[tokio::test]
+async fn a_machine_can_ask_for_the_request_to_be_replayed_elsewhere() {
+    let (a1, _) = backend("ams1").await;
+    let (a2, _) = backend("ams2").await;
+    let (i1, _) = backend("iad1").await;
+    let (s1, _) = backend("syd1").await;
+    let (o1, _) = backend("other1").await;
+    let machines = [
+        ("ams1", "ams", a1),
+        ("ams2", "ams", a2),
+        ("iad1", "iad", i1),
+        ("syd1", "syd", s1),
+    ];
+    let h = Harness::start(&machines, 20, 25, |_| {}).await;
+    let mut doc = catalog(&h.pki, &machines, 20, 25);
+    let other: Document = parse_toml(&format!(
+        r#"
+        [[apps]]
+        name = "other"
+        network = "n"
+        services = [{{ internal_port = 8080, ports = [{{ port = 443, handlers = ["tls", "http"] }}] }}]
+        [[machines]]
+        id = "other1"
+        app = "other"
+        region = "iad"
+        host = "0:3"
+        state = "started"
+        endpoint = "{o1}"
+        "#
+    ))
+    .unwrap();
+    doc.apps.extend(other.apps);
+    doc.machines.extend(other.machines);
+    h.store.replace(Source::File, doc).unwrap();
+    h.proxy.apply(&h.store.snapshot());
+    let get = |path: &'static str| {
+        let h = &h;
+        async move { h.https("app.example.com", path, &[], false).await.unwrap() }
+    };
+    // ams1 is the closest; each directive moves the request.
+    assert_eq!(machine_of(&get("/from/ams1/region!iad").await.2), "iad1");
+    assert_eq!(machine_of(&get("/from/ams1/instance!syd1").await.2), "syd1");
+    assert_eq!(machine_of(&get("/from/ams1/app!other").await.2), "other1");
+    let (st, headers, body) = get("/from/ams1/elsewhere!true").await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(machine_of(&body), "ams2");
+    assert!(
+        !headers.contains_key("skein-replay"),
+        "the client never sees the directive"
+    );
+    // Combined: another app, in a region where it has no machine.
+    let (st, headers, _) = get("/from/ams1/app!other,region!syd").await;
+    assert_eq!(
+        (st, headers["skein-error"].to_str().unwrap()),
+        (StatusCode::SERVICE_UNAVAILABLE, "no_machines")
+    );
+    // A loop is cut with a clear error.
+    let (st, headers, _) = get("/from/*/elsewhere!true").await;
+    assert_eq!(
+        (st, headers["skein-error"].to_str().unwrap()),
+        (StatusCode::LOOP_DETECTED, "replay_loop")
+    );
+    // The body goes along.
+    let tls = h
+        .tls_stream("app.example.com", &[b"http/1.1"])
+        .await
+        .unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::post("/from/ams1/region!iad")
+        .header("host", "app.example.com")
+        .body(Full::new(Bytes::from_static(b"the payload")))
+        .unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (v["machine"].as_str(), v["body"].as_str()),
+        (Some("iad1"), Some("the payload"))
+    );
+}
+
+#[test]
+fn replay_directives_parse() {
+    use skein_proxy::http::Replay;
+    let r = Replay::parse("region=iad; app=web ;elsewhere=true").unwrap();
+    assert_eq!(
+        (r.region.as_deref(), r.app.as_deref(), r.elsewhere),
+        (Some("iad"), Some("web"), true)
+    );
+    assert!(Replay::parse("").is_none());
+    assert!(Replay::parse("colour=blue").is_none());
+    assert!(Replay::parse("region").is_none());
 }
