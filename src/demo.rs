@@ -298,7 +298,10 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> anyhow::Result<()> {
         "  curl -s -X PUT {auth} -d '{{\"name\":\"broken\",\"network\":\"demo\",\"services\":[{{\"internal_port\":8080,\"concurrency\":{{\"soft_limit\":20,\"hard_limit\":5}}}}]}}' http://{admin}/v1/apps/broken\n"
     );
     println!("  # metrics");
-    println!("  curl -s http://{admin}/metrics | grep skein_catalog\n");
+    println!("  curl -s http://{admin}/metrics | grep skein_catalog");
+    println!(
+        "  curl -s http://{admin}/metrics | grep 'skein_proxy_app_requests_total{{app=\"demo\"'\n"
+    );
     println!("Ctrl-C stops the demo and removes what it made.");
 
     let out = running.until_signal().await;

@@ -137,6 +137,26 @@ pub async fn handle(
     Ok(resp)
 }
 
+/// Per-app metric handles, resolved when the route table is built.
+#[derive(Debug)]
+pub struct AppMetrics {
+    /// Requests by status class 1xx..5xx.
+    pub requests: [metrics::Counter; 5],
+    /// Time to response headers.
+    pub duration: metrics::Histogram,
+}
+
+impl AppMetrics {
+    /// Registers the handles of one app.
+    pub fn new(app: &str) -> Self {
+        let c = |class: &'static str| metrics::counter!("skein_proxy_app_requests_total", "app" => app.to_string(), "status" => class);
+        AppMetrics {
+            requests: [c("1xx"), c("2xx"), c("3xx"), c("4xx"), c("5xx")],
+            duration: metrics::histogram!("skein_proxy_app_request_duration_seconds", "app" => app.to_string()),
+        }
+    }
+}
+
 /// Metric handles resolved once, so the request path does no registry lookup.
 pub struct RequestMetrics {
     /// Requests by status class 1xx..5xx.
@@ -216,7 +236,12 @@ async fn route(proxy: &Arc<Proxy>, conn: &ConnInfo, req: Request<Incoming>) -> R
     }
     // Boxed: the forwarding state machine is large, and hyper moves the
     // handler future into a task per request (per stream on h2).
-    Box::pin(forward(proxy, conn, &table, &app, &port, host, req)).await
+    let started = Instant::now();
+    let resp = Box::pin(forward(proxy, conn, &table, &app, &port, host, req)).await;
+    let m = &app.metrics;
+    m.requests[usize::from(resp.status().as_u16() / 100).clamp(1, 5) - 1].increment(1);
+    m.duration.record(started.elapsed().as_secs_f64());
+    resp
 }
 
 /// The response header with which a machine asks the proxy to send the

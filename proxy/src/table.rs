@@ -79,6 +79,8 @@ pub struct AppRoute {
     pub services: Vec<ServiceRoute>,
     /// Serve a generated certificate when none matches.
     pub allow_self_signed: bool,
+    /// Its metric handles.
+    pub metrics: crate::http::AppMetrics,
 }
 
 /// Every app by hostname, for one catalog version.
@@ -200,6 +202,7 @@ impl RouteTable {
                 ports,
                 services,
                 allow_self_signed: app.tls.allow_self_signed,
+                metrics: crate::http::AppMetrics::new(&app.name),
             });
             // An app without hostnames is reached by its port alone; one with
             // hostnames and no handler is TLS passthrough, routed by SNI.

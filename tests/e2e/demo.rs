@@ -20,7 +20,7 @@ fn the_demo_serves_and_its_printed_commands_work() {
         .iter()
         .filter(|l| l.trim_start().starts_with("curl") || l.contains(" catalog --admin "))
         .collect();
-    assert!(commands.len() >= 12, "{lines:#?}");
+    assert!(commands.len() >= 13, "{lines:#?}");
     let mut outputs = String::new();
     for c in &commands {
         let o = Command::new("sh").arg("-c").arg(c.trim()).output().unwrap();
@@ -42,6 +42,7 @@ fn the_demo_serves_and_its_printed_commands_work() {
         "ready: catalog version 2",
         "5 is below soft_limit 20",
         "skein_catalog_version 2",
+        "skein_proxy_app_requests_total{app=\"demo\",status=\"2xx\"}",
     ] {
         assert!(
             outputs.contains(expect),

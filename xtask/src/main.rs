@@ -5,6 +5,10 @@
 //!   command README and CI run.
 //! - `ensure`: only the installs.
 //! - `lint`: only fmt and clippy.
+//! - `bench proxy`: skein's proxy against nginx and HAProxy on this machine, in
+//!   one run, with the peer harness in `../shared/bench/proxy-peers.sh` (proxy on
+//!   core 0, load on core 1). Environment knobs pass through (DURATION, REPEAT,
+//!   SCENARIOS, IDLE_CONNS…).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -26,7 +30,11 @@ fn main() -> anyhow::Result<()> {
         }
         "ensure" => ensure(),
         "lint" => lint(),
-        _ => bail!("usage: cargo xtask <test|ensure|lint>"),
+        "bench" => match std::env::args().nth(2).as_deref() {
+            Some("proxy") => bench_proxy(),
+            _ => bail!("usage: cargo xtask bench proxy"),
+        },
+        _ => bail!("usage: cargo xtask <test|ensure|lint|bench proxy>"),
     }
 }
 
@@ -36,10 +44,10 @@ fn root() -> PathBuf {
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
     eprintln!("xtask: {cmd:?}");
-    let status = cmd
-        .current_dir(root())
-        .status()
-        .with_context(|| format!("running {cmd:?}"))?;
+    if cmd.get_current_dir().is_none() {
+        cmd.current_dir(root());
+    }
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }
@@ -166,4 +174,139 @@ fn test() -> anyhow::Result<()> {
         bail!("cargo test failed: {status}");
     }
     Ok(())
+}
+
+/// The catalog the proxy benchmark serves: one app, one machine (the harness's
+/// backend on 127.0.0.1:8080), the harness's kind of certificate.
+fn bench_catalog(cert: &str, key: &str) -> String {
+    format!(
+        r#"regions = [{{ code = "ams" }}]
+hosts = [{{ id = "0:2", name = "local", region = "ams", underlay = "127.0.0.1" }}]
+networks = [{{ id = "18", name = "bench" }}]
+
+[[apps]]
+name = "bench"
+network = "bench"
+hostnames = ["bench.local"]
+[[apps.services]]
+internal_port = 8080
+concurrency = {{ type = "requests", soft_limit = 10000, hard_limit = 20000 }}
+ports = [{{ port = 443, handlers = ["tls", "http"] }}]
+
+[[machines]]
+id = "backend"
+app = "bench"
+region = "ams"
+host = "0:2"
+state = "started"
+endpoint = "127.0.0.1:8080"
+
+[[certificates]]
+name = "bench"
+chain_pem = """{cert}"""
+key_pem = """{key}"""
+"#
+    )
+}
+
+const BENCH_CONFIG: &str = r#"[host]
+region = "ams"
+[admin]
+listen = "127.0.0.1:9911"
+[state]
+dir = "state"
+[catalog]
+file = "catalog.toml"
+[log]
+level = "warn"
+[proxy]
+enabled = true
+default_hostname = "bench.local"
+max_connections = 20000
+listeners = [{ bind = "127.0.0.1:9443", port = 443 }]
+"#;
+
+fn bench_proxy() -> anyhow::Result<()> {
+    let harness = root().join("../shared/bench/proxy-peers.sh");
+    if !harness.exists() {
+        bail!(
+            "{} is missing (the shared folder sits beside the repository)",
+            harness.display()
+        );
+    }
+    if is_root() {
+        let pkgs = ["nginx-light", "haproxy", "wrk", "nghttp2-client", "openssl"];
+        let missing: Vec<&str> = pkgs
+            .into_iter()
+            .filter(|p| {
+                !Command::new("dpkg-query")
+                    .args(["-W", "-f=${Status}", p])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+                    .unwrap_or(false)
+            })
+            .collect();
+        if !missing.is_empty() {
+            run(Command::new("apt-get")
+                .args(["install", "-y", "-q"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        }
+    }
+    run(Command::new("cargo").args(["build", "--release", "--bin", "skein"]))?;
+    let work = root().join("target/bench/proxy");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    run(Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ])
+        .args([
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+            "-days",
+            "7",
+            "-subj",
+            "/CN=bench.local",
+        ])
+        .args(["-addext", "subjectAltName=DNS:bench.local,DNS:localhost"])
+        .current_dir(&work))?;
+    let cert = std::fs::read_to_string(work.join("cert.pem"))?;
+    let key = std::fs::read_to_string(work.join("key.pem"))?;
+    std::fs::write(work.join("catalog.toml"), bench_catalog(&cert, &key))?;
+    std::fs::write(work.join("skein.toml"), BENCH_CONFIG)?;
+    let proxy_cpus = std::env::var("PROXY_CPUS").unwrap_or_else(|_| "0".into());
+    let mut skein = Command::new("taskset")
+        .args(["-c", &proxy_cpus])
+        .arg(root().join("target/release/skein"))
+        .args(["run", "--config", "skein.toml"])
+        .current_dir(&work)
+        .stderr(std::fs::File::create(work.join("skein.log"))?)
+        .spawn()
+        .context("starting skein")?;
+    let ready = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        quiet_ok(Command::new("curl").args(["-sf", "http://127.0.0.1:9911/readyz"]))
+    });
+    let result = if ready {
+        run(Command::new("bash")
+            .arg(&harness)
+            .arg("skein=127.0.0.1:9443"))
+    } else {
+        Err(anyhow::anyhow!(
+            "skein did not become ready; see {}",
+            work.join("skein.log").display()
+        ))
+    };
+    let _ = skein.kill();
+    let _ = skein.wait();
+    result
 }
