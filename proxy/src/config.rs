@@ -48,6 +48,9 @@ pub struct ProxyConfig {
     /// Most bytes of request headers.
     #[serde(default = "d_header_bytes")]
     pub max_header_bytes: usize,
+    /// Largest request body (bytes); larger ones get 413.
+    #[serde(default = "d_body")]
+    pub max_request_body_bytes: u64,
     /// Most request header fields.
     #[serde(default = "d_headers")]
     pub max_headers: usize,
@@ -92,6 +95,9 @@ fn d_idle() -> Duration {
 fn d_header_bytes() -> usize {
     64 << 10
 }
+fn d_body() -> u64 {
+    100 << 20
+}
 fn d_headers() -> usize {
     100
 }
@@ -132,6 +138,7 @@ impl Default for ProxyConfig {
             idle_timeout: d_idle(),
             max_header_bytes: d_header_bytes(),
             max_headers: d_headers(),
+            max_request_body_bytes: d_body(),
             h2_max_streams: d_streams(),
             connect_timeout: d_connect(),
             response_timeout: d_response(),

@@ -24,7 +24,7 @@ use crate::Proxy;
 use crate::balance::{Prefs, Refusal, acquire};
 use crate::load::Slot;
 use crate::table::{AppRoute, Backend, PortRoute, normalize_host};
-use crate::upstream::{ConnectError, Proto, ProxyBody, Sender};
+use crate::upstream::{BoxError, ConnectError, Proto, ProxyBody, Sender};
 
 /// The client's real address, set by the proxy; a client's own is removed.
 pub const CLIENT_IP: &str = "skein-client-ip";
@@ -100,8 +100,16 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     for n in named {
         h.remove(n);
     }
+    // `te: trailers` is the one TE value that crosses (gRPC needs it; RFC 9113
+    // 8.2.2 allows it on h2).
+    let te_trailers = h
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     for n in &HOP_BY_HOP {
         h.remove(n);
+    }
+    if te_trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     h.remove(header::UPGRADE);
 }
@@ -234,6 +242,20 @@ async fn route(proxy: &Arc<Proxy>, conn: &ConnInfo, req: Request<Incoming>) -> R
     if !port.http {
         return local(StatusCode::NOT_FOUND, "no_http_on_port", None);
     }
+    // Bodies over the limit: refused at once when announced, cut off when not.
+    let limit = proxy.cfg.max_request_body_bytes;
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limit) {
+        return local(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            Some(close()),
+        );
+    }
     // Boxed: the forwarding state machine is large, and hyper moves the
     // handler future into a task per request (per stream on h2).
     let started = Instant::now();
@@ -329,8 +351,26 @@ async fn hold_small_body(
                 )),
             }
         }
-        _ => Ok((body.boxed(), None)),
+        _ => Ok((limited(body, proxy.cfg.max_request_body_bytes), None)),
     }
+}
+
+/// A streamed body that fails once it passes `limit` bytes; the request is then
+/// refused (413) as the client's fault.
+fn limited(body: Incoming, limit: u64) -> ProxyBody {
+    http_body_util::Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)).boxed()
+}
+
+/// True if a send failed because the request body passed its limit.
+fn over_limit(e: &hyper::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 fn close() -> (HeaderName, HeaderValue) {
@@ -401,7 +441,7 @@ async fn forward(
         parts.headers.insert(header::UPGRADE, p.clone());
     }
     let (body, replay_body) = if upgrade.is_some() {
-        (body.boxed(), None)
+        (body.map_err(BoxError::from).boxed(), None)
     } else {
         match hold_small_body(proxy, &parts, body).await {
             Ok(x) => x,
@@ -640,6 +680,13 @@ async fn send(
         Ok(r) => r,
         // The client's own body broke (a bad chunk, a reset): its fault, not
         // the machine's, and the connection cannot be trusted any more.
+        Err(e) if over_limit(&e) => {
+            return Err(SendFailure::Failed(local(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                Some(close()),
+            )));
+        }
         Err(e) if e.is_user() => {
             tracing::debug!(machine = %backend.machine, error = %e, "client body failed");
             return Err(SendFailure::Failed(local(
@@ -676,7 +723,10 @@ async fn send(
         slot: Some(slot),
         pool: pooled.map(|s| (proxy.clone(), backend.addr, s)),
     };
-    Ok(Response::from_parts(parts, tracked.boxed()))
+    Ok(Response::from_parts(
+        parts,
+        tracked.map_err(BoxError::from).boxed(),
+    ))
 }
 
 /// The protocol a request asks to upgrade to (`Connection: upgrade` with an

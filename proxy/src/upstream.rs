@@ -15,8 +15,11 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
+/// Any body error.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The body type on both sides of the proxy.
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
 /// How the proxy speaks to an upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -191,6 +191,8 @@ fn dead_addr() -> SocketAddr {
 }
 
 struct Harness {
+    stop: tokio::sync::watch::Sender<bool>,
+    served: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     store: Arc<Store>,
     proxy: Arc<Proxy>,
     tls: SocketAddr,
@@ -318,13 +320,14 @@ impl Harness {
             bound[2].local,
             bound[3].local,
         );
-        let (_stop_tx, stop) = tokio::sync::watch::channel(false);
-        std::mem::forget(_stop_tx);
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
         tokio::spawn(proxy.clone().follow(store.subscribe(), stop.clone()));
         tokio::spawn(skein_proxy::health::run(proxy.clone(), stop.clone()));
-        tokio::spawn(proxy.clone().serve(bound, stop, Duration::from_secs(1)));
+        let served = tokio::spawn(proxy.clone().serve(bound, stop, Duration::from_secs(3)));
         proxy.apply(&store.snapshot());
         Harness {
+            stop: stop_tx,
+            served: std::sync::Mutex::new(Some(served)),
             store,
             proxy,
             tls,
@@ -1171,4 +1174,155 @@ fn replay_directives_parse() {
     assert!(Replay::parse("").is_none());
     assert!(Replay::parse("colour=blue").is_none());
     assert!(Replay::parse("region").is_none());
+}
+
+#[tokio::test]
+async fn request_bodies_over_the_limit_are_refused_with_413() {
+    let (a, hits) = backend("ams1").await;
+    let h = Harness::start(&[("ams1", "ams", a)], 20, 25, |c| {
+        c.max_request_body_bytes = 1000
+    })
+    .await;
+    let big = "x".repeat(5000);
+    let announced =
+        format!("POST / HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 5000\r\n\r\n{big}");
+    let (resp, closed) = raw_exchange(&h, announced.as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 413"), "{resp}");
+    assert!(closed);
+    let chunked = format!(
+        "POST / HTTP/1.1\r\nHost: app.example.com\r\nTransfer-Encoding: chunked\r\n\r\n1388\r\n{big}\r\n0\r\n\r\n"
+    );
+    let (resp, closed) = raw_exchange(&h, chunked.as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 413"), "{resp}");
+    assert!(closed);
+    let before = hits.load(Ordering::SeqCst);
+    let small = "POST / HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello";
+    let (resp, _) = raw_exchange(&h, small.as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert_eq!(hits.load(Ordering::SeqCst), before + 1);
+}
+
+/// An h2c server that answers like a gRPC server: a body, then trailers.
+async fn h2c_backend() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                        let version =
+                            format!("{:?} te={:?}", req.version(), req.headers().get("te"));
+                        let got = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|c| c.to_bytes())
+                            .unwrap_or_default();
+                        let mut trailers = hyper::HeaderMap::new();
+                        trailers.insert("grpc-status", "0".parse().unwrap());
+                        trailers.insert("grpc-message", "ok".parse().unwrap());
+                        let frames = vec![
+                            Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from(format!(
+                                "{version} got {}",
+                                got.len()
+                            )))),
+                            Ok(hyper::body::Frame::trailers(trailers)),
+                        ];
+                        let body =
+                            http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+                        Ok::<_, Infallible>(
+                            Response::builder()
+                                .header("content-type", "application/grpc")
+                                .body(body)
+                                .unwrap(),
+                        )
+                    });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn h2_to_h2c_keeps_trailers_end_to_end_like_grpc() {
+    let (a, _) = backend("ams1").await;
+    let g = h2c_backend().await;
+    let h = Harness::start(&[("ams1", "ams", a)], 20, 25, |_| {}).await;
+    let mut doc = catalog(&h.pki, &[("ams1", "ams", a)], 20, 25);
+    let extra: Document = parse_toml(&format!(
+        r#"
+        [[apps]]
+        name = "grpc"
+        network = "n"
+        hostnames = ["grpc.wild.example.com"]
+        services = [{{ internal_port = 50051, backend_protocol = "h2c", ports = [{{ port = 443, handlers = ["tls", "http"] }}] }}]
+        [[machines]]
+        id = "g1"
+        app = "grpc"
+        region = "ams"
+        host = "0:2"
+        state = "started"
+        endpoint = "{g}"
+        "#
+    ))
+    .unwrap();
+    doc.apps.extend(extra.apps);
+    doc.machines.extend(extra.machines);
+    h.store.replace(Source::File, doc).unwrap();
+    h.proxy.apply(&h.store.snapshot());
+    let tls = h
+        .tls_stream("grpc.wild.example.com", &[b"h2"])
+        .await
+        .unwrap();
+    let (mut tx, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::post("https://grpc.wild.example.com/pkg.Service/Method")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from_static(b"\0\0\0\0\x05hello")))
+        .unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers arrive");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(
+        collected.to_bytes(),
+        "HTTP/2.0 te=Some(\"trailers\") got 10"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_stops_accepting_and_lets_in_flight_requests_finish() {
+    let (a, _) = backend("ams1").await;
+    let h = Arc::new(Harness::start(&[("ams1", "ams", a)], 20, 25, |_| {}).await);
+    let h2 = h.clone();
+    let slow =
+        tokio::spawn(async move { h2.https("app.example.com", "/?sleep=800", &[], false).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    h.stop.send(true).unwrap();
+    let served = h.served.lock().unwrap().take().unwrap();
+    // New connections are refused once the listeners are closed.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        TcpStream::connect(h.tls).await.is_err(),
+        "still accepting after shutdown"
+    );
+    // The request under way completes.
+    let (st, _, body) = slow.await.unwrap().unwrap();
+    assert_eq!(
+        (st, machine_of(&body)),
+        (StatusCode::OK, "ams1".to_string())
+    );
+    tokio::time::timeout(Duration::from_secs(5), served)
+        .await
+        .expect("drained in time")
+        .unwrap();
 }
