@@ -42,7 +42,9 @@ pub struct ProxyConfig {
     /// Time a client has for its TLS handshake and request headers (slowloris).
     #[serde(default = "d_header_timeout", with = "humantime_serde")]
     pub header_timeout: Duration,
-    /// An idle client connection is closed after this.
+    /// h2: how often an idle client connection is pinged (and closed if the
+    /// ping goes unanswered). An idle HTTP/1.1 connection waits for its next
+    /// request's headers, so `header_timeout` closes it.
     #[serde(default = "d_idle", with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Most bytes of request headers.

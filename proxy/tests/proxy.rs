@@ -1326,3 +1326,31 @@ async fn shutdown_stops_accepting_and_lets_in_flight_requests_finish() {
         .expect("drained in time")
         .unwrap();
 }
+
+#[tokio::test]
+async fn an_idle_keep_alive_client_is_closed() {
+    let (a, _) = backend("ams1").await;
+    let h = Harness::start(&[("ams1", "ams", a)], 20, 25, |c| {
+        c.header_timeout = Duration::from_millis(300)
+    })
+    .await;
+    let mut s = TcpStream::connect(h.plain).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 8192];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Now say nothing: the connection must not be held open for ever.
+    let started = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+        "idle connection not closed: {r:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+}
