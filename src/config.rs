@@ -21,6 +21,9 @@ pub struct Config {
     /// The edge proxy.
     #[serde(default)]
     pub proxy: skein_proxy::ProxyConfig,
+    /// The DNS server.
+    #[serde(default)]
+    pub dns: skein_dns::DnsConfig,
     /// The admin listener.
     #[serde(default)]
     pub admin: AdminConfig,
@@ -272,6 +275,12 @@ impl Config {
             if self.proxy.max_header_bytes < 1024 {
                 bad("proxy.max_header_bytes", "must be at least 1024".into());
             }
+        }
+        if self.dns.enabled && self.dns.listen.is_empty() {
+            bad(
+                "dns.listen",
+                "the DNS server is enabled but has no address".into(),
+            );
         }
         if self.admin.max_connections == 0 {
             bad("admin.max_connections", "must be at least 1".into());

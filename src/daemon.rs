@@ -26,6 +26,8 @@ pub struct Running {
     pub admin: Endpoint,
     /// Where the proxy listens, in the order of `proxy.listeners`.
     pub proxy: Vec<std::net::SocketAddr>,
+    /// Where the DNS server listens.
+    pub dns: Vec<std::net::SocketAddr>,
     /// Readiness flags.
     pub ready: Arc<Readiness>,
     stop: watch::Sender<bool>,
@@ -95,6 +97,16 @@ pub async fn start(cfg: Config, builtin: Option<Document>) -> anyhow::Result<Run
         tasks.spawn(proxy.serve(bound, stop.subscribe(), cfg.shutdown.drain_timeout));
     }
 
+    let mut dns_at = Vec::new();
+    if cfg.dns.enabled {
+        let dns = skein_dns::Dns::new(cfg.dns.clone());
+        let bound = dns.bind().context("binding the DNS listeners")?;
+        dns_at.extend(bound.iter().map(|b| b.local));
+        dns.apply(&store.snapshot());
+        tasks.spawn(dns.clone().follow(store.subscribe(), stop.subscribe()));
+        tasks.spawn(dns.serve(bound, stop.subscribe()));
+    }
+
     let endpoint: Endpoint = cfg
         .admin
         .listen
@@ -130,6 +142,7 @@ pub async fn start(cfg: Config, builtin: Option<Document>) -> anyhow::Result<Run
         store,
         admin: admin_at,
         proxy: listening,
+        dns: dns_at,
         ready,
         stop,
         hup,

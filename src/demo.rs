@@ -245,6 +245,18 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> anyhow::Result<()> {
         listener_for("127.0.0.1:8443", 8443)?,
         listener_for("127.0.0.1:8080", 8080)?,
     ];
+    cfg.dns.enabled = true;
+    cfg.dns.default_network = Some("demo".into());
+    let dns_free = std::net::UdpSocket::bind("127.0.0.1:5353").is_ok()
+        && std::net::TcpListener::bind("127.0.0.1:5353").is_ok();
+    cfg.dns.listen = vec![
+        if dns_free {
+            "127.0.0.1:5353"
+        } else {
+            "127.0.0.1:0"
+        }
+        .parse()?,
+    ];
     let running = daemon::start(cfg, Some(doc)).await?;
 
     let exe = std::env::current_exe()
@@ -276,6 +288,12 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> anyhow::Result<()> {
     println!("  curl -s -H 'Host: demo.skein.local' http://127.0.0.1:{http_port}/");
     println!("  # an unknown app: the proxy's own answer, with its reason in skein-error");
     println!("  curl -s -H 'Host: nope.skein.local' http://127.0.0.1:{http_port}/\n");
+    let dns_port = running.dns.first().map(|a| a.port()).unwrap_or(5353);
+    println!("  # DNS from the same catalog: machines, regions, Kubernetes Services");
+    println!("  dig @127.0.0.1 -p {dns_port} +short demo.internal AAAA");
+    println!("  dig @127.0.0.1 -p {dns_port} +short iad.demo.internal AAAA");
+    println!("  dig @127.0.0.1 -p {dns_port} +short _http._tcp.demo.default.svc.cluster.local SRV");
+    println!("  dig @127.0.0.1 -p {dns_port} +short vms.demo.internal TXT\n");
     println!("  # the machines of app demo, from the catalog (admin API, bearer token)");
     println!("  curl -s {auth} http://{admin}/v1/machines\n");
     println!("  # the same through skein's own client");

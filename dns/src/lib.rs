@@ -1,6 +1,377 @@
-//! The DNS plane: an embedded server that answers Kubernetes Service names
-//! (`svc.cluster.local`) and `.internal` machine names from the live catalog,
-//! scoped to the asker's organization network, and forwards the rest.
+//! The DNS plane: an embedded authoritative server that replaces CoreDNS for
+//! the platform's own names, answered from the live catalog.
 //!
-//! Status: the crate is in the workspace so the layout is fixed; the plane lands
-//! with its own issue. It will depend on `skein-catalog` only.
+//! - [`wire`]: strict query parsing and response writing (no allocation per query).
+//! - [`view`]: per-network views built from a catalog snapshot, answers
+//!   pre-encoded; the asker's source address picks its view.
+//! - [`Dns`]: UDP served by one blocking thread per core on SO_REUSEPORT
+//!   sockets (a query is a hash lookup and a copy), TCP on the async runtime.
+//!
+//! Served here: `.internal` (`<app>`, `global.<app>`, `<region>.<app>`,
+//! `<id>.vm.<app>`, `<group>.process.<app>` AAAA; `_apps`, `vms.<app>`,
+//! `regions.<app>`, `_instances` TXT), `<app>.flycast` AAAA, and Kubernetes
+//! names (`<svc>.<ns>.svc.<zone>` AAAA for ClusterIP and headless services,
+//! `<hostname>.<svc>…` for headless endpoints, CNAME for ExternalName, SRV for
+//! named ports, `dns-version.<zone>` TXT). Other names are refused for now:
+//! forwarding, PTR and nearest-N arrive in later slices of the DNS issue.
+
+pub mod view;
+pub mod wire;
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+use skein_catalog::Snapshot;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+use crate::view::{Lookup, Views};
+use crate::wire::{Body, ParseError, parse_query, rcode, write_formerr, write_response};
+
+/// `[dns]` in skein.toml.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Run the DNS server.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Addresses to serve on (UDP and TCP); `[fdaa::3]:53` on a host.
+    #[serde(default)]
+    pub listen: Vec<SocketAddr>,
+    /// The network whose names askers outside any network (loopback, the host)
+    /// see. None: they see no names.
+    #[serde(default)]
+    pub default_network: Option<String>,
+    /// TTL of every answer, seconds.
+    #[serde(default = "d_ttl")]
+    pub ttl: u32,
+    /// UDP threads (default: one per core).
+    #[serde(default)]
+    pub threads: Option<usize>,
+    /// Most TCP connections at once.
+    #[serde(default = "d_tcp_conns")]
+    pub tcp_max_connections: usize,
+    /// An idle TCP connection is closed after this.
+    #[serde(default = "d_tcp_idle", with = "humantime_serde")]
+    pub tcp_idle_timeout: Duration,
+}
+
+fn d_ttl() -> u32 {
+    5
+}
+fn d_tcp_conns() -> usize {
+    1_000
+}
+fn d_tcp_idle() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            enabled: false,
+            listen: Vec::new(),
+            default_network: None,
+            ttl: d_ttl(),
+            threads: None,
+            tcp_max_connections: d_tcp_conns(),
+            tcp_idle_timeout: d_tcp_idle(),
+        }
+    }
+}
+
+/// Counters resolved once.
+struct Counters {
+    by_rcode: [metrics::Counter; 6],
+    dropped: metrics::Counter,
+}
+
+/// The DNS server's shared state.
+pub struct Dns {
+    views: ArcSwap<Views>,
+    cfg: DnsConfig,
+    counters: Counters,
+}
+
+/// Sockets bound for one listen address.
+pub struct Bound {
+    udp: Vec<UdpSocket>,
+    tcp: std::net::TcpListener,
+    /// The bound address.
+    pub local: SocketAddr,
+}
+
+impl Dns {
+    /// A server with empty views.
+    pub fn new(cfg: DnsConfig) -> Arc<Dns> {
+        let c =
+            |code: &'static str| metrics::counter!("skein_dns_responses_total", "rcode" => code);
+        Arc::new(Dns {
+            views: ArcSwap::from_pointee(Views::default()),
+            cfg,
+            counters: Counters {
+                by_rcode: [
+                    c("noerror"),
+                    c("formerr"),
+                    c("servfail"),
+                    c("nxdomain"),
+                    c("notimp"),
+                    c("refused"),
+                ],
+                dropped: metrics::counter!("skein_dns_dropped_total"),
+            },
+        })
+    }
+
+    /// Builds and swaps in the views for a snapshot.
+    pub fn apply(&self, snap: &Snapshot) {
+        let v = Views::build(snap, self.cfg.default_network.as_deref(), self.cfg.ttl);
+        metrics::gauge!("skein_dns_view_version").set(snap.version as f64);
+        self.views.store(Arc::new(v));
+    }
+
+    /// Applies every new snapshot until `stop`.
+    pub async fn follow(
+        self: Arc<Self>,
+        mut rx: watch::Receiver<Arc<Snapshot>>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let first = rx.borrow_and_update().clone();
+        self.apply(&first);
+        loop {
+            tokio::select! {
+                _ = stopped(&mut stop) => return,
+                r = rx.changed() => if r.is_err() { return },
+            }
+            let snap = rx.borrow_and_update().clone();
+            let me = self.clone();
+            let _ = tokio::task::spawn_blocking(move || me.apply(&snap)).await;
+        }
+    }
+
+    /// The views in force.
+    pub fn views(&self) -> Arc<Views> {
+        self.views.load_full()
+    }
+
+    /// Answers one message into `out`; false if nothing is to be sent.
+    pub fn handle(
+        &self,
+        views: &Views,
+        src: IpAddr,
+        packet: &[u8],
+        out: &mut Vec<u8>,
+        udp: bool,
+    ) -> bool {
+        let q = match parse_query(packet) {
+            Ok(q) => q,
+            Err(ParseError::Malformed) => {
+                write_formerr(out, packet);
+                self.counters.by_rcode[usize::from(rcode::FORMERR)].increment(1);
+                return true;
+            }
+            Err(_) => {
+                self.counters.dropped.increment(1);
+                return false;
+            }
+        };
+        let limit = if udp {
+            q.udp_limit()
+        } else {
+            usize::from(u16::MAX)
+        };
+        let (code, aa, body) = if q.opcode != 0 || q.qclass != 1 || q.qtype == wire::rtype::ANY {
+            (rcode::NOTIMP, false, Body::Empty)
+        } else {
+            match views.for_source(src).lookup(q.qname(), q.qtype) {
+                Lookup::Answer(r) => (rcode::NOERROR, true, Body::Answer(r)),
+                Lookup::NoData(z) => (
+                    rcode::NOERROR,
+                    true,
+                    Body::Negative {
+                        apex_len: z.apex.len(),
+                        soa: &z.soa,
+                    },
+                ),
+                Lookup::NxDomain(z) => (
+                    rcode::NXDOMAIN,
+                    true,
+                    Body::Negative {
+                        apex_len: z.apex.len(),
+                        soa: &z.soa,
+                    },
+                ),
+                Lookup::NotOurs => (rcode::REFUSED, false, Body::Empty),
+            }
+        };
+        write_response(out, packet, &q, code, aa, body, limit);
+        self.counters.by_rcode[usize::from(code).min(5)].increment(1);
+        true
+    }
+
+    fn threads(&self) -> usize {
+        self.cfg
+            .threads
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            })
+            .max(1)
+    }
+
+    /// Binds every listen address: one SO_REUSEPORT UDP socket per thread and
+    /// a TCP listener on the same port.
+    pub fn bind(&self) -> std::io::Result<Vec<Bound>> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let mut out = Vec::new();
+        for addr in &self.cfg.listen {
+            let udp_socket = |a: SocketAddr| -> std::io::Result<UdpSocket> {
+                let s = Socket::new(Domain::for_address(a), Type::DGRAM, Some(Protocol::UDP))?;
+                s.set_reuse_port(true)?;
+                s.bind(&a.into())?;
+                s.set_read_timeout(Some(Duration::from_millis(200)))?;
+                Ok(s.into())
+            };
+            let first = udp_socket(*addr)?;
+            let local = first.local_addr()?;
+            let mut udp = vec![first];
+            for _ in 1..self.threads() {
+                udp.push(udp_socket(local)?);
+            }
+            let t = Socket::new(
+                Domain::for_address(local),
+                Type::STREAM,
+                Some(Protocol::TCP),
+            )?;
+            t.set_reuse_address(true)?;
+            t.bind(&local.into())?;
+            t.listen(1024)?;
+            t.set_nonblocking(true)?;
+            out.push(Bound {
+                udp,
+                tcp: t.into(),
+                local,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Serves until `stop`.
+    pub async fn serve(self: Arc<Self>, bound: Vec<Bound>, mut stop: watch::Receiver<bool>) {
+        let halt = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        let mut tcp = tokio::task::JoinSet::new();
+        for b in bound {
+            tracing::info!(addr = %b.local, "dns listening (udp, tcp)");
+            for (i, sock) in b.udp.into_iter().enumerate() {
+                let (me, halt) = (self.clone(), halt.clone());
+                let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("skein-dns-{i}"))
+                    .spawn(move || {
+                        me.udp_loop(sock, &halt);
+                        let _ = tx.send(());
+                    });
+                match spawned {
+                    Ok(_) => threads.push(rx),
+                    Err(e) => tracing::error!(error = %e, "cannot start a dns thread"),
+                }
+            }
+            match tokio::net::TcpListener::from_std(b.tcp) {
+                Ok(l) => {
+                    tcp.spawn(self.clone().tcp_loop(l, stop.clone()));
+                }
+                Err(e) => tracing::error!(error = %e, "cannot register the dns tcp listener"),
+            }
+        }
+        stopped(&mut stop).await;
+        halt.store(true, Ordering::Relaxed);
+        for t in threads {
+            let _ = t.await;
+        }
+        tcp.abort_all();
+    }
+
+    fn udp_loop(&self, sock: UdpSocket, halt: &AtomicBool) {
+        let mut buf = [0u8; 4096];
+        let mut out = Vec::with_capacity(wire::MAX_UDP);
+        let mut views = arc_swap::Cache::new(&self.views);
+        while !halt.load(Ordering::Relaxed) {
+            let (n, src) = match sock.recv_from(&mut buf) {
+                Ok(x) => x,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "dns recv failed");
+                    continue;
+                }
+            };
+            let v = views.load();
+            if self.handle(v, src.ip(), &buf[..n], &mut out, true) {
+                let _ = sock.send_to(&out, src);
+            }
+        }
+    }
+
+    async fn tcp_loop(
+        self: Arc<Self>,
+        l: tokio::net::TcpListener,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let permits = Arc::new(tokio::sync::Semaphore::new(self.cfg.tcp_max_connections));
+        loop {
+            let permit = tokio::select! {
+                _ = stopped(&mut stop) => return,
+                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            };
+            let (mut s, peer) = tokio::select! {
+                _ = stopped(&mut stop) => return,
+                r = l.accept() => match r { Ok(x) => x, Err(_) => continue },
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let idle = me.cfg.tcp_idle_timeout;
+                let mut buf = vec![0u8; 65535];
+                let mut out = Vec::new();
+                loop {
+                    let len = match tokio::time::timeout(idle, s.read_u16()).await {
+                        Ok(Ok(n)) => usize::from(n),
+                        _ => return,
+                    };
+                    if tokio::time::timeout(idle, s.read_exact(&mut buf[..len]))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    let views = me.views.load();
+                    if !me.handle(&views, peer.ip(), &buf[..len], &mut out, false) {
+                        return;
+                    }
+                    let mut framed = Vec::with_capacity(out.len() + 2);
+                    framed.extend_from_slice(&(out.len() as u16).to_be_bytes());
+                    framed.extend_from_slice(&out);
+                    if s.write_all(&framed).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await.map(|_| ());
+}

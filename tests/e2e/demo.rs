@@ -18,9 +18,12 @@ fn the_demo_serves_and_its_printed_commands_work() {
     let lines = read_until(&mut out, "Ctrl-C");
     let commands: Vec<&String> = lines
         .iter()
-        .filter(|l| l.trim_start().starts_with("curl") || l.contains(" catalog --admin "))
+        .filter(|l| {
+            let l = l.trim_start();
+            l.starts_with("curl") || l.starts_with("dig ") || l.contains(" catalog --admin ")
+        })
         .collect();
-    assert!(commands.len() >= 13, "{lines:#?}");
+    assert!(commands.len() >= 17, "{lines:#?}");
     let mut outputs = String::new();
     for c in &commands {
         let o = Command::new("sh").arg("-c").arg(c.trim()).output().unwrap();
@@ -42,6 +45,9 @@ fn the_demo_serves_and_its_printed_commands_work() {
         "ready: catalog version 2",
         "5 is below soft_limit 20",
         "skein_catalog_version 2",
+        "fdaa:0:18:0:3:0:1:0",
+        "0 100 80 demo.default.svc.cluster.local.",
+        "\"ams1 ams,ams2 ams,iad1 iad\"",
         "skein_proxy_app_requests_total{app=\"demo\",status=\"2xx\"}",
     ] {
         assert!(

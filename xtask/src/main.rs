@@ -17,8 +17,9 @@ use anyhow::{Context as _, bail};
 
 /// Debian packages the tests and builds need.
 /// - curl: the demo test runs the commands the demo prints.
+/// - dnsutils: dig, a real DNS client the demo test runs.
 /// - llvm-22-dev: bpf-linker links libLLVM 22 (the eBPF programs).
-const APT_PACKAGES: &[&str] = &["curl", "iproute2", "llvm-22-dev"];
+const APT_PACKAGES: &[&str] = &["curl", "dnsutils", "iproute2", "llvm-22-dev"];
 
 fn main() -> anyhow::Result<()> {
     let verb = std::env::args().nth(1).unwrap_or_default();

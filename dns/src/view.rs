@@ -1,0 +1,415 @@
+//! Per-network views, built from a catalog snapshot: every name a network may
+//! see, with its answers pre-encoded in wire form, so a query is one hash lookup
+//! and one copy. Another network's names are simply not in the view.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Arc;
+
+use rustc_hash::FxHashMap;
+use skein_catalog::Snapshot;
+use skein_catalog::model::{K8sProtocol, K8sServiceKind, Machine};
+use skein_catalog::sixpn::SixPn;
+
+use crate::wire::{Records, encode_name, rtype, wire_name};
+
+/// A zone this server is the authority for, in one view.
+#[derive(Debug, Clone)]
+pub struct Zone {
+    /// The apex name, wire form, lowercased.
+    pub apex: Vec<u8>,
+    /// The SOA record after its owner: type, class, TTL, RDLENGTH, RDATA.
+    pub soa: Vec<u8>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Entry {
+    types: Vec<(u16, Records)>,
+    cname: Option<Records>,
+}
+
+/// What a view says about a question.
+pub enum Lookup<'a> {
+    /// Records of the asked type (or a CNAME).
+    Answer(&'a Records),
+    /// The name exists, not with this type.
+    NoData(&'a Zone),
+    /// The name does not exist in a zone we serve.
+    NxDomain(&'a Zone),
+    /// Not a zone we serve.
+    NotOurs,
+}
+
+/// One network's names.
+#[derive(Debug, Default)]
+pub struct View {
+    names: FxHashMap<Vec<u8>, Entry>,
+    zones: Vec<Zone>,
+}
+
+impl View {
+    /// Answers a question (`qname` lowercased wire form).
+    pub fn lookup(&self, qname: &[u8], qtype: u16) -> Lookup<'_> {
+        match self.names.get(qname) {
+            Some(e) => {
+                if let Some(c) = &e.cname
+                    && qtype != rtype::CNAME
+                {
+                    return Lookup::Answer(c);
+                }
+                match e.types.iter().find(|(t, _)| *t == qtype) {
+                    Some((_, r)) => Lookup::Answer(r),
+                    None => match self.zone_of(qname) {
+                        Some(z) => Lookup::NoData(z),
+                        None => Lookup::NotOurs,
+                    },
+                }
+            }
+            None => match self.zone_of(qname) {
+                Some(z) => Lookup::NxDomain(z),
+                None => Lookup::NotOurs,
+            },
+        }
+    }
+
+    /// The zone a name falls in (label-aligned suffix match).
+    pub fn zone_of(&self, qname: &[u8]) -> Option<&Zone> {
+        let mut pos = 0;
+        while pos < qname.len() {
+            let rest = &qname[pos..];
+            if let Some(z) = self.zones.iter().find(|z| z.apex == rest) {
+                return Some(z);
+            }
+            pos += usize::from(qname[pos]) + 1;
+        }
+        None
+    }
+
+    fn add(&mut self, name: &str, rtype: u16, ttl: u32, rdata: &[u8]) {
+        let e = self.names.entry(wire_name(name)).or_default();
+        match e.types.iter_mut().find(|(t, _)| *t == rtype) {
+            Some((_, r)) => r.push(rtype, ttl, rdata),
+            None => {
+                let mut r = Records::default();
+                r.push(rtype, ttl, rdata);
+                e.types.push((rtype, r));
+            }
+        }
+    }
+
+    fn add_cname(&mut self, name: &str, ttl: u32, target: &str) {
+        let mut rdata = Vec::new();
+        encode_name(&target.to_ascii_lowercase(), &mut rdata);
+        let mut r = Records::default();
+        r.push(rtype::CNAME, ttl, &rdata);
+        self.names.entry(wire_name(name)).or_default().cname = Some(r);
+    }
+
+    /// Adds a zone; false if it was there already.
+    fn add_zone(&mut self, apex: &str, ttl: u32) -> bool {
+        let apex_wire = wire_name(apex);
+        if self.zones.iter().any(|z| z.apex == apex_wire) {
+            return false;
+        }
+        let mut rdata = Vec::new();
+        encode_name(&format!("ns.dns.{apex}"), &mut rdata);
+        encode_name(&format!("hostmaster.{apex}"), &mut rdata);
+        for v in [1u32, 3600, 600, 86400, ttl] {
+            rdata.extend_from_slice(&v.to_be_bytes());
+        }
+        let mut soa = Vec::new();
+        soa.extend_from_slice(&rtype::SOA.to_be_bytes());
+        soa.extend_from_slice(&1u16.to_be_bytes());
+        soa.extend_from_slice(&ttl.to_be_bytes());
+        soa.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+        soa.extend_from_slice(&rdata);
+        self.add(apex, rtype::SOA, ttl, &rdata);
+        self.zones.push(Zone {
+            apex: apex_wire,
+            soa,
+        });
+        true
+    }
+
+    /// A Kubernetes cluster zone, with its `dns-version` record.
+    fn add_cluster_zone(&mut self, apex: &str, ttl: u32) {
+        if self.add_zone(apex, ttl) {
+            self.add(
+                &format!("dns-version.{apex}"),
+                rtype::TXT,
+                ttl,
+                &txt(&["1.1.0".to_string()]),
+            );
+        }
+    }
+
+    /// Names between a record and its zone's apex exist (empty non-terminals):
+    /// they answer NODATA, not NXDOMAIN.
+    fn fill_empty_non_terminals(&mut self) {
+        let mut missing = Vec::new();
+        for name in self.names.keys() {
+            let Some(z) = self.zone_of(name) else {
+                continue;
+            };
+            let mut pos = usize::from(name[0]) + 1;
+            while pos < name.len() && name.len() - pos > z.apex.len() {
+                let parent = &name[pos..];
+                if !self.names.contains_key(parent) {
+                    missing.push(parent.to_vec());
+                }
+                pos += usize::from(name[pos]) + 1;
+            }
+        }
+        for m in missing {
+            self.names.entry(m).or_default();
+        }
+    }
+
+    /// Number of names.
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    /// True if it has no names.
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+}
+
+fn txt(strings: &[String]) -> Vec<u8> {
+    let mut v = Vec::new();
+    for s in strings {
+        let b = &s.as_bytes()[..s.len().min(255)];
+        v.push(b.len() as u8);
+        v.extend_from_slice(b);
+    }
+    v
+}
+
+/// Splits a long comma list into TXT strings of at most 255 bytes.
+fn txt_list(items: &[String]) -> Vec<u8> {
+    let mut strings = vec![String::new()];
+    for it in items {
+        let cur = strings.last_mut().map(|s| s.len()).unwrap_or(0);
+        if cur > 0 && cur + 1 + it.len() > 255 {
+            strings.push(String::new());
+        }
+        if let Some(s) = strings.last_mut() {
+            if !s.is_empty() {
+                s.push(',');
+            }
+            s.push_str(it);
+        }
+    }
+    txt(&strings)
+}
+
+fn aaaa(m: &Machine) -> Option<[u8; 16]> {
+    m.address.map(|a| a.octets())
+}
+
+/// Every network's view for one catalog version.
+#[derive(Debug, Default)]
+pub struct Views {
+    /// Catalog version.
+    pub version: u64,
+    by_net: FxHashMap<u32, Arc<View>>,
+    /// The view for askers outside any network (loopback, the host).
+    default: Arc<View>,
+    /// For askers of an unknown network: it knows no names at all.
+    empty: Arc<View>,
+}
+
+impl Views {
+    /// The view for an asker.
+    pub fn for_source(&self, ip: IpAddr) -> &View {
+        let v6 = match ip {
+            IpAddr::V6(v6) => v6,
+            IpAddr::V4(_) => return &self.default,
+        };
+        if let Some(v4) = v6.to_ipv4_mapped() {
+            let _ = v4;
+            return &self.default;
+        }
+        match SixPn::try_from(v6) {
+            Ok(a) => self
+                .by_net
+                .get(&a.net().0)
+                .map(|v| &**v)
+                .unwrap_or(&self.empty),
+            Err(_) => &self.default,
+        }
+    }
+
+    /// Builds the views. `default_network` names the network whose view
+    /// askers outside any network get; `ttl` is every record's TTL.
+    pub fn build(snap: &Snapshot, default_network: Option<&str>, ttl: u32) -> Views {
+        let cat = &snap.catalog;
+        let mut views: BTreeMap<&str, View> = BTreeMap::new();
+        for n in cat.networks.values() {
+            let mut v = View::default();
+            v.add_zone("internal", ttl);
+            v.add_zone("flycast", ttl);
+            v.add_cluster_zone("cluster.local", ttl);
+            views.insert(n.name.as_str(), v);
+        }
+        // .internal and .flycast.
+        let mut apps_of: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for app in cat.apps.values() {
+            let Some(v) = views.get_mut(app.network.as_str()) else {
+                continue;
+            };
+            apps_of
+                .entry(app.network.as_str())
+                .or_default()
+                .push(app.name.as_str());
+            if let Some(f) = app.flycast {
+                v.add(
+                    &format!("{}.flycast", app.name),
+                    rtype::AAAA,
+                    ttl,
+                    &f.octets(),
+                );
+            }
+            let machines: Vec<&Machine> = cat
+                .machines
+                .values()
+                .filter(|m| m.app == app.name && m.is_routable())
+                .map(|m| &**m)
+                .collect();
+            let mut regions = BTreeSet::new();
+            let mut vms = Vec::new();
+            for m in &machines {
+                let Some(addr) = aaaa(m) else { continue };
+                let a = &app.name;
+                v.add(&format!("{a}.internal"), rtype::AAAA, ttl, &addr);
+                v.add(&format!("global.{a}.internal"), rtype::AAAA, ttl, &addr);
+                v.add(
+                    &format!("{}.{a}.internal", m.region),
+                    rtype::AAAA,
+                    ttl,
+                    &addr,
+                );
+                v.add(
+                    &format!("{}.vm.{a}.internal", m.id),
+                    rtype::AAAA,
+                    ttl,
+                    &addr,
+                );
+                let group = m.metadata.process_group.as_deref().unwrap_or("app");
+                v.add(
+                    &format!("{group}.process.{a}.internal"),
+                    rtype::AAAA,
+                    ttl,
+                    &addr,
+                );
+                regions.insert(m.region.clone());
+                vms.push(format!("{} {}", m.id, m.region));
+                let inst = format!(
+                    "instance={};app={a};ip={};region={}",
+                    m.id,
+                    Ipv6Addr::from(addr),
+                    m.region
+                );
+                v.add("_instances.internal", rtype::TXT, ttl, &txt(&[inst]));
+            }
+            if !machines.is_empty() {
+                v.add(
+                    &format!("vms.{}.internal", app.name),
+                    rtype::TXT,
+                    ttl,
+                    &txt_list(&vms),
+                );
+                let regions: Vec<String> = regions.into_iter().collect();
+                v.add(
+                    &format!("regions.{}.internal", app.name),
+                    rtype::TXT,
+                    ttl,
+                    &txt_list(&regions),
+                );
+            }
+        }
+        for (net, apps) in &apps_of {
+            if let Some(v) = views.get_mut(net) {
+                let apps: Vec<String> = apps.iter().map(|s| s.to_string()).collect();
+                v.add("_apps.internal", rtype::TXT, ttl, &txt_list(&apps));
+            }
+        }
+        // Kubernetes (the kubernetes/dns specification, IPv6).
+        for s in cat.k8s_services.values() {
+            let Some(v) = views.get_mut(s.network.as_str()) else {
+                continue;
+            };
+            v.add_cluster_zone(&s.cluster, ttl);
+            let name = format!("{}.{}.svc.{}", s.name, s.namespace, s.cluster);
+            match s.kind {
+                K8sServiceKind::ClusterIp => {
+                    if let Some(ip) = s.cluster_ip {
+                        v.add(&name, rtype::AAAA, ttl, &ip.octets());
+                    }
+                }
+                K8sServiceKind::Headless => {
+                    for ep in s.endpoints.iter().filter(|e| e.ready) {
+                        let Some(addr) = cat.machines.get(&ep.machine).and_then(|m| aaaa(m)) else {
+                            continue;
+                        };
+                        v.add(&name, rtype::AAAA, ttl, &addr);
+                        if let Some(h) = &ep.hostname {
+                            v.add(&format!("{h}.{name}"), rtype::AAAA, ttl, &addr);
+                        }
+                    }
+                }
+                K8sServiceKind::ExternalName => {
+                    if let Some(target) = &s.external_name {
+                        v.add_cname(&name, ttl, target);
+                    }
+                }
+            }
+            for p in &s.ports {
+                let Some(port_name) = &p.name else { continue };
+                let proto = match p.protocol {
+                    K8sProtocol::Tcp => "tcp",
+                    K8sProtocol::Udp => "udp",
+                    K8sProtocol::Sctp => "sctp",
+                };
+                let mut rdata = Vec::new();
+                rdata.extend_from_slice(&0u16.to_be_bytes());
+                rdata.extend_from_slice(&100u16.to_be_bytes());
+                rdata.extend_from_slice(&p.port.to_be_bytes());
+                encode_name(&name, &mut rdata);
+                v.add(
+                    &format!("_{port_name}._{proto}.{name}"),
+                    rtype::SRV,
+                    ttl,
+                    &rdata,
+                );
+            }
+        }
+        let mut out = Views {
+            version: snap.version,
+            ..Default::default()
+        };
+        let mut empty = View::default();
+        empty.add_zone("internal", ttl);
+        empty.add_zone("flycast", ttl);
+        empty.add_cluster_zone("cluster.local", ttl);
+        for (net_name, mut v) in views {
+            v.fill_empty_non_terminals();
+            let v = Arc::new(v);
+            if Some(net_name) == default_network {
+                out.default = v.clone();
+            }
+            if let Some(n) = cat.networks.get(net_name) {
+                out.by_net.insert(n.id.0, v);
+            }
+        }
+        if default_network.is_none() || out.default.zones.is_empty() {
+            out.default = Arc::new(View {
+                names: empty.names.clone(),
+                zones: empty.zones.clone(),
+            });
+        }
+        out.empty = Arc::new(empty);
+        out
+    }
+}

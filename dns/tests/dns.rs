@@ -1,0 +1,414 @@
+//! The DNS server over real UDP and TCP sockets, with hickory-proto as the
+//! client's wire codec: every name form, views, errors, truncation, live updates.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{Name, RData, RecordType};
+use skein_catalog::error::parse_toml;
+use skein_catalog::{Document, Source, Store};
+use skein_dns::{Dns, DnsConfig};
+
+const CATALOG: &str = r#"
+regions = [{ code = "ams", rtt_ms = { iad = 80 } }, { code = "iad" }]
+hosts = [
+  { id = "0:2", name = "h-ams", region = "ams", underlay = "10.0.0.2" },
+  { id = "0:3", name = "h-iad", region = "iad", underlay = "10.0.0.3" },
+]
+networks = [{ id = "0:18", name = "acme" }, { id = "0:19", name = "other" }]
+
+[[apps]]
+name = "web"
+network = "acme"
+flycast = "fdaa:0:18:0:1::5"
+[[apps]]
+name = "db"
+network = "other"
+
+[[machines]]
+id = "m1"
+app = "web"
+region = "ams"
+host = "0:2"
+state = "started"
+address = "fdaa:0:18:0:2:0:1:0"
+metadata = { process_group = "worker" }
+[[machines]]
+id = "m2"
+app = "web"
+region = "iad"
+host = "0:3"
+state = "started"
+address = "fdaa:0:18:0:3:0:1:0"
+[[machines]]
+id = "m3"
+app = "web"
+region = "iad"
+host = "0:3"
+state = "stopped"
+[[machines]]
+id = "d1"
+app = "db"
+region = "ams"
+host = "0:2"
+state = "started"
+
+[[k8s_services]]
+name = "web"
+namespace = "default"
+network = "acme"
+cluster_ip = "fdaa:0:18:0:1::10"
+ports = [{ name = "http", port = 80, target_port = 8080 }, { port = 9090 }]
+[[k8s_services]]
+name = "pg"
+namespace = "data"
+network = "acme"
+type = "headless"
+ports = [{ name = "pg", port = 5432 }]
+endpoints = [{ machine = "m1", hostname = "pg-0" }, { machine = "m2", ready = false }]
+[[k8s_services]]
+name = "ext"
+namespace = "default"
+network = "acme"
+type = "external_name"
+external_name = "example.org"
+"#;
+
+struct Server {
+    store: Arc<Store>,
+    dns: Arc<Dns>,
+    addr: SocketAddr,
+    _stop: tokio::sync::watch::Sender<bool>,
+}
+
+async fn start(doc: Document) -> Server {
+    let store = Arc::new(Store::new());
+    store.replace(Source::File, doc).unwrap();
+    let dns = Dns::new(DnsConfig {
+        enabled: true,
+        listen: vec!["127.0.0.1:0".parse().unwrap()],
+        default_network: Some("acme".into()),
+        threads: Some(2),
+        ..Default::default()
+    });
+    let bound = dns.bind().unwrap();
+    let addr = bound[0].local;
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    dns.apply(&store.snapshot());
+    tokio::spawn(dns.clone().follow(store.subscribe(), rx.clone()));
+    tokio::spawn(dns.clone().serve(bound, rx));
+    Server {
+        store,
+        dns,
+        addr,
+        _stop: stop,
+    }
+}
+
+fn query_bytes(name: &str, t: RecordType, edns: bool) -> Vec<u8> {
+    let mut m = Message::new(0x4242, MessageType::Query, OpCode::Query);
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), t));
+    if edns {
+        m.edns = Some(Default::default());
+    }
+    m.to_vec().unwrap()
+}
+
+fn udp(addr: SocketAddr, bytes: &[u8]) -> Option<Vec<u8>> {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s.send_to(bytes, addr).unwrap();
+    let mut buf = vec![0u8; 65535];
+    s.recv(&mut buf).ok().map(|n| buf[..n].to_vec())
+}
+
+fn ask(addr: SocketAddr, name: &str, t: RecordType) -> Message {
+    Message::from_vec(&udp(addr, &query_bytes(name, t, true)).expect("an answer")).unwrap()
+}
+
+fn tcp(addr: SocketAddr, bytes: &[u8]) -> Message {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(bytes);
+    s.write_all(&framed).unwrap();
+    let mut len = [0u8; 2];
+    s.read_exact(&mut len).unwrap();
+    let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    s.read_exact(&mut buf).unwrap();
+    Message::from_vec(&buf).unwrap()
+}
+
+fn aaaa(m: &Message) -> Vec<String> {
+    let mut v: Vec<String> = m
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::AAAA(a) => Some(a.0.to_string()),
+            _ => None,
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn txt(m: &Message) -> Vec<String> {
+    m.answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::TXT(t) => Some(
+                t.txt_data
+                    .iter()
+                    .map(|d| String::from_utf8_lossy(d).into_owned())
+                    .collect::<Vec<_>>()
+                    .join(""),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internal_and_flycast_names() {
+    let s = start(parse_toml(CATALOG).unwrap()).await;
+    let a = s.addr;
+    let m = ask(a, "web.internal.", RecordType::AAAA);
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert!(m.metadata.authoritative);
+    assert_eq!(
+        aaaa(&m),
+        ["fdaa:0:18:0:2:0:1:0", "fdaa:0:18:0:3:0:1:0"],
+        "stopped machines are left out"
+    );
+    assert_eq!(
+        aaaa(&ask(a, "global.web.internal.", RecordType::AAAA)).len(),
+        2
+    );
+    assert_eq!(
+        aaaa(&ask(a, "iad.web.internal.", RecordType::AAAA)),
+        ["fdaa:0:18:0:3:0:1:0"]
+    );
+    assert_eq!(
+        aaaa(&ask(a, "m1.vm.web.internal.", RecordType::AAAA)),
+        ["fdaa:0:18:0:2:0:1:0"]
+    );
+    assert_eq!(
+        aaaa(&ask(a, "worker.process.web.internal.", RecordType::AAAA)),
+        ["fdaa:0:18:0:2:0:1:0"]
+    );
+    assert_eq!(
+        aaaa(&ask(a, "app.process.web.internal.", RecordType::AAAA)),
+        ["fdaa:0:18:0:3:0:1:0"]
+    );
+    assert_eq!(
+        aaaa(&ask(a, "web.flycast.", RecordType::AAAA)),
+        ["fdaa:0:18:0:1::5"]
+    );
+    assert_eq!(txt(&ask(a, "_apps.internal.", RecordType::TXT)), ["web"]);
+    assert_eq!(
+        txt(&ask(a, "vms.web.internal.", RecordType::TXT)),
+        ["m1 ams,m2 iad"]
+    );
+    assert_eq!(
+        txt(&ask(a, "regions.web.internal.", RecordType::TXT)),
+        ["ams,iad"]
+    );
+    assert_eq!(
+        txt(&ask(a, "_instances.internal.", RecordType::TXT)).len(),
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_names() {
+    let s = start(parse_toml(CATALOG).unwrap()).await;
+    let a = s.addr;
+    assert_eq!(
+        aaaa(&ask(a, "web.default.svc.cluster.local.", RecordType::AAAA)),
+        ["fdaa:0:18:0:1::10"]
+    );
+    let m = ask(
+        a,
+        "_http._tcp.web.default.svc.cluster.local.",
+        RecordType::SRV,
+    );
+    let RData::SRV(srv) = &m.answers[0].data else {
+        panic!("{m:?}")
+    };
+    assert_eq!(
+        (srv.port, srv.target.to_ascii().as_str()),
+        (80, "web.default.svc.cluster.local.")
+    );
+    // Unnamed ports get no SRV record.
+    let m = ask(
+        a,
+        "_9090._tcp.web.default.svc.cluster.local.",
+        RecordType::SRV,
+    );
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    // Headless: ready endpoints only, and their hostnames.
+    assert_eq!(
+        aaaa(&ask(a, "pg.data.svc.cluster.local.", RecordType::AAAA)),
+        ["fdaa:0:18:0:2:0:1:0"]
+    );
+    assert_eq!(
+        aaaa(&ask(a, "pg-0.pg.data.svc.cluster.local.", RecordType::AAAA)),
+        ["fdaa:0:18:0:2:0:1:0"]
+    );
+    let m = ask(a, "ext.default.svc.cluster.local.", RecordType::AAAA);
+    let RData::CNAME(c) = &m.answers[0].data else {
+        panic!("{m:?}")
+    };
+    assert_eq!(c.0.to_ascii(), "example.org.");
+    assert_eq!(
+        txt(&ask(a, "dns-version.cluster.local.", RecordType::TXT)),
+        ["1.1.0"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negative_answers_carry_the_soa_and_case_is_kept() {
+    let s = start(parse_toml(CATALOG).unwrap()).await;
+    let a = s.addr;
+    let m = ask(a, "nope.default.svc.cluster.local.", RecordType::AAAA);
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    assert_eq!(m.authorities[0].record_type(), RecordType::SOA);
+    assert_eq!(m.authorities[0].name.to_ascii(), "cluster.local.");
+    // NODATA: the name exists without this type.
+    let m = ask(a, "web.default.svc.cluster.local.", RecordType::TXT);
+    assert_eq!(
+        (m.metadata.response_code, m.answers.len()),
+        (ResponseCode::NoError, 0)
+    );
+    assert_eq!(m.authorities[0].record_type(), RecordType::SOA);
+    // Empty non-terminals exist.
+    let m = ask(a, "default.svc.cluster.local.", RecordType::AAAA);
+    assert_eq!(
+        (m.metadata.response_code, m.answers.len()),
+        (ResponseCode::NoError, 0)
+    );
+    let m = ask(a, "WEB.Default.SVC.cluster.LOCAL.", RecordType::AAAA);
+    assert_eq!(
+        m.queries[0].name().to_ascii(),
+        "WEB.Default.SVC.cluster.LOCAL."
+    );
+    assert_eq!(aaaa(&m), ["fdaa:0:18:0:1::10"]);
+    // Not ours: refused (forwarding comes later).
+    assert_eq!(
+        ask(a, "example.com.", RecordType::AAAA)
+            .metadata
+            .response_code,
+        ResponseCode::Refused
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_network_sees_only_its_own_names() {
+    let s = start(parse_toml(CATALOG).unwrap()).await;
+    // The function each socket loop calls, with the asker's address as the
+    // kernel would give it (sending from fdaa addresses needs root).
+    let answer = |src: &str, name: &str| {
+        let q = query_bytes(name, RecordType::AAAA, false);
+        let mut out = Vec::new();
+        assert!(s.dns.handle(
+            &s.dns.views(),
+            src.parse::<IpAddr>().unwrap(),
+            &q,
+            &mut out,
+            true
+        ));
+        Message::from_vec(&out).unwrap()
+    };
+    let from_other = "fdaa:0:19:0:2:0:1:0";
+    assert_eq!(
+        answer(from_other, "web.internal.").metadata.response_code,
+        ResponseCode::NXDomain
+    );
+    assert_eq!(
+        answer(from_other, "web.default.svc.cluster.local.")
+            .metadata
+            .response_code,
+        ResponseCode::NXDomain
+    );
+    assert_eq!(aaaa(&answer(from_other, "db.internal.")).len(), 1);
+    let from_acme = "fdaa:0:18:0:3:0:1:0";
+    assert_eq!(
+        answer(from_acme, "db.internal.").metadata.response_code,
+        ResponseCode::NXDomain
+    );
+    assert_eq!(aaaa(&answer(from_acme, "web.internal.")).len(), 2);
+    // A network the catalog does not know sees nothing.
+    assert_eq!(
+        answer("fdaa:0:99::1", "web.internal.")
+            .metadata
+            .response_code,
+        ResponseCode::NXDomain
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_truncation_and_hostile_packets() {
+    let mut doc: Document = parse_toml(CATALOG).unwrap();
+    let template = doc.machines[1].clone();
+    for i in 0..60 {
+        let mut m = template.clone();
+        m.id = format!("x{i}");
+        m.address = None;
+        doc.machines.push(m);
+    }
+    let s = start(doc).await;
+    let a = s.addr;
+    // 62 AAAA records do not fit in 512 bytes: TC over UDP, all over TCP.
+    let m =
+        Message::from_vec(&udp(a, &query_bytes("web.internal.", RecordType::AAAA, false)).unwrap())
+            .unwrap();
+    assert!(m.metadata.truncation);
+    assert!(m.answers.is_empty());
+    let m = tcp(a, &query_bytes("web.internal.", RecordType::AAAA, false));
+    assert!(!m.metadata.truncation);
+    assert_eq!(m.answers.len(), 62);
+    // Garbage with a header: FORMERR. Too short or a response: no answer.
+    let mut junk = query_bytes("web.internal.", RecordType::AAAA, false);
+    junk[5] = 3; // three questions
+    let r = Message::from_vec(&udp(a, &junk).unwrap()).unwrap();
+    assert_eq!(r.metadata.response_code, ResponseCode::FormErr);
+    let pointer_loop = [0u8, 7, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0, 12, 0, 28, 0, 1];
+    let r = Message::from_vec(&udp(a, &pointer_loop).unwrap()).unwrap();
+    assert_eq!(r.metadata.response_code, ResponseCode::FormErr);
+    assert!(udp(a, &[1, 2, 3]).is_none());
+    let mut answer = query_bytes("web.internal.", RecordType::AAAA, false);
+    answer[2] |= 0x80;
+    assert!(udp(a, &answer).is_none());
+    // Good queries are still answered.
+    assert_eq!(
+        ask(a, "web.flycast.", RecordType::AAAA)
+            .metadata
+            .response_code,
+        ResponseCode::NoError
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catalog_change_shows_within_100_ms() {
+    let s = start(parse_toml(CATALOG).unwrap()).await;
+    let mut doc: Document = parse_toml(CATALOG).unwrap();
+    doc.machines[2].state = skein_catalog::model::MachineState::Started;
+    let changed = Instant::now();
+    s.store.replace(Source::File, doc).unwrap();
+    let a = s.addr;
+    loop {
+        if aaaa(&ask(a, "web.internal.", RecordType::AAAA)).len() == 3 {
+            break;
+        }
+        assert!(
+            changed.elapsed() < Duration::from_millis(100),
+            "not visible after 100 ms"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
