@@ -9,6 +9,8 @@
 //!   one run, with the peer harness in `../shared/bench/proxy-peers.sh` (proxy on
 //!   core 0, load on core 1). Environment knobs pass through (DURATION, REPEAT,
 //!   SCENARIOS, IDLE_CONNS…).
+//! - `bench dns`: skein's DNS against NSD and Knot on the same 10,000-service
+//!   zone with `../shared/bench/dns-peers.sh` (server on core 0, dnsperf on 1).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -33,7 +35,8 @@ fn main() -> anyhow::Result<()> {
         "lint" => lint(),
         "bench" => match std::env::args().nth(2).as_deref() {
             Some("proxy") => bench_proxy(),
-            _ => bail!("usage: cargo xtask bench proxy"),
+            Some("dns") => bench_dns(),
+            _ => bail!("usage: cargo xtask bench <proxy|dns>"),
         },
         _ => bail!("usage: cargo xtask <test|ensure|lint|bench proxy>"),
     }
@@ -301,6 +304,67 @@ fn bench_proxy() -> anyhow::Result<()> {
         run(Command::new("bash")
             .arg(&harness)
             .arg("skein=127.0.0.1:9443"))
+    } else {
+        Err(anyhow::anyhow!(
+            "skein did not become ready; see {}",
+            work.join("skein.log").display()
+        ))
+    };
+    let _ = skein.kill();
+    let _ = skein.wait();
+    result
+}
+
+/// The 10,000 Services the DNS peers serve as a zone file (dns-peers.sh):
+/// `svc-N.ns-(N%50).svc.cluster.local` AAAA `fdaa:0:1:0:1::<hex N>` with a named
+/// port `http` (80/tcp).
+fn bench_dns_catalog() -> String {
+    let mut s = String::from(
+        "regions = [{ code = \"ams\" }]\nnetworks = [{ id = \"0:1\", name = \"bench\" }]\n",
+    );
+    for n in 0..10_000u32 {
+        s.push_str(&format!(
+            "[[k8s_services]]\nname = \"svc-{n}\"\nnamespace = \"ns-{}\"\nnetwork = \"bench\"\ncluster_ip = \"fdaa:0:1:0:1::{n:x}\"\nports = [{{ name = \"http\", port = 80 }}]\n",
+            n % 50
+        ));
+    }
+    s
+}
+
+fn bench_dns() -> anyhow::Result<()> {
+    let harness = root().join("../shared/bench/dns-peers.sh");
+    if !harness.exists() {
+        bail!(
+            "{} is missing (the shared folder sits beside the repository)",
+            harness.display()
+        );
+    }
+    run(Command::new("cargo").args(["build", "--release", "--bin", "skein"]))?;
+    let work = root().join("target/bench/dns");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    std::fs::write(work.join("catalog.toml"), bench_dns_catalog())?;
+    std::fs::write(
+        work.join("skein.toml"),
+        "[admin]\nlisten = \"127.0.0.1:9912\"\n[state]\ndir = \"state\"\n[catalog]\nfile = \"catalog.toml\"\n[log]\nlevel = \"warn\"\n[dns]\nenabled = true\nthreads = 1\ndefault_network = \"bench\"\nlisten = [\"127.0.0.1:5403\"]\n",
+    )?;
+    let proxy_cpus = std::env::var("SERVER_CPUS").unwrap_or_else(|_| "0".into());
+    let mut skein = Command::new("taskset")
+        .args(["-c", &proxy_cpus])
+        .arg(root().join("target/release/skein"))
+        .args(["run", "--config", "skein.toml"])
+        .current_dir(&work)
+        .stderr(std::fs::File::create(work.join("skein.log"))?)
+        .spawn()
+        .context("starting skein")?;
+    let ready = (0..300).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        quiet_ok(Command::new("curl").args(["-sf", "http://127.0.0.1:9912/readyz"]))
+    });
+    let result = if ready {
+        run(Command::new("bash")
+            .arg(&harness)
+            .arg("skein=127.0.0.1:5403"))
     } else {
         Err(anyhow::anyhow!(
             "skein did not become ready; see {}",
