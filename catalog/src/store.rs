@@ -307,3 +307,32 @@ pub fn source_label(s: Source) -> &'static str {
         Source::Builtin => "builtin",
     }
 }
+
+/// Resolves once `stop` turns true. (The guard `wait_for` returns is not `Send`;
+/// it is dropped here, so callers can `select!` on this in spawned tasks.)
+pub async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await.map(|_| ());
+}
+
+/// Calls `apply` with the snapshot in force, then with every newer one, until
+/// `stop` turns true. A plane derives its tables this way; the work runs on the
+/// blocking pool (building tables or parsing certificates is CPU work), and a
+/// plane that falls behind skips to the newest snapshot.
+pub async fn follow(
+    mut rx: watch::Receiver<Arc<Snapshot>>,
+    mut stop: watch::Receiver<bool>,
+    apply: impl Fn(&Snapshot) + Send + Sync + 'static,
+) {
+    let apply = Arc::new(apply);
+    let first = rx.borrow_and_update().clone();
+    apply(&first);
+    loop {
+        tokio::select! {
+            _ = stopped(&mut stop) => return,
+            r = rx.changed() => if r.is_err() { return },
+        }
+        let snap = rx.borrow_and_update().clone();
+        let f = apply.clone();
+        let _ = tokio::task::spawn_blocking(move || f(&snap)).await;
+    }
+}

@@ -137,20 +137,10 @@ impl Dns {
     /// Applies every new snapshot until `stop`.
     pub async fn follow(
         self: Arc<Self>,
-        mut rx: watch::Receiver<Arc<Snapshot>>,
-        mut stop: watch::Receiver<bool>,
+        rx: watch::Receiver<Arc<Snapshot>>,
+        stop: watch::Receiver<bool>,
     ) {
-        let first = rx.borrow_and_update().clone();
-        self.apply(&first);
-        loop {
-            tokio::select! {
-                _ = stopped(&mut stop) => return,
-                r = rx.changed() => if r.is_err() { return },
-            }
-            let snap = rx.borrow_and_update().clone();
-            let me = self.clone();
-            let _ = tokio::task::spawn_blocking(move || me.apply(&snap)).await;
-        }
+        skein_catalog::store::follow(rx, stop, move |s| self.apply(s)).await
     }
 
     /// The views in force.
@@ -372,6 +362,4 @@ impl Dns {
     }
 }
 
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await.map(|_| ());
-}
+use skein_catalog::store::stopped;

@@ -139,21 +139,10 @@ impl Proxy {
     /// Applies every new snapshot until `stop`.
     pub async fn follow(
         self: Arc<Self>,
-        mut rx: watch::Receiver<Arc<Snapshot>>,
-        mut stop: watch::Receiver<bool>,
+        rx: watch::Receiver<Arc<Snapshot>>,
+        stop: watch::Receiver<bool>,
     ) {
-        let first = rx.borrow_and_update().clone();
-        self.apply(&first);
-        loop {
-            tokio::select! {
-                _ = listener::stopped(&mut stop) => return,
-                r = rx.changed() => if r.is_err() { return },
-            }
-            let snap = rx.borrow_and_update().clone();
-            let me = self.clone();
-            // Parsing certificates is CPU work; keep it off the I/O threads.
-            let _ = tokio::task::spawn_blocking(move || me.apply(&snap)).await;
-        }
+        skein_catalog::store::follow(rx, stop, move |s| self.apply(s)).await
     }
 
     /// How many threads serve clients.

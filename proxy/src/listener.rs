@@ -25,11 +25,7 @@ use crate::tcp::{self, Prefixed};
 /// First byte of a TLS record carrying a handshake.
 const TLS_HANDSHAKE: u8 = 0x16;
 
-/// Resolves once `stop` turns true (the guard `wait_for` returns is not `Send`,
-/// so it is dropped here rather than held across a `select!`).
-pub async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await.map(|_| ());
-}
+pub use skein_catalog::store::stopped;
 
 /// Accepts on `listener` until `stop` says so; connections are tracked by
 /// `graceful` so a shutdown can wait for them.

@@ -287,32 +287,14 @@ fn bench_proxy() -> anyhow::Result<()> {
     let key = std::fs::read_to_string(work.join("key.pem"))?;
     std::fs::write(work.join("catalog.toml"), bench_catalog(&cert, &key))?;
     std::fs::write(work.join("skein.toml"), BENCH_CONFIG)?;
-    let proxy_cpus = std::env::var("PROXY_CPUS").unwrap_or_else(|_| "0".into());
-    let mut skein = Command::new("taskset")
-        .args(["-c", &proxy_cpus])
-        .arg(root().join("target/release/skein"))
-        .args(["run", "--config", "skein.toml"])
-        .current_dir(&work)
-        .stderr(std::fs::File::create(work.join("skein.log"))?)
-        .spawn()
-        .context("starting skein")?;
-    let ready = (0..100).any(|_| {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        quiet_ok(Command::new("curl").args(["-sf", "http://127.0.0.1:9911/readyz"]))
-    });
-    let result = if ready {
-        run(Command::new("bash")
-            .arg(&harness)
-            .arg("skein=127.0.0.1:9443"))
-    } else {
-        Err(anyhow::anyhow!(
-            "skein did not become ready; see {}",
-            work.join("skein.log").display()
-        ))
-    };
-    let _ = skein.kill();
-    let _ = skein.wait();
-    result
+    with_skein(
+        &work,
+        "PROXY_CPUS",
+        9911,
+        100,
+        &harness,
+        "skein=127.0.0.1:9443",
+    )
 }
 
 /// The 10,000 Services the DNS peers serve as a zone file (dns-peers.sh):
@@ -348,23 +330,44 @@ fn bench_dns() -> anyhow::Result<()> {
         work.join("skein.toml"),
         "[admin]\nlisten = \"127.0.0.1:9912\"\n[state]\ndir = \"state\"\n[catalog]\nfile = \"catalog.toml\"\n[log]\nlevel = \"warn\"\n[dns]\nenabled = true\nthreads = 1\ndefault_network = \"bench\"\nlisten = [\"127.0.0.1:5403\"]\n",
     )?;
-    let proxy_cpus = std::env::var("SERVER_CPUS").unwrap_or_else(|_| "0".into());
+    with_skein(
+        &work,
+        "SERVER_CPUS",
+        9912,
+        300,
+        &harness,
+        "skein=127.0.0.1:5403",
+    )
+}
+
+/// Runs `skein run --config skein.toml` in `work`, pinned to the cores named by
+/// the environment variable `cpus_var` (default core 0); waits for its admin
+/// `/readyz` on `admin_port` (up to `tries` x 100 ms); then runs the peer
+/// harness with `target`, and stops skein whatever happened.
+fn with_skein(
+    work: &std::path::Path,
+    cpus_var: &str,
+    admin_port: u16,
+    tries: usize,
+    harness: &std::path::Path,
+    target: &str,
+) -> anyhow::Result<()> {
+    let cpus = std::env::var(cpus_var).unwrap_or_else(|_| "0".into());
     let mut skein = Command::new("taskset")
-        .args(["-c", &proxy_cpus])
+        .args(["-c", &cpus])
         .arg(root().join("target/release/skein"))
         .args(["run", "--config", "skein.toml"])
-        .current_dir(&work)
+        .current_dir(work)
         .stderr(std::fs::File::create(work.join("skein.log"))?)
         .spawn()
         .context("starting skein")?;
-    let ready = (0..300).any(|_| {
+    let readyz = format!("http://127.0.0.1:{admin_port}/readyz");
+    let ready = (0..tries).any(|_| {
         std::thread::sleep(std::time::Duration::from_millis(100));
-        quiet_ok(Command::new("curl").args(["-sf", "http://127.0.0.1:9912/readyz"]))
+        quiet_ok(Command::new("curl").args(["-sf", &readyz]))
     });
     let result = if ready {
-        run(Command::new("bash")
-            .arg(&harness)
-            .arg("skein=127.0.0.1:5403"))
+        run(Command::new("bash").arg(harness).arg(target))
     } else {
         Err(anyhow::anyhow!(
             "skein did not become ready; see {}",
