@@ -12,9 +12,11 @@
 //! `regions.<app>`, `_instances` TXT), `<app>.flycast` AAAA, and Kubernetes
 //! names (`<svc>.<ns>.svc.<zone>` AAAA for ClusterIP and headless services,
 //! `<hostname>.<svc>…` for headless endpoints, CNAME for ExternalName, SRV for
-//! named ports, `dns-version.<zone>` TXT). Other names are refused for now:
-//! forwarding, PTR and nearest-N arrive in later slices of the DNS issue.
+//! named ports, `dns-version.<zone>` TXT). Other names go to the upstreams
+//! ([`forward`]: cache, negative cache, SERVFAIL on timeout, rate limit), or are
+//! refused when none are configured. PTR and nearest-N are still to come.
 
+pub mod forward;
 pub mod view;
 pub mod wire;
 
@@ -30,7 +32,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::view::{Lookup, Views};
-use crate::wire::{Body, ParseError, parse_query, rcode, write_formerr, write_response};
+use crate::wire::{Body, ParseError, Query, parse_query, rcode, write_formerr, write_response};
 
 /// `[dns]` in skein.toml.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -58,6 +60,28 @@ pub struct DnsConfig {
     /// An idle TCP connection is closed after this.
     #[serde(default = "d_tcp_idle", with = "humantime_serde")]
     pub tcp_idle_timeout: Duration,
+    /// Resolvers that answer every other name (none: such names are REFUSED).
+    #[serde(default)]
+    pub upstreams: Vec<SocketAddr>,
+    /// Time the upstreams have for one question before the asker gets SERVFAIL.
+    #[serde(default = "d_fwd_timeout", with = "humantime_serde")]
+    pub forward_timeout: Duration,
+    /// Most forwarded answers kept in the cache.
+    #[serde(default = "d_cache")]
+    pub cache_entries: usize,
+    /// Forwarded UDP answers per second per client network (/24, /56).
+    #[serde(default = "d_rate")]
+    pub forward_rate_limit: u32,
+}
+
+fn d_fwd_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn d_cache() -> usize {
+    10_000
+}
+fn d_rate() -> u32 {
+    100
 }
 
 fn d_ttl() -> u32 {
@@ -80,6 +104,10 @@ impl Default for DnsConfig {
             threads: None,
             tcp_max_connections: d_tcp_conns(),
             tcp_idle_timeout: d_tcp_idle(),
+            upstreams: Vec::new(),
+            forward_timeout: d_fwd_timeout(),
+            cache_entries: d_cache(),
+            forward_rate_limit: d_rate(),
         }
     }
 }
@@ -90,11 +118,32 @@ struct Counters {
     dropped: metrics::Counter,
 }
 
+/// What to do with a message.
+pub enum Outcome {
+    /// Send `out`.
+    Reply,
+    /// Send nothing.
+    Drop,
+    /// Ask the upstreams.
+    Forward(Box<Query>),
+}
+
+/// A question on its way to the upstreams, from a UDP asker.
+struct Job {
+    query: Box<Query>,
+    packet: Vec<u8>,
+    src: SocketAddr,
+    sock: Arc<UdpSocket>,
+}
+
 /// The DNS server's shared state.
 pub struct Dns {
     views: ArcSwap<Views>,
     cfg: DnsConfig,
     counters: Counters,
+    forwarder: forward::Forwarder,
+    jobs: tokio::sync::mpsc::Sender<Job>,
+    job_rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<Job>>>,
 }
 
 /// Sockets bound for one listen address.
@@ -110,8 +159,17 @@ impl Dns {
     pub fn new(cfg: DnsConfig) -> Arc<Dns> {
         let c =
             |code: &'static str| metrics::counter!("skein_dns_responses_total", "rcode" => code);
+        let (jobs, job_rx) = tokio::sync::mpsc::channel(4096);
         Arc::new(Dns {
             views: ArcSwap::from_pointee(Views::default()),
+            forwarder: forward::Forwarder::new(
+                cfg.upstreams.clone(),
+                cfg.forward_timeout,
+                cfg.cache_entries,
+                cfg.forward_rate_limit,
+            ),
+            jobs,
+            job_rx: std::sync::Mutex::new(Some(job_rx)),
             cfg,
             counters: Counters {
                 by_rcode: [
@@ -148,7 +206,7 @@ impl Dns {
         self.views.load_full()
     }
 
-    /// Answers one message into `out`; false if nothing is to be sent.
+    /// Answers one message into `out`, or says to drop it or forward it.
     pub fn handle(
         &self,
         views: &Views,
@@ -156,17 +214,17 @@ impl Dns {
         packet: &[u8],
         out: &mut Vec<u8>,
         udp: bool,
-    ) -> bool {
+    ) -> Outcome {
         let q = match parse_query(packet) {
             Ok(q) => q,
             Err(ParseError::Malformed) => {
                 write_formerr(out, packet);
                 self.counters.by_rcode[usize::from(rcode::FORMERR)].increment(1);
-                return true;
+                return Outcome::Reply;
             }
             Err(_) => {
                 self.counters.dropped.increment(1);
-                return false;
+                return Outcome::Drop;
             }
         };
         let limit = if udp {
@@ -195,12 +253,47 @@ impl Dns {
                         soa: &z.soa,
                     },
                 ),
+                Lookup::NotOurs if self.forwarder.enabled() => {
+                    if udp && !self.forwarder.admit(src) {
+                        return Outcome::Drop;
+                    }
+                    if self.forwarder.cached(&q, packet, out) {
+                        if out.len() > limit {
+                            write_response(out, packet, &q, rcode::NOERROR, false, Body::Empty, 0);
+                        }
+                        return Outcome::Reply;
+                    }
+                    return Outcome::Forward(Box::new(q));
+                }
                 Lookup::NotOurs => (rcode::REFUSED, false, Body::Empty),
             }
         };
         write_response(out, packet, &q, code, aa, body, limit);
         self.counters.by_rcode[usize::from(code).min(5)].increment(1);
-        true
+        Outcome::Reply
+    }
+
+    /// Answers forwarded questions of UDP askers until the channel closes.
+    async fn forward_jobs(self: Arc<Self>, mut rx: tokio::sync::mpsc::Receiver<Job>) {
+        while let Some(job) = rx.recv().await {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let mut resp = me.forwarder.resolve(&job.query, &job.packet).await;
+                if resp.len() > job.query.udp_limit() {
+                    // Too big for UDP: the asker comes back over TCP.
+                    write_response(
+                        &mut resp,
+                        &job.packet,
+                        &job.query,
+                        rcode::NOERROR,
+                        false,
+                        Body::Empty,
+                        0,
+                    );
+                }
+                let _ = job.sock.send_to(&resp, job.src);
+            });
+        }
     }
 
     fn threads(&self) -> usize {
@@ -254,6 +347,10 @@ impl Dns {
     /// Serves until `stop`.
     pub async fn serve(self: Arc<Self>, bound: Vec<Bound>, mut stop: watch::Receiver<bool>) {
         let halt = Arc::new(AtomicBool::new(false));
+        let job_rx = self.job_rx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(rx) = job_rx {
+            tokio::spawn(self.clone().forward_jobs(rx));
+        }
         let mut threads = Vec::new();
         let mut tcp = tokio::task::JoinSet::new();
         for b in bound {
@@ -264,7 +361,7 @@ impl Dns {
                 let spawned = std::thread::Builder::new()
                     .name(format!("skein-dns-{i}"))
                     .spawn(move || {
-                        me.udp_loop(sock, &halt);
+                        me.udp_loop(Arc::new(sock), &halt);
                         let _ = tx.send(());
                     });
                 match spawned {
@@ -287,7 +384,7 @@ impl Dns {
         tcp.abort_all();
     }
 
-    fn udp_loop(&self, sock: UdpSocket, halt: &AtomicBool) {
+    fn udp_loop(&self, sock: Arc<UdpSocket>, halt: &AtomicBool) {
         let mut buf = [0u8; 4096];
         let mut out = Vec::with_capacity(wire::MAX_UDP);
         let mut views = arc_swap::Cache::new(&self.views);
@@ -308,8 +405,22 @@ impl Dns {
                 }
             };
             let v = views.load();
-            if self.handle(v, src.ip(), &buf[..n], &mut out, true) {
-                let _ = sock.send_to(&out, src);
+            match self.handle(v, src.ip(), &buf[..n], &mut out, true) {
+                Outcome::Reply => {
+                    let _ = sock.send_to(&out, src);
+                }
+                Outcome::Drop => {}
+                Outcome::Forward(query) => {
+                    let job = Job {
+                        query,
+                        packet: buf[..n].to_vec(),
+                        src,
+                        sock: sock.clone(),
+                    };
+                    if self.jobs.try_send(job).is_err() {
+                        metrics::counter!("skein_dns_forward_overflow_total").increment(1);
+                    }
+                }
             }
         }
     }
@@ -346,9 +457,11 @@ impl Dns {
                     {
                         return;
                     }
-                    let views = me.views.load();
-                    if !me.handle(&views, peer.ip(), &buf[..len], &mut out, false) {
-                        return;
+                    let views = me.views.load_full();
+                    match me.handle(&views, peer.ip(), &buf[..len], &mut out, false) {
+                        Outcome::Reply => {}
+                        Outcome::Drop => return,
+                        Outcome::Forward(q) => out = me.forwarder.resolve(&q, &buf[..len]).await,
                     }
                     let mut framed = Vec::with_capacity(out.len() + 2);
                     framed.extend_from_slice(&(out.len() as u16).to_be_bytes());

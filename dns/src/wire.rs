@@ -59,7 +59,7 @@ pub enum ParseError {
 
 /// A parsed query. `name` is the question name in wire form, lowercased;
 /// `qname_len` is its length in the packet (the same bytes, original case).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Query {
     /// Message id.
     pub id: u16,

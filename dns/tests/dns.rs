@@ -85,15 +85,21 @@ struct Server {
 }
 
 async fn start(doc: Document) -> Server {
+    start_with(doc, |_| {}).await
+}
+
+async fn start_with(doc: Document, tweak: impl FnOnce(&mut DnsConfig)) -> Server {
     let store = Arc::new(Store::new());
     store.replace(Source::File, doc).unwrap();
-    let dns = Dns::new(DnsConfig {
+    let mut cfg = DnsConfig {
         enabled: true,
         listen: vec!["127.0.0.1:0".parse().unwrap()],
         default_network: Some("acme".into()),
         threads: Some(2),
         ..Default::default()
-    });
+    };
+    tweak(&mut cfg);
+    let dns = Dns::new(cfg);
     let bound = dns.bind().unwrap();
     let addr = bound[0].local;
     let (stop, rx) = tokio::sync::watch::channel(false);
@@ -315,13 +321,9 @@ async fn each_network_sees_only_its_own_names() {
     let answer = |src: &str, name: &str| {
         let q = query_bytes(name, RecordType::AAAA, false);
         let mut out = Vec::new();
-        assert!(s.dns.handle(
-            &s.dns.views(),
-            src.parse::<IpAddr>().unwrap(),
-            &q,
-            &mut out,
-            true
-        ));
+        let src = src.parse::<IpAddr>().unwrap();
+        let outcome = s.dns.handle(&s.dns.views(), src, &q, &mut out, true);
+        assert!(matches!(outcome, skein_dns::Outcome::Reply));
         Message::from_vec(&out).unwrap()
     };
     let from_other = "fdaa:0:19:0:2:0:1:0";
@@ -410,5 +412,141 @@ async fn a_catalog_change_shows_within_100_ms() {
             "not visible after 100 ms"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A real upstream: another skein DNS server, authoritative for a cluster zone
+/// (`corp.example`) that the forwarding server does not serve.
+async fn upstream() -> Server {
+    let doc: Document = parse_toml(
+        r#"
+        networks = [{ id = "0:18", name = "acme" }]
+        [[k8s_services]]
+        name = "db"
+        namespace = "prod"
+        cluster = "corp.example"
+        network = "acme"
+        cluster_ip = "fdaa:0:18:0:1::77"
+        "#,
+    )
+    .unwrap();
+    start(doc).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_names_are_forwarded_cached_and_rate_limited() {
+    let up = upstream().await;
+    let s = start_with(parse_toml(CATALOG).unwrap(), |c| {
+        c.upstreams = vec![up.addr];
+        c.forward_rate_limit = 1000;
+    })
+    .await;
+    let m = ask(s.addr, "DB.prod.svc.corp.example.", RecordType::AAAA);
+    assert_eq!(aaaa(&m), ["fdaa:0:18:0:1::77"]);
+    assert_eq!(m.queries[0].name().to_ascii(), "DB.prod.svc.corp.example.");
+    assert!(!m.metadata.authoritative, "a forwarded answer is not ours");
+    let m = ask(s.addr, "nope.prod.svc.corp.example.", RecordType::AAAA);
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    // Over TCP too.
+    assert_eq!(
+        aaaa(&tcp(
+            s.addr,
+            &query_bytes("db.prod.svc.corp.example.", RecordType::AAAA, false)
+        )),
+        ["fdaa:0:18:0:1::77"]
+    );
+    // The upstream goes away: answers and negative answers come from the cache.
+    up._stop.send(true).unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        aaaa(&ask(s.addr, "db.prod.svc.corp.example.", RecordType::AAAA)),
+        ["fdaa:0:18:0:1::77"]
+    );
+    assert_eq!(
+        ask(s.addr, "nope.prod.svc.corp.example.", RecordType::AAAA)
+            .metadata
+            .response_code,
+        ResponseCode::NXDomain
+    );
+    // Our own names are still ours.
+    assert_eq!(
+        aaaa(&ask(s.addr, "web.flycast.", RecordType::AAAA)),
+        ["fdaa:0:18:0:1::5"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_upstream_gives_servfail_quickly() {
+    let dead = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let s = start_with(parse_toml(CATALOG).unwrap(), |c| {
+        c.upstreams = vec![dead];
+        c.forward_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let started = Instant::now();
+    let m = ask(s.addr, "example.com.", RecordType::AAAA);
+    assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        started.elapsed()
+    );
+    // A silent upstream (it reads and never answers): SERVFAIL at the timeout.
+    let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let s = start_with(parse_toml(CATALOG).unwrap(), |c| {
+        c.upstreams = vec![silent.local_addr().unwrap()];
+        c.forward_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let started = Instant::now();
+    assert_eq!(
+        ask(s.addr, "example.com.", RecordType::AAAA)
+            .metadata
+            .response_code,
+        ResponseCode::ServFail
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(250)
+            && started.elapsed() < Duration::from_secs(1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_answers_are_rate_limited_per_client_network() {
+    let up = upstream().await;
+    let s = start_with(parse_toml(CATALOG).unwrap(), |c| {
+        c.upstreams = vec![up.addr];
+        c.forward_rate_limit = 3;
+    })
+    .await;
+    // Thirty questions at once from one client, then count the answers (at
+    // most two one-second windows can be involved).
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    for _ in 0..30 {
+        sock.send_to(
+            &query_bytes("db.prod.svc.corp.example.", RecordType::AAAA, false),
+            s.addr,
+        )
+        .unwrap();
+    }
+    let mut buf = [0u8; 2048];
+    let mut answered = 0;
+    while sock.recv(&mut buf).is_ok() {
+        answered += 1;
+    }
+    assert!((1..=6).contains(&answered), "{answered} of 30 answered");
+    // Authoritative answers are not limited.
+    for _ in 0..10 {
+        assert_eq!(
+            ask(s.addr, "web.flycast.", RecordType::AAAA)
+                .metadata
+                .response_code,
+            ResponseCode::NoError
+        );
     }
 }
