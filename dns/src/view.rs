@@ -97,6 +97,12 @@ impl View {
         }
     }
 
+    fn add_ptr(&mut self, addr: &[u8; 16], ttl: u32, target: &str) {
+        let mut rdata = Vec::new();
+        encode_name(&target.to_ascii_lowercase(), &mut rdata);
+        self.add(&ptr_name(addr), rtype::PTR, ttl, &rdata);
+    }
+
     fn add_cname(&mut self, name: &str, ttl: u32, target: &str) {
         let mut rdata = Vec::new();
         encode_name(&target.to_ascii_lowercase(), &mut rdata);
@@ -204,6 +210,23 @@ fn txt_list(items: &[String]) -> Vec<u8> {
     txt(&strings)
 }
 
+/// The reverse name of an IPv6 address: 32 nibbles, low first, then `ip6.arpa`.
+pub fn ptr_name(a: &[u8; 16]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(72);
+    for b in a.iter().rev() {
+        s.push(HEX[usize::from(b & 0xf)] as char);
+        s.push('.');
+        s.push(HEX[usize::from(b >> 4)] as char);
+        s.push('.');
+    }
+    s.push_str("ip6.arpa");
+    s
+}
+
+/// The reverse zone of 6PN (`fdaa::/16`).
+const REVERSE_ZONE: &str = "a.a.d.f.ip6.arpa";
+
 fn aaaa(m: &Machine) -> Option<[u8; 16]> {
     m.address.map(|a| a.octets())
 }
@@ -251,6 +274,7 @@ impl Views {
             v.add_zone("internal", ttl);
             v.add_zone("flycast", ttl);
             v.add_cluster_zone("cluster.local", ttl);
+            v.add_zone(REVERSE_ZONE, ttl);
             views.insert(n.name.as_str(), v);
         }
         // .internal and .flycast.
@@ -296,6 +320,7 @@ impl Views {
                     ttl,
                     &addr,
                 );
+                v.add_ptr(&addr, ttl, &format!("{}.vm.{a}.internal", m.id));
                 let group = m.metadata.process_group.as_deref().unwrap_or("app");
                 v.add(
                     &format!("{group}.process.{a}.internal"),
@@ -346,6 +371,7 @@ impl Views {
                 K8sServiceKind::ClusterIp => {
                     if let Some(ip) = s.cluster_ip {
                         v.add(&name, rtype::AAAA, ttl, &ip.octets());
+                        v.add_ptr(&ip.octets(), ttl, &name);
                     }
                 }
                 K8sServiceKind::Headless => {
@@ -393,6 +419,7 @@ impl Views {
         empty.add_zone("internal", ttl);
         empty.add_zone("flycast", ttl);
         empty.add_cluster_zone("cluster.local", ttl);
+        empty.add_zone(REVERSE_ZONE, ttl);
         for (net_name, mut v) in views {
             v.fill_empty_non_terminals();
             let v = Arc::new(v);

@@ -550,3 +550,35 @@ async fn forwarded_answers_are_rate_limited_per_client_network() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reverse_names_for_cluster_ips_and_machines() {
+    let s = start(parse_toml(CATALOG).unwrap()).await;
+    let ptr = |ip: &str| {
+        let a: std::net::Ipv6Addr = ip.parse().unwrap();
+        let name = skein_dns::view::ptr_name(&a.octets());
+        let m = ask(s.addr, &format!("{name}."), RecordType::PTR);
+        m.answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::PTR(p) => Some(p.0.to_ascii()),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ptr("fdaa:0:18:0:1::10"), ["web.default.svc.cluster.local."]);
+    assert_eq!(ptr("fdaa:0:18:0:2:0:1:0"), ["m1.vm.web.internal."]);
+    // Another network's machine has no reverse name in this view.
+    let name = skein_dns::view::ptr_name(
+        &"fdaa:0:19:0:2:0:1:0"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets(),
+    );
+    assert_eq!(
+        ask(s.addr, &format!("{name}."), RecordType::PTR)
+            .metadata
+            .response_code,
+        ResponseCode::NXDomain
+    );
+}
