@@ -235,7 +235,27 @@ impl Dns {
         let (code, aa, body) = if q.opcode != 0 || q.qclass != 1 || q.qtype == wire::rtype::ANY {
             (rcode::NOTIMP, false, Body::Empty)
         } else {
-            match views.for_source(src).lookup(q.qname(), q.qtype) {
+            let view = views.for_source(src);
+            let nearest = match view::parse_nearest(q.qname()) {
+                Some((n, app)) if q.qtype == wire::rtype::AAAA => {
+                    view.nearest(app, views.region_of(src), n)
+                }
+                _ => None,
+            };
+            if let Some(r) = nearest {
+                write_response(
+                    out,
+                    packet,
+                    &q,
+                    rcode::NOERROR,
+                    true,
+                    Body::Answer(&r),
+                    limit,
+                );
+                self.counters.by_rcode[usize::from(rcode::NOERROR)].increment(1);
+                return Outcome::Reply;
+            }
+            match view.lookup(q.qname(), q.qtype) {
                 Lookup::Answer(r) => (rcode::NOERROR, true, Body::Answer(r)),
                 Lookup::NoData(z) => (
                     rcode::NOERROR,

@@ -45,9 +45,51 @@ pub enum Lookup<'a> {
 pub struct View {
     names: FxHashMap<Vec<u8>, Entry>,
     zones: Vec<Zone>,
+    /// For `top<N>.nearest.of.<app>.internal`: per app, its machines' AAAA
+    /// records sorted by round-trip time from each region (and unsorted under
+    /// ""). Every record has the same size, so the first N are a prefix.
+    nearest: FxHashMap<String, FxHashMap<String, Records>>,
+}
+
+/// Size of one pre-encoded AAAA record owned by the question name.
+const AAAA_RECORD: usize = 2 + 2 + 2 + 4 + 2 + 16;
+
+/// `top<N>.nearest.of.<app>.internal` in lowercased wire form: (N, app).
+pub fn parse_nearest(qname: &[u8]) -> Option<(usize, &str)> {
+    let mut labels = Vec::with_capacity(6);
+    let mut i = 0;
+    while i < qname.len() {
+        let len = usize::from(qname[i]);
+        if len == 0 {
+            break;
+        }
+        labels.push(qname.get(i + 1..i + 1 + len)?);
+        i += len + 1;
+    }
+    match labels.as_slice() {
+        [top, b"nearest", b"of", app, b"internal"] => {
+            let n: usize = std::str::from_utf8(top.strip_prefix(b"top")?)
+                .ok()?
+                .parse()
+                .ok()?;
+            Some((n, std::str::from_utf8(app).ok()?))
+        }
+        _ => None,
+    }
 }
 
 impl View {
+    /// The first `n` machines of `app` by round-trip time from `region`.
+    pub fn nearest(&self, app: &str, region: Option<&str>, n: usize) -> Option<Records> {
+        let per = self.nearest.get(app)?;
+        let r = region.and_then(|r| per.get(r)).or_else(|| per.get(""))?;
+        let n = n.min(usize::from(r.count));
+        Some(Records {
+            count: n as u16,
+            bytes: r.bytes[..n * AAAA_RECORD].to_vec(),
+        })
+    }
+
     /// Answers a question (`qname` lowercased wire form).
     pub fn lookup(&self, qname: &[u8], qtype: u16) -> Lookup<'_> {
         match self.names.get(qname) {
@@ -241,9 +283,18 @@ pub struct Views {
     default: Arc<View>,
     /// For askers of an unknown network: it knows no names at all.
     empty: Arc<View>,
+    /// Each host's region, to find an asker's region from its address.
+    host_regions: FxHashMap<u32, String>,
 }
 
 impl Views {
+    /// The region of an asker inside the mesh (by the host in its address).
+    pub fn region_of(&self, ip: IpAddr) -> Option<&str> {
+        let IpAddr::V6(v6) = ip else { return None };
+        let a = SixPn::try_from(v6).ok()?;
+        self.host_regions.get(&a.host().0).map(String::as_str)
+    }
+
     /// The view for an asker.
     pub fn for_source(&self, ip: IpAddr) -> &View {
         let v6 = match ip {
@@ -301,6 +352,28 @@ impl Views {
                 .filter(|m| m.app == app.name && m.is_routable())
                 .map(|m| &**m)
                 .collect();
+            // Nearest-N: each region's order, closest first.
+            let mut per_region: FxHashMap<String, Records> = FxHashMap::default();
+            for from in cat.regions.keys().map(String::as_str).chain([""]) {
+                let mut sorted: Vec<&&Machine> =
+                    machines.iter().filter(|m| m.address.is_some()).collect();
+                if !from.is_empty() {
+                    sorted.sort_by_key(|m| {
+                        (
+                            cat.rtt_ms(from, &m.region).unwrap_or(u32::MAX),
+                            m.id.clone(),
+                        )
+                    });
+                }
+                let mut r = Records::default();
+                for m in sorted {
+                    if let Some(addr) = aaaa(m) {
+                        r.push(rtype::AAAA, ttl, &addr);
+                    }
+                }
+                per_region.insert(from.to_string(), r);
+            }
+            v.nearest.insert(app.name.clone(), per_region);
             let mut regions = BTreeSet::new();
             let mut vms = Vec::new();
             for m in &machines {
@@ -413,6 +486,11 @@ impl Views {
         }
         let mut out = Views {
             version: snap.version,
+            host_regions: cat
+                .hosts
+                .values()
+                .map(|h| (h.id.0, h.region.clone()))
+                .collect(),
             ..Default::default()
         };
         let mut empty = View::default();
@@ -434,6 +512,7 @@ impl Views {
             out.default = Arc::new(View {
                 names: empty.names.clone(),
                 zones: empty.zones.clone(),
+                nearest: FxHashMap::default(),
             });
         }
         out.empty = Arc::new(empty);

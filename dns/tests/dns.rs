@@ -582,3 +582,40 @@ async fn reverse_names_for_cluster_ips_and_machines() {
         ResponseCode::NXDomain
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nearest_machines_from_the_askers_region() {
+    let s = start(parse_toml(CATALOG).unwrap()).await;
+    let answer = |src: &str, name: &str| {
+        let q = query_bytes(name, RecordType::AAAA, false);
+        let mut out = Vec::new();
+        let src = src.parse::<IpAddr>().unwrap();
+        assert!(matches!(
+            s.dns.handle(&s.dns.views(), src, &q, &mut out, true),
+            skein_dns::Outcome::Reply
+        ));
+        Message::from_vec(&out).unwrap()
+    };
+    // A machine on the iad host asks: iad's machine first.
+    let from_iad = "fdaa:0:18:0:3:0:9:0";
+    let m = answer(from_iad, "top1.nearest.of.web.internal.");
+    assert_eq!(aaaa(&m), ["fdaa:0:18:0:3:0:1:0"]);
+    let from_ams = "fdaa:0:18:0:2:0:9:0";
+    assert_eq!(
+        aaaa(&answer(from_ams, "top1.nearest.of.web.internal.")),
+        ["fdaa:0:18:0:2:0:1:0"]
+    );
+    assert_eq!(
+        answer(from_ams, "top5.nearest.of.web.internal.")
+            .answers
+            .len(),
+        2
+    );
+    // Another network's app does not exist for this asker.
+    assert_eq!(
+        answer(from_ams, "top1.nearest.of.db.internal.")
+            .metadata
+            .response_code,
+        ResponseCode::NXDomain
+    );
+}
