@@ -318,8 +318,9 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> anyhow::Result<()> {
     println!("  # metrics");
     println!("  curl -s http://{admin}/metrics | grep skein_catalog");
     println!(
-        "  curl -s http://{admin}/metrics | grep 'skein_proxy_app_requests_total{{app=\"demo\"'\n"
+        "  curl -s http://{admin}/metrics | grep 'skein_proxy_app_requests_total{{app=\"demo\"'"
     );
+    println!("  curl -s http://{admin}/metrics | grep skein_proxy_machine_inflight\n");
     println!("Ctrl-C stops the demo and removes what it made.");
 
     let out = running.until_signal().await;

@@ -148,10 +148,10 @@ pub async fn acquire<'a>(
                     return Err(Refusal::QueueFull);
                 }
                 q.waiting.fetch_add(1, Ordering::Relaxed);
-                metrics::gauge!("skein_proxy_queue_waiting").increment(1.0);
+                q.depth.increment(1.0);
                 let waited = tokio::time::timeout_at(deadline.into(), q.freed.notified()).await;
                 q.waiting.fetch_sub(1, Ordering::Relaxed);
-                metrics::gauge!("skein_proxy_queue_waiting").decrement(1.0);
+                q.depth.decrement(1.0);
                 if waited.is_err() {
                     return Err(Refusal::Capacity);
                 }

@@ -17,18 +17,22 @@ fn now_ms(epoch: Instant) -> u64 {
 
 /// The wait queue of one service of one app: requests wait here when every
 /// machine is at its hard limit.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ServiceQueue {
     /// Woken when a slot frees.
     pub freed: Notify,
     /// Requests waiting now.
     pub waiting: AtomicU32,
+    /// The same, exported: `skein_proxy_queue_depth{app,port}`.
+    pub depth: metrics::Gauge,
 }
 
 /// Load of one machine for one service.
 #[derive(Debug)]
 pub struct MachineLoad {
     inflight: AtomicU32,
+    /// `skein_proxy_machine_inflight{app,machine}`.
+    gauge: metrics::Gauge,
     check_failing: std::sync::atomic::AtomicBool,
     ejected_until_ms: AtomicU64,
     epoch: Instant,
@@ -54,7 +58,10 @@ impl MachineLoad {
                 Ordering::AcqRel,
                 Ordering::Relaxed,
             ) {
-                Ok(_) => return Some(Slot(self.clone())),
+                Ok(_) => {
+                    self.gauge.increment(1.0);
+                    return Some(Slot(self.clone()));
+                }
                 Err(now) => cur = now,
             }
         }
@@ -90,6 +97,7 @@ pub struct Slot(Arc<MachineLoad>);
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.inflight.fetch_sub(1, Ordering::AcqRel);
+        self.0.gauge.decrement(1.0);
         self.0.queue.freed.notify_one();
     }
 }
@@ -121,7 +129,11 @@ impl Loads {
         if let Some(q) = m.get(&key).and_then(Weak::upgrade) {
             return q;
         }
-        let q = Arc::new(ServiceQueue::default());
+        let q = Arc::new(ServiceQueue {
+            freed: Notify::new(),
+            waiting: AtomicU32::new(0),
+            depth: metrics::gauge!("skein_proxy_queue_depth", "app" => app.to_string(), "port" => port.to_string()),
+        });
         m.insert(key, Arc::downgrade(&q));
         q
     }
@@ -141,6 +153,11 @@ impl Loads {
         }
         let l = Arc::new(MachineLoad {
             inflight: AtomicU32::new(0),
+            gauge: metrics::gauge!(
+                "skein_proxy_machine_inflight",
+                "app" => app.to_string(),
+                "machine" => machine.to_string()
+            ),
             check_failing: std::sync::atomic::AtomicBool::new(false),
             ejected_until_ms: AtomicU64::new(0),
             epoch: self.epoch,

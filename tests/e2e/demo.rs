@@ -23,7 +23,7 @@ fn the_demo_serves_and_its_printed_commands_work() {
             l.starts_with("curl") || l.starts_with("dig ") || l.contains(" catalog --admin ")
         })
         .collect();
-    assert!(commands.len() >= 17, "{lines:#?}");
+    assert!(commands.len() >= 18, "{lines:#?}");
     let mut outputs = String::new();
     for c in &commands {
         let o = Command::new("sh").arg("-c").arg(c.trim()).output().unwrap();
@@ -49,6 +49,7 @@ fn the_demo_serves_and_its_printed_commands_work() {
         "0 100 80 demo.default.svc.cluster.local.",
         "\"ams1 ams,ams2 ams,iad1 iad\"",
         "skein_proxy_app_requests_total{app=\"demo\",status=\"2xx\"}",
+        "skein_proxy_machine_inflight{app=\"demo\",machine=\"ams1\"} 0",
     ] {
         assert!(
             outputs.contains(expect),
