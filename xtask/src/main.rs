@@ -70,9 +70,10 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// Installs what is missing; does nothing where all is there.
-fn ensure() -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+/// Installs the Debian packages of `pkgs` that are missing (as root; otherwise
+/// says which to install).
+fn apt_ensure(pkgs: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = pkgs
         .iter()
         .copied()
         .filter(|p| {
@@ -83,19 +84,25 @@ fn ensure() -> anyhow::Result<()> {
                 .unwrap_or(false)
         })
         .collect();
-    if !missing.is_empty() {
-        if !is_root() {
-            bail!(
-                "missing Debian packages {missing:?}; install them as root (apt-get install {})",
-                missing.join(" ")
-            );
-        }
-        run(Command::new("apt-get").arg("update").arg("-q"))?;
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    if missing.is_empty() {
+        return Ok(());
     }
+    if !is_root() {
+        bail!(
+            "missing Debian packages {missing:?}; install them as root (apt-get install {})",
+            missing.join(" ")
+        );
+    }
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// Installs what is missing; does nothing where all is there.
+fn ensure() -> anyhow::Result<()> {
+    apt_ensure(APT_PACKAGES)?;
     // The eBPF programs build with the nightly toolchain, its rust-src and
     // bpf-linker linked against Debian's LLVM 22.
     let has_src = Command::new("rustup")
@@ -238,25 +245,7 @@ fn bench_proxy() -> anyhow::Result<()> {
             harness.display()
         );
     }
-    if is_root() {
-        let pkgs = ["nginx-light", "haproxy", "wrk", "nghttp2-client", "openssl"];
-        let missing: Vec<&str> = pkgs
-            .into_iter()
-            .filter(|p| {
-                !Command::new("dpkg-query")
-                    .args(["-W", "-f=${Status}", p])
-                    .output()
-                    .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-                    .unwrap_or(false)
-            })
-            .collect();
-        if !missing.is_empty() {
-            run(Command::new("apt-get")
-                .args(["install", "-y", "-q"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"))?;
-        }
-    }
+    apt_ensure(&["nginx-light", "haproxy", "wrk", "nghttp2-client", "openssl"])?;
     run(Command::new("cargo").args(["build", "--release", "--bin", "skein"]))?;
     let work = root().join("target/bench/proxy");
     let _ = std::fs::remove_dir_all(&work);
