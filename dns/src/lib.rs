@@ -112,6 +112,16 @@ impl Default for DnsConfig {
     }
 }
 
+/// Most UDP queries read (and answers sent) per system call.
+const BATCH: usize = 32;
+
+/// A nix socket address as a std one.
+fn to_std(a: &nix::sys::socket::SockaddrStorage) -> Option<SocketAddr> {
+    a.as_sockaddr_in()
+        .map(|v4| SocketAddr::V4((*v4).into()))
+        .or_else(|| a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into())))
+}
+
 /// Counters resolved once.
 struct Counters {
     by_rcode: [metrics::Counter; 6],
@@ -404,43 +414,78 @@ impl Dns {
         tcp.abort_all();
     }
 
+    /// Serves one UDP socket: up to [`BATCH`] queries per `recvmmsg`, their
+    /// answers in one `sendmmsg` (one pair of system calls per batch instead of
+    /// per query, which is where a loaded server spends its time).
     fn udp_loop(&self, sock: Arc<UdpSocket>, halt: &AtomicBool) {
-        let mut buf = [0u8; 4096];
-        let mut out = Vec::with_capacity(wire::MAX_UDP);
+        use std::io::{IoSlice, IoSliceMut};
+        use std::os::fd::AsRawFd;
+
+        use nix::errno::Errno;
+        use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg};
+
+        let fd = sock.as_raw_fd();
+        let mut bufs = vec![[0u8; 4096]; BATCH];
+        let mut outs: Vec<Vec<u8>> = (0..BATCH)
+            .map(|_| Vec::with_capacity(wire::MAX_UDP))
+            .collect();
+        let mut rx = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+        let mut tx = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+        let mut got: Vec<(usize, Option<SocketAddr>)> = Vec::with_capacity(BATCH);
+        let mut replies: Vec<(usize, SocketAddr)> = Vec::with_capacity(BATCH);
         let mut views = arc_swap::Cache::new(&self.views);
         while !halt.load(Ordering::Relaxed) {
-            let (n, src) = match sock.recv_from(&mut buf) {
-                Ok(x) => x,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    continue;
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "dns recv failed");
-                    continue;
-                }
-            };
-            let v = views.load();
-            match self.handle(v, src.ip(), &buf[..n], &mut out, true) {
-                Outcome::Reply => {
-                    let _ = sock.send_to(&out, src);
-                }
-                Outcome::Drop => {}
-                Outcome::Forward(query) => {
-                    let job = Job {
-                        query,
-                        packet: buf[..n].to_vec(),
-                        src,
-                        sock: sock.clone(),
-                    };
-                    if self.jobs.try_send(job).is_err() {
-                        metrics::counter!("skein_dns_forward_overflow_total").increment(1);
+            got.clear();
+            {
+                let mut iovs: Vec<[IoSliceMut<'_>; 1]> = bufs
+                    .iter_mut()
+                    .map(|b| [IoSliceMut::new(&mut b[..])])
+                    .collect();
+                match recvmmsg(fd, &mut rx, iovs.iter_mut(), MsgFlags::MSG_WAITFORONE, None) {
+                    Ok(msgs) => {
+                        got.extend(msgs.map(|m| (m.bytes, m.address.and_then(|a| to_std(&a)))))
+                    }
+                    Err(Errno::EAGAIN | Errno::EINTR | Errno::ETIMEDOUT) => continue,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "dns recvmmsg failed");
+                        continue;
                     }
                 }
+            }
+            let v = views.load();
+            replies.clear();
+            for (i, (n, src)) in got.iter().enumerate() {
+                let Some(src) = *src else { continue };
+                let packet = &bufs[i][..*n];
+                match self.handle(v, src.ip(), packet, &mut outs[i], true) {
+                    Outcome::Reply => replies.push((i, src)),
+                    Outcome::Drop => {}
+                    Outcome::Forward(query) => {
+                        let job = Job {
+                            query,
+                            packet: packet.to_vec(),
+                            src,
+                            sock: sock.clone(),
+                        };
+                        if self.jobs.try_send(job).is_err() {
+                            metrics::counter!("skein_dns_forward_overflow_total").increment(1);
+                        }
+                    }
+                }
+            }
+            if replies.is_empty() {
+                continue;
+            }
+            let slices: Vec<[IoSlice<'_>; 1]> = replies
+                .iter()
+                .map(|(i, _)| [IoSlice::new(&outs[*i])])
+                .collect();
+            let addrs: Vec<Option<SockaddrStorage>> = replies
+                .iter()
+                .map(|(_, a)| Some(SockaddrStorage::from(*a)))
+                .collect();
+            if let Err(e) = sendmmsg(fd, &mut tx, slices.iter(), addrs, [], MsgFlags::empty()) {
+                tracing::debug!(error = %e, "dns sendmmsg failed");
             }
         }
     }
