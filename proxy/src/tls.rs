@@ -40,6 +40,7 @@ pub struct Certs {
     routes: Arc<ArcSwap<RouteTable>>,
     self_signed: Mutex<HashMap<String, Arc<CertifiedKey>>>,
     default_name: Option<String>,
+    parses: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Certs {
@@ -73,6 +74,7 @@ impl Certs {
             routes,
             self_signed: Mutex::new(HashMap::new()),
             default_name,
+            parses: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -84,7 +86,11 @@ impl Certs {
             let key = match old.parsed.get(name) {
                 Some((src, key)) if Arc::ptr_eq(src, rec) => key.clone(),
                 _ => match certified_key(rec, &self.provider) {
-                    Ok(k) => Arc::new(k),
+                    Ok(k) => {
+                        self.parses
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        Arc::new(k)
+                    }
                     Err(e) => {
                         metrics::counter!("skein_proxy_certificate_errors_total").increment(1);
                         tracing::warn!(certificate = %name, error = %e, "certificate not loaded");
@@ -102,6 +108,22 @@ impl Certs {
         }
         metrics::gauge!("skein_proxy_certificates").set(t.parsed.len() as f64);
         self.table.store(Arc::new(t));
+    }
+
+    /// How many certificates have been parsed since start (unchanged ones are
+    /// not parsed again on a catalog change).
+    pub fn parses(&self) -> u64 {
+        self.parses.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Certificates loaded.
+    pub fn len(&self) -> usize {
+        self.table.load().parsed.len()
+    }
+
+    /// True if none is loaded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// The certificate for a name, as a handshake would get it.

@@ -1354,3 +1354,48 @@ async fn an_idle_keep_alive_client_is_closed() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn a_certificate_change_parses_only_that_certificate() {
+    let (a, _) = backend("ams1").await;
+    let h = Harness::start(&[("ams1", "ams", a)], 20, 25, |_| {}).await;
+    let mut doc = catalog(&h.pki, &[("ams1", "ams", a)], 20, 25);
+    for i in 0..20 {
+        let (chain_pem, key_pem) = h.pki.issue(&[&format!("h{i}.example.org")]);
+        doc.certificates.push(skein_catalog::model::Certificate {
+            name: format!("c{i}"),
+            hostnames: vec![],
+            chain_pem,
+            key_pem,
+            source: Default::default(),
+        });
+    }
+    // Only the proxy's own catalog follower applies changes here.
+    h.store.replace(Source::File, doc.clone()).unwrap();
+    settled(&h).await;
+    assert_eq!(h.proxy.certs.len(), 21);
+    let before = h.proxy.certs.parses();
+    let (chain_pem, key_pem) = h.pki.issue(&["h7.example.org"]);
+    doc.certificates[8].chain_pem = chain_pem;
+    doc.certificates[8].key_pem = key_pem;
+    h.store.replace(Source::File, doc).unwrap();
+    settled(&h).await;
+    assert_eq!(
+        h.proxy.certs.parses() - before,
+        1,
+        "only the changed certificate is parsed again"
+    );
+    assert!(h.proxy.certs.lookup("h7.example.org").is_some());
+}
+
+/// Waits until the proxy's tables are at the store's version.
+async fn settled(h: &Harness) {
+    let want = h.store.snapshot().version;
+    let start = Instant::now();
+    while h.proxy.routes.load().version != want {
+        assert!(start.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The certificate table is swapped right after the routes.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
