@@ -21,6 +21,7 @@ const MAX_CACHE_TTL: u32 = 3600;
 
 struct Cached {
     response: Vec<u8>,
+    stored: Instant,
     expires: Instant,
 }
 
@@ -102,6 +103,24 @@ pub fn cache_ttl(p: &[u8]) -> Option<u32> {
     min.map(|t| t.min(MAX_CACHE_TTL)).filter(|t| *t > 0)
 }
 
+/// Lowers every TTL in the answer and authority sections by `age` seconds (a
+/// cached answer must not promise more time than it has left).
+pub fn age_ttls(p: &mut [u8], age: u32) -> Option<()> {
+    let (qd, an, ns) = (u16_at(p, 4)?, u16_at(p, 6)?, u16_at(p, 8)?);
+    let mut i = 12;
+    for _ in 0..qd {
+        i = skip_name(p, i)? + 4;
+    }
+    for _ in 0..(u32::from(an) + u32::from(ns)) {
+        i = skip_name(p, i)?;
+        let ttl = u32_at(p, i + 4)?;
+        p.get_mut(i + 4..i + 8)?
+            .copy_from_slice(&ttl.saturating_sub(age).to_be_bytes());
+        i += 10 + usize::from(u16_at(p, i + 8)?);
+    }
+    Some(())
+}
+
 impl Forwarder {
     /// A forwarder to `upstreams` (tried in order within `timeout`).
     pub fn new(
@@ -139,6 +158,10 @@ impl Forwarder {
         }
         out.clear();
         out.extend_from_slice(&c.response);
+        let age = u32::try_from(c.stored.elapsed().as_secs()).unwrap_or(u32::MAX);
+        if age > 0 {
+            let _ = age_ttls(out, age);
+        }
         out[..2].copy_from_slice(&q.id.to_be_bytes());
         // The asker's own spelling of the name.
         out[12..q.question_end].copy_from_slice(&packet[12..q.question_end]);
@@ -249,6 +272,7 @@ impl Forwarder {
             (q.qname().to_vec(), q.qtype),
             Cached {
                 response: resp.to_vec(),
+                stored: Instant::now(),
                 expires: Instant::now() + Duration::from_secs(u64::from(ttl)),
             },
         );

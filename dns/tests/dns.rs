@@ -468,6 +468,14 @@ async fn other_names_are_forwarded_cached_and_rate_limited() {
             .response_code,
         ResponseCode::NXDomain
     );
+    // A cached answer promises only the time it has left.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let m = ask(s.addr, "db.prod.svc.corp.example.", RecordType::AAAA);
+    assert!(
+        m.answers[0].ttl < 5,
+        "ttl {} was not aged",
+        m.answers[0].ttl
+    );
     // Our own names are still ours.
     assert_eq!(
         aaaa(&ask(s.addr, "web.flycast.", RecordType::AAAA)),

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use skein_dns::forward::cache_ttl;
+use skein_dns::forward::{age_ttls, cache_ttl};
 use skein_dns::wire::{Body, Records, parse_query, rcode, rtype, write_formerr, write_response};
 
 fuzz_target!(|data: &[u8]| {
@@ -20,4 +20,6 @@ fuzz_target!(|data: &[u8]| {
         Err(_) => write_formerr(&mut out, data),
     }
     let _ = cache_ttl(data);
+    let mut aged = data.to_vec();
+    let _ = age_ttls(&mut aged, 7);
 });
