@@ -232,8 +232,22 @@ pub fn build_at(
     let networks = gather::<Network>(layers, &mut p, |r, at, p| check::network(r, at, p));
     let apps = gather::<App>(layers, &mut p, |r, at, p| check::app(r, at, p));
     let mut machines = gather::<Machine>(layers, &mut p, |r, at, p| check::machine(r, at, p));
-    let certificates =
-        gather::<Certificate>(layers, &mut p, |r, at, p| check::certificate(r, at, p, now));
+    // Parsing PEM is the costly check: a certificate whose PEM (and any given
+    // hostnames) equal the one in force is taken as it was checked then, so a
+    // change to one of 100,000 certificates parses one.
+    let certificates = gather::<Certificate>(layers, &mut p, |r, at, p| {
+        match prev.certificates.get(&r.name) {
+            Some(old)
+                if old.chain_pem == r.chain_pem
+                    && old.key_pem == r.key_pem
+                    && old.source == r.source
+                    && (r.hostnames.is_empty() || r.hostnames == old.hostnames) =>
+            {
+                r.hostnames = old.hostnames.clone();
+            }
+            _ => check::certificate(r, at, p, now),
+        }
+    });
     let services = gather::<K8sService>(layers, &mut p, |r, at, p| check::k8s_service(r, at, p));
 
     // Regions: round-trip times name known regions and agree both ways.
