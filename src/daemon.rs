@@ -74,9 +74,7 @@ pub async fn start(cfg: Config, builtin: Option<Document>) -> anyhow::Result<Run
     let (stop, stop_rx) = watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
+        async move { skein_catalog::store::stopped(&mut rx).await }
     };
     let hup = Arc::new(Notify::new());
     let mut tasks = JoinSet::new();

@@ -27,3 +27,16 @@ pub use model::Document;
 pub use record::{Kind, Record};
 pub use skein_sixpn as sixpn;
 pub use store::{Changes, Diff, Snapshot, Store, WriteError, Written};
+
+/// Threads for a plane's serving loops: the configured number, else one per
+/// core this process may run on (at least one). Shared so every plane reads a
+/// `threads` setting the same way.
+pub fn serving_threads(configured: Option<usize>) -> usize {
+    configured
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+        .max(1)
+}

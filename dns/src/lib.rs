@@ -327,14 +327,7 @@ impl Dns {
     }
 
     fn threads(&self) -> usize {
-        self.cfg
-            .threads
-            .unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1)
-            })
-            .max(1)
+        skein_catalog::serving_threads(self.cfg.threads)
     }
 
     /// Binds every listen address: one SO_REUSEPORT UDP socket per thread and

@@ -301,8 +301,7 @@ impl Views {
             IpAddr::V6(v6) => v6,
             IpAddr::V4(_) => return &self.default,
         };
-        if let Some(v4) = v6.to_ipv4_mapped() {
-            let _ = v4;
+        if v6.to_ipv4_mapped().is_some() {
             return &self.default;
         }
         match SixPn::try_from(v6) {

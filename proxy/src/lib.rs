@@ -128,6 +128,7 @@ impl Proxy {
         let started = std::time::Instant::now();
         let table = RouteTable::build(snap, &self.region, &self.loads);
         let hosts = table.len();
+        self.upstreams.retain(&table.addresses());
         self.routes.store(Arc::new(table));
         self.certs.update(snap);
         metrics::gauge!("skein_proxy_route_version").set(snap.version as f64);
@@ -147,14 +148,7 @@ impl Proxy {
 
     /// How many threads serve clients.
     pub fn threads(&self) -> usize {
-        self.cfg
-            .threads
-            .unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1)
-            })
-            .max(1)
+        skein_catalog::serving_threads(self.cfg.threads)
     }
 
     /// Binds the configured listeners, one SO_REUSEPORT socket per thread.

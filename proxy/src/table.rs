@@ -255,6 +255,15 @@ impl RouteTable {
         self.by_name.values()
     }
 
+    /// Every machine address the table routes to.
+    pub fn addresses(&self) -> std::collections::HashSet<SocketAddr> {
+        self.by_name
+            .values()
+            .flat_map(|a| a.services.iter())
+            .flat_map(|s| s.backends.iter().map(|b| b.addr))
+            .collect()
+    }
+
     /// An app by name.
     pub fn app_by_name(&self, name: &str) -> Option<&Arc<AppRoute>> {
         self.by_name.get(name)

@@ -135,6 +135,19 @@ impl Upstreams {
         }
     }
 
+    /// Forgets connections to addresses no longer in `live` (machines that
+    /// left the catalog), so the pool does not grow with machine churn.
+    pub fn retain(&self, live: &std::collections::HashSet<SocketAddr>) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|a, _| live.contains(a));
+        self.h2
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|a, _| live.contains(a));
+    }
+
     fn take_idle(&self, addr: SocketAddr) -> Option<http1::SendRequest<ProxyBody>> {
         let mut m = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = m.get_mut(&addr)?;
