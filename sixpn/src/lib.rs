@@ -18,6 +18,8 @@
 //! functions as the catalog, so the arithmetic is tested once, here, on the host.
 #![no_std]
 
+pub mod policy;
+
 use core::fmt;
 use core::net::Ipv6Addr;
 

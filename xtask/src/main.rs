@@ -4,6 +4,8 @@
 //!   `cargo clippy --all-targets -- -D warnings` and every test. This is the
 //!   command README and CI run.
 //! - `ensure`: only the installs.
+//! - `build-ebpf`: build the eBPF programs with nightly; binaries built afterwards
+//!   embed them (without it they build, and the mesh says how to get them).
 //! - `lint`: only fmt and clippy.
 //! - `bench proxy`: skein's proxy against nginx and HAProxy on this machine, in
 //!   one run, with the peer harness in `../shared/bench/proxy-peers.sh` (proxy on
@@ -21,24 +23,39 @@ use anyhow::{Context as _, bail};
 /// - curl: the demo test runs the commands the demo prints.
 /// - dnsutils: dig, a real DNS client the demo test runs.
 /// - llvm-22-dev: bpf-linker links libLLVM 22 (the eBPF programs).
-const APT_PACKAGES: &[&str] = &["curl", "dnsutils", "iproute2", "llvm-22-dev"];
+/// - iproute2, iputils-ping, tcpdump: the network-namespace tests build topologies,
+///   ping across them and capture the underlay.
+/// - wireguard-tools, wireguard-go: `wg show` against skein's device, and the
+///   interoperability test's peer.
+const APT_PACKAGES: &[&str] = &[
+    "curl",
+    "dnsutils",
+    "iproute2",
+    "iputils-ping",
+    "llvm-22-dev",
+    "tcpdump",
+    "wireguard-go",
+    "wireguard-tools",
+];
 
 fn main() -> anyhow::Result<()> {
     let verb = std::env::args().nth(1).unwrap_or_default();
     match verb.as_str() {
         "test" => {
             ensure()?;
+            build_ebpf()?;
             lint()?;
             test()
         }
         "ensure" => ensure(),
+        "build-ebpf" => build_ebpf(),
         "lint" => lint(),
         "bench" => match std::env::args().nth(2).as_deref() {
             Some("proxy") => bench_proxy(),
             Some("dns") => bench_dns(),
             _ => bail!("usage: cargo xtask bench <proxy|dns>"),
         },
-        _ => bail!("usage: cargo xtask <test|ensure|lint|bench proxy>"),
+        _ => bail!("usage: cargo xtask <test|ensure|build-ebpf|lint|bench proxy|bench dns>"),
     }
 }
 
@@ -134,6 +151,26 @@ fn ensure() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Builds the eBPF programs (`ebpf/programs`, nightly, `bpfel-unknown-none`); the
+/// `skein-ebpf` build script embeds the object in every binary built afterwards.
+fn build_ebpf() -> anyhow::Result<()> {
+    run(Command::new("cargo")
+        .args([
+            "+nightly",
+            "build",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
+        .current_dir(root().join("ebpf/programs"))
+        // a stable toolchain's environment must not leak into the nightly build
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO")
+        .env_remove("RUSTC"))
+}
+
 fn lint() -> anyhow::Result<()> {
     run(Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
     run(Command::new("cargo").args([
@@ -156,6 +193,8 @@ fn test() -> anyhow::Result<()> {
     let mut cmd = Command::new("cargo");
     cmd.args(["test", "--workspace"])
         .current_dir(root())
+        // build_ebpf ran: a root test that cannot load the programs is a failure
+        .env("SKEIN_REQUIRE_EBPF", "1")
         .stdout(std::process::Stdio::piped());
     eprintln!("xtask: {cmd:?}");
     let mut child = cmd.spawn().context("running cargo test")?;

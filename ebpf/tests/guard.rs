@@ -1,0 +1,105 @@
+//! The guard program loaded into the kernel and attached to a real veth: a machine
+//! (a network namespace) behind its host (another one) reaches its own network, and
+//! its spoofed and foreign packets are dropped and counted by reason.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use skein_ebpf::Datapath;
+use skein_sixpn::{SixPn, policy::Reason};
+use skein_testkit::{Netns, require_root, veth};
+
+/// Skips (returns None) where the programs cannot be loaded: not root, or a binary
+/// built without them. `cargo xtask test` sets SKEIN_REQUIRE_EBPF so CI fails instead.
+fn datapath(test: &str) -> Option<Datapath> {
+    if !require_root(test) {
+        return None;
+    }
+    match Datapath::load() {
+        Ok(d) => Some(d),
+        Err(skein_ebpf::Error::NotBuilt) if std::env::var_os("SKEIN_REQUIRE_EBPF").is_none() => {
+            println!("skipped: needs the eBPF object (cargo xtask build-ebpf): {test}");
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn count(d: &Datapath, r: Reason) -> u64 {
+    d.counters()
+        .unwrap()
+        .into_iter()
+        .find(|(x, _)| *x == r)
+        .map(|(_, n)| n)
+        .unwrap()
+}
+
+#[test]
+fn guard_drops_spoofed_and_foreign_packets_and_counts_them() {
+    if !skein_testkit::is_root() {
+        require_root("guard_drops_spoofed_and_foreign_packets_and_counts_them");
+        return;
+    }
+    let host = Netns::new("gh");
+    let vm = Netns::new("gm");
+    veth(&host, "vm1", &vm, "eth0");
+    let me: SixPn = "fdaa:0:18:0:2:0:7:0".parse().unwrap();
+    // the machine: its address, a second one it is not allowed to use, a route home
+    vm.ip("addr add fdaa:0:18:0:2:0:7:0/128 dev eth0 nodad");
+    vm.ip("addr add fdaa:0:18:0:2:0:8:0/128 dev eth0 nodad");
+    vm.ip("route add fdaa::/16 via fe80::1 dev eth0");
+    // the host: link-local gateway, route to the machine, addresses to ping
+    host.ip("addr add fe80::1/64 dev vm1 nodad");
+    host.ip("route add fdaa:0:18:0:2:0:7:0/112 dev vm1");
+    host.ip("route add fdaa:0:18:0:2:0:8:0/112 dev vm1");
+    host.ip("addr add fdaa:0:18:0:3:0:1:0/128 dev lo"); // same network, other host
+    host.ip("addr add fdaa:0:19:0:3:0:1:0/128 dev lo"); // another network
+    host.ip("addr add fdaa::3/128 dev lo"); // the resolver
+
+    let own = "fdaa:0:18:0:2:0:7:0";
+    let spoof = "fdaa:0:18:0:2:0:8:0";
+    // without the guard everything gets through
+    assert!(vm.ping(own, "fdaa:0:18:0:3:0:1:0"));
+    assert!(vm.ping(spoof, "fdaa:0:18:0:3:0:1:0"));
+    assert!(vm.ping(own, "fdaa:0:19:0:3:0:1:0"));
+
+    let test = "guard_drops_spoofed_and_foreign_packets_and_counts_them";
+    let h = std::thread::scope(|s| {
+        s.spawn(|| {
+            host.enter();
+            let mut d = datapath(test)?;
+            d.attach_guard("vm1", me).unwrap();
+            Some(d)
+        })
+        .join()
+        .unwrap()
+    });
+    let Some(mut d) = h else { return };
+    assert_eq!(d.attached(), vec![("vm1".to_owned(), "guard")]);
+
+    assert!(vm.ping(own, "fdaa:0:18:0:3:0:1:0"), "own network must pass");
+    assert!(vm.ping(own, "fdaa::3"), "the resolver must pass");
+    assert!(
+        !vm.ping(spoof, "fdaa:0:18:0:3:0:1:0"),
+        "a spoofed source must be dropped"
+    );
+    assert!(
+        !vm.ping(own, "fdaa:0:19:0:3:0:1:0"),
+        "another network must be dropped"
+    );
+    assert!(count(&d, Reason::GuardPass) >= 2);
+    assert!(count(&d, Reason::GuardSpoofedSource) >= 1);
+    assert!(count(&d, Reason::GuardForeignDestination) >= 1);
+    // neighbour discovery kept working (the pings above needed it)
+    assert!(count(&d, Reason::GuardLinkLocal) >= 1);
+
+    // an IPv4 packet from the machine is dropped as not_ipv6
+    vm.ip("addr add 10.9.0.2/24 dev eth0");
+    host.ip("addr add 10.9.0.1/24 dev vm1");
+    let v4 = vm.run(&["ping", "-4", "-n", "-c", "1", "-W", "1", "10.9.0.1"]);
+    assert!(!v4.status.success());
+    assert!(count(&d, Reason::GuardNotIpv6) >= 1);
+
+    // detaching takes it away again
+    d.detach_guard("vm1");
+    assert!(d.attached().is_empty());
+    assert!(vm.ping(spoof, "fdaa:0:18:0:3:0:1:0"));
+}

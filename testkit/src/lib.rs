@@ -1,0 +1,133 @@
+//! Test support shared by the crates' root tests: network namespaces that are
+//! always removed (also when a test panics), and the root check that turns a test
+//! into a counted skip on machines where it cannot run.
+//!
+//! Every namespace name carries the process id, so parallel test binaries never
+//! collide, and traffic stays inside the namespaces the test made.
+
+use std::{
+    fs::File,
+    process::{Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+/// True when running as root (the netns tests need it).
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Call first in a root test: returns false (and says so) when the test must skip.
+/// `cargo xtask test` counts the "skipped: needs root" lines.
+pub fn require_root(test: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    println!("skipped: needs root: {test}");
+    false
+}
+
+/// Runs a command, panicking with its output if it fails.
+pub fn sh(args: &[&str]) -> Output {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs `ip` with these arguments, checked.
+pub fn ip(args: &str) -> Output {
+    let mut v = vec!["ip"];
+    v.extend(args.split_whitespace());
+    sh(&v)
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A network namespace that is deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates `sk<tag><pid>-<n>` with loopback up.
+    pub fn new(tag: &str) -> Netns {
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let name = format!("sk{tag}{}-{n}", std::process::id());
+        ip(&format!("netns add {name}"));
+        let ns = Netns { name };
+        ns.ip("link set lo up");
+        ns
+    }
+
+    /// Its name (for `ip netns exec`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip -n <ns> ...`, checked.
+    pub fn ip(&self, args: &str) -> Output {
+        ip(&format!("-n {} {args}", self.name))
+    }
+
+    /// A command inside the namespace (not yet run).
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// Runs a command in the namespace and returns its output, unchecked.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args[0])
+            .args(&args[1..])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("running {args:?} in {}: {e}", self.name))
+    }
+
+    /// True if `ping -6` from this namespace gets an answer (one try, one second).
+    pub fn ping(&self, from: &str, to: &str) -> bool {
+        self.run(&["ping", "-6", "-n", "-c", "1", "-W", "1", "-I", from, to])
+            .status
+            .success()
+    }
+
+    /// Moves the calling thread into the namespace (sockets and netlink calls it
+    /// makes from now on live there). Use from a dedicated thread.
+    pub fn enter(&self) {
+        let f = File::open(format!("/run/netns/{}", self.name))
+            .unwrap_or_else(|e| panic!("opening netns {}: {e}", self.name));
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+            .unwrap_or_else(|e| panic!("entering netns {}: {e}", self.name));
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stdin(Stdio::null())
+            .output();
+    }
+}
+
+/// Joins `a` and `b` with a veth pair (`a_if` in `a`, `b_if` in `b`), both up.
+pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
+    ip(&format!(
+        "link add {a_if} netns {} type veth peer name {b_if} netns {}",
+        a.name(),
+        b.name()
+    ));
+    a.ip(&format!("link set {a_if} up"));
+    b.ip(&format!("link set {b_if} up"));
+}
