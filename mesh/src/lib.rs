@@ -1,6 +1,12 @@
-//! The mesh plane: one WireGuard device per host (userspace boringtun where the
-//! kernel has none), peers from the catalog, routes for local machines, and the
-//! eBPF guards attached through `skein-ebpf`.
-//!
-//! Status: the crate is in the workspace so the layout is fixed; the plane lands
-//! with its own issue.
+//! The mesh plane: one WireGuard device per host (skein's own userspace device on
+//! boringtun's Noise implementation where the kernel has no WireGuard, any UAPI
+//! device otherwise), peers from the catalog, routes for local machines, and the
+//! eBPF guards and rewrite attached through `skein-ebpf`.
+
+pub mod device;
+pub mod key;
+pub mod tun;
+pub mod uapi;
+
+pub use device::{Device, DeviceConfig};
+pub use key::Key;

@@ -1,0 +1,85 @@
+//! A Linux TUN device (L3, no packet-info header). The interface lives as long as
+//! the file descriptor: dropping the [`Tun`] removes it, so a stopped or crashed
+//! daemon leaves no device behind.
+#![allow(unsafe_code)]
+
+use std::{
+    fs::{File, OpenOptions},
+    io,
+    os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _},
+};
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+
+/// An open TUN interface.
+#[derive(Debug)]
+pub struct Tun {
+    file: File,
+    name: String,
+}
+
+impl Tun {
+    /// Creates (or attaches to) the TUN interface `name`.
+    pub fn create(name: &str) -> io::Result<Tun> {
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('/') {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("interface name {name:?}: 1 to 15 characters, no '/'"),
+            ));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open("/dev/net/tun")?;
+        // SAFETY: ifreq is plain old data; all-zero is a valid value.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+            *d = s as libc::c_char;
+        }
+        req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+        // SAFETY: TUNSETIFF reads and writes one ifreq, which outlives the call.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Tun {
+            file,
+            name: name.to_owned(),
+        })
+    }
+
+    /// The interface name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Waits up to `timeout` for a packet; false on timeout.
+    pub fn readable(&self, timeout: std::time::Duration) -> io::Result<bool> {
+        readable(&self.file, timeout)
+    }
+
+    /// Reads one packet (blocking).
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::io::Read as _;
+        (&self.file).read(buf)
+    }
+
+    /// Writes one packet.
+    pub fn send(&self, packet: &[u8]) -> io::Result<usize> {
+        use std::io::Write as _;
+        (&self.file).write(packet)
+    }
+}
+
+/// Waits up to `timeout` for `fd` to become readable; false on timeout.
+pub fn readable(fd: &impl std::os::fd::AsFd, timeout: std::time::Duration) -> io::Result<bool> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::from(ms)) {
+        Ok(n) => Ok(n > 0),
+        Err(nix::errno::Errno::EINTR) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}

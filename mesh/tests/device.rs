@@ -1,0 +1,232 @@
+//! skein's WireGuard device between two network namespaces over a veth underlay:
+//! configured through its UAPI socket, it carries IPv6 both ways, `wg show` reads
+//! it, and it interoperates with Debian's wireguard-go.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{path::Path, process::Command, time::Duration};
+
+use skein_mesh::{
+    Device, DeviceConfig, Key,
+    uapi::{self, DeviceUpdate, PeerUpdate},
+};
+use skein_testkit::{Netns, require_root, veth};
+
+fn underlay() -> (Netns, Netns) {
+    let a = Netns::new("da");
+    let b = Netns::new("db");
+    veth(&a, "ul", &b, "ul");
+    a.ip("addr add fd00:77::1/64 dev ul nodad");
+    b.ip("addr add fd00:77::2/64 dev ul nodad");
+    (a, b)
+}
+
+fn device_in(ns: &Netns, name: &str, port: u16) -> Device {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            ns.enter();
+            Device::create(&DeviceConfig {
+                name: name.into(),
+                listen_port: port,
+                uapi_dir: uapi::SOCKET_DIR.into(),
+            })
+            .unwrap()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+fn configure(sock: &Path, private: Key, peer: Key, endpoint: &str, allowed: &str) {
+    let mut p = PeerUpdate::new(peer);
+    p.endpoint = Some(endpoint.parse().unwrap());
+    p.replace_allowed_ips = true;
+    p.allowed_ips = vec![allowed.parse().unwrap()];
+    uapi::set(
+        sock,
+        &DeviceUpdate {
+            private_key: Some(Some(private)),
+            listen_port: None,
+            fwmark: None,
+            replace_peers: true,
+            peers: vec![p],
+        },
+    )
+    .unwrap();
+}
+
+fn up(ns: &Netns, iface: &str, addr: &str) {
+    ns.ip(&format!("addr add {addr}/64 dev {iface} nodad"));
+    ns.ip(&format!("link set {iface} mtu 1420 up"));
+}
+
+fn ping_eventually(ns: &Netns, from: &str, to: &str) -> bool {
+    (0..10).any(|_| ns.ping(from, to))
+}
+
+#[test]
+fn two_devices_carry_ipv6_and_wg_show_reads_them() {
+    if !require_root("two_devices_carry_ipv6_and_wg_show_reads_them") {
+        return;
+    }
+    let (a, b) = underlay();
+    let (ka, kb) = (Key::generate(), Key::generate());
+    let ia = format!("skwa{}", std::process::id() % 10000);
+    let ib = format!("skwb{}", std::process::id() % 10000);
+    let da = device_in(&a, &ia, 51820);
+    let db = device_in(&b, &ib, 51820);
+    configure(
+        da.uapi_path(),
+        ka,
+        kb.public(),
+        "[fd00:77::2]:51820",
+        "fd10::2/128",
+    );
+    configure(
+        db.uapi_path(),
+        kb,
+        ka.public(),
+        "[fd00:77::1]:51820",
+        "fd10::1/128",
+    );
+    up(&a, &ia, "fd10::1");
+    up(&b, &ib, "fd10::2");
+    assert!(
+        ping_eventually(&a, "fd10::1", "fd10::2"),
+        "a reaches b through the tunnel"
+    );
+    assert!(b.ping("fd10::2", "fd10::1"), "and back");
+
+    // `wg show` (wireguard-tools) talks to our UAPI socket
+    let out = Command::new("wg")
+        .args(["show", &ia, "dump"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dump = String::from_utf8_lossy(&out.stdout);
+    let mut lines = dump.lines();
+    let dev: Vec<&str> = lines.next().unwrap().split('\t').collect();
+    assert_eq!(dev[0], ka.to_base64(), "private key");
+    assert_eq!(dev[1], ka.public().to_base64(), "public key");
+    assert_eq!(dev[2], "51820");
+    let peer: Vec<&str> = lines.next().unwrap().split('\t').collect();
+    assert_eq!(peer[0], kb.public().to_base64());
+    assert_eq!(peer[2], "[fd00:77::2]:51820");
+    assert_eq!(peer[3], "fd10::2/128");
+    let handshake: u64 = peer[4].parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        now - handshake < 60,
+        "latest handshake is a wall-clock time: {handshake}"
+    );
+    assert!(peer[5].parse::<u64>().unwrap() > 0, "rx bytes");
+
+    // the inner address must be one the peer is allowed to use: narrow b's view
+    // of a, and a's packets from fd10::1 are refused
+    let mut p = PeerUpdate::new(ka.public());
+    p.replace_allowed_ips = true;
+    p.allowed_ips = vec!["fd10::99/128".parse().unwrap()];
+    let u = DeviceUpdate {
+        peers: vec![p],
+        ..Default::default()
+    };
+    uapi::set(db.uapi_path(), &u).unwrap();
+    assert!(
+        !a.ping("fd10::1", "fd10::2"),
+        "cryptokey routing drops a source outside AllowedIPs"
+    );
+
+    // removing the peer cuts it
+    let mut gone = PeerUpdate::new(kb.public());
+    gone.remove = true;
+    uapi::set(
+        da.uapi_path(),
+        &DeviceUpdate {
+            peers: vec![gone],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(uapi::get(da.uapi_path()).unwrap().peers.is_empty());
+    drop(da);
+    drop(db);
+    // the interfaces went with the devices
+    assert!(!a.run(&["ip", "link", "show", &ia]).status.success());
+    assert!(!Path::new(&format!("/var/run/wireguard/{ia}.sock")).exists());
+}
+
+#[test]
+fn interoperates_with_wireguard_go() {
+    if !require_root("interoperates_with_wireguard_go") {
+        return;
+    }
+    let (a, b) = underlay();
+    let (ka, kb) = (Key::generate(), Key::generate());
+    let ia = format!("skia{}", std::process::id() % 10000);
+    let ib = format!("skib{}", std::process::id() % 10000);
+    let da = device_in(&a, &ia, 51820);
+    // wireguard-go in b, foreground, its UAPI socket in the shared /var/run/wireguard
+    let mut go = b
+        .command("wireguard-go")
+        .args(["-f", &ib])
+        .env("LOG_LEVEL", "error")
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let go_guard = Kill(std::mem::replace(
+        &mut go,
+        Command::new("true").spawn().unwrap(),
+    ));
+    let sock = uapi::socket_path(Path::new(uapi::SOCKET_DIR), &ib);
+    for _ in 0..50 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    configure(
+        da.uapi_path(),
+        ka,
+        kb.public(),
+        "[fd00:77::2]:51820",
+        "fd10::2/128",
+    );
+    let mut p = PeerUpdate::new(ka.public());
+    p.endpoint = Some("[fd00:77::1]:51820".parse().unwrap());
+    p.allowed_ips = vec!["fd10::1/128".parse().unwrap()];
+    uapi::set(
+        &sock,
+        &DeviceUpdate {
+            private_key: Some(Some(kb)),
+            listen_port: Some(51820),
+            peers: vec![p],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    up(&a, &ia, "fd10::1");
+    up(&b, &ib, "fd10::2");
+    assert!(
+        ping_eventually(&a, "fd10::1", "fd10::2"),
+        "skein -> wireguard-go"
+    );
+    assert!(b.ping("fd10::2", "fd10::1"), "wireguard-go -> skein");
+    // and wireguard-go's view, read with our client, agrees
+    let info = uapi::get(&sock).unwrap();
+    assert_eq!(info.public_key(), Some(kb.public()));
+    assert!(info.peers[0].last_handshake.is_some());
+    drop(go_guard);
+    drop(da);
+}
