@@ -24,6 +24,9 @@ pub struct Config {
     /// The DNS server.
     #[serde(default)]
     pub dns: skein_dns::DnsConfig,
+    /// The private network (WireGuard mesh and eBPF guards).
+    #[serde(default)]
+    pub mesh: skein_mesh::MeshConfig,
     /// The admin listener.
     #[serde(default)]
     pub admin: AdminConfig,
@@ -48,6 +51,9 @@ pub struct HostConfig {
     /// Its region code; the proxy measures closeness from here.
     #[serde(default)]
     pub region: String,
+    /// Its name in the catalog's hosts (the mesh finds its own record by it).
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 /// `[admin]`: the admin API, `/metrics`, `/healthz`, `/readyz`.
@@ -281,6 +287,30 @@ impl Config {
                 "dns.listen",
                 "the DNS server is enabled but has no address".into(),
             );
+        }
+        if self.mesh.enabled {
+            if self.host.name.as_deref().unwrap_or("").is_empty() {
+                bad(
+                    "host.name",
+                    "the mesh needs this host's name in the catalog".into(),
+                );
+            }
+            let i = &self.mesh.interface;
+            if i.is_empty() || i.len() > 15 || i.contains('/') || i.contains(char::is_whitespace) {
+                bad(
+                    "mesh.interface",
+                    format!("{i:?}: 1 to 15 characters, no '/' or space"),
+                );
+            }
+            if !(1280..=65535).contains(&self.mesh.mtu) {
+                bad(
+                    "mesh.mtu",
+                    format!(
+                        "{} is outside 1280..=65535 (IPv6 needs 1280)",
+                        self.mesh.mtu
+                    ),
+                );
+            }
         }
         if self.admin.max_connections == 0 {
             bad("admin.max_connections", "must be at least 1".into());

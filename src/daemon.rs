@@ -105,6 +105,18 @@ pub async fn start(cfg: Config, builtin: Option<Document>) -> anyhow::Result<Run
         tasks.spawn(dns.serve(bound, stop.subscribe()));
     }
 
+    if cfg.mesh.enabled {
+        let name = cfg.host.name.clone().unwrap_or_default();
+        let agent = skein_mesh::Agent::start(&cfg.mesh, &name, &cfg.state.dir)
+            .await
+            .context("starting the mesh")?;
+        tasks.spawn(skein_mesh::agent::run(
+            agent,
+            store.subscribe(),
+            stop.subscribe(),
+        ));
+    }
+
     let endpoint: Endpoint = cfg
         .admin
         .listen

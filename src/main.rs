@@ -48,12 +48,35 @@ enum Cmd {
     },
     /// Read and change the catalog through the admin API.
     Catalog(cli::CatalogArgs),
+    /// Print this host's WireGuard public key (creating the private key file, mode
+    /// 0600, if missing): what goes in the host's catalog record.
+    MeshKey {
+        /// Path of skein.toml.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::CheckConfig { file } => cli::check_config(&file),
+        Cmd::MeshKey { config } => match config::Config::load(&config) {
+            Ok(cfg) => match skein_mesh::agent::public_key(&cfg.mesh, &cfg.state.dir) {
+                Ok(k) => {
+                    println!("{}", k.to_base64());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+            Err(e) => {
+                eprintln!("error: {}:\n{e}", config.display());
+                ExitCode::FAILURE
+            }
+        },
         cmd => {
             let rt = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
@@ -92,6 +115,6 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Catalog(args) => cli::catalog(args).await,
-        Cmd::CheckConfig { .. } => Ok(ExitCode::FAILURE),
+        Cmd::CheckConfig { .. } | Cmd::MeshKey { .. } => Ok(ExitCode::FAILURE),
     }
 }

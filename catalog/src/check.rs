@@ -283,6 +283,19 @@ pub(crate) fn machine(m: &Machine, at: &str, p: &mut Problems) {
     {
         p.add(format!("{at}.endpoint"), "port must not be 0");
     }
+    if let Some(i) = &m.interface {
+        let ok = (1..=15).contains(&i.len())
+            && i.bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':');
+        if !ok {
+            p.add(
+                format!("{at}.interface"),
+                format!(
+                    "{i:?} is not an interface name (1 to 15 characters, no '/', ':' or space)"
+                ),
+            );
+        }
+    }
 }
 
 /// Parses and checks a certificate's PEM; fills in its hostnames from the leaf when

@@ -395,6 +395,10 @@ pub struct Machine {
     /// setups without a mesh, the demo).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<SocketAddr>,
+    /// The host-side network interface of the machine (its veth or tap), set by the
+    /// worker that runs it. The mesh routes the machine's `/112` to it and guards it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
 }
 
 fn is_default_meta(m: &MachineMeta) -> bool {

@@ -3,10 +3,13 @@
 //! device otherwise), peers from the catalog, routes for local machines, and the
 //! eBPF guards and rewrite attached through `skein-ebpf`.
 
+pub mod agent;
 pub mod device;
 pub mod key;
+pub mod netlink;
 pub mod tun;
 pub mod uapi;
 
+pub use agent::{Agent, MeshConfig};
 pub use device::{Device, DeviceConfig};
 pub use key::Key;

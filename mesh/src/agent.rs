@@ -1,0 +1,602 @@
+//! The mesh agent: keeps this host's WireGuard device, routes and eBPF maps in step
+//! with the catalog.
+//!
+//! - **Device**: skein's own ([`crate::Device`]) or any device that serves the UAPI
+//!   socket (wireguard-go, boringtun-cli). Either way the agent configures it through
+//!   the UAPI, so there is one path and `wg show` sees what the agent did.
+//! - **Peers**: every other host with a WireGuard key, at its underlay address, with
+//!   one AllowedIPs entry `fdaa:<host>::/48` (host-first form). Changes go out as a
+//!   diff, so a peer that did not change keeps its session.
+//! - **Machines** of this host that are started and name their host-side interface:
+//!   a `/112` route to that interface, the guard on its ingress, and an entry in the
+//!   mesh's local-machine map. The host side also gets `fe80::1`, the gateway
+//!   machines route `fdaa::/16` through.
+//! - **Host**: `fdaa::/16` routes into the mesh device; the rewrite programs sit on it;
+//!   the host's own address `fdaa:0:0:<host>::1` is on it.
+//!
+//! [`Agent::stop`] takes all of it away again (the device's interface and the TCX
+//! links go with their file descriptors; routes and addresses on machine interfaces
+//! are deleted explicitly), and restores IPv6 forwarding to what it was.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use skein_catalog::{Snapshot, model::MachineState};
+use skein_ebpf::Datapath;
+use skein_sixpn::{HostId, MachineSlot, NetId, SixPn};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::{
+    Device, DeviceConfig, Key,
+    netlink::Netlink,
+    uapi::{self, DeviceUpdate, PeerUpdate, Prefix},
+};
+
+/// Which WireGuard device carries the mesh.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    /// skein's own userspace device, created by the daemon.
+    #[default]
+    Skein,
+    /// A device someone else runs that serves the UAPI socket (wireguard-go,
+    /// boringtun-cli); the agent only configures it.
+    Uapi,
+}
+
+/// `[mesh]` in the daemon config.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshConfig {
+    /// Run the mesh plane (needs root: TUN, routes, eBPF).
+    #[serde(default)]
+    pub enabled: bool,
+    /// The WireGuard interface.
+    #[serde(default = "default_interface")]
+    pub interface: String,
+    /// Its UDP port; the catalog's host record should say the same.
+    #[serde(default = "default_port")]
+    pub listen_port: u16,
+    /// The private key file (created, mode 0600, if missing). Default:
+    /// `<state.dir>/wireguard.key`.
+    #[serde(default)]
+    pub private_key_file: Option<PathBuf>,
+    /// `skein` (default) or `uapi` (configure a device that already runs).
+    #[serde(default)]
+    pub device: DeviceKind,
+    /// Where UAPI sockets live.
+    #[serde(default = "default_uapi_dir")]
+    pub uapi_dir: PathBuf,
+    /// MTU of the mesh interface (1420 leaves room for WireGuard over IPv6).
+    #[serde(default = "default_mtu")]
+    pub mtu: u32,
+    /// Attach the eBPF guard and rewrite (off only to measure their cost).
+    #[serde(default = "yes")]
+    pub ebpf: bool,
+    /// Persistent keepalive to every peer, seconds (0: off).
+    #[serde(default)]
+    pub persistent_keepalive: u16,
+}
+
+fn default_interface() -> String {
+    "skein0".into()
+}
+fn default_port() -> u16 {
+    51820
+}
+fn default_uapi_dir() -> PathBuf {
+    uapi::SOCKET_DIR.into()
+}
+fn default_mtu() -> u32 {
+    1420
+}
+fn yes() -> bool {
+    true
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        MeshConfig {
+            enabled: false,
+            interface: default_interface(),
+            listen_port: default_port(),
+            private_key_file: None,
+            device: DeviceKind::default(),
+            uapi_dir: default_uapi_dir(),
+            mtu: default_mtu(),
+            ebpf: true,
+            persistent_keepalive: 0,
+        }
+    }
+}
+
+/// The 6PN prefix routed into the mesh.
+const SIXPN: (Ipv6Addr, u8) = (Ipv6Addr::new(0xfdaa, 0, 0, 0, 0, 0, 0, 0), 16);
+/// The gateway address machines use on their link.
+const GATEWAY: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+const FORWARDING: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
+
+/// The host's own address on the mesh: network 0, this host, `::1`.
+pub fn host_address(host: HostId) -> SixPn {
+    let mut o = SixPn::new(NetId(0), host, MachineSlot(0)).octets();
+    o[15] = 1;
+    SixPn::from_octets(o).unwrap_or(SixPn::new(NetId(0), host, MachineSlot(0)))
+}
+
+/// A peer host's AllowedIPs entry: `fdaa:<host>::/48` in host-first form.
+pub fn peer_prefix(host: HostId) -> Prefix {
+    let o = SixPn::new(NetId(0), host, MachineSlot(0)).to_host_first();
+    Prefix {
+        addr: IpAddr::V6(Ipv6Addr::from(o)),
+        len: 48,
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct WantPeer {
+    endpoint: SocketAddr,
+    allowed: Prefix,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct WantMachine {
+    interface: String,
+    address: SixPn,
+}
+
+/// The running agent. Owns the device and the eBPF programs.
+pub struct Agent {
+    cfg: MeshConfig,
+    host_name: String,
+    key: Key,
+    device: Option<Device>,
+    uapi: PathBuf,
+    nl: Netlink,
+    mesh_index: u32,
+    datapath: Option<Datapath>,
+    host: Option<HostId>,
+    peers: BTreeMap<Key, WantPeer>,
+    machines: BTreeMap<String, (WantMachine, u32)>,
+    forwarding_was: Option<String>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("interface", &self.cfg.interface)
+            .field("peers", &self.peers.len())
+            .field("machines", &self.machines.len())
+            .finish()
+    }
+}
+
+/// What stops the agent from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The key file.
+    #[error(transparent)]
+    Key(#[from] crate::key::KeyFileError),
+    /// The device or its socket.
+    #[error("mesh device {interface}: {source}")]
+    Device {
+        /// The interface.
+        interface: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The UAPI.
+    #[error(transparent)]
+    Uapi(#[from] uapi::ClientError),
+    /// Netlink.
+    #[error(transparent)]
+    Netlink(#[from] crate::netlink::NetlinkError),
+    /// The eBPF programs.
+    #[error(transparent)]
+    Ebpf(#[from] skein_ebpf::Error),
+    /// Anything else, said plainly.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Reads the private key file (creating it) and returns the public key: what an
+/// operator puts in the host's catalog record.
+pub fn public_key(cfg: &MeshConfig, state_dir: &Path) -> Result<Key, crate::key::KeyFileError> {
+    Ok(crate::key::load_or_create(&key_file(cfg, state_dir))?.public())
+}
+
+fn key_file(cfg: &MeshConfig, state_dir: &Path) -> PathBuf {
+    cfg.private_key_file
+        .clone()
+        .unwrap_or_else(|| state_dir.join("wireguard.key"))
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+impl Agent {
+    /// Brings the mesh device up (creating it unless `device = "uapi"`), gives it its
+    /// key, routes 6PN into it and attaches the rewrite.
+    pub async fn start(
+        cfg: &MeshConfig,
+        host_name: &str,
+        state_dir: &Path,
+    ) -> Result<Agent, StartError> {
+        let key = crate::key::load_or_create(&key_file(cfg, state_dir))?;
+        let (device, uapi_path) = match cfg.device {
+            DeviceKind::Skein => {
+                let dc = DeviceConfig {
+                    name: cfg.interface.clone(),
+                    listen_port: cfg.listen_port,
+                    uapi_dir: cfg.uapi_dir.clone(),
+                };
+                let d = Device::create(&dc).map_err(|source| StartError::Device {
+                    interface: cfg.interface.clone(),
+                    source,
+                })?;
+                let p = d.uapi_path().to_owned();
+                (Some(d), p)
+            }
+            DeviceKind::Uapi => (None, uapi::socket_path(&cfg.uapi_dir, &cfg.interface)),
+        };
+        let update = DeviceUpdate {
+            private_key: Some(Some(key)),
+            listen_port: Some(cfg.listen_port),
+            ..Default::default()
+        };
+        let p = uapi_path.clone();
+        blocking(move || uapi::set(&p, &update)).await?;
+        let nl = Netlink::connect().map_err(|source| StartError::Device {
+            interface: cfg.interface.clone(),
+            source,
+        })?;
+        let Some(mesh_index) = nl.index(&cfg.interface).await? else {
+            return Err(StartError::Other(format!(
+                "mesh interface {} does not exist",
+                cfg.interface
+            )));
+        };
+        nl.up(mesh_index, Some(cfg.mtu)).await?;
+        nl.add_route(SIXPN.0, SIXPN.1, mesh_index).await?;
+        let forwarding_was = std::fs::read_to_string(FORWARDING).ok();
+        if forwarding_was.as_deref().map(str::trim) != Some("1") {
+            std::fs::write(FORWARDING, "1").map_err(|e| {
+                StartError::Other(format!("enabling IPv6 forwarding ({FORWARDING}): {e}"))
+            })?;
+        }
+        let datapath = if cfg.ebpf {
+            let mut d = Datapath::load()?;
+            d.attach_mesh(&cfg.interface)?;
+            Some(d)
+        } else {
+            None
+        };
+        info!(
+            interface = %cfg.interface,
+            public_key = %key.public().to_base64(),
+            device = ?cfg.device,
+            ebpf = cfg.ebpf,
+            "mesh up"
+        );
+        Ok(Agent {
+            cfg: cfg.clone(),
+            host_name: host_name.to_owned(),
+            key,
+            device,
+            uapi: uapi_path,
+            nl,
+            mesh_index,
+            datapath,
+            host: None,
+            peers: BTreeMap::new(),
+            machines: BTreeMap::new(),
+            forwarding_was,
+        })
+    }
+
+    /// This host's public key.
+    pub fn public_key(&self) -> Key {
+        self.key.public()
+    }
+
+    /// The UAPI socket of the device.
+    pub fn uapi_path(&self) -> &Path {
+        &self.uapi
+    }
+
+    /// Brings peers, routes and maps in step with `snap`. Work that cannot be done
+    /// yet (a machine interface that does not exist yet) is retried next time.
+    pub async fn apply(&mut self, snap: &Snapshot) {
+        let cat = &snap.catalog;
+        let me = cat.hosts.values().find(|h| h.name == self.host_name);
+        let Some(me) = me else {
+            warn!(host = %self.host_name, "this host is not in the catalog; the mesh waits");
+            metrics::gauge!("skein_mesh_host_known").set(0.0);
+            return;
+        };
+        metrics::gauge!("skein_mesh_host_known").set(1.0);
+        let mine = self.key.public().to_base64();
+        match &me.wireguard {
+            Some(w) if w.public_key != mine => warn!(
+                catalog = %w.public_key,
+                ours = %mine,
+                "the catalog has another WireGuard key for this host; peers will not reach it"
+            ),
+            None => warn!(public_key = %mine, "this host's catalog record has no WireGuard key"),
+            _ => {}
+        }
+        if self.host != Some(me.id) {
+            self.set_host(me.id).await;
+        }
+
+        // peers
+        let mut want = BTreeMap::new();
+        for h in cat.hosts.values() {
+            if h.id == me.id {
+                continue;
+            }
+            let Some(w) = &h.wireguard else { continue };
+            let Ok(k) = Key::from_base64(&w.public_key) else {
+                warn!(host = %h.name, "bad WireGuard key in the catalog");
+                continue;
+            };
+            if k == self.key.public() {
+                continue;
+            }
+            want.insert(
+                k,
+                WantPeer {
+                    endpoint: SocketAddr::new(h.underlay, w.port),
+                    allowed: peer_prefix(h.id),
+                },
+            );
+        }
+        self.sync_peers(want).await;
+
+        // machines
+        let mut want = BTreeMap::new();
+        for m in cat.machines.values() {
+            if m.host != me.id || m.state != MachineState::Started {
+                continue;
+            }
+            let (Some(interface), Some(address)) = (&m.interface, m.address) else {
+                continue;
+            };
+            want.insert(
+                m.id.clone(),
+                WantMachine {
+                    interface: interface.clone(),
+                    address,
+                },
+            );
+        }
+        self.sync_machines(want).await;
+        self.export_counters();
+    }
+
+    async fn set_host(&mut self, id: HostId) {
+        if let Some(old) = self.host
+            && let Some(d) = &mut self.datapath
+        {
+            d.remove_local(host_address(old));
+        }
+        let addr = host_address(id);
+        if let Err(e) = self.nl.add_address(self.mesh_index, addr.into(), 128).await {
+            warn!(error = %e, "host mesh address");
+        }
+        if let Some(d) = &mut self.datapath
+            && let Err(e) = d.add_local(addr)
+        {
+            warn!(error = %e, "host mesh address in the local map");
+        }
+        self.host = Some(id);
+    }
+
+    async fn sync_peers(&mut self, want: BTreeMap<Key, WantPeer>) {
+        let mut update = DeviceUpdate::default();
+        for k in self.peers.keys() {
+            if !want.contains_key(k) {
+                let mut p = PeerUpdate::new(*k);
+                p.remove = true;
+                update.peers.push(p);
+            }
+        }
+        for (k, w) in &want {
+            if self.peers.get(k) == Some(w) {
+                continue;
+            }
+            let mut p = PeerUpdate::new(*k);
+            p.endpoint = Some(w.endpoint);
+            p.replace_allowed_ips = true;
+            p.allowed_ips = vec![w.allowed];
+            p.persistent_keepalive = Some(self.cfg.persistent_keepalive);
+            update.peers.push(p);
+        }
+        if update.peers.is_empty() {
+            return;
+        }
+        let n = update.peers.len();
+        let path = self.uapi.clone();
+        match blocking(move || uapi::set(&path, &update)).await {
+            Ok(()) => {
+                info!(changed = n, peers = want.len(), "mesh peers updated");
+                metrics::gauge!("skein_mesh_peers").set(want.len() as f64);
+                self.peers = want;
+            }
+            Err(e) => warn!(error = %e, "updating mesh peers failed; retrying on the next change"),
+        }
+    }
+
+    async fn sync_machines(&mut self, want: BTreeMap<String, WantMachine>) {
+        let gone: Vec<String> = self
+            .machines
+            .iter()
+            .filter(|(id, (w, _))| want.get(*id) != Some(w))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            if let Some((w, index)) = self.machines.remove(&id) {
+                self.remove_machine(&id, &w, index).await;
+            }
+        }
+        for (id, w) in want {
+            if self.machines.contains_key(&id) {
+                continue;
+            }
+            match self.add_machine(&id, &w).await {
+                Ok(index) => {
+                    self.machines.insert(id, (w, index));
+                }
+                Err(e) => warn!(machine = %id, interface = %w.interface, error = %e,
+                    "machine not wired into the mesh yet; retrying"),
+            }
+        }
+        metrics::gauge!("skein_mesh_machines").set(self.machines.len() as f64);
+    }
+
+    async fn add_machine(&mut self, id: &str, w: &WantMachine) -> Result<u32, String> {
+        let index = self
+            .nl
+            .index(&w.interface)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("interface {} does not exist", w.interface))?;
+        let net = Ipv6Addr::from(skein_sixpn::policy::machine_key(&w.address.octets()));
+        // guard first: no packet of the machine is forwarded unguarded
+        if let Some(d) = &mut self.datapath {
+            d.attach_guard(&w.interface, w.address)
+                .map_err(|e| e.to_string())?;
+            d.add_local(w.address).map_err(|e| e.to_string())?;
+        }
+        self.nl
+            .add_address(index, GATEWAY, 64)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.nl.up(index, None).await.map_err(|e| e.to_string())?;
+        self.nl
+            .add_route(net, 112, index)
+            .await
+            .map_err(|e| e.to_string())?;
+        info!(machine = %id, interface = %w.interface, address = %w.address, "machine joined the mesh");
+        Ok(index)
+    }
+
+    async fn remove_machine(&mut self, id: &str, w: &WantMachine, index: u32) {
+        let net = Ipv6Addr::from(skein_sixpn::policy::machine_key(&w.address.octets()));
+        if let Err(e) = self.nl.del_route(net, 112, index).await {
+            warn!(machine = %id, error = %e, "removing the machine's route");
+        }
+        if let Err(e) = self.nl.del_address(index, GATEWAY).await {
+            warn!(machine = %id, error = %e, "removing the gateway address");
+        }
+        if let Some(d) = &mut self.datapath {
+            d.remove_local(w.address);
+            d.detach_guard(&w.interface);
+        }
+        info!(machine = %id, interface = %w.interface, "machine left the mesh");
+    }
+
+    /// Publishes the eBPF counters as `skein_ebpf_packets_total`.
+    pub fn export_counters(&self) {
+        let Some(d) = &self.datapath else { return };
+        match d.counters() {
+            Ok(cs) => {
+                for (r, n) in cs {
+                    let verdict = if r.is_drop() { "drop" } else { "pass" };
+                    metrics::counter!("skein_ebpf_packets_total",
+                        "program" => r.program(), "reason" => r.name(), "verdict" => verdict)
+                    .absolute(n);
+                }
+            }
+            Err(e) => warn!(error = %e, "reading eBPF counters"),
+        }
+    }
+
+    /// The eBPF datapath, if attached (tests read its counters).
+    pub fn datapath(&self) -> Option<&Datapath> {
+        self.datapath.as_ref()
+    }
+
+    /// Takes everything away: machine routes and guards, the rewrite, the device,
+    /// and IPv6 forwarding back to what it was.
+    pub async fn stop(mut self) {
+        let machines = std::mem::take(&mut self.machines);
+        for (id, (w, index)) in machines {
+            self.remove_machine(&id, &w, index).await;
+        }
+        let _ = self.nl.del_route(SIXPN.0, SIXPN.1, self.mesh_index).await;
+        if let Some(h) = self.host {
+            // on a device that outlives us (device = "uapi") the address would stay
+            let _ = self
+                .nl
+                .del_address(self.mesh_index, host_address(h).into())
+                .await;
+        }
+        if let Some(mut d) = self.datapath.take() {
+            d.detach_all();
+        }
+        if let Some(was) = &self.forwarding_was
+            && was.trim() != "1"
+        {
+            let _ = std::fs::write(FORWARDING, was.trim());
+        }
+        match self.device.take() {
+            Some(dev) => blocking(move || drop(dev)).await,
+            None => {
+                // a device that outlives us forgets the peers we gave it
+                let mut update = DeviceUpdate::default();
+                for k in self.peers.keys() {
+                    let mut p = PeerUpdate::new(*k);
+                    p.remove = true;
+                    update.peers.push(p);
+                }
+                let path = self.uapi.clone();
+                if let Err(e) = blocking(move || uapi::set(&path, &update)).await {
+                    warn!(error = %e, "removing peers from the mesh device");
+                }
+            }
+        }
+        info!(interface = %self.cfg.interface, "mesh down");
+    }
+}
+
+/// Follows the catalog until `stop`, then stops the agent. Also re-applies every
+/// few seconds, which retries machines whose interface was late and refreshes the
+/// counters.
+pub async fn run(
+    mut agent: Agent,
+    mut rx: watch::Receiver<Arc<Snapshot>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let snap = rx.borrow_and_update().clone();
+        agent.apply(&snap).await;
+        tokio::select! {
+            _ = skein_catalog::store::stopped(&mut stop) => break,
+            r = rx.changed() => if r.is_err() { break },
+            _ = tick.tick() => {}
+        }
+    }
+    agent.stop().await;
+}
+
+/// Which interfaces (name) have something attached; for status output.
+pub fn attached(agent: &Agent) -> BTreeSet<String> {
+    agent
+        .datapath
+        .as_ref()
+        .map(|d| d.attached().into_iter().map(|(i, _)| i).collect())
+        .unwrap_or_default()
+}

@@ -1,0 +1,158 @@
+//! The few rtnetlink operations the mesh needs (links, addresses, routes), made
+//! idempotent: adding what exists and removing what is gone both succeed, so a
+//! reconcile can always be repeated.
+
+use std::net::Ipv6Addr;
+
+use futures::TryStreamExt as _;
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+
+/// A netlink failure with the operation that failed.
+#[derive(Debug, thiserror::Error)]
+#[error("netlink {what}: {source}")]
+pub struct NetlinkError {
+    what: String,
+    source: rtnetlink::Error,
+}
+
+type Result<T> = std::result::Result<T, NetlinkError>;
+
+fn errno(e: &rtnetlink::Error) -> i32 {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => -m.raw_code(),
+        _ => 0,
+    }
+}
+
+/// A connection to the kernel's routing netlink in the caller's network namespace.
+#[derive(Clone, Debug)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+impl Netlink {
+    /// Opens the socket and spawns its driver on the current tokio runtime.
+    pub fn connect() -> std::io::Result<Netlink> {
+        let (conn, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(conn);
+        Ok(Netlink { handle })
+    }
+
+    /// The index of interface `name`, if it exists.
+    pub async fn index(&self, name: &str) -> Result<Option<u32>> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
+        match links.try_next().await {
+            Ok(l) => Ok(l.map(|l| l.header.index)),
+            Err(e) if errno(&e) == libc::ENODEV => Ok(None),
+            Err(source) => Err(NetlinkError {
+                what: format!("get link {name}"),
+                source,
+            }),
+        }
+    }
+
+    /// Brings the link up (setting its MTU if given).
+    pub async fn up(&self, index: u32, mtu: Option<u32>) -> Result<()> {
+        let mut b = LinkUnspec::new_with_index(index).up();
+        if let Some(m) = mtu {
+            b = b.mtu(m);
+        }
+        self.handle
+            .link()
+            .set(b.build())
+            .execute()
+            .await
+            .map_err(|source| NetlinkError {
+                what: format!("set link {index} up"),
+                source,
+            })
+    }
+
+    /// Adds an address (no DAD: 6PN addresses are unique by construction).
+    pub async fn add_address(&self, index: u32, addr: Ipv6Addr, len: u8) -> Result<()> {
+        let mut req = self.handle.address().add(index, addr.into(), len);
+        // IFA_F_NODAD
+        req.message_mut().header.flags |=
+            rtnetlink::packet_route::address::AddressHeaderFlags::Nodad;
+        match req.execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == libc::EEXIST => Ok(()),
+            Err(source) => Err(NetlinkError {
+                what: format!("add address {addr}/{len}"),
+                source,
+            }),
+        }
+    }
+
+    /// Removes `addr` from interface `index`; an address already gone is fine.
+    pub async fn del_address(&self, index: u32, addr: Ipv6Addr) -> Result<()> {
+        let mut found = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .set_address_filter(addr.into())
+            .execute();
+        loop {
+            match found.try_next().await {
+                Ok(Some(msg)) => match self.handle.address().del(msg).execute().await {
+                    Ok(()) => {}
+                    Err(e) if matches!(errno(&e), libc::EADDRNOTAVAIL | libc::ENODEV) => {}
+                    Err(source) => {
+                        return Err(NetlinkError {
+                            what: format!("delete address {addr}"),
+                            source,
+                        });
+                    }
+                },
+                Ok(None) => return Ok(()),
+                Err(e) if errno(&e) == libc::ENODEV => return Ok(()),
+                Err(source) => {
+                    return Err(NetlinkError {
+                        what: format!("get address {addr}"),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Routes `dst/len` to interface `index` (replacing a route to the same prefix).
+    pub async fn add_route(&self, dst: Ipv6Addr, len: u8, index: u32) -> Result<()> {
+        let msg = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(dst, len)
+            .output_interface(index)
+            .build();
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(|source| NetlinkError {
+                what: format!("add route {dst}/{len}"),
+                source,
+            })
+    }
+
+    /// Removes the route `dst/len` via `index`; a route already gone is fine.
+    pub async fn del_route(&self, dst: Ipv6Addr, len: u8, index: u32) -> Result<()> {
+        let msg = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(dst, len)
+            .output_interface(index)
+            .build();
+        match self.handle.route().del(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if matches!(errno(&e), libc::ESRCH | libc::ENOENT | libc::ENODEV) => Ok(()),
+            Err(source) => Err(NetlinkError {
+                what: format!("delete route {dst}/{len}"),
+                source,
+            }),
+        }
+    }
+}
