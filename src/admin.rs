@@ -20,6 +20,8 @@ pub struct Readiness {
     pub loaded: AtomicBool,
     /// A shutdown began: stop sending traffic here.
     pub draining: AtomicBool,
+    /// How this host stands with etcd, when it uses etcd.
+    pub etcd: std::sync::OnceLock<Arc<skein_catalog::sources::etcd::Status>>,
 }
 
 #[derive(Clone)]
@@ -66,9 +68,18 @@ async fn readyz(State(h): State<Health>) -> impl IntoResponse {
             "catalog not loaded\n".to_string(),
         )
     } else {
+        // Losing etcd does not make a host unready: it serves the catalog it
+        // has (withdrawing every edge at once when etcd fails would turn an
+        // etcd outage into a platform outage). It says so here and in metrics.
+        let etcd = h
+            .ready
+            .etcd
+            .get()
+            .map(|s| format!("{}\n", s.line()))
+            .unwrap_or_default();
         (
             StatusCode::OK,
-            format!("ready: catalog version {version}\n"),
+            format!("ready: catalog version {version}\n{etcd}"),
         )
     }
 }

@@ -198,3 +198,95 @@ pub async fn catalog(args: CatalogArgs) -> anyhow::Result<ExitCode> {
     eprintln!("{status}: {}", v["message"].as_str().unwrap_or(""));
     Ok(ExitCode::FAILURE)
 }
+
+/// Options of `skein etcd`: operators' records in the shared catalog.
+#[derive(Debug, clap::Args)]
+pub struct EtcdArgs {
+    /// Take the cluster from this daemon config's `[etcd]`.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Or name the members (comma-separated client URLs).
+    #[arg(long, env = "SKEIN_ETCD", value_delimiter = ',')]
+    endpoints: Vec<String>,
+    /// Key prefix (with --endpoints).
+    #[arg(long, default_value = "/skein/")]
+    prefix: String,
+    #[command(subcommand)]
+    op: EtcdOp,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum EtcdOp {
+    /// Write every record of a catalog document (TOML) but machines, which
+    /// their workers publish. The document is checked first, alone.
+    Load {
+        /// The document.
+        file: PathBuf,
+    },
+    /// Delete an operator's record.
+    Delete {
+        /// The kind.
+        kind: String,
+        /// The key (namespace/name for k8s_services).
+        key: String,
+    },
+}
+
+/// `skein etcd`.
+pub async fn etcd(args: EtcdArgs) -> anyhow::Result<ExitCode> {
+    use skein_catalog::sources::etcd::{self, EtcdConfig};
+    let cfg = match &args.config {
+        Some(path) => {
+            Config::load(path)
+                .map_err(|e| anyhow::anyhow!("{}:\n{e}", path.display()))?
+                .etcd
+        }
+        None => EtcdConfig {
+            endpoints: args.endpoints.clone(),
+            prefix: args.prefix.clone(),
+            ..EtcdConfig::default()
+        },
+    };
+    if !cfg.enabled() {
+        anyhow::bail!("no etcd members: give --endpoints or a config with [etcd] endpoints");
+    }
+    if let Some((field, why)) = cfg.problems().into_iter().next() {
+        anyhow::bail!("{field}: {why}");
+    }
+    let layout = cfg.layout();
+    let conn = cfg.client().connect().await?;
+    match args.op {
+        EtcdOp::Load { file } => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let doc: Document = parse_toml(&text)
+                .map_err(|e| anyhow::anyhow!("{}: invalid\n{e}", file.display()))?;
+            if !doc.machines.is_empty() {
+                anyhow::bail!(
+                    "{}: has machines; they are published by the worker that runs them",
+                    file.display()
+                );
+            }
+            skein_catalog::index::build(&[(Source::Etcd, &doc)], &Catalog::default())
+                .map_err(|e| anyhow::anyhow!("{}: invalid\n{e}", file.display()))?;
+            let recs = etcd::operator_records(&layout, &doc).map_err(|e| anyhow::anyhow!(e))?;
+            let n = etcd::put_records(&conn, recs).await?;
+            println!("{n} records written under {}", layout.root());
+        }
+        EtcdOp::Delete { kind, key } => {
+            let k = Kind::parse(&kind).ok_or_else(|| anyhow::anyhow!("unknown kind {kind:?}"))?;
+            if k == Kind::Machines {
+                anyhow::bail!("machines are published by their worker; delete them there");
+            }
+            let n = conn
+                .delete(layout.record(k, &key).as_bytes(), false)
+                .await?;
+            if n == 0 {
+                eprintln!("no {kind} {key:?} in etcd");
+                return Ok(ExitCode::FAILURE);
+            }
+            println!("deleted {kind} {key:?}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

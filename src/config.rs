@@ -27,6 +27,9 @@ pub struct Config {
     /// The private network (WireGuard mesh and eBPF guards).
     #[serde(default)]
     pub mesh: skein_mesh::MeshConfig,
+    /// etcd: the catalog shared by every host.
+    #[serde(default)]
+    pub etcd: skein_catalog::sources::etcd::EtcdConfig,
     /// The admin listener.
     #[serde(default)]
     pub admin: AdminConfig,
@@ -311,6 +314,9 @@ impl Config {
                     ),
                 );
             }
+        }
+        for (path, msg) in self.etcd.problems() {
+            bad(&path, msg);
         }
         if self.admin.max_connections == 0 {
             bad("admin.max_connections", "must be at least 1".into());

@@ -7,6 +7,8 @@ use std::sync::atomic::Ordering;
 use anyhow::Context as _;
 use skein_catalog::sources::api::Api;
 use skein_catalog::sources::client::Endpoint;
+use skein_catalog::sources::etcd::follow::Follower;
+use skein_catalog::sources::etcd::publish::Publisher;
 use skein_catalog::sources::file::{self, FileSource};
 use skein_catalog::sources::sqlite::Persist;
 use skein_catalog::{Document, Source, Store};
@@ -47,6 +49,35 @@ pub async fn start(cfg: Config, builtin: Option<Document>) -> anyhow::Result<Run
 
     // The catalog: every source's document validated together, or no start.
     let store = Arc::new(Store::new());
+    let ready = Arc::new(Readiness::default());
+    // etcd first: local records may refer to its records (a machine of an app
+    // the operators put in etcd). If it cannot be read now, start from the
+    // local sources; the follower catches up when etcd answers.
+    let follower = if cfg.etcd.enabled() {
+        let status = Arc::new(skein_catalog::sources::etcd::Status::default());
+        let _ = ready.etcd.set(status.clone());
+        let mut f = Follower::new(
+            cfg.etcd.client(),
+            cfg.etcd.layout(),
+            store.clone(),
+            cfg.host.name.clone(),
+            status.clone(),
+        );
+        let wait =
+            cfg.etcd.connect_timeout * (cfg.etcd.endpoints.len() as u32) + cfg.etcd.request_timeout;
+        match tokio::time::timeout(wait, f.load()).await {
+            Ok(Ok(keys)) => tracing::info!(keys, "catalog read from etcd"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "etcd unreachable at start; starting from the local sources")
+            }
+            Err(_) => tracing::warn!(
+                "etcd did not answer within {wait:?} at start; starting from the local sources"
+            ),
+        }
+        Some((f, status))
+    } else {
+        None
+    };
     let db = cfg.state.dir.join("catalog.db");
     let persist =
         Arc::new(Persist::open(&db).with_context(|| format!("opening {}", db.display()))?);
@@ -68,7 +99,6 @@ pub async fn start(cfg: Config, builtin: Option<Document>) -> anyhow::Result<Run
         .replace_all(layers)
         .map_err(|e| anyhow::anyhow!("the catalog is invalid, not starting:\n{e}"))?;
     tracing::info!(version = written.snapshot.version, "catalog loaded");
-    let ready = Arc::new(Readiness::default());
     ready.loaded.store(true, Ordering::Relaxed);
 
     let (stop, stop_rx) = watch::channel(false);
@@ -83,6 +113,24 @@ pub async fn start(cfg: Config, builtin: Option<Document>) -> anyhow::Result<Run
     if let Some(path) = &cfg.catalog.file {
         let src = Arc::new(FileSource::new(path.clone(), store.clone()));
         tasks.spawn(src.watch(cfg.catalog.poll_interval, hup.clone(), stopped()));
+    }
+
+    if let Some((follower, status)) = follower {
+        tasks.spawn(follower.run(stop.subscribe()));
+        match &cfg.host.name {
+            Some(name) => {
+                let p = Publisher::new(
+                    cfg.etcd.client(),
+                    cfg.etcd.layout(),
+                    store.clone(),
+                    name.clone(),
+                    cfg.etcd.lease_ttl,
+                    status,
+                );
+                tasks.spawn(p.run(stop.subscribe()));
+            }
+            None => tracing::info!("no host.name: this host publishes no machines to etcd"),
+        }
     }
 
     if cfg.proxy.enabled {

@@ -48,6 +48,8 @@ enum Cmd {
     },
     /// Read and change the catalog through the admin API.
     Catalog(cli::CatalogArgs),
+    /// Write operators' records into the etcd cluster that hosts share.
+    Etcd(cli::EtcdArgs),
     /// Print this host's WireGuard public key (creating the private key file, mode
     /// 0600, if missing): what goes in the host's catalog record.
     MeshKey {
@@ -115,6 +117,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Catalog(args) => cli::catalog(args).await,
+        Cmd::Etcd(args) => cli::etcd(args).await,
         Cmd::CheckConfig { .. } | Cmd::MeshKey { .. } => Ok(ExitCode::FAILURE),
     }
 }

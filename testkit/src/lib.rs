@@ -5,6 +5,8 @@
 //! Every namespace name carries the process id, so parallel test binaries never
 //! collide, and traffic stays inside the namespaces the test made.
 
+pub mod etcd;
+
 use std::{
     fs::File,
     process::{Command, Output, Stdio},

@@ -5,5 +5,6 @@
 
 mod daemon;
 mod demo;
+mod etcd;
 mod mesh;
 mod support;

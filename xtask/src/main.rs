@@ -30,6 +30,8 @@ use anyhow::{Context as _, bail};
 const APT_PACKAGES: &[&str] = &[
     "curl",
     "dnsutils",
+    "etcd-client",
+    "etcd-server",
     "iproute2",
     "iputils-ping",
     "llvm-22-dev",
@@ -195,6 +197,7 @@ fn test() -> anyhow::Result<()> {
         .current_dir(root())
         // build_ebpf ran: a root test that cannot load the programs is a failure
         .env("SKEIN_REQUIRE_EBPF", "1")
+        .env("SKEIN_REQUIRE_ETCD", "1")
         .stdout(std::process::Stdio::piped());
     eprintln!("xtask: {cmd:?}");
     let mut child = cmd.spawn().context("running cargo test")?;

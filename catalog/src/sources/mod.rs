@@ -9,5 +9,6 @@
 
 pub mod api;
 pub mod client;
+pub mod etcd;
 pub mod file;
 pub mod sqlite;

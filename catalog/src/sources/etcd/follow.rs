@@ -1,0 +1,446 @@
+//! Reads the catalog from etcd and follows it: the [`Source::Etcd`] layer.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt as _;
+use tokio::sync::watch;
+use tracing::Instrument as _;
+
+use super::wire::{self, Event, WatchCreateRequest, WatchOp, WatchRequest};
+use super::{AnyRecord, Backoff, Conn, Error, Layout, Place, Status};
+use crate::error::Invalid;
+use crate::index::Source;
+use crate::model::Document;
+use crate::record::Kind;
+use crate::store::{Store, stopped};
+
+/// Keys per page of a full read.
+const PAGE: i64 = 2000;
+
+/// One key as last seen.
+#[derive(Clone, Debug)]
+struct Held {
+    create_revision: i64,
+    value: Result<AnyRecord, String>,
+}
+
+/// What the follower knows: every key under the prefix (but this host's own
+/// machines) at `revision`.
+#[derive(Debug, Default)]
+struct Mirror {
+    keys: BTreeMap<Vec<u8>, Held>,
+    /// Every change up to and including this revision is in `keys`.
+    revision: i64,
+    /// The next session starts with a full read.
+    resync: bool,
+}
+
+/// Follows the prefix into the store.
+pub struct Follower {
+    client: wire::Client,
+    layout: Layout,
+    store: Arc<Store>,
+    /// This host's name: its own machines come from its local sources, not back
+    /// from etcd.
+    host: Option<String>,
+    status: Arc<Status>,
+    mirror: Mirror,
+}
+
+/// Why a session ended.
+enum End {
+    Stopped,
+    Compacted(i64),
+    Failed(Error),
+}
+
+impl Follower {
+    /// A follower of `layout` on `client`, feeding `store`.
+    pub fn new(
+        client: wire::Client,
+        layout: Layout,
+        store: Arc<Store>,
+        host: Option<String>,
+        status: Arc<Status>,
+    ) -> Self {
+        Follower {
+            client,
+            layout,
+            store,
+            host,
+            status,
+            mirror: Mirror::default(),
+        }
+    }
+
+    /// Reads everything under the prefix once and publishes it, before the
+    /// local sources are loaded at start (they may refer to etcd's records).
+    /// [`Follower::run`] then watches from there.
+    pub async fn load(&mut self) -> Result<usize, Error> {
+        let conn = self.client.connect().await?;
+        match self.read_all(&conn).await {
+            Ok(()) => Ok(self.mirror.keys.len()),
+            Err(e) => {
+                conn.failed();
+                Err(e)
+            }
+        }
+    }
+
+    async fn read_all(&mut self, conn: &Conn) -> Result<(), Error> {
+        let t = Instant::now();
+        let (kvs, revision) = conn
+            .range_prefix(self.layout.root().as_bytes(), PAGE)
+            .await?;
+        let first = self.mirror.revision == 0;
+        self.mirror.keys.clear();
+        for kv in kvs {
+            self.absorb_put(kv);
+        }
+        self.mirror.revision = revision;
+        self.mirror.resync = false;
+        if !first {
+            self.status.resynced();
+        }
+        self.apply().await;
+        self.status.applied(revision, 0);
+        tracing::info!(
+            revision,
+            keys = self.mirror.keys.len(),
+            ms = t.elapsed().as_millis() as u64,
+            "read the catalog from etcd"
+        );
+        Ok(())
+    }
+
+    /// Runs until `stop`: connect, read, watch; on any failure keep the layer in
+    /// force and reconnect with backoff, resuming after the last revision applied.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let span = tracing::info_span!("etcd_follow", prefix = self.layout.root());
+        async move {
+            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+            if self.mirror.revision == 0 {
+                self.status.down("connecting");
+            }
+            loop {
+                if *stop.borrow() {
+                    return;
+                }
+                let conn = tokio::select! {
+                    _ = stopped(&mut stop) => return,
+                    c = self.client.connect() => c,
+                };
+                let end = match conn {
+                    Ok(conn) => {
+                        let end = self.session(&conn, &mut stop, &mut backoff).await;
+                        if matches!(end, End::Failed(_)) {
+                            conn.failed();
+                        }
+                        end
+                    }
+                    Err(e) => End::Failed(e),
+                };
+                match end {
+                    End::Stopped => return,
+                    End::Compacted(at) => {
+                        tracing::warn!(
+                            resume = self.mirror.revision + 1,
+                            compacted = at,
+                            "etcd compacted past the watch; reading everything again"
+                        );
+                        metrics::counter!("skein_etcd_resyncs_total", "reason" => "compacted")
+                            .increment(1);
+                        self.mirror.resync = true;
+                    }
+                    End::Failed(e) => {
+                        let why = e.to_string();
+                        if self.status.connected() {
+                            tracing::warn!(error = %why, revision = self.mirror.revision, "etcd lost; serving the catalog as of the last revision");
+                        } else {
+                            tracing::debug!(error = %why, "etcd unreachable");
+                        }
+                        self.status.down(&why);
+                        metrics::counter!("skein_etcd_reconnects_total").increment(1);
+                        let wait = backoff.next();
+                        tokio::select! {
+                            _ = stopped(&mut stop) => return,
+                            _ = tokio::time::sleep(wait) => {}
+                        }
+                    }
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn session(
+        &mut self,
+        conn: &Conn,
+        stop: &mut watch::Receiver<bool>,
+        backoff: &mut Backoff,
+    ) -> End {
+        if (self.mirror.revision == 0 || self.mirror.resync)
+            && let Err(e) = self.read_all(conn).await
+        {
+            return End::Failed(e);
+        }
+
+        let create = WatchRequest {
+            request_union: Some(WatchOp::Create(WatchCreateRequest {
+                key: self.layout.root().as_bytes().to_vec(),
+                range_end: wire::prefix_end(self.layout.root().as_bytes()),
+                start_revision: self.mirror.revision + 1,
+                progress_notify: true,
+            })),
+        };
+        // The sender stays alive with the stream: dropping it would end the
+        // request side, and etcd would end the watch.
+        let (_tx, mut stream) = match conn.watch(create).await {
+            Ok(s) => s,
+            Err(e) => return End::Failed(e),
+        };
+        loop {
+            let msg = tokio::select! {
+                _ = stopped(stop) => return End::Stopped,
+                m = stream.message() => m,
+            };
+            let mut resp = match msg {
+                Ok(Some(r)) => r,
+                Ok(None) => return End::Failed(Error::Protocol("the watch ended".into())),
+                Err(s) => return End::Failed(Error::Status(s)),
+            };
+            // Take whatever else has already arrived, so a burst of writes
+            // becomes one new catalog.
+            let mut events = 0u64;
+            loop {
+                if resp.compact_revision != 0 {
+                    return End::Compacted(resp.compact_revision);
+                }
+                if resp.canceled {
+                    return End::Failed(Error::Protocol(format!(
+                        "the watch was canceled: {}",
+                        resp.cancel_reason
+                    )));
+                }
+                if resp.created {
+                    self.status.up(conn.endpoint());
+                    backoff.reset();
+                    tracing::info!(
+                        endpoint = conn.endpoint(),
+                        from = self.mirror.revision + 1,
+                        "watching etcd"
+                    );
+                }
+                events += self.absorb(resp);
+                match stream.message().now_or_never() {
+                    Some(Ok(Some(next))) => resp = next,
+                    Some(Ok(None)) | None => break,
+                    Some(Err(s)) => {
+                        if events > 0 {
+                            self.apply().await;
+                            self.status.applied(self.mirror.revision, events);
+                        }
+                        return End::Failed(Error::Status(s));
+                    }
+                }
+            }
+            if events > 0 {
+                self.apply().await;
+            }
+            self.status.applied(self.mirror.revision, events);
+        }
+    }
+
+    /// Takes one watch response into the mirror, in order; returns the events
+    /// applied.
+    fn absorb(&mut self, resp: wire::WatchResponse) -> u64 {
+        let header_rev = resp.header.as_ref().map(|h| h.revision).unwrap_or(0);
+        if resp.events.is_empty() {
+            // A progress notification (or the create answer): nothing under the
+            // prefix changed up to the header's revision.
+            if !resp.created && header_rev > self.mirror.revision {
+                self.mirror.revision = header_rev;
+            }
+            return 0;
+        }
+        let from = self.mirror.revision;
+        let mut last = from;
+        let mut n = 0;
+        for ev in resp.events {
+            let Some(kv) = ev.kv else {
+                metrics::counter!("skein_etcd_events_total", "type" => "malformed").increment(1);
+                continue;
+            };
+            if kv.mod_revision <= from {
+                // Already applied (a resumed watch can repeat its start).
+                metrics::counter!("skein_etcd_events_total", "type" => "duplicate").increment(1);
+                continue;
+            }
+            last = last.max(kv.mod_revision);
+            n += 1;
+            if ev.r#type == Event::DELETE {
+                metrics::counter!("skein_etcd_events_total", "type" => "delete").increment(1);
+                self.mirror.keys.remove(&kv.key);
+            } else {
+                metrics::counter!("skein_etcd_events_total", "type" => "put").increment(1);
+                self.absorb_put(kv);
+            }
+        }
+        self.mirror.revision = last;
+        n
+    }
+
+    fn absorb_put(&mut self, kv: wire::KeyValue) {
+        let value = match self.layout.parse(&kv.key) {
+            None => return,
+            Some(Place::Machine { host, .. }) if self.host.as_deref() == Some(host.as_str()) => {
+                return;
+            }
+            Some(Place::Machine { id, .. }) => AnyRecord::parse(Kind::Machines, &id, &kv.value),
+            Some(Place::Record { kind, key }) => AnyRecord::parse(kind, &key, &kv.value),
+        }
+        .map_err(|e| e.to_string());
+        self.mirror.keys.insert(
+            kv.key,
+            Held {
+                create_revision: kv.create_revision,
+                value,
+            },
+        );
+    }
+
+    /// Builds the layer from the mirror and publishes it, holding back the
+    /// records the catalog refuses.
+    async fn apply(&self) {
+        let t = Instant::now();
+        let layer = Layer::of(&self.mirror);
+        let store = self.store.clone();
+        let held = tokio::task::spawn_blocking(move || layer.publish(&store))
+            .await
+            .unwrap_or_else(|e| vec![format!("applying the etcd layer failed: {e}")]);
+        if held != self.status.quarantine() {
+            for h in &held {
+                tracing::warn!(problem = %h, "etcd record held back");
+            }
+        }
+        self.status.set_quarantine(held);
+        metrics::histogram!("skein_etcd_apply_seconds").record(t.elapsed().as_secs_f64());
+    }
+}
+
+/// The etcd layer about to be published: records by key, and which etcd key
+/// each came from.
+struct Layer {
+    records: Vec<(Vec<u8>, AnyRecord)>,
+    held: Vec<String>,
+}
+
+impl Layer {
+    fn of(mirror: &Mirror) -> Layer {
+        let mut held = Vec::new();
+        // Two keys for one record (two workers claim one machine id): the one
+        // created first wins, on every host alike.
+        let mut first: BTreeMap<(Kind, String), (i64, &[u8])> = BTreeMap::new();
+        for (k, h) in &mirror.keys {
+            match &h.value {
+                Err(e) => held.push(format!("{}: {e}", String::from_utf8_lossy(k))),
+                Ok(r) => {
+                    let id = (r.kind(), r.key());
+                    match first.get(&id) {
+                        Some((rev, _)) if *rev <= h.create_revision => held.push(format!(
+                            "{}: {} {:?} is already published by another key",
+                            String::from_utf8_lossy(k),
+                            r.kind(),
+                            r.key()
+                        )),
+                        _ => {
+                            if let Some((_, loser)) = first.insert(id, (h.create_revision, k)) {
+                                held.push(format!(
+                                    "{}: {} {:?} is already published by another key",
+                                    String::from_utf8_lossy(loser),
+                                    r.kind(),
+                                    r.key()
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let winners: BTreeSet<&[u8]> = first.values().map(|(_, k)| *k).collect();
+        let records = mirror
+            .keys
+            .iter()
+            .filter(|(k, _)| winners.contains(k.as_slice()))
+            .filter_map(|(k, h)| h.value.as_ref().ok().map(|r| (k.clone(), r.clone())))
+            .collect();
+        Layer { records, held }
+    }
+
+    /// Publishes the layer; a record the catalog refuses is left out and
+    /// named. Returns what was held back.
+    fn publish(mut self, store: &Store) -> Vec<String> {
+        // Each round leaves out at least one record, so this ends; the bound
+        // only caps the work a pathological layer can cost.
+        for _ in 0..16 {
+            let mut doc = Document::default();
+            for (_, r) in &self.records {
+                r.push_into(&mut doc);
+            }
+            let invalid = match store.replace(Source::Etcd, doc) {
+                Ok(_) => return self.held,
+                Err(i) => i,
+            };
+            let named = self.named(&invalid);
+            if named.is_empty() {
+                // The problem is in a local record (one that refers to an etcd
+                // record that went, say): the layer in force stays.
+                self.held.push(format!(
+                    "the catalog refuses the etcd layer because of local records: {invalid}"
+                ));
+                return self.held;
+            }
+            let mut why: BTreeMap<Vec<u8>, Vec<String>> = BTreeMap::new();
+            for (k, p) in named {
+                why.entry(k).or_default().push(p);
+            }
+            self.records.retain(|(k, _)| !why.contains_key(k));
+            for (k, ps) in why {
+                self.held.push(format!(
+                    "{}: {}",
+                    String::from_utf8_lossy(&k),
+                    ps.join("; ")
+                ));
+            }
+        }
+        self.held
+            .push("too many refused records; the layer in force stays".into());
+        self.held
+    }
+
+    /// The etcd keys of the records the problems name (paths such as
+    /// `apps["web"].network`), with the problem.
+    fn named(&self, invalid: &Invalid) -> Vec<(Vec<u8>, String)> {
+        let mut out = Vec::new();
+        for p in &invalid.problems {
+            let Some((kind, rest)) = p.path.split_once("[\"") else {
+                continue;
+            };
+            let Some((key, _)) = rest.split_once("\"]") else {
+                continue;
+            };
+            let Some(kind) = Kind::parse(kind) else {
+                continue;
+            };
+            for (k, r) in &self.records {
+                if r.kind() == kind && r.key() == key {
+                    out.push((k.clone(), p.to_string()));
+                }
+            }
+        }
+        out
+    }
+}
