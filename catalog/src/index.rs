@@ -2,7 +2,7 @@
 //! machine with an address. Built from the documents of all sources at once, so a
 //! set of records is either valid together or rejected together.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -65,7 +65,7 @@ pub struct Catalog {
     /// Kubernetes Services by namespace/name.
     pub k8s_services: BTreeMap<ServiceKey, Arc<K8sService>>,
     /// Which source owns each record, by kind and key text.
-    pub owners: BTreeMap<(Kind, String), Source>,
+    pub owners: Arc<BTreeMap<(Kind, String), Source>>,
 }
 
 impl Catalog {
@@ -116,9 +116,17 @@ impl Catalog {
 
 /// A record on its way in: where it is, who owns it.
 struct Entry<T> {
-    path: String,
+    /// Its position in its source's document (the path is written only when
+    /// a problem names it: most builds name none).
+    idx: usize,
     source: Source,
     rec: T,
+}
+
+impl<T: Record> Entry<T> {
+    fn path(&self) -> String {
+        path_of(self.source, self.idx, &self.rec)
+    }
 }
 
 type Gathered<T> = BTreeMap<<T as Record>::Key, Entry<T>>;
@@ -143,35 +151,44 @@ fn gather<T: Record>(
     for (source, doc) in layers {
         for (idx, rec) in T::list(doc).iter().enumerate() {
             let mut rec = rec.clone();
-            let path = path_of(*source, idx, &rec);
-            local(&mut rec, &path, p);
+            // Checked with an empty path; a problem gets the record's path
+            // in front (every check path starts with `at`).
+            let mut found = Problems::default();
+            local(&mut rec, "", &mut found);
+            let path = || path_of(*source, idx, &rec);
+            if !found.0.is_empty() {
+                let at = path();
+                for f in found.0 {
+                    p.add(format!("{at}{}", f.path), f.message);
+                }
+            }
             match out.get(&rec.key()) {
                 Some(first) if first.source == *source => {
                     p.add(
-                        &path,
+                        path(),
                         format!(
                             "duplicate {} {:?}, first at {}",
                             singular(T::KIND),
                             rec.key().to_string(),
-                            first.path
+                            first.path()
                         ),
                     );
                 }
                 Some(first) => p.add(
-                    &path,
+                    path(),
                     format!(
                         "{} {:?} is already defined by {} ({}); a record has one owner",
                         singular(T::KIND),
                         rec.key().to_string(),
                         first.source,
-                        first.path
+                        first.path()
                     ),
                 ),
                 None => {
                     out.insert(
                         rec.key(),
                         Entry {
-                            path,
+                            idx,
                             source: *source,
                             rec,
                         },
@@ -255,7 +272,7 @@ pub fn build_at(
         for (other, ms) in &e.rec.rtt_ms {
             match regions.get(other) {
                 None => p.add(
-                    format!("{}.rtt_ms.{other}", e.path),
+                    format!("{}.rtt_ms.{other}", e.path()),
                     format!("unknown region {other:?}"),
                 ),
                 Some(o) => {
@@ -263,10 +280,11 @@ pub fn build_at(
                         && back != ms
                     {
                         p.add(
-                            format!("{}.rtt_ms.{other}", e.path),
+                            format!("{}.rtt_ms.{other}", e.path()),
                             format!(
                                 "{ms} disagrees with {}.rtt_ms.{} = {back}",
-                                o.path, e.rec.code
+                                o.path(),
+                                e.rec.code
                             ),
                         );
                     }
@@ -282,24 +300,24 @@ pub fn build_at(
     };
 
     // Hosts: known region, unique names.
-    let mut host_names: HashMap<&str, &str> = HashMap::new();
+    let mut host_names: HashMap<&str, &Entry<Host>> = HashMap::new();
     for e in hosts.values() {
-        region_known(&mut p, format!("{}.region", e.path), &e.rec.region);
-        if let Some(first) = host_names.insert(&e.rec.name, &e.path) {
+        region_known(&mut p, format!("{}.region", e.path()), &e.rec.region);
+        if let Some(first) = host_names.insert(&e.rec.name, e) {
             p.add(
-                format!("{}.name", e.path),
-                format!("{:?} is also the name of {first}", e.rec.name),
+                format!("{}.name", e.path()),
+                format!("{:?} is also the name of {}", e.rec.name, first.path()),
             );
         }
     }
 
     // Networks: unique ids.
-    let mut net_ids: HashMap<NetId, &str> = HashMap::new();
+    let mut net_ids: HashMap<NetId, &Entry<Network>> = HashMap::new();
     for e in networks.values() {
-        if let Some(first) = net_ids.insert(e.rec.id, &e.path) {
+        if let Some(first) = net_ids.insert(e.rec.id, e) {
             p.add(
-                format!("{}.id", e.path),
-                format!("{} is also the id of {first}", e.rec.id),
+                format!("{}.id", e.path()),
+                format!("{} is also the id of {}", e.rec.id, first.path()),
             );
         }
     }
@@ -337,30 +355,30 @@ pub fn build_at(
         };
 
     // Apps: known network, hostnames owned by one app, flycast in the network.
-    let mut hostnames: HashMap<&str, &str> = HashMap::new();
+    let mut hostnames: HashMap<&str, &Entry<App>> = HashMap::new();
     for e in apps.values() {
         let net = networks.get(&e.rec.network).map(|n| &n.rec);
         if net.is_none() {
             p.add(
-                format!("{}.network", e.path),
+                format!("{}.network", e.path()),
                 format!("unknown network {:?}", e.rec.network),
             );
         }
         for (i, h) in e.rec.hostnames.iter().enumerate() {
-            if let Some(first) = hostnames.insert(h, &e.path) {
+            if let Some(first) = hostnames.insert(h, e) {
                 p.add(
-                    format!("{}.hostnames[{i}]", e.path),
-                    format!("{h:?} already routes to {first}"),
+                    format!("{}.hostnames[{i}]", e.path()),
+                    format!("{h:?} already routes to {}", first.path()),
                 );
             }
         }
         if let Some(f) = e.rec.flycast {
-            flycast(&mut p, format!("{}.flycast", e.path), f, net);
+            flycast(&mut p, format!("{}.flycast", e.path()), f, net);
         }
     }
 
     // Machines: known app, host and region; addresses consistent and unique.
-    let mut slots: HashMap<(HostId, MachineSlot), String> = HashMap::new();
+    let mut slots: HashMap<(HostId, MachineSlot), &Entry<Machine>> = HashMap::new();
     for e in machines.values() {
         let m = &e.rec;
         let app_net = apps
@@ -368,20 +386,20 @@ pub fn build_at(
             .map(|a| networks.get(&a.rec.network).map(|n| n.rec.id));
         if app_net.is_none() {
             p.add(
-                format!("{}.app", e.path),
+                format!("{}.app", e.path()),
                 format!("unknown app {:?}", m.app),
             );
         }
-        region_known(&mut p, format!("{}.region", e.path), &m.region);
+        region_known(&mut p, format!("{}.region", e.path()), &m.region);
         match hosts.get(&m.host) {
             None => p.add(
-                format!("{}.host", e.path),
+                format!("{}.host", e.path()),
                 format!("unknown host {}", m.host),
             ),
             Some(h) => {
                 if h.rec.region != m.region {
                     p.add(
-                        format!("{}.region", e.path),
+                        format!("{}.region", e.path()),
                         format!(
                             "{:?} is not the region of host {} ({:?})",
                             m.region, h.rec.name, h.rec.region
@@ -390,7 +408,7 @@ pub fn build_at(
                 }
                 if h.rec.role == HostRole::Edge {
                     p.add(
-                        format!("{}.host", e.path),
+                        format!("{}.host", e.path()),
                         format!("host {} is an edge and runs no machines", h.rec.name),
                     );
                 }
@@ -401,13 +419,13 @@ pub fn build_at(
                 && a.net() != net
             {
                 p.add(
-                    format!("{}.address", e.path),
+                    format!("{}.address", e.path()),
                     format!("{a} is outside the app's network fdaa:{net}::/48"),
                 );
             }
             if a.host() != m.host {
                 p.add(
-                    format!("{}.address", e.path),
+                    format!("{}.address", e.path()),
                     format!(
                         "{a} names host {}, the machine runs on {}",
                         a.host(),
@@ -417,17 +435,18 @@ pub fn build_at(
             }
             if a.machine().0 == 0 {
                 p.add(
-                    format!("{}.address", e.path),
+                    format!("{}.address", e.path()),
                     format!("{a} has machine slot 0, which is reserved"),
                 );
             }
-            if let Some(first) = slots.insert((a.host(), a.machine()), e.path.clone()) {
+            if let Some(first) = slots.insert((a.host(), a.machine()), e) {
                 p.add(
-                    format!("{}.address", e.path),
+                    format!("{}.address", e.path()),
                     format!(
-                        "{a}: slot {} on host {} is taken by {first}",
+                        "{a}: slot {} on host {} is taken by {}",
                         a.machine(),
-                        a.host()
+                        a.host(),
+                        first.path()
                     ),
                 );
             }
@@ -435,13 +454,13 @@ pub fn build_at(
     }
 
     // Certificates: one per hostname.
-    let mut cert_names: HashMap<&str, &str> = HashMap::new();
+    let mut cert_names: HashMap<&str, &Entry<Certificate>> = HashMap::new();
     for e in certificates.values() {
         for (i, h) in e.rec.hostnames.iter().enumerate() {
-            if let Some(first) = cert_names.insert(h, &e.path) {
+            if let Some(first) = cert_names.insert(h, e) {
                 p.add(
-                    format!("{}.hostnames[{i}]", e.path),
-                    format!("{h:?} is already served by {first}"),
+                    format!("{}.hostnames[{i}]", e.path()),
+                    format!("{h:?} is already served by {}", first.path()),
                 );
             }
         }
@@ -454,15 +473,15 @@ pub fn build_at(
         let net = networks.get(&s.network).map(|n| &n.rec);
         if net.is_none() {
             p.add(
-                format!("{}.network", e.path),
+                format!("{}.network", e.path()),
                 format!("unknown network {:?}", s.network),
             );
         }
         if let Some(ip) = s.cluster_ip {
-            flycast(&mut p, format!("{}.cluster_ip", e.path), ip, net);
+            flycast(&mut p, format!("{}.cluster_ip", e.path()), ip, net);
         }
         for (i, ep) in s.endpoints.iter().enumerate() {
-            let at = format!("{}.endpoints[{i}].machine", e.path);
+            let at = format!("{}.endpoints[{i}].machine", e.path());
             match machines.get(&ep.machine) {
                 None => p.add(at, format!("unknown machine {:?}", ep.machine)),
                 Some(m) => {
@@ -486,7 +505,8 @@ pub fn build_at(
         return Err(Invalid { problems: p.0 });
     }
 
-    allocate(&mut machines, &apps, &networks, prev, &mut slots, &mut p);
+    let mut taken: HashSet<(HostId, MachineSlot)> = slots.into_keys().collect();
+    allocate(&mut machines, &apps, &networks, prev, &mut taken, &mut p);
     let mut owners = BTreeMap::new();
     let cat = Catalog {
         regions: intern(regions, &prev.regions, &mut owners),
@@ -496,9 +516,222 @@ pub fn build_at(
         machines: intern(machines, &prev.machines, &mut owners),
         certificates: intern(certificates, &prev.certificates, &mut owners),
         k8s_services: intern(services, &prev.k8s_services, &mut owners),
-        owners,
+        owners: if *prev.owners == owners {
+            prev.owners.clone()
+        } else {
+            Arc::new(owners)
+        },
     };
     p.into_result(cat)
+}
+
+/// A change to one source's machines and nothing else, as a follower of
+/// etcd sees one: whole records put, ids deleted.
+#[derive(Clone, Debug, Default)]
+pub struct MachinePatch {
+    /// Machines added or replaced.
+    pub puts: Vec<Machine>,
+    /// Machines removed, by id.
+    pub deletes: Vec<String>,
+}
+
+impl MachinePatch {
+    /// True if it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.puts.is_empty() && self.deletes.is_empty()
+    }
+}
+
+/// The catalog after `patch` to `source`'s machines, checked as [`build`]
+/// would check it, without going over the records the patch leaves alone: a
+/// machine's health flip among 100,000 costs a copy of the maps, not a
+/// rebuild. `prev` is the catalog in force. `None` when the patch reaches
+/// past the machines it names (another record's address to move, a
+/// Kubernetes endpoint to check again, a source with positional paths): then
+/// only a full [`build`] gives the same answer.
+pub fn patch_machines(
+    prev: &Catalog,
+    source: Source,
+    patch: &MachinePatch,
+) -> Option<Result<Catalog, Invalid>> {
+    if matches!(source, Source::File | Source::Builtin) {
+        return None;
+    }
+    let mut touched: HashSet<&str> = patch.deletes.iter().map(String::as_str).collect();
+    for m in &patch.puts {
+        if !touched.insert(&m.id) {
+            return None; // one id twice in a patch
+        }
+    }
+    if prev.k8s_services.values().any(|s| {
+        s.endpoints
+            .iter()
+            .any(|e| touched.contains(e.machine.as_str()))
+    }) {
+        return None;
+    }
+    let mut taken: HashSet<(HostId, MachineSlot)> = prev
+        .machines
+        .values()
+        .filter(|m| !touched.contains(m.id.as_str()))
+        .filter_map(|m| m.address)
+        .map(|a| (a.host(), a.machine()))
+        .collect();
+    let mut p = Problems::default();
+    let mut puts: Vec<Machine> = patch.puts.clone();
+    puts.sort_by(|a, b| a.id.cmp(&b.id));
+    // (net of its app) per put, for the allocation below.
+    let mut nets = Vec::with_capacity(puts.len());
+    for m in &puts {
+        let at = path_of(source, 0, m);
+        let mut found = Problems::default();
+        check::machine(m, "", &mut found);
+        for f in found.0 {
+            p.add(format!("{at}{}", f.path), f.message);
+        }
+        if let Some(owner) = prev.owners.get(&(Kind::Machines, m.id.clone()))
+            && *owner != source
+        {
+            p.add(
+                &at,
+                format!(
+                    "machine {:?} is already defined by {owner}; a record has one owner",
+                    m.id
+                ),
+            );
+        }
+        let app_net = prev
+            .apps
+            .get(&m.app)
+            .map(|a| prev.networks.get(&a.network).map(|n| n.id));
+        if app_net.is_none() {
+            p.add(format!("{at}.app"), format!("unknown app {:?}", m.app));
+        }
+        if !prev.regions.contains_key(&m.region) {
+            p.add(
+                format!("{at}.region"),
+                format!("unknown region {:?}", m.region),
+            );
+        }
+        match prev.hosts.get(&m.host) {
+            None => p.add(format!("{at}.host"), format!("unknown host {}", m.host)),
+            Some(h) => {
+                if h.region != m.region {
+                    p.add(
+                        format!("{at}.region"),
+                        format!(
+                            "{:?} is not the region of host {} ({:?})",
+                            m.region, h.name, h.region
+                        ),
+                    );
+                }
+                if h.role == HostRole::Edge {
+                    p.add(
+                        format!("{at}.host"),
+                        format!("host {} is an edge and runs no machines", h.name),
+                    );
+                }
+            }
+        }
+        if let Some(a) = m.address {
+            if let Some(Some(net)) = app_net
+                && a.net() != net
+            {
+                p.add(
+                    format!("{at}.address"),
+                    format!("{a} is outside the app's network fdaa:{net}::/48"),
+                );
+            }
+            if a.host() != m.host {
+                p.add(
+                    format!("{at}.address"),
+                    format!(
+                        "{a} names host {}, the machine runs on {}",
+                        a.host(),
+                        m.host
+                    ),
+                );
+            }
+            if a.machine().0 == 0 {
+                p.add(
+                    format!("{at}.address"),
+                    format!("{a} has machine slot 0, which is reserved"),
+                );
+            }
+            if !taken.insert((a.host(), a.machine())) {
+                // A full build gives the slot to the explicit address and
+                // moves whichever machine had it allocated.
+                return None;
+            }
+        }
+        nets.push(app_net.flatten());
+    }
+    if !p.0.is_empty() {
+        return Some(Err(Invalid { problems: p.0 }));
+    }
+    // Addresses, as `allocate` gives them: the one a machine had when it
+    // still fits, then the lowest free slots in id order.
+    let mut pending = Vec::new();
+    for (i, m) in puts.iter_mut().enumerate() {
+        let Some(net) = nets[i] else { continue };
+        if m.address.is_some() {
+            continue;
+        }
+        let kept = prev
+            .machines
+            .get(&m.id)
+            .and_then(|o| o.address)
+            .filter(|a| {
+                a.net() == net && a.host() == m.host && !taken.contains(&(a.host(), a.machine()))
+            });
+        match kept {
+            Some(a) => {
+                taken.insert((a.host(), a.machine()));
+                m.address = Some(a);
+            }
+            None => pending.push(i),
+        }
+    }
+    for i in pending {
+        let (host, Some(net)) = (puts[i].host, nets[i]) else {
+            continue;
+        };
+        let mut slot = 1u32;
+        while taken.contains(&(host, MachineSlot(slot))) {
+            if slot == u32::MAX {
+                return Some(Err(Invalid {
+                    problems: vec![crate::error::Problem {
+                        path: format!("{}.address", path_of(source, 0, &puts[i])),
+                        message: format!("host {host} has no free machine slot"),
+                    }],
+                }));
+            }
+            slot += 1;
+        }
+        taken.insert((host, MachineSlot(slot)));
+        puts[i].address = Some(SixPn::new(net, host, MachineSlot(slot)));
+    }
+
+    let mut cat = prev.clone();
+    for id in &patch.deletes {
+        let key = (Kind::Machines, id.clone());
+        if prev.owners.get(&key) == Some(&source) {
+            cat.machines.remove(id);
+            Arc::make_mut(&mut cat.owners).remove(&key);
+        }
+    }
+    for m in puts {
+        let key = (Kind::Machines, m.id.clone());
+        if cat.owners.get(&key) != Some(&source) {
+            Arc::make_mut(&mut cat.owners).insert(key, source);
+        }
+        let arc = match prev.machines.get(&m.id) {
+            Some(old) if **old == m => old.clone(),
+            _ => Arc::new(m),
+        };
+        cat.machines.insert(arc.id.clone(), arc);
+    }
+    Some(Ok(cat))
 }
 
 /// Gives every machine without an address one: the address it had in the
@@ -508,7 +741,7 @@ fn allocate(
     apps: &Gathered<App>,
     networks: &Gathered<Network>,
     prev: &Catalog,
-    taken: &mut HashMap<(HostId, MachineSlot), String>,
+    taken: &mut HashSet<(HostId, MachineSlot)>,
     p: &mut Problems,
 ) {
     let mut next: HashMap<HostId, u32> = HashMap::new();
@@ -525,13 +758,11 @@ fn allocate(
             continue; // reported above
         };
         let kept = prev.machines.get(id).and_then(|m| m.address).filter(|a| {
-            a.net() == net
-                && a.host() == e.rec.host
-                && !taken.contains_key(&(a.host(), a.machine()))
+            a.net() == net && a.host() == e.rec.host && !taken.contains(&(a.host(), a.machine()))
         });
         match kept {
             Some(a) => {
-                taken.insert((a.host(), a.machine()), e.path.clone());
+                taken.insert((a.host(), a.machine()));
                 e.rec.address = Some(a);
             }
             None => {
@@ -552,10 +783,10 @@ fn allocate(
         };
         let host = e.rec.host;
         let cursor = next.entry(host).or_insert(1);
-        while taken.contains_key(&(host, MachineSlot(*cursor))) {
+        while taken.contains(&(host, MachineSlot(*cursor))) {
             if *cursor == u32::MAX {
                 p.add(
-                    format!("{}.address", e.path),
+                    format!("{}.address", e.path()),
                     format!("host {host} has no free machine slot"),
                 );
                 return;
@@ -563,7 +794,7 @@ fn allocate(
             *cursor += 1;
         }
         let slot = MachineSlot(*cursor);
-        taken.insert((host, slot), e.path.clone());
+        taken.insert((host, slot));
         e.rec.address = Some(SixPn::new(net, host, slot));
     }
 }

@@ -22,11 +22,11 @@ pub mod sources;
 pub mod store;
 
 pub use error::{Invalid, Problem};
-pub use index::{Catalog, Source};
+pub use index::{Catalog, MachinePatch, Source};
 pub use model::Document;
 pub use record::{Kind, Record};
 pub use skein_sixpn as sixpn;
-pub use store::{Changes, Diff, Snapshot, Store, WriteError, Written};
+pub use store::{Changes, Diff, Snapshot, Store, Touched, WriteError, Written};
 
 /// Threads for a plane's serving loops: the configured number, else one per
 /// core this process may run on (at least one). Shared so every plane reads a

@@ -18,7 +18,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::error::Invalid;
-use crate::index::{Catalog, Source, build};
+use crate::index::{Catalog, MachinePatch, Source, build};
 use crate::model::Document;
 use crate::record::{Kind, Record};
 
@@ -60,19 +60,38 @@ impl<K: Ord + Clone> Diff<K> {
             removed: Vec::new(),
             changed: Vec::new(),
         };
-        for (k, v) in new {
-            match old.get(k) {
-                None => d.added.push(k.clone()),
-                Some(o) if !Arc::ptr_eq(o, v) && **o != **v => d.changed.push(k.clone()),
-                Some(_) => {}
+        // Both maps iterate in key order: one merge walk, no lookups.
+        let (mut o, mut n) = (old.iter().peekable(), new.iter().peekable());
+        loop {
+            match (o.peek(), n.peek()) {
+                (None, None) => return d,
+                (Some((ok, _)), None) => {
+                    d.removed.push((*ok).clone());
+                    o.next();
+                }
+                (None, Some((nk, _))) => {
+                    d.added.push((*nk).clone());
+                    n.next();
+                }
+                (Some((ok, ov)), Some((nk, nv))) => match ok.cmp(nk) {
+                    std::cmp::Ordering::Less => {
+                        d.removed.push((*ok).clone());
+                        o.next();
+                    }
+                    std::cmp::Ordering::Greater => {
+                        d.added.push((*nk).clone());
+                        n.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        if !Arc::ptr_eq(ov, nv) && ***ov != ***nv {
+                            d.changed.push((*nk).clone());
+                        }
+                        o.next();
+                        n.next();
+                    }
+                },
             }
         }
-        d.removed = old
-            .keys()
-            .filter(|k| !new.contains_key(*k))
-            .cloned()
-            .collect();
-        d
     }
 }
 
@@ -152,7 +171,9 @@ pub struct Written {
 pub struct Store {
     current: ArcSwap<Snapshot>,
     tx: watch::Sender<Arc<Snapshot>>,
-    layers: Mutex<BTreeMap<Source, Document>>,
+    /// Each source's document, shared with the copy a write edits: a write
+    /// clones only the document it edits.
+    layers: Mutex<BTreeMap<Source, Arc<Document>>>,
 }
 
 impl Default for Store {
@@ -185,15 +206,25 @@ impl Store {
 
     /// The document a source contributes now.
     pub fn layer(&self, source: Source) -> Document {
-        self.lock().get(&source).cloned().unwrap_or_default()
+        self.lock()
+            .get(&source)
+            .map(|d| Document::clone(d))
+            .unwrap_or_default()
     }
 
     /// Replaces a source's whole document.
     pub fn replace(&self, source: Source, doc: Document) -> Result<Written, Invalid> {
-        self.write::<std::convert::Infallible>(
-            source,
-            |d| {
-                *d = doc;
+        self.replace_shared(source, Arc::new(doc))
+    }
+
+    /// [`Store::replace`] with a shared document: a caller that keeps its
+    /// `Arc` gets it back unshared when the catalog refuses it, to edit in
+    /// place and try again.
+    pub fn replace_shared(&self, source: Source, doc: Arc<Document>) -> Result<Written, Invalid> {
+        self.transact::<std::convert::Infallible>(
+            source_label(source),
+            |layers| {
+                layers.insert(source, doc);
                 Ok(())
             },
             |_, _| Ok(()),
@@ -202,6 +233,41 @@ impl Store {
             WriteError::Invalid(i) => i,
             WriteError::Refused(never) => match never {},
         })
+    }
+
+    /// Applies a change to a source's machines alone without rebuilding the
+    /// catalog (see [`crate::index::patch_machines`]). `None` when the change
+    /// needs a full build: the caller then replaces the whole document.
+    pub fn patch_machines(
+        &self,
+        source: Source,
+        patch: &MachinePatch,
+    ) -> Option<Result<Written, Invalid>> {
+        let label = source_label(source);
+        let mut layers = self.lock();
+        let prev = self.current.load_full();
+        let catalog = match crate::index::patch_machines(&prev.catalog, source, patch)? {
+            Ok(c) => c,
+            Err(invalid) => {
+                metrics::counter!("skein_catalog_writes_total", "source" => label, "result" => "invalid").increment(1);
+                return Some(Err(invalid));
+            }
+        };
+        // The layer takes the same change, so a later full build agrees. Its
+        // document is shared only with a caller that still holds it.
+        let doc = Arc::make_mut(layers.entry(source).or_default());
+        let gone: std::collections::HashSet<&str> = patch
+            .deletes
+            .iter()
+            .chain(patch.puts.iter().map(|m| &m.id))
+            .map(String::as_str)
+            .collect();
+        doc.machines.retain(|m| !gone.contains(m.id.as_str()));
+        doc.machines.extend(patch.puts.iter().cloned());
+        // Still under the writers' lock: no other write lands in between.
+        let written = self.publish(prev, catalog, label);
+        drop(layers);
+        Some(Ok(written))
     }
 
     /// Applies `edit` to a source's document, validates the result with every
@@ -216,7 +282,7 @@ impl Store {
     ) -> Result<Written, WriteError<E>> {
         self.transact(
             source_label(source),
-            |layers| edit(layers.entry(source).or_default()),
+            |layers| edit(Arc::make_mut(layers.entry(source).or_default())),
             |cat, layers| match layers.get(&source) {
                 Some(doc) => commit(cat, doc),
                 None => Ok(()),
@@ -230,7 +296,7 @@ impl Store {
         self.transact::<std::convert::Infallible>(
             "startup",
             |layers| {
-                layers.extend(docs);
+                layers.extend(docs.into_iter().map(|(s, d)| (s, Arc::new(d))));
                 Ok(())
             },
             |_, _| Ok(()),
@@ -244,14 +310,14 @@ impl Store {
     fn transact<E>(
         &self,
         label: &'static str,
-        edit: impl FnOnce(&mut BTreeMap<Source, Document>) -> Result<(), E>,
-        commit: impl FnOnce(&Catalog, &BTreeMap<Source, Document>) -> Result<(), E>,
+        edit: impl FnOnce(&mut BTreeMap<Source, Arc<Document>>) -> Result<(), E>,
+        commit: impl FnOnce(&Catalog, &BTreeMap<Source, Arc<Document>>) -> Result<(), E>,
     ) -> Result<Written, WriteError<E>> {
         let mut layers = self.lock();
         let mut next_layers = layers.clone();
         edit(&mut next_layers).map_err(WriteError::Refused)?;
         let prev = self.current.load_full();
-        let view: Vec<(Source, &Document)> = next_layers.iter().map(|(s, d)| (*s, d)).collect();
+        let view: Vec<(Source, &Document)> = next_layers.iter().map(|(s, d)| (*s, &**d)).collect();
         let catalog = match build(&view, &prev.catalog) {
             Ok(c) => c,
             Err(invalid) => {
@@ -261,6 +327,12 @@ impl Store {
         };
         commit(&catalog, &next_layers).map_err(WriteError::Refused)?;
         *layers = next_layers;
+        Ok(self.publish(prev, catalog, label))
+    }
+
+    /// Makes `catalog` the one in force (unless nothing changed) and tells
+    /// the followers.
+    fn publish(&self, prev: Arc<Snapshot>, catalog: Catalog, label: &'static str) -> Written {
         let next = Snapshot {
             version: prev.version + 1,
             catalog,
@@ -268,10 +340,10 @@ impl Store {
         };
         if Changes::between(&prev, &next).is_empty() && prev.catalog.owners == next.catalog.owners {
             metrics::counter!("skein_catalog_writes_total", "source" => label, "result" => "unchanged").increment(1);
-            return Ok(Written {
+            return Written {
                 snapshot: prev,
                 changed: false,
-            });
+            };
         }
         let next = Arc::new(next);
         self.current.store(next.clone());
@@ -284,16 +356,84 @@ impl Store {
                 .set(next.catalog.count(kind) as f64);
         }
         tracing::info!(version = next.version, source = label, "catalog published");
-        Ok(Written {
+        Written {
             snapshot: next,
             changed: true,
-        })
+        }
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<Source, Document>> {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<Source, Arc<Document>>> {
         // A writer that panicked left the layers as they were before its edit
         // (edits work on a copy), so the data behind a poisoned lock is sound.
         self.layers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// What a change from one catalog to another touched, for a plane that
+/// rebuilds only that: a machine that flips health touches its app and its
+/// app's network, not the 9,999 other apps.
+#[derive(Debug, Default, PartialEq)]
+pub struct Touched {
+    /// The regions changed: every round-trip order may have, so everything
+    /// that sorts by distance must be rebuilt.
+    pub regions: bool,
+    /// Apps whose record or whose machines changed (by name, old and new).
+    pub apps: std::collections::BTreeSet<String>,
+    /// Networks whose record, apps, machines or Kubernetes services changed.
+    pub networks: std::collections::BTreeSet<String>,
+}
+
+impl Touched {
+    /// Compares two catalogs; unchanged records share their `Arc`, so this
+    /// is mostly pointer compares.
+    pub fn between(old: &Catalog, new: &Catalog) -> Touched {
+        let mut t = Touched {
+            regions: !Diff::of(&old.regions, &new.regions).is_empty(),
+            ..Default::default()
+        };
+        let d = Diff::of(&old.networks, &new.networks);
+        t.networks
+            .extend(d.added.into_iter().chain(d.removed).chain(d.changed));
+        let d = Diff::of(&old.apps, &new.apps);
+        t.apps
+            .extend(d.added.into_iter().chain(d.removed).chain(d.changed));
+        let d = Diff::of(&old.machines, &new.machines);
+        let mut moved = std::collections::BTreeSet::new();
+        for k in d.added.iter().chain(&d.removed).chain(&d.changed) {
+            moved.insert(k.as_str());
+            for c in [old, new] {
+                if let Some(m) = c.machines.get(k) {
+                    t.apps.insert(m.app.clone());
+                }
+            }
+        }
+        for a in &t.apps {
+            for c in [old, new] {
+                if let Some(app) = c.apps.get(a) {
+                    t.networks.insert(app.network.clone());
+                }
+            }
+        }
+        let d = Diff::of(&old.k8s_services, &new.k8s_services);
+        for k in d.added.iter().chain(&d.removed).chain(&d.changed) {
+            for c in [old, new] {
+                if let Some(s) = c.k8s_services.get(k) {
+                    t.networks.insert(s.network.clone());
+                }
+            }
+        }
+        // A headless service answers with its pods' addresses.
+        if !moved.is_empty() {
+            for s in new.k8s_services.values() {
+                if s.endpoints
+                    .iter()
+                    .any(|e| moved.contains(e.machine.as_str()))
+                {
+                    t.networks.insert(s.network.clone());
+                }
+            }
+        }
+        t
     }
 }
 
@@ -321,7 +461,7 @@ pub async fn stopped(stop: &mut watch::Receiver<bool>) {
 pub async fn follow(
     mut rx: watch::Receiver<Arc<Snapshot>>,
     mut stop: watch::Receiver<bool>,
-    apply: impl Fn(&Snapshot) + Send + Sync + 'static,
+    apply: impl Fn(&Arc<Snapshot>) + Send + Sync + 'static,
 ) {
     let apply = Arc::new(apply);
     let first = rx.borrow_and_update().clone();

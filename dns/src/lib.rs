@@ -149,6 +149,8 @@ struct Job {
 /// The DNS server's shared state.
 pub struct Dns {
     views: ArcSwap<Views>,
+    /// The snapshot the views in force were built from.
+    last: std::sync::Mutex<Option<Arc<Snapshot>>>,
     cfg: DnsConfig,
     counters: Counters,
     forwarder: forward::Forwarder,
@@ -172,6 +174,7 @@ impl Dns {
         let (jobs, job_rx) = tokio::sync::mpsc::channel(4096);
         Arc::new(Dns {
             views: ArcSwap::from_pointee(Views::default()),
+            last: std::sync::Mutex::new(None),
             forwarder: forward::Forwarder::new(
                 cfg.upstreams.clone(),
                 cfg.forward_timeout,
@@ -195,10 +198,19 @@ impl Dns {
         })
     }
 
-    /// Builds and swaps in the views for a snapshot.
-    pub fn apply(&self, snap: &Snapshot) {
-        let v = Views::build(snap, self.cfg.default_network.as_deref(), self.cfg.ttl);
+    /// Builds and swaps in the views for a snapshot: only the networks the
+    /// change since the last snapshot touched are rebuilt.
+    pub fn apply(&self, snap: &Arc<Snapshot>) {
+        let started = std::time::Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let default = self.cfg.default_network.as_deref();
+        let v = match last.as_ref() {
+            Some(prev) => Views::update(&self.views.load(), prev, snap, default, self.cfg.ttl),
+            None => Views::build(snap, default, self.cfg.ttl),
+        };
+        *last = Some(snap.clone());
         metrics::gauge!("skein_dns_view_version").set(snap.version as f64);
+        metrics::histogram!("skein_dns_view_build_seconds").record(started.elapsed().as_secs_f64());
         self.views.store(Arc::new(v));
     }
 

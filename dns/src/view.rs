@@ -2,14 +2,14 @@
 //! see, with its answers pre-encoded in wire form, so a query is one hash lookup
 //! and one copy. Another network's names are simply not in the view.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
-use skein_catalog::Snapshot;
-use skein_catalog::model::{K8sProtocol, K8sServiceKind, Machine};
+use skein_catalog::model::{App, K8sProtocol, K8sService, K8sServiceKind, Machine};
 use skein_catalog::sixpn::SixPn;
+use skein_catalog::{Catalog, Snapshot, Touched};
 
 use crate::wire::{Records, encode_name, rtype, wire_name};
 
@@ -194,7 +194,10 @@ impl View {
     /// Names between a record and its zone's apex exist (empty non-terminals):
     /// they answer NODATA, not NXDOMAIN.
     fn fill_empty_non_terminals(&mut self) {
-        let mut missing = Vec::new();
+        // Walk up from each name until an ancestor is known: a name's own
+        // walk covers its ancestors, so each node is visited about once (a
+        // reverse name is 32 labels deep).
+        let mut missing: rustc_hash::FxHashSet<&[u8]> = rustc_hash::FxHashSet::default();
         for name in self.names.keys() {
             let Some(z) = self.zone_of(name) else {
                 continue;
@@ -202,12 +205,13 @@ impl View {
             let mut pos = usize::from(name[0]) + 1;
             while pos < name.len() && name.len() - pos > z.apex.len() {
                 let parent = &name[pos..];
-                if !self.names.contains_key(parent) {
-                    missing.push(parent.to_vec());
+                if self.names.contains_key(parent) || !missing.insert(parent) {
+                    break;
                 }
                 pos += usize::from(name[pos]) + 1;
             }
         }
+        let missing: Vec<Vec<u8>> = missing.into_iter().map(<[u8]>::to_vec).collect();
         for m in missing {
             self.names.entry(m).or_default();
         }
@@ -317,26 +321,121 @@ impl Views {
     /// Builds the views. `default_network` names the network whose view
     /// askers outside any network get; `ttl` is every record's TTL.
     pub fn build(snap: &Snapshot, default_network: Option<&str>, ttl: u32) -> Views {
-        let cat = &snap.catalog;
-        let mut views: BTreeMap<&str, View> = BTreeMap::new();
-        for n in cat.networks.values() {
-            let mut v = View::default();
-            v.add_zone("internal", ttl);
-            v.add_zone("flycast", ttl);
-            v.add_cluster_zone("cluster.local", ttl);
-            v.add_zone(REVERSE_ZONE, ttl);
-            views.insert(n.name.as_str(), v);
+        Views::assemble(snap, None, default_network, ttl)
+    }
+
+    /// Builds the views for `snap`, keeping from `prev` (built from `prev_snap`)
+    /// every network's view that nothing in the change touched: a machine that
+    /// flips health rebuilds its own network's names, not the platform's.
+    pub fn update(
+        prev: &Views,
+        prev_snap: &Snapshot,
+        snap: &Snapshot,
+        default_network: Option<&str>,
+        ttl: u32,
+    ) -> Views {
+        let t = Touched::between(&prev_snap.catalog, &snap.catalog);
+        if t.regions {
+            return Views::assemble(snap, None, default_network, ttl);
         }
-        // .internal and .flycast.
-        let mut apps_of: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-        for app in cat.apps.values() {
-            let Some(v) = views.get_mut(app.network.as_str()) else {
-                continue;
+        Views::assemble(snap, Some((prev, &t.networks)), default_network, ttl)
+    }
+
+    fn assemble(
+        snap: &Snapshot,
+        keep: Option<(&Views, &BTreeSet<String>)>,
+        default_network: Option<&str>,
+        ttl: u32,
+    ) -> Views {
+        let cat = &snap.catalog;
+        let rebuild = |net: &str| keep.is_none_or(|(_, dirty)| dirty.contains(net));
+        // One pass over each kind, grouped by network, for the networks to build.
+        let mut apps_of: FxHashMap<&str, Vec<&App>> = FxHashMap::default();
+        for app in cat.apps.values().filter(|a| rebuild(&a.network)) {
+            apps_of.entry(app.network.as_str()).or_default().push(app);
+        }
+        let mut machines_of: FxHashMap<&str, Vec<&Machine>> = FxHashMap::default();
+        for m in cat.machines.values().filter(|m| m.is_routable()) {
+            if let Some(app) = cat.apps.get(&m.app)
+                && rebuild(&app.network)
+            {
+                machines_of.entry(m.app.as_str()).or_default().push(m);
+            }
+        }
+        let mut k8s_of: FxHashMap<&str, Vec<&K8sService>> = FxHashMap::default();
+        for s in cat.k8s_services.values().filter(|s| rebuild(&s.network)) {
+            k8s_of.entry(s.network.as_str()).or_default().push(s);
+        }
+        let mut out = Views {
+            version: snap.version,
+            host_regions: cat
+                .hosts
+                .values()
+                .map(|h| (h.id.0, h.region.clone()))
+                .collect(),
+            ..Default::default()
+        };
+        for n in cat.networks.values() {
+            let kept = match keep {
+                Some((prev, dirty)) if !dirty.contains(&n.name) => {
+                    prev.by_net.get(&n.id.0).cloned()
+                }
+                _ => None,
             };
-            apps_of
-                .entry(app.network.as_str())
-                .or_default()
-                .push(app.name.as_str());
+            let v = kept.unwrap_or_else(|| {
+                let none = Vec::new();
+                Arc::new(View::of_network(
+                    cat,
+                    apps_of.get(n.name.as_str()).unwrap_or(&none),
+                    &machines_of,
+                    k8s_of
+                        .get(n.name.as_str())
+                        .map(Vec::as_slice)
+                        .unwrap_or_default(),
+                    ttl,
+                ))
+            });
+            if Some(n.name.as_str()) == default_network {
+                out.default = v.clone();
+            }
+            out.by_net.insert(n.id.0, v);
+        }
+        let mut empty = View::default();
+        empty.add_zone("internal", ttl);
+        empty.add_zone("flycast", ttl);
+        empty.add_cluster_zone("cluster.local", ttl);
+        empty.add_zone(REVERSE_ZONE, ttl);
+        if default_network.is_none() || out.default.zones.is_empty() {
+            out.default = Arc::new(View {
+                names: empty.names.clone(),
+                zones: empty.zones.clone(),
+                nearest: FxHashMap::default(),
+            });
+        }
+        out.empty = Arc::new(empty);
+        out
+    }
+}
+
+impl View {
+    /// One network's names: its apps and their machines under `.internal` and
+    /// `.flycast`, its Kubernetes services under their cluster domain, and
+    /// the reverse names of its addresses.
+    fn of_network(
+        cat: &Catalog,
+        apps: &[&App],
+        machines_of: &FxHashMap<&str, Vec<&Machine>>,
+        k8s: &[&K8sService],
+        ttl: u32,
+    ) -> View {
+        let mut v = View::default();
+        v.add_zone("internal", ttl);
+        v.add_zone("flycast", ttl);
+        v.add_cluster_zone("cluster.local", ttl);
+        v.add_zone(REVERSE_ZONE, ttl);
+        let mut app_names = Vec::with_capacity(apps.len());
+        for app in apps {
+            app_names.push(app.name.clone());
             if let Some(f) = app.flycast {
                 v.add(
                     &format!("{}.flycast", app.name),
@@ -345,24 +444,18 @@ impl Views {
                     &f.octets(),
                 );
             }
-            let machines: Vec<&Machine> = cat
-                .machines
-                .values()
-                .filter(|m| m.app == app.name && m.is_routable())
-                .map(|m| &**m)
-                .collect();
+            let machines: &[&Machine] = machines_of
+                .get(app.name.as_str())
+                .map(Vec::as_slice)
+                .unwrap_or_default();
             // Nearest-N: each region's order, closest first.
             let mut per_region: FxHashMap<String, Records> = FxHashMap::default();
             for from in cat.regions.keys().map(String::as_str).chain([""]) {
                 let mut sorted: Vec<&&Machine> =
                     machines.iter().filter(|m| m.address.is_some()).collect();
                 if !from.is_empty() {
-                    sorted.sort_by_key(|m| {
-                        (
-                            cat.rtt_ms(from, &m.region).unwrap_or(u32::MAX),
-                            m.id.clone(),
-                        )
-                    });
+                    let rtt = |m: &Machine| cat.rtt_ms(from, &m.region).unwrap_or(u32::MAX);
+                    sorted.sort_by(|a, b| (rtt(a), &a.id).cmp(&(rtt(b), &b.id)));
                 }
                 let mut r = Records::default();
                 for m in sorted {
@@ -375,7 +468,7 @@ impl Views {
             v.nearest.insert(app.name.clone(), per_region);
             let mut regions = BTreeSet::new();
             let mut vms = Vec::new();
-            for m in &machines {
+            for m in machines {
                 let Some(addr) = aaaa(m) else { continue };
                 let a = &app.name;
                 v.add(&format!("{a}.internal"), rtype::AAAA, ttl, &addr);
@@ -426,17 +519,11 @@ impl Views {
                 );
             }
         }
-        for (net, apps) in &apps_of {
-            if let Some(v) = views.get_mut(net) {
-                let apps: Vec<String> = apps.iter().map(|s| s.to_string()).collect();
-                v.add("_apps.internal", rtype::TXT, ttl, &txt_list(&apps));
-            }
+        if !app_names.is_empty() {
+            v.add("_apps.internal", rtype::TXT, ttl, &txt_list(&app_names));
         }
         // Kubernetes (the kubernetes/dns specification, IPv6).
-        for s in cat.k8s_services.values() {
-            let Some(v) = views.get_mut(s.network.as_str()) else {
-                continue;
-            };
+        for s in k8s {
             v.add_cluster_zone(&s.cluster, ttl);
             let name = format!("{}.{}.svc.{}", s.name, s.namespace, s.cluster);
             match s.kind {
@@ -483,38 +570,7 @@ impl Views {
                 );
             }
         }
-        let mut out = Views {
-            version: snap.version,
-            host_regions: cat
-                .hosts
-                .values()
-                .map(|h| (h.id.0, h.region.clone()))
-                .collect(),
-            ..Default::default()
-        };
-        let mut empty = View::default();
-        empty.add_zone("internal", ttl);
-        empty.add_zone("flycast", ttl);
-        empty.add_cluster_zone("cluster.local", ttl);
-        empty.add_zone(REVERSE_ZONE, ttl);
-        for (net_name, mut v) in views {
-            v.fill_empty_non_terminals();
-            let v = Arc::new(v);
-            if Some(net_name) == default_network {
-                out.default = v.clone();
-            }
-            if let Some(n) = cat.networks.get(net_name) {
-                out.by_net.insert(n.id.0, v);
-            }
-        }
-        if default_network.is_none() || out.default.zones.is_empty() {
-            out.default = Arc::new(View {
-                names: empty.names.clone(),
-                zones: empty.zones.clone(),
-                nearest: FxHashMap::default(),
-            });
-        }
-        out.empty = Arc::new(empty);
-        out
+        v.fill_empty_non_terminals();
+        v
     }
 }

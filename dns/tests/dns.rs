@@ -627,3 +627,130 @@ async fn nearest_machines_from_the_askers_region() {
         ResponseCode::NXDomain
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_rebuilds_only_the_networks_it_touches() {
+    let s = start(parse_toml(CATALOG).unwrap()).await;
+    let acme: IpAddr = "fdaa:0:18:0:3:0:1:0".parse().unwrap();
+    let other: IpAddr = "fdaa:0:19:0:2:0:1:0".parse().unwrap();
+    let names = [
+        "web.internal.",
+        "db.internal.",
+        "iad.web.internal.",
+        "_instances.internal.",
+        "pg-0.pg.data.svc.cluster.local.",
+        "web.default.svc.cluster.local.",
+        "top1.nearest.of.web.internal.",
+        "0.0.0.0.1.0.0.0.2.0.0.0.0.0.0.0.8.1.0.0.0.0.0.0.a.a.d.f.ip6.arpa.",
+    ];
+    // Every answer a view gives for `names`, as bytes on the wire.
+    let answers = |dns: &Dns, src: IpAddr| -> Vec<Vec<u8>> {
+        let views = dns.views();
+        names
+            .iter()
+            .flat_map(|n| [RecordType::AAAA, RecordType::TXT, RecordType::PTR].map(|t| (n, t)))
+            .map(|(n, t)| {
+                let mut out = Vec::new();
+                dns.handle(&views, src, &query_bytes(n, t, false), &mut out, true);
+                out
+            })
+            .collect()
+    };
+    // The same catalog built from scratch answers the same.
+    let fresh = |store: &Store| {
+        let d = Dns::new(DnsConfig {
+            default_network: Some("acme".into()),
+            ..Default::default()
+        });
+        d.apply(&store.snapshot());
+        d
+    };
+    let wait_for = |version: u64| {
+        let dns = s.dns.clone();
+        async move {
+            while dns.views().version < version {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            dns.views()
+        }
+    };
+
+    // d1 (network "other") stops: only "other" is rebuilt.
+    let before = s.dns.views();
+    let mut doc: Document = parse_toml(CATALOG).unwrap();
+    doc.machines[3].state = skein_catalog::model::MachineState::Stopped;
+    let v = s
+        .store
+        .replace(Source::File, doc.clone())
+        .unwrap()
+        .snapshot
+        .version;
+    let after = wait_for(v).await;
+    assert!(std::ptr::eq(
+        before.for_source(acme),
+        after.for_source(acme)
+    ));
+    assert!(!std::ptr::eq(
+        before.for_source(other),
+        after.for_source(other)
+    ));
+    let mut q = Vec::new();
+    s.dns.handle(
+        &after,
+        other,
+        &query_bytes("db.internal.", RecordType::AAAA, false),
+        &mut q,
+        true,
+    );
+    assert!(aaaa(&Message::from_vec(&q).unwrap()).is_empty());
+    let full = fresh(&s.store);
+    for src in [acme, other] {
+        assert_eq!(answers(&s.dns, src), answers(&full, src));
+    }
+
+    // m1 (network "acme") joins another process group: "acme" is rebuilt,
+    // "other" is kept.
+    doc.machines[0].metadata.process_group = Some("cron".into());
+    let v = s
+        .store
+        .replace(Source::File, doc.clone())
+        .unwrap()
+        .snapshot
+        .version;
+    let later = wait_for(v).await;
+    assert!(!std::ptr::eq(
+        after.for_source(acme),
+        later.for_source(acme)
+    ));
+    assert!(std::ptr::eq(
+        after.for_source(other),
+        later.for_source(other)
+    ));
+    // m1, pg-0 of a headless service, moves: its answers everywhere match a
+    // full build.
+    doc.machines[0].address = Some("fdaa:0:18:0:2:0:2:0".parse().unwrap());
+    let v = s
+        .store
+        .replace(Source::File, doc.clone())
+        .unwrap()
+        .snapshot
+        .version;
+    let later = wait_for(v).await;
+    let full = fresh(&s.store);
+    for src in [acme, other] {
+        assert_eq!(answers(&s.dns, src), answers(&full, src));
+    }
+
+    // A round-trip time changes: every nearest order may change, all rebuilt.
+    doc.regions[0].rtt_ms.insert("iad".into(), 5);
+    let v = s.store.replace(Source::File, doc).unwrap().snapshot.version;
+    let last = wait_for(v).await;
+    assert!(!std::ptr::eq(
+        later.for_source(other),
+        last.for_source(other)
+    ));
+    let full = fresh(&s.store);
+    for src in [acme, other] {
+        assert_eq!(answers(&s.dns, src), answers(&full, src));
+    }
+}

@@ -63,6 +63,8 @@ pub enum ProxyError {
 pub struct Proxy {
     /// The routing table in force.
     pub routes: Arc<ArcSwap<RouteTable>>,
+    /// The snapshot the table in force was built from.
+    last: std::sync::Mutex<Option<Arc<Snapshot>>>,
     /// Certificates.
     pub certs: Arc<Certs>,
     /// Connections to machines.
@@ -101,6 +103,7 @@ impl Proxy {
         let raw_tls = certs.server_config(&[], &resumption)?;
         Ok(Arc::new(Proxy {
             routes,
+            last: std::sync::Mutex::new(None),
             certs,
             upstreams: Arc::new(Upstreams::new(UpstreamLimits {
                 connect_timeout: cfg.connect_timeout,
@@ -124,11 +127,24 @@ impl Proxy {
     }
 
     /// Builds and swaps in the tables for a snapshot.
-    pub fn apply(&self, snap: &Snapshot) {
+    /// Only the apps the change since the last snapshot touched are built
+    /// again; the others keep their routes.
+    pub fn apply(&self, snap: &Arc<Snapshot>) {
         let started = std::time::Instant::now();
-        let table = RouteTable::build(snap, &self.region, &self.loads);
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let (table, gone) = match last.as_ref() {
+            Some(prev) => self
+                .routes
+                .load()
+                .update(prev, snap, &self.region, &self.loads),
+            None => (RouteTable::build(snap, &self.region, &self.loads), None),
+        };
+        *last = Some(snap.clone());
         let hosts = table.len();
-        self.upstreams.retain(&table.addresses());
+        match gone {
+            Some(gone) => self.upstreams.forget(&gone),
+            None => self.upstreams.retain(&table.addresses()),
+        }
         self.routes.store(Arc::new(table));
         self.certs.update(snap);
         metrics::gauge!("skein_proxy_route_version").set(snap.version as f64);

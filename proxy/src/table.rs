@@ -1,13 +1,13 @@
 //! Routing tables: what the proxy derives from a catalog snapshot. Immutable;
 //! a new one is built for every catalog version and swapped in whole.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 
-use skein_catalog::Snapshot;
 use skein_catalog::model::{BackendProtocol, ConcurrencyKind, Handler, ProxyProtoVersion};
+use skein_catalog::{Snapshot, Touched};
 
 use crate::load::{Loads, MachineLoad, ServiceQueue};
 
@@ -119,11 +119,55 @@ pub fn normalize_host(host: &str) -> String {
 impl RouteTable {
     /// Builds the table for `snap` as seen from an edge in `region`.
     pub fn build(snap: &Snapshot, region: &str, loads: &Loads) -> RouteTable {
+        RouteTable::assemble(snap, region, loads, None)
+    }
+
+    /// Builds the table for `snap`, keeping from `self` (built from
+    /// `prev_snap`) the route of every app the change did not touch: its
+    /// backends, round-robin position and metric handles stay as they were,
+    /// and only the touched apps are built again. Also returns the backend
+    /// addresses the touched apps no longer route to.
+    pub fn update(
+        &self,
+        prev_snap: &Snapshot,
+        snap: &Snapshot,
+        region: &str,
+        loads: &Loads,
+    ) -> (RouteTable, Option<Vec<SocketAddr>>) {
+        let touched = Touched::between(&prev_snap.catalog, &snap.catalog);
+        if touched.regions {
+            return (RouteTable::assemble(snap, region, loads, None), None);
+        }
+        let t = RouteTable::assemble(snap, region, loads, Some((self, &touched.apps)));
+        let addrs = |table: &RouteTable| -> HashSet<SocketAddr> {
+            touched
+                .apps
+                .iter()
+                .filter_map(|a| table.by_name.get(a))
+                .flat_map(|a| a.services.iter())
+                .flat_map(|s| s.backends.iter().map(|b| b.addr))
+                .collect()
+        };
+        let now = addrs(&t);
+        let gone = addrs(self)
+            .into_iter()
+            .filter(|a| !now.contains(a))
+            .collect();
+        (t, Some(gone))
+    }
+
+    fn assemble(
+        snap: &Snapshot,
+        region: &str,
+        loads: &Loads,
+        keep: Option<(&RouteTable, &BTreeSet<String>)>,
+    ) -> RouteTable {
         let cat = &snap.catalog;
         let rtt = |a: &str, b: &str| cat.rtt_ms(a, b).unwrap_or(UNKNOWN_RTT_MS);
+        let rebuild = |app: &str| keep.is_none_or(|(_, touched)| touched.contains(app));
         let mut by_app: HashMap<&str, Vec<&skein_catalog::model::Machine>> = HashMap::new();
         for m in cat.machines.values() {
-            if m.is_routable() {
+            if m.is_routable() && rebuild(&m.app) {
                 by_app.entry(m.app.as_str()).or_default().push(m);
             }
         }
@@ -132,78 +176,25 @@ impl RouteTable {
             ..Default::default()
         };
         for app in cat.apps.values() {
-            let machines = by_app
-                .get(app.name.as_str())
-                .map(Vec::as_slice)
-                .unwrap_or(&[]);
-            let mut services = Vec::with_capacity(app.services.len());
-            let mut ports = HashMap::new();
-            for (si, s) in app.services.iter().enumerate() {
-                let queue = loads.queue(&app.name, s.internal_port);
-                let mut backends: Vec<Backend> = machines
-                    .iter()
-                    .filter_map(|m| {
-                        let addr = match (m.endpoint, m.address) {
-                            (Some(ep), _) => ep,
-                            (None, Some(a)) => {
-                                SocketAddr::new(IpAddr::V6(a.into()), s.internal_port)
-                            }
-                            (None, None) => return None,
-                        };
-                        Some(Backend {
-                            machine: Arc::from(m.id.as_str()),
-                            region: Arc::from(m.region.as_str()),
-                            addr,
-                            rtt_ms: rtt(region, &m.region),
-                            load: loads.machine(&app.name, s.internal_port, &m.id, &queue),
-                        })
-                    })
-                    .collect();
-                backends.sort_by(|a, b| {
-                    a.rtt_ms
-                        .cmp(&b.rtt_ms)
-                        .then_with(|| a.machine.cmp(&b.machine))
-                });
-                services.push(ServiceRoute {
-                    internal_port: s.internal_port,
-                    kind: s.concurrency.kind,
-                    soft: s.concurrency.soft_limit,
-                    hard: s.concurrency.hard_limit,
-                    backend_protocol: s.backend_protocol,
-                    backends,
-                    queue,
-                    rr: AtomicUsize::new(0),
-                    checks: s.checks.clone(),
-                    check_host: app
-                        .hostnames
-                        .iter()
-                        .find(|h| !h.starts_with("*."))
-                        .map(|h| Arc::from(h.as_str())),
-                });
-                for p in &s.ports {
-                    ports.insert(
-                        p.port,
-                        PortRoute {
-                            service: si,
-                            tls: p.handlers.contains(&Handler::Tls),
-                            http: p.handlers.contains(&Handler::Http),
-                            force_https: p.force_https,
-                            proxy_proto: p
-                                .handlers
-                                .contains(&Handler::ProxyProto)
-                                .then(|| p.proxy_proto_version.unwrap_or_default()),
-                        },
-                    );
+            let kept = match keep {
+                Some((prev, touched)) if !touched.contains(&app.name) => {
+                    prev.by_name.get(&app.name).cloned()
                 }
-            }
-            let route = Arc::new(AppRoute {
-                name: Arc::from(app.name.as_str()),
-                network: Arc::from(app.network.as_str()),
-                ports,
-                services,
-                allow_self_signed: app.tls.allow_self_signed,
-                metrics: crate::http::AppMetrics::new(&app.name),
-            });
+                _ => None,
+            };
+            let route = match kept {
+                Some(r) => r,
+                None => app_route(
+                    app,
+                    by_app
+                        .get(app.name.as_str())
+                        .map(Vec::as_slice)
+                        .unwrap_or(&[]),
+                    region,
+                    loads,
+                    &rtt,
+                ),
+            };
             // An app without hostnames is reached by its port alone; one with
             // hostnames and no handler is TLS passthrough, routed by SNI.
             for (p, r) in route.ports.iter().filter(|_| app.hostnames.is_empty()) {
@@ -297,9 +288,201 @@ impl RouteTable {
     }
 }
 
+/// One app's route: its services with their backends, closest first.
+fn app_route(
+    app: &skein_catalog::model::App,
+    machines: &[&skein_catalog::model::Machine],
+    region: &str,
+    loads: &Loads,
+    rtt: &dyn Fn(&str, &str) -> u32,
+) -> Arc<AppRoute> {
+    let mut services = Vec::with_capacity(app.services.len());
+    let mut ports = HashMap::new();
+    for (si, s) in app.services.iter().enumerate() {
+        let queue = loads.queue(&app.name, s.internal_port);
+        let mut backends: Vec<Backend> = machines
+            .iter()
+            .filter_map(|m| {
+                let addr = match (m.endpoint, m.address) {
+                    (Some(ep), _) => ep,
+                    (None, Some(a)) => SocketAddr::new(IpAddr::V6(a.into()), s.internal_port),
+                    (None, None) => return None,
+                };
+                Some(Backend {
+                    machine: Arc::from(m.id.as_str()),
+                    region: Arc::from(m.region.as_str()),
+                    addr,
+                    rtt_ms: rtt(region, &m.region),
+                    load: loads.machine(&app.name, s.internal_port, &m.id, &queue),
+                })
+            })
+            .collect();
+        backends.sort_by(|a, b| {
+            a.rtt_ms
+                .cmp(&b.rtt_ms)
+                .then_with(|| a.machine.cmp(&b.machine))
+        });
+        services.push(ServiceRoute {
+            internal_port: s.internal_port,
+            kind: s.concurrency.kind,
+            soft: s.concurrency.soft_limit,
+            hard: s.concurrency.hard_limit,
+            backend_protocol: s.backend_protocol,
+            backends,
+            queue,
+            rr: AtomicUsize::new(0),
+            checks: s.checks.clone(),
+            check_host: app
+                .hostnames
+                .iter()
+                .find(|h| !h.starts_with("*."))
+                .map(|h| Arc::from(h.as_str())),
+        });
+        for p in &s.ports {
+            ports.insert(
+                p.port,
+                PortRoute {
+                    service: si,
+                    tls: p.handlers.contains(&Handler::Tls),
+                    http: p.handlers.contains(&Handler::Http),
+                    force_https: p.force_https,
+                    proxy_proto: p
+                        .handlers
+                        .contains(&Handler::ProxyProto)
+                        .then(|| p.proxy_proto_version.unwrap_or_default()),
+                },
+            );
+        }
+    }
+    Arc::new(AppRoute {
+        name: Arc::from(app.name.as_str()),
+        network: Arc::from(app.network.as_str()),
+        ports,
+        services,
+        allow_self_signed: app.tls.allow_self_signed,
+        metrics: crate::http::AppMetrics::new(&app.name),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use skein_catalog::{Source, Store};
+
+    /// Each app's backends as (machine, address, rtt), closest first.
+    type AppBackends = (String, Vec<(String, SocketAddr, u32)>);
+
+    fn backends(t: &RouteTable) -> Vec<AppBackends> {
+        let mut out: Vec<_> = t
+            .apps()
+            .map(|a| {
+                let b = a.services[0]
+                    .backends
+                    .iter()
+                    .map(|b| (b.machine.to_string(), b.addr, b.rtt_ms))
+                    .collect();
+                (a.name.to_string(), b)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn an_update_rebuilds_only_the_apps_it_touches() {
+        let text = |rtt: u32, a1: &str| {
+            format!(
+                r#"
+                regions = [{{ code = "ams", rtt_ms = {{ iad = {rtt} }} }}, {{ code = "iad" }}]
+                hosts = [
+                  {{ id = "0:2", name = "h2", region = "ams", underlay = "10.0.0.2" }},
+                  {{ id = "0:3", name = "h3", region = "iad", underlay = "10.0.0.3" }},
+                ]
+                networks = [{{ id = "0:18", name = "n" }}]
+                [[apps]]
+                name = "a"
+                network = "n"
+                hostnames = ["a.example.com"]
+                services = [{{ internal_port = 80, ports = [{{ port = 443, handlers = ["tls", "http"] }}] }}]
+                [[apps]]
+                name = "b"
+                network = "n"
+                hostnames = ["b.example.com"]
+                services = [{{ internal_port = 80, ports = [{{ port = 443, handlers = ["tls", "http"] }}] }}]
+                [[machines]]
+                id = "a1"
+                app = "a"
+                region = "ams"
+                host = "0:2"
+                state = "{a1}"
+                [[machines]]
+                id = "a2"
+                app = "a"
+                region = "iad"
+                host = "0:3"
+                state = "started"
+                [[machines]]
+                id = "b1"
+                app = "b"
+                region = "iad"
+                host = "0:3"
+                state = "started"
+                "#
+            )
+        };
+        let loads = Loads::default();
+        let store = Store::new();
+        let write = |rtt, a1| {
+            store
+                .replace(
+                    Source::File,
+                    skein_catalog::error::parse_toml(&text(rtt, a1)).unwrap(),
+                )
+                .unwrap()
+                .snapshot
+        };
+        let s1 = write(80, "started");
+        let t1 = RouteTable::build(&s1, "ams", &loads);
+
+        // a1 stops: "a" is built again, "b" keeps its route.
+        let s2 = write(80, "stopped");
+        let (t2, gone) = t1.update(&s1, &s2, "ams", &loads);
+        assert!(Arc::ptr_eq(
+            t1.app_by_name("b").unwrap(),
+            t2.app_by_name("b").unwrap()
+        ));
+        assert!(!Arc::ptr_eq(
+            t1.app_by_name("a").unwrap(),
+            t2.app_by_name("a").unwrap()
+        ));
+        let a1 = t1.app_by_name("a").unwrap().services[0].backends[0].addr;
+        assert_eq!(gone, Some(vec![a1]));
+        assert_eq!(
+            backends(&t2),
+            backends(&RouteTable::build(&s2, "ams", &loads))
+        );
+        assert_eq!(
+            t2.app("a.example.com").unwrap().services[0].backends.len(),
+            1
+        );
+
+        // The round-trip time changes: everything is built again.
+        let s3 = write(5, "stopped");
+        let (t3, gone) = t2.update(&s2, &s3, "ams", &loads);
+        assert_eq!(gone, None);
+        assert!(!Arc::ptr_eq(
+            t2.app_by_name("b").unwrap(),
+            t3.app_by_name("b").unwrap()
+        ));
+        assert_eq!(
+            backends(&t3),
+            backends(&RouteTable::build(&s3, "ams", &loads))
+        );
+        assert_eq!(
+            t3.app("b.example.com").unwrap().services[0].backends[0].rtt_ms,
+            5
+        );
+    }
 
     #[test]
     fn hosts_are_normalized() {

@@ -148,6 +148,22 @@ impl Upstreams {
             .retain(|a, _| live.contains(a));
     }
 
+    /// Drops the pooled connections to addresses no route leads to any more.
+    pub fn forget(&self, gone: &[SocketAddr]) {
+        if gone.is_empty() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        for a in gone {
+            idle.remove(a);
+        }
+        drop(idle);
+        let mut h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        for a in gone {
+            h2.remove(a);
+        }
+    }
+
     fn take_idle(&self, addr: SocketAddr) -> Option<http1::SendRequest<ProxyBody>> {
         let mut m = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = m.get_mut(&addr)?;

@@ -1,6 +1,6 @@
 //! Reads the catalog from etcd and follows it: the [`Source::Etcd`] layer.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,10 +10,10 @@ use tracing::Instrument as _;
 
 use super::wire::{self, Event, WatchCreateRequest, WatchOp, WatchRequest};
 use super::{AnyRecord, Backoff, Conn, Error, Layout, Place, Status};
-use crate::error::Invalid;
+use crate::index::MachinePatch;
 use crate::index::Source;
 use crate::model::Document;
-use crate::record::Kind;
+use crate::record::{Kind, Record};
 use crate::store::{Store, stopped};
 
 /// Keys per page of a full read.
@@ -47,6 +47,9 @@ pub struct Follower {
     host: Option<String>,
     status: Arc<Status>,
     mirror: Mirror,
+    /// The machine keys changed since the layer was last published, when
+    /// only machine keys changed (`None`: publish the whole layer).
+    pending: Option<BTreeSet<Vec<u8>>>,
 }
 
 /// Why a session ended.
@@ -72,6 +75,7 @@ impl Follower {
             host,
             status,
             mirror: Mirror::default(),
+            pending: None,
         }
     }
 
@@ -96,6 +100,7 @@ impl Follower {
             .await?;
         let first = self.mirror.revision == 0;
         self.mirror.keys.clear();
+        self.pending = None;
         for kv in kvs {
             self.absorb_put(kv);
         }
@@ -281,6 +286,7 @@ impl Follower {
             }
             last = last.max(kv.mod_revision);
             n += 1;
+            self.note(&kv.key);
             if ev.r#type == Event::DELETE {
                 metrics::counter!("skein_etcd_events_total", "type" => "delete").increment(1);
                 self.mirror.keys.remove(&kv.key);
@@ -312,135 +318,218 @@ impl Follower {
         );
     }
 
-    /// Builds the layer from the mirror and publishes it, holding back the
-    /// records the catalog refuses.
-    async fn apply(&self) {
+    /// Remembers a changed key for the next publish.
+    fn note(&mut self, key: &[u8]) {
+        match self.layout.parse(key) {
+            Some(Place::Machine { host, .. }) if self.host.as_deref() == Some(host.as_str()) => {}
+            Some(Place::Machine { .. }) => {
+                if let Some(keys) = &mut self.pending {
+                    keys.insert(key.to_vec());
+                }
+            }
+            _ => self.pending = None,
+        }
+    }
+
+    /// The change since the last publish as a patch to the machines, when it
+    /// is one: only machine keys changed, each the sole claim on its id, and
+    /// nothing is held back (a held record may be admitted by any change).
+    fn patch(&mut self) -> Option<MachinePatch> {
+        let keys = self.pending.take()?;
+        if keys.is_empty() || !self.status.quarantine().is_empty() {
+            return None;
+        }
+        let snap = self.store.snapshot();
+        let cat = &snap.catalog;
+        let mut patch = MachinePatch::default();
+        for key in &keys {
+            let Some(Place::Machine { host, id }) = self.layout.parse(key) else {
+                return None;
+            };
+            // The machine in force must be this key's: a second claim on an
+            // id goes the full way, where the first claim wins.
+            if let Some(m) = cat.machines.get(&id)
+                && cat.hosts.get(&m.host).map(|h| h.name.as_str()) != Some(host.as_str())
+            {
+                return None;
+            }
+            match self.mirror.keys.get(key) {
+                None => patch.deletes.push(id),
+                Some(Held {
+                    value: Ok(AnyRecord::Machine(m)),
+                    ..
+                }) => patch.puts.push(m.clone()),
+                Some(_) => return None,
+            }
+        }
+        Some(patch)
+    }
+
+    /// Publishes what changed: as a patch to the machines when it is one and
+    /// the catalog takes it, else the whole layer.
+    async fn apply(&mut self) {
         let t = Instant::now();
-        let layer = Layer::of(&self.mirror);
-        let store = self.store.clone();
-        let held = tokio::task::spawn_blocking(move || layer.publish(&store))
+        if let Some(patch) = self.patch() {
+            let store = self.store.clone();
+            let done = tokio::task::spawn_blocking(move || {
+                matches!(store.patch_machines(Source::Etcd, &patch), Some(Ok(_)))
+            })
             .await
-            .unwrap_or_else(|e| vec![format!("applying the etcd layer failed: {e}")]);
+            .unwrap_or(false);
+            if done {
+                self.pending = Some(BTreeSet::new());
+                metrics::histogram!("skein_etcd_apply_seconds", "how" => "patch")
+                    .record(t.elapsed().as_secs_f64());
+                return;
+            }
+        }
+        self.apply_layer().await;
+        self.pending = Some(BTreeSet::new());
+        metrics::histogram!("skein_etcd_apply_seconds", "how" => "layer")
+            .record(t.elapsed().as_secs_f64());
+    }
+
+    /// Builds the layer from the mirror and publishes it, holding back the
+    /// records the catalog refuses: each round leaves out the records the
+    /// problems name, so one bad record never blocks the others.
+    async fn apply_layer(&self) {
+        let (doc, mut held) = self.mirror.layer();
+        let mut doc = Arc::new(doc);
+        let mut settled = false;
+        // Each round leaves out at least one record, so this ends; the bound
+        // only caps the work a pathological layer can cost.
+        for _ in 0..16 {
+            let (store, shared) = (self.store.clone(), doc.clone());
+            let invalid = match tokio::task::spawn_blocking(move || {
+                store.replace_shared(Source::Etcd, shared)
+            })
+            .await
+            {
+                Ok(Ok(_)) => {
+                    settled = true;
+                    break;
+                }
+                Ok(Err(invalid)) => invalid,
+                Err(e) => {
+                    held.push(format!("applying the etcd layer failed: {e}"));
+                    settled = true;
+                    break;
+                }
+            };
+            let mut why: BTreeMap<(Kind, String), Vec<String>> = BTreeMap::new();
+            for p in &invalid.problems {
+                if let Some(id) = named(&p.path) {
+                    why.entry(id).or_default().push(p.to_string());
+                }
+            }
+            if why.is_empty() {
+                // The problem is in a local record (one that refers to an etcd
+                // record that went, say): the layer in force stays.
+                held.push(format!(
+                    "the catalog refuses the etcd layer because of local records: {invalid}"
+                ));
+                settled = true;
+                break;
+            }
+            // The store dropped its copy: this edits in place.
+            let d = Arc::make_mut(&mut doc);
+            for ((kind, key), problems) in why {
+                leave_out(d, kind, &key);
+                let at = self
+                    .mirror
+                    .key_of(kind, &key)
+                    .map(|k| String::from_utf8_lossy(k).into_owned())
+                    .unwrap_or_else(|| format!("{kind}[{key:?}]"));
+                held.push(format!("{at}: {}", problems.join("; ")));
+            }
+        }
+        if !settled {
+            held.push("too many refused records; the layer in force stays".into());
+        }
         if held != self.status.quarantine() {
             for h in &held {
                 tracing::warn!(problem = %h, "etcd record held back");
             }
         }
         self.status.set_quarantine(held);
-        metrics::histogram!("skein_etcd_apply_seconds").record(t.elapsed().as_secs_f64());
     }
 }
 
-/// The etcd layer about to be published: records by key, and which etcd key
-/// each came from.
-struct Layer {
-    records: Vec<(Vec<u8>, AnyRecord)>,
-    held: Vec<String>,
-}
-
-impl Layer {
-    fn of(mirror: &Mirror) -> Layer {
+impl Mirror {
+    /// The etcd layer: every record that parsed, once. Two keys for one
+    /// machine (two workers claim one id): the one created first wins, on
+    /// every host alike, and the other is held back. Only machines can be
+    /// claimed twice: a record's key under `records/` names it.
+    fn layer(&self) -> (Document, Vec<String>) {
         let mut held = Vec::new();
-        // Two keys for one record (two workers claim one machine id): the one
-        // created first wins, on every host alike.
-        let mut first: BTreeMap<(Kind, String), (i64, &[u8])> = BTreeMap::new();
-        for (k, h) in &mirror.keys {
-            match &h.value {
-                Err(e) => held.push(format!("{}: {e}", String::from_utf8_lossy(k))),
-                Ok(r) => {
-                    let id = (r.kind(), r.key());
-                    match first.get(&id) {
-                        Some((rev, _)) if *rev <= h.create_revision => held.push(format!(
-                            "{}: {} {:?} is already published by another key",
-                            String::from_utf8_lossy(k),
-                            r.kind(),
-                            r.key()
-                        )),
-                        _ => {
-                            if let Some((_, loser)) = first.insert(id, (h.create_revision, k)) {
-                                held.push(format!(
-                                    "{}: {} {:?} is already published by another key",
-                                    String::from_utf8_lossy(loser),
-                                    r.kind(),
-                                    r.key()
-                                ));
-                            }
+        let mut winner: HashMap<&str, (i64, &[u8])> = HashMap::new();
+        let claimed = |held: &mut Vec<String>, k: &[u8], id: &str| {
+            held.push(format!(
+                "{}: machine {id:?} is already published by another key",
+                String::from_utf8_lossy(k)
+            ))
+        };
+        for (k, h) in &self.keys {
+            if let Ok(AnyRecord::Machine(m)) = &h.value {
+                match winner.get(m.id.as_str()) {
+                    Some((rev, _)) if *rev <= h.create_revision => claimed(&mut held, k, &m.id),
+                    other => {
+                        if let Some((_, loser)) = other {
+                            claimed(&mut held, loser, &m.id);
                         }
+                        winner.insert(&m.id, (h.create_revision, k));
                     }
                 }
             }
         }
-        let winners: BTreeSet<&[u8]> = first.values().map(|(_, k)| *k).collect();
-        let records = mirror
-            .keys
-            .iter()
-            .filter(|(k, _)| winners.contains(k.as_slice()))
-            .filter_map(|(k, h)| h.value.as_ref().ok().map(|r| (k.clone(), r.clone())))
-            .collect();
-        Layer { records, held }
-    }
-
-    /// Publishes the layer; a record the catalog refuses is left out and
-    /// named. Returns what was held back.
-    fn publish(mut self, store: &Store) -> Vec<String> {
-        // Each round leaves out at least one record, so this ends; the bound
-        // only caps the work a pathological layer can cost.
-        for _ in 0..16 {
-            let mut doc = Document::default();
-            for (_, r) in &self.records {
-                r.push_into(&mut doc);
-            }
-            let invalid = match store.replace(Source::Etcd, doc) {
-                Ok(_) => return self.held,
-                Err(i) => i,
-            };
-            let named = self.named(&invalid);
-            if named.is_empty() {
-                // The problem is in a local record (one that refers to an etcd
-                // record that went, say): the layer in force stays.
-                self.held.push(format!(
-                    "the catalog refuses the etcd layer because of local records: {invalid}"
-                ));
-                return self.held;
-            }
-            let mut why: BTreeMap<Vec<u8>, Vec<String>> = BTreeMap::new();
-            for (k, p) in named {
-                why.entry(k).or_default().push(p);
-            }
-            self.records.retain(|(k, _)| !why.contains_key(k));
-            for (k, ps) in why {
-                self.held.push(format!(
-                    "{}: {}",
-                    String::from_utf8_lossy(&k),
-                    ps.join("; ")
-                ));
-            }
-        }
-        self.held
-            .push("too many refused records; the layer in force stays".into());
-        self.held
-    }
-
-    /// The etcd keys of the records the problems name (paths such as
-    /// `apps["web"].network`), with the problem.
-    fn named(&self, invalid: &Invalid) -> Vec<(Vec<u8>, String)> {
-        let mut out = Vec::new();
-        for p in &invalid.problems {
-            let Some((kind, rest)) = p.path.split_once("[\"") else {
-                continue;
-            };
-            let Some((key, _)) = rest.split_once("\"]") else {
-                continue;
-            };
-            let Some(kind) = Kind::parse(kind) else {
-                continue;
-            };
-            for (k, r) in &self.records {
-                if r.kind() == kind && r.key() == key {
-                    out.push((k.clone(), p.to_string()));
+        let mut doc = Document::default();
+        for (k, h) in &self.keys {
+            match &h.value {
+                Err(e) => held.push(format!("{}: {e}", String::from_utf8_lossy(k))),
+                Ok(AnyRecord::Machine(m)) => {
+                    if winner.get(m.id.as_str()).map(|(_, w)| *w) == Some(k.as_slice()) {
+                        doc.machines.push(m.clone());
+                    }
                 }
+                Ok(r) => r.push_into(&mut doc),
             }
         }
-        out
+        (doc, held)
+    }
+
+    /// The etcd key a record of the layer came from.
+    fn key_of(&self, kind: Kind, key: &str) -> Option<&[u8]> {
+        self.keys
+            .iter()
+            .filter(|(_, h)| {
+                h.value
+                    .as_ref()
+                    .is_ok_and(|r| r.kind() == kind && r.key() == key)
+            })
+            .min_by_key(|(_, h)| h.create_revision)
+            .map(|(k, _)| k.as_slice())
+    }
+}
+
+/// The record a problem path names (`apps["web"].network`), if any.
+fn named(path: &str) -> Option<(Kind, String)> {
+    let (kind, rest) = path.split_once("[\"")?;
+    let (key, _) = rest.split_once("\"]")?;
+    Some((Kind::parse(kind)?, key.to_string()))
+}
+
+/// Leaves a record out of a document.
+fn leave_out(doc: &mut Document, kind: Kind, key: &str) {
+    fn drop_key<T: Record>(doc: &mut Document, key: &str) {
+        T::list_mut(doc).retain(|r| r.key().to_string() != key);
+    }
+    match kind {
+        Kind::Regions => drop_key::<crate::model::Region>(doc, key),
+        Kind::Hosts => drop_key::<crate::model::Host>(doc, key),
+        Kind::Networks => drop_key::<crate::model::Network>(doc, key),
+        Kind::Apps => drop_key::<crate::model::App>(doc, key),
+        Kind::Machines => drop_key::<crate::model::Machine>(doc, key),
+        Kind::Certificates => drop_key::<crate::model::Certificate>(doc, key),
+        Kind::K8sServices => drop_key::<crate::model::K8sService>(doc, key),
     }
 }
