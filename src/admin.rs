@@ -22,6 +22,8 @@ pub struct Readiness {
     pub draining: AtomicBool,
     /// How this host stands with etcd, when it uses etcd.
     pub etcd: std::sync::OnceLock<Arc<skein_catalog::sources::etcd::Status>>,
+    /// How this host stands with Kubernetes, when it follows a cluster.
+    pub kubernetes: std::sync::OnceLock<Arc<skein_catalog::sources::kubernetes::KubeStatus>>,
 }
 
 #[derive(Clone)]
@@ -77,9 +79,15 @@ async fn readyz(State(h): State<Health>) -> impl IntoResponse {
             .get()
             .map(|s| format!("{}\n", s.line()))
             .unwrap_or_default();
+        let kube = h
+            .ready
+            .kubernetes
+            .get()
+            .map(|s| format!("{}\n", s.line()))
+            .unwrap_or_default();
         (
             StatusCode::OK,
-            format!("ready: catalog version {version}\n{etcd}"),
+            format!("ready: catalog version {version}\n{etcd}{kube}"),
         )
     }
 }

@@ -30,6 +30,9 @@ pub struct Config {
     /// etcd: the catalog shared by every host.
     #[serde(default)]
     pub etcd: skein_catalog::sources::etcd::EtcdConfig,
+    /// Kubernetes: a cluster's Services as the catalog's `k8s_services`.
+    #[serde(default)]
+    pub kubernetes: skein_catalog::sources::kubernetes::KubeConfig,
     /// The admin listener.
     #[serde(default)]
     pub admin: AdminConfig,
@@ -316,6 +319,9 @@ impl Config {
             }
         }
         for (path, msg) in self.etcd.problems() {
+            bad(&path, msg);
+        }
+        for (path, msg) in self.kubernetes.problems() {
             bad(&path, msg);
         }
         if self.admin.max_connections == 0 {

@@ -133,6 +133,25 @@ pub async fn start(cfg: Config, builtin: Option<Document>) -> anyhow::Result<Run
         }
     }
 
+    if cfg.kubernetes.enabled {
+        // A cluster that cannot be reached keeps its services out of the
+        // catalog until it answers; the rest of the host serves regardless.
+        let status = Arc::new(skein_catalog::sources::kubernetes::KubeStatus::default());
+        let _ = ready.kubernetes.set(status.clone());
+        let client = cfg
+            .kubernetes
+            .client()
+            .await
+            .map_err(|e| anyhow::anyhow!("kubernetes: {e}"))?;
+        let source = skein_catalog::sources::kubernetes::KubeSource::new(
+            client,
+            cfg.kubernetes.clone(),
+            store.clone(),
+            status,
+        );
+        tasks.spawn(source.run(stop.subscribe()));
+    }
+
     if cfg.proxy.enabled {
         let proxy = skein_proxy::Proxy::new(cfg.proxy.clone(), cfg.host.region.clone())?;
         let bound = proxy.bind()?;

@@ -355,21 +355,19 @@ impl Dns {
                 s.set_read_timeout(Some(Duration::from_millis(200)))?;
                 Ok(s.into())
             };
-            let first = udp_socket(*addr)?;
-            let local = first.local_addr()?;
-            let mut udp = vec![first];
-            for _ in 1..self.threads() {
-                udp.push(udp_socket(local)?);
-            }
-            let t = Socket::new(
-                Domain::for_address(local),
-                Type::STREAM,
-                Some(Protocol::TCP),
-            )?;
-            t.set_reuse_address(true)?;
-            t.bind(&local.into())?;
-            t.listen(1024)?;
-            t.set_nonblocking(true)?;
+            // With port 0 the kernel picks a UDP port whose TCP twin may be
+            // taken: pick again.
+            let mut attempt = 0;
+            let (udp, t, local) = loop {
+                attempt += 1;
+                match Self::bind_pair(*addr, self.threads(), &udp_socket) {
+                    Err(e)
+                        if addr.port() == 0
+                            && attempt < 16
+                            && e.kind() == std::io::ErrorKind::AddrInUse => {}
+                    r => break r?,
+                }
+            };
             out.push(Bound {
                 udp,
                 tcp: t.into(),
@@ -377,6 +375,31 @@ impl Dns {
             });
         }
         Ok(out)
+    }
+
+    /// `threads` UDP sockets and a TCP listener on one address and port.
+    fn bind_pair(
+        addr: SocketAddr,
+        threads: usize,
+        udp_socket: &dyn Fn(SocketAddr) -> std::io::Result<UdpSocket>,
+    ) -> std::io::Result<(Vec<UdpSocket>, socket2::Socket, SocketAddr)> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let first = udp_socket(addr)?;
+        let local = first.local_addr()?;
+        let mut udp = vec![first];
+        for _ in 1..threads {
+            udp.push(udp_socket(local)?);
+        }
+        let t = Socket::new(
+            Domain::for_address(local),
+            Type::STREAM,
+            Some(Protocol::TCP),
+        )?;
+        t.set_reuse_address(true)?;
+        t.bind(&local.into())?;
+        t.listen(1024)?;
+        t.set_nonblocking(true)?;
+        Ok((udp, t, local))
     }
 
     /// Serves until `stop`.

@@ -13,7 +13,8 @@ use super::{AnyRecord, Backoff, Conn, Error, Layout, Place, Status};
 use crate::index::MachinePatch;
 use crate::index::Source;
 use crate::model::Document;
-use crate::record::{Kind, Record};
+use crate::record::Kind;
+use crate::sources::publish_layer;
 use crate::store::{Store, stopped};
 
 /// Keys per page of a full read.
@@ -394,57 +395,22 @@ impl Follower {
     /// problems name, so one bad record never blocks the others.
     async fn apply_layer(&self) {
         let (doc, mut held) = self.mirror.layer();
-        let mut doc = Arc::new(doc);
-        let mut settled = false;
-        // Each round leaves out at least one record, so this ends; the bound
-        // only caps the work a pathological layer can cost.
-        for _ in 0..16 {
-            let (store, shared) = (self.store.clone(), doc.clone());
-            let invalid = match tokio::task::spawn_blocking(move || {
-                store.replace_shared(Source::Etcd, shared)
-            })
-            .await
-            {
-                Ok(Ok(_)) => {
-                    settled = true;
-                    break;
+        let store = self.store.clone();
+        let outcome =
+            tokio::task::spawn_blocking(move || publish_layer(&store, Source::Etcd, doc)).await;
+        match outcome {
+            Err(e) => held.push(format!("applying the etcd layer failed: {e}")),
+            Ok(o) => {
+                for (kind, key, problems) in o.refused {
+                    let at = self
+                        .mirror
+                        .key_of(kind, &key)
+                        .map(|k| String::from_utf8_lossy(k).into_owned())
+                        .unwrap_or_else(|| format!("{kind}[{key:?}]"));
+                    held.push(format!("{at}: {}", problems.join("; ")));
                 }
-                Ok(Err(invalid)) => invalid,
-                Err(e) => {
-                    held.push(format!("applying the etcd layer failed: {e}"));
-                    settled = true;
-                    break;
-                }
-            };
-            let mut why: BTreeMap<(Kind, String), Vec<String>> = BTreeMap::new();
-            for p in &invalid.problems {
-                if let Some(id) = named(&p.path) {
-                    why.entry(id).or_default().push(p.to_string());
-                }
+                held.extend(o.stuck);
             }
-            if why.is_empty() {
-                // The problem is in a local record (one that refers to an etcd
-                // record that went, say): the layer in force stays.
-                held.push(format!(
-                    "the catalog refuses the etcd layer because of local records: {invalid}"
-                ));
-                settled = true;
-                break;
-            }
-            // The store dropped its copy: this edits in place.
-            let d = Arc::make_mut(&mut doc);
-            for ((kind, key), problems) in why {
-                leave_out(d, kind, &key);
-                let at = self
-                    .mirror
-                    .key_of(kind, &key)
-                    .map(|k| String::from_utf8_lossy(k).into_owned())
-                    .unwrap_or_else(|| format!("{kind}[{key:?}]"));
-                held.push(format!("{at}: {}", problems.join("; ")));
-            }
-        }
-        if !settled {
-            held.push("too many refused records; the layer in force stays".into());
         }
         if held != self.status.quarantine() {
             for h in &held {
@@ -508,28 +474,5 @@ impl Mirror {
             })
             .min_by_key(|(_, h)| h.create_revision)
             .map(|(k, _)| k.as_slice())
-    }
-}
-
-/// The record a problem path names (`apps["web"].network`), if any.
-fn named(path: &str) -> Option<(Kind, String)> {
-    let (kind, rest) = path.split_once("[\"")?;
-    let (key, _) = rest.split_once("\"]")?;
-    Some((Kind::parse(kind)?, key.to_string()))
-}
-
-/// Leaves a record out of a document.
-fn leave_out(doc: &mut Document, kind: Kind, key: &str) {
-    fn drop_key<T: Record>(doc: &mut Document, key: &str) {
-        T::list_mut(doc).retain(|r| r.key().to_string() != key);
-    }
-    match kind {
-        Kind::Regions => drop_key::<crate::model::Region>(doc, key),
-        Kind::Hosts => drop_key::<crate::model::Host>(doc, key),
-        Kind::Networks => drop_key::<crate::model::Network>(doc, key),
-        Kind::Apps => drop_key::<crate::model::App>(doc, key),
-        Kind::Machines => drop_key::<crate::model::Machine>(doc, key),
-        Kind::Certificates => drop_key::<crate::model::Certificate>(doc, key),
-        Kind::K8sServices => drop_key::<crate::model::K8sService>(doc, key),
     }
 }

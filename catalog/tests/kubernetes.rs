@@ -1,0 +1,524 @@
+//! The Kubernetes source against an API server that speaks list and watch over
+//! HTTP with real Kubernetes JSON (k8s-openapi objects), including a watch the
+//! server ends with 410 Gone: no Kubernetes API server can run on this machine,
+//! so this local one stands in for it (see the README).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, State};
+use axum::routing::get;
+use k8s_openapi::api::core::v1::{ObjectReference, Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde_json::{Value, json};
+use skein_catalog::error::parse_toml;
+use skein_catalog::model::{K8sService, K8sServiceKind};
+use skein_catalog::sources::kubernetes::{KubeConfig, KubeSource, KubeStatus};
+use skein_catalog::{Source, Store};
+use tokio::sync::{broadcast, mpsc};
+
+/// What the fake API server holds.
+#[derive(Default)]
+struct Objects {
+    rv: u64,
+    /// Watches from before this resource version get 410 Gone.
+    compacted: u64,
+    /// By (resource, namespace, name).
+    items: BTreeMap<(String, String, String), Value>,
+    /// (resource, resource version, watch event).
+    history: Vec<(String, u64, Value)>,
+}
+
+#[derive(Clone)]
+struct Fake {
+    objects: Arc<Mutex<Objects>>,
+    events: broadcast::Sender<(String, Value)>,
+    cut: broadcast::Sender<()>,
+}
+
+impl Fake {
+    fn new() -> Fake {
+        Fake {
+            objects: Arc::default(),
+            events: broadcast::channel(1024).0,
+            cut: broadcast::channel(4).0,
+        }
+    }
+
+    fn key(res: &str, v: &Value) -> (String, String, String) {
+        let m = &v["metadata"];
+        (
+            res.to_string(),
+            m["namespace"].as_str().unwrap_or("").to_string(),
+            m["name"].as_str().unwrap().to_string(),
+        )
+    }
+
+    /// Creates or replaces an object; watchers see ADDED or MODIFIED.
+    fn put(&self, res: &str, obj: impl serde::Serialize) {
+        let mut v = serde_json::to_value(obj).unwrap();
+        let mut o = self.objects.lock().unwrap();
+        o.rv += 1;
+        v["metadata"]["resourceVersion"] = json!(o.rv.to_string());
+        let k = Fake::key(res, &v);
+        let kind = if o.items.contains_key(&k) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        o.items.insert(k, v.clone());
+        let ev = json!({"type": kind, "object": v});
+        let rv = o.rv;
+        o.history.push((res.to_string(), rv, ev.clone()));
+        let _ = self.events.send((res.to_string(), ev));
+    }
+
+    /// Deletes an object; watchers see DELETED.
+    fn delete(&self, res: &str, ns: &str, name: &str) {
+        let mut o = self.objects.lock().unwrap();
+        let Some(mut v) = o.items.remove(&(res.into(), ns.into(), name.into())) else {
+            return;
+        };
+        o.rv += 1;
+        v["metadata"]["resourceVersion"] = json!(o.rv.to_string());
+        let ev = json!({"type": "DELETED", "object": v});
+        let rv = o.rv;
+        o.history.push((res.to_string(), rv, ev.clone()));
+        let _ = self.events.send((res.to_string(), ev));
+    }
+
+    /// The history is compacted and every open watch is ended: a watcher that
+    /// comes back with its last resource version gets 410 Gone. `then` runs
+    /// in the gap, with no event for anyone to see.
+    fn compact_and_cut(&self, then: impl FnOnce(&mut Objects)) {
+        let mut o = self.objects.lock().unwrap();
+        then(&mut o);
+        o.rv += 1;
+        o.compacted = o.rv;
+        o.history.clear();
+        let _ = self.cut.send(());
+    }
+
+    async fn serve(self) -> SocketAddr {
+        let app = Router::new()
+            .route(
+                "/api/v1/services",
+                get(|s, q| handle(s, q, "services", "v1", "ServiceList")),
+            )
+            .route(
+                "/apis/discovery.k8s.io/v1/endpointslices",
+                get(|s, q| {
+                    handle(
+                        s,
+                        q,
+                        "endpointslices",
+                        "discovery.k8s.io/v1",
+                        "EndpointSliceList",
+                    )
+                }),
+            )
+            .with_state(self);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+}
+
+/// `GET` on a collection: a list, or with `watch=true` a stream of events.
+async fn handle(
+    State(fake): State<Fake>,
+    Query(q): Query<HashMap<String, String>>,
+    res: &'static str,
+    api_version: &'static str,
+    list_kind: &'static str,
+) -> axum::response::Response {
+    let watching = q.get("watch").is_some_and(|w| w == "true" || w == "1");
+    if !watching {
+        let o = fake.objects.lock().unwrap();
+        let items: Vec<&Value> = o
+            .items
+            .iter()
+            .filter(|((r, _, _), _)| r == res)
+            .map(|(_, v)| v)
+            .collect();
+        let body = json!({
+            "apiVersion": api_version,
+            "kind": list_kind,
+            "metadata": {"resourceVersion": o.rv.to_string()},
+            "items": items,
+        });
+        return axum::response::Response::builder()
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+    }
+    let from: u64 = q
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(256);
+    let line = |v: &Value| Ok(Bytes::from(format!("{v}\n")));
+    {
+        let o = fake.objects.lock().unwrap();
+        if from < o.compacted {
+            let gone = json!({"type": "ERROR", "object": {
+                "kind": "Status", "apiVersion": "v1", "metadata": {},
+                "status": "Failure", "reason": "Expired", "code": 410,
+                "message": format!("too old resource version: {from} ({})", o.compacted),
+            }});
+            let _ = tx.try_send(line(&gone));
+        } else {
+            let mut events = fake.events.subscribe();
+            let mut cut = fake.cut.subscribe();
+            for (r, rv, ev) in &o.history {
+                if r == res && *rv > from {
+                    let _ = tx.try_send(line(ev));
+                }
+            }
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = cut.recv() => return,
+                        ev = events.recv() => match ev {
+                            Ok((r, ev)) if r == res => {
+                                if tx.send(line(&ev)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(_) => return,
+                        },
+                    }
+                }
+            });
+        }
+    }
+    axum::response::Response::builder()
+        .header("content-type", "application/json")
+        .body(Body::from_stream(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+        .unwrap()
+}
+
+fn meta(ns: &str, name: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        namespace: Some(ns.into()),
+        ..Default::default()
+    }
+}
+
+fn service(ns: &str, name: &str, cluster_ip: &str, ports: &[(&str, i32, i32)]) -> Service {
+    Service {
+        metadata: meta(ns, name),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some(cluster_ip.into()),
+            cluster_ips: (cluster_ip != "None").then(|| vec![cluster_ip.into()]),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(n, p, t)| ServicePort {
+                        name: Some(n.to_string()),
+                        port: *p,
+                        target_port: Some(IntOrString::Int(*t)),
+                        protocol: Some("TCP".into()),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn external(ns: &str, name: &str, target: &str) -> Service {
+    Service {
+        metadata: meta(ns, name),
+        spec: Some(ServiceSpec {
+            type_: Some("ExternalName".into()),
+            external_name: Some(target.into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A slice for `svc` with endpoints (pod, address, hostname, ready).
+fn slice(
+    ns: &str,
+    name: &str,
+    svc: &str,
+    eps: &[(&str, &str, Option<&str>, Option<bool>)],
+) -> EndpointSlice {
+    let mut m = meta(ns, name);
+    m.labels = Some(BTreeMap::from([(
+        "kubernetes.io/service-name".to_string(),
+        svc.to_string(),
+    )]));
+    EndpointSlice {
+        metadata: m,
+        address_type: "IPv6".into(),
+        endpoints: eps
+            .iter()
+            .map(|(pod, addr, host, ready)| Endpoint {
+                addresses: vec![addr.to_string()],
+                hostname: host.map(str::to_string),
+                conditions: Some(EndpointConditions {
+                    ready: *ready,
+                    ..Default::default()
+                }),
+                target_ref: (!pod.is_empty()).then(|| ObjectReference {
+                    kind: Some("Pod".into()),
+                    name: Some(pod.to_string()),
+                    namespace: Some(ns.into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .collect(),
+        ports: None,
+    }
+}
+
+/// The platform: a network for the cluster, its pods as machines (m1 is pod
+/// pg-0, m2 is reached by address only).
+const PLATFORM: &str = r#"
+regions = [{ code = "ams" }]
+hosts = [{ id = "0:2", name = "h2", region = "ams", underlay = "10.0.0.2" }]
+networks = [{ id = "0:18", name = "k8s" }]
+apps = [{ name = "pods", network = "k8s" }]
+[[machines]]
+id = "m1"
+app = "pods"
+region = "ams"
+host = "0:2"
+state = "started"
+address = "fdaa:0:18:0:2:0:1:0"
+metadata = { pod = "pg-0", namespace = "data" }
+[[machines]]
+id = "m2"
+app = "pods"
+region = "ams"
+host = "0:2"
+state = "started"
+address = "fdaa:0:18:0:2:0:2:0"
+"#;
+
+async fn until(what: &str, store: &Store, f: impl Fn(&BTreeMap<String, K8sService>) -> bool) {
+    let t = Instant::now();
+    loop {
+        let snap = store.snapshot();
+        let services: BTreeMap<String, K8sService> = snap
+            .catalog
+            .k8s_services
+            .iter()
+            .map(|(k, v)| (k.to_string(), (**v).clone()))
+            .collect();
+        if f(&services) {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{what}: not after 20 s; services: {services:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_and_endpoints_follow_the_cluster_through_410_gone() {
+    let fake = Fake::new();
+    fake.put(
+        "services",
+        service("default", "web", "fdaa:0:18:0:1::10", &[("http", 80, 8080)]),
+    );
+    fake.put(
+        "services",
+        service("data", "pg", "None", &[("pg", 5432, 5432)]),
+    );
+    fake.put("services", external("default", "ext", "example.org"));
+    fake.put(
+        "endpointslices",
+        slice(
+            "data",
+            "pg-abc",
+            "pg",
+            &[
+                ("pg-0", "fdaa:0:18:0:2:0:1:0", Some("pg-0"), Some(true)),
+                ("", "fdaa:0:18:0:2:0:2:0", None, None),
+                ("ghost", "fdaa:0:18:0:2:0:9:0", None, Some(true)),
+            ],
+        ),
+    );
+    let addr = fake.clone().serve().await;
+
+    let store = Arc::new(Store::new());
+    store
+        .replace(Source::File, parse_toml(PLATFORM).unwrap())
+        .unwrap();
+    let cfg = KubeConfig {
+        enabled: true,
+        api: Some(format!("http://{addr}")),
+        network: "k8s".into(),
+        ..Default::default()
+    };
+    assert!(cfg.problems().is_empty());
+    let status = Arc::new(KubeStatus::default());
+    let source = KubeSource::new(
+        cfg.client().await.unwrap(),
+        cfg,
+        store.clone(),
+        status.clone(),
+    );
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(source.run(stop_rx));
+
+    // The first list: every kind of service, endpoints mapped to machines by
+    // pod and by address, the one with no machine left out.
+    until("the first list", &store, |s| s.len() == 3).await;
+    let snap = store.snapshot();
+    let get = |k: &str| {
+        snap.catalog
+            .k8s_services
+            .iter()
+            .find(|(key, _)| key.to_string() == k)
+            .map(|(_, v)| (**v).clone())
+            .unwrap()
+    };
+    let web = get("default/web");
+    assert_eq!(web.kind, K8sServiceKind::ClusterIp);
+    assert_eq!(web.cluster_ip, Some("fdaa:0:18:0:1::10".parse().unwrap()));
+    assert_eq!(web.network, "k8s");
+    assert_eq!(web.ports[0].name.as_deref(), Some("http"));
+    assert_eq!(web.ports[0].target_port, Some(8080));
+    let pg = get("data/pg");
+    assert_eq!(pg.kind, K8sServiceKind::Headless);
+    let eps: Vec<(String, Option<String>, bool)> = pg
+        .endpoints
+        .iter()
+        .map(|e| (e.machine.clone(), e.hostname.clone(), e.ready))
+        .collect();
+    assert_eq!(
+        eps,
+        vec![
+            ("m1".to_string(), Some("pg-0".to_string()), true),
+            ("m2".to_string(), None, true),
+        ]
+    );
+    assert_eq!(status.unmapped(), 1);
+    let ext = get("default/ext");
+    assert_eq!(ext.kind, K8sServiceKind::ExternalName);
+    assert_eq!(ext.external_name.as_deref(), Some("example.org"));
+    assert!(status.synced());
+
+    // Watch events: a new service, an endpoint that stops being ready.
+    fake.put(
+        "services",
+        service(
+            "default",
+            "api",
+            "fdaa:0:18:0:1::11",
+            &[("grpc", 9000, 9000)],
+        ),
+    );
+    fake.put(
+        "endpointslices",
+        slice(
+            "data",
+            "pg-abc",
+            "pg",
+            &[
+                ("pg-0", "fdaa:0:18:0:2:0:1:0", Some("pg-0"), Some(false)),
+                ("", "fdaa:0:18:0:2:0:2:0", None, None),
+            ],
+        ),
+    );
+    until("watched changes", &store, |s| {
+        s.contains_key("default/api")
+            && s["data/pg"]
+                .endpoints
+                .iter()
+                .any(|e| e.machine == "m1" && !e.ready)
+    })
+    .await;
+    assert_eq!(status.relists(), 0);
+
+    // The history is compacted while the watches are cut, and "ext" goes in
+    // the gap: the watchers come back, get 410 Gone, list again, and the
+    // catalog loses "ext" although no watch ever said so.
+    fake.compact_and_cut(|o| {
+        o.items
+            .retain(|(r, ns, n), _| !(r == "services" && ns == "default" && n == "ext"));
+    });
+    until("a relist after 410 Gone", &store, |s| {
+        !s.contains_key("default/ext")
+    })
+    .await;
+    assert!(status.relists() >= 1, "{}", status.line());
+    // And watching goes on from the new list.
+    fake.delete("services", "default", "api");
+    until("a watch after the relist", &store, |s| {
+        !s.contains_key("default/api")
+    })
+    .await;
+
+    // A service the catalog refuses (its ClusterIP is no flycast address of
+    // the network) is held back alone.
+    fake.put(
+        "services",
+        service("default", "bad", "fdaa:0:18:0:2::5", &[("http", 80, 80)]),
+    );
+    fake.put(
+        "services",
+        service("default", "good", "fdaa:0:18:0:1::12", &[("http", 80, 80)]),
+    );
+    until("the good service alone", &store, |s| {
+        s.contains_key("default/good") && !s.contains_key("default/bad")
+    })
+    .await;
+    let held = status.held();
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert!(
+        held[0].contains("default/bad") && held[0].contains("flycast"),
+        "{held:?}"
+    );
+    assert!(status.line().contains("1 service(s) held back"));
+
+    // A machine that arrives later is placed in the endpoints it is.
+    let mut doc: skein_catalog::Document = parse_toml(PLATFORM).unwrap();
+    let mut m3 = doc.machines[1].clone();
+    m3.id = "m3".into();
+    m3.address = Some("fdaa:0:18:0:2:0:9:0".parse().unwrap());
+    doc.machines.push(m3);
+    fake.put(
+        "endpointslices",
+        slice(
+            "data",
+            "pg-def",
+            "pg",
+            &[("ghost", "fdaa:0:18:0:2:0:9:0", None, Some(true))],
+        ),
+    );
+    store.replace(Source::File, doc).unwrap();
+    until("the late machine", &store, |s| {
+        s["data/pg"].endpoints.iter().any(|e| e.machine == "m3")
+    })
+    .await;
+
+    let _ = stop.send(true);
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
+        .unwrap();
+}
