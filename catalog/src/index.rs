@@ -501,6 +501,27 @@ pub fn build_at(
         }
     }
 
+    // Apps served by a Kubernetes Service: it exists, on the app's network.
+    for e in apps.values() {
+        let Some(k) = &e.rec.k8s_service else {
+            continue;
+        };
+        match K8sService::parse_key(k).and_then(|key| services.get(&key)) {
+            None => p.add(
+                format!("{}.k8s_service", e.path()),
+                format!("unknown Kubernetes service {k:?} (namespace/name)"),
+            ),
+            Some(s) if s.rec.network != e.rec.network => p.add(
+                format!("{}.k8s_service", e.path()),
+                format!(
+                    "{k:?} is on network {:?}, the app on {:?}",
+                    s.rec.network, e.rec.network
+                ),
+            ),
+            Some(_) => {}
+        }
+    }
+
     if !p.0.is_empty() {
         return Err(Invalid { problems: p.0 });
     }

@@ -140,6 +140,11 @@ pub struct App {
     /// TLS options.
     #[serde(default, skip_serializing_if = "TlsOptions::is_default")]
     pub tls: TlsOptions,
+    /// Its machines are the ready endpoints of this Kubernetes Service
+    /// (`namespace/name`), not the machines whose `app` it is: how a Service
+    /// annotated `service.skein.dev/hostnames` is served by the proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k8s_service: Option<String>,
 }
 
 /// An app's TLS options.

@@ -415,7 +415,9 @@ impl Touched {
             }
         }
         let d = Diff::of(&old.k8s_services, &new.k8s_services);
+        let mut services = std::collections::BTreeSet::new();
         for k in d.added.iter().chain(&d.removed).chain(&d.changed) {
+            services.insert(k.to_string());
             for c in [old, new] {
                 if let Some(s) = c.k8s_services.get(k) {
                     t.networks.insert(s.network.clone());
@@ -424,12 +426,24 @@ impl Touched {
         }
         // A headless service answers with its pods' addresses.
         if !moved.is_empty() {
-            for s in new.k8s_services.values() {
+            for (k, s) in &new.k8s_services {
                 if s.endpoints
                     .iter()
                     .any(|e| moved.contains(e.machine.as_str()))
                 {
                     t.networks.insert(s.network.clone());
+                    services.insert(k.to_string());
+                }
+            }
+        }
+        // An app served by a Kubernetes Service follows its endpoints.
+        if !services.is_empty() {
+            for c in [old, new] {
+                for a in c.apps.values() {
+                    if a.k8s_service.as_ref().is_some_and(|k| services.contains(k)) {
+                        t.apps.insert(a.name.clone());
+                        t.networks.insert(a.network.clone());
+                    }
                 }
             }
         }

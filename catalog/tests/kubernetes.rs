@@ -20,7 +20,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{Value, json};
 use skein_catalog::error::parse_toml;
-use skein_catalog::model::{K8sService, K8sServiceKind};
+use skein_catalog::model::{ConcurrencyKind, Handler, K8sService, K8sServiceKind};
 use skein_catalog::sources::kubernetes::{KubeConfig, KubeSource, KubeStatus};
 use skein_catalog::{Source, Store};
 use tokio::sync::{broadcast, mpsc};
@@ -515,6 +515,75 @@ async fn services_and_endpoints_follow_the_cluster_through_410_gone() {
         s["data/pg"].endpoints.iter().any(|e| e.machine == "m3")
     })
     .await;
+
+    // Annotated Services are exposed through the proxy: an app whose machines
+    // are the Service's endpoints. Wrong annotations are named; the Service
+    // itself still answers in DNS.
+    let annotated = |name: &str, ip: &str, port: (&str, i32, i32), ann: &[(&str, &str)]| {
+        let mut s = service("default", name, ip, &[port]);
+        s.metadata.annotations = Some(
+            ann.iter()
+                .map(|(k, v)| (format!("service.skein.dev/{k}"), v.to_string()))
+                .collect(),
+        );
+        s
+    };
+    fake.put(
+        "services",
+        annotated(
+            "shop",
+            "fdaa:0:18:0:1::13",
+            ("https", 443, 8443),
+            &[
+                ("hostnames", "Shop.example.com, www.shop.example.com"),
+                ("ports", "443:tls+http,80:http"),
+                ("force-https", "true"),
+                ("concurrency", "requests"),
+                ("soft-limit", "5"),
+                ("hard-limit", "10"),
+            ],
+        ),
+    );
+    fake.put(
+        "services",
+        annotated(
+            "oops",
+            "fdaa:0:18:0:1::14",
+            ("http", 80, 80),
+            &[("hostnames", "oops.example.com"), ("soft-limit", "lots")],
+        ),
+    );
+    until("the annotated services", &store, |s| {
+        s.contains_key("default/shop") && s.contains_key("default/oops")
+    })
+    .await;
+    let t = Instant::now();
+    while !store.snapshot().catalog.apps.contains_key("shop-default") || status.held().len() != 2 {
+        assert!(t.elapsed() < Duration::from_secs(20), "{:?}", status.held());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let snap = store.snapshot();
+    let shop = &snap.catalog.apps["shop-default"];
+    assert_eq!(shop.hostnames, ["shop.example.com", "www.shop.example.com"]);
+    assert_eq!(shop.network, "k8s");
+    assert_eq!(shop.k8s_service.as_deref(), Some("default/shop"));
+    let svc = &shop.services[0];
+    assert_eq!(svc.internal_port, 8443);
+    assert_eq!(svc.concurrency.kind, ConcurrencyKind::Requests);
+    assert_eq!(
+        (svc.concurrency.soft_limit, svc.concurrency.hard_limit),
+        (5, 10)
+    );
+    assert_eq!(svc.ports[0].handlers, [Handler::Tls, Handler::Http]);
+    assert!(!svc.ports[0].force_https && svc.ports[1].force_https);
+    assert!(!snap.catalog.apps.contains_key("oops-default"));
+    let held = status.held();
+    assert!(
+        held.iter().any(|h| h.contains("default/oops")
+            && h.contains("service.skein.dev/soft-limit")
+            && h.contains("lots")),
+        "{held:?}"
+    );
 
     let _ = stop.send(true);
     tokio::time::timeout(Duration::from_secs(5), task)

@@ -184,16 +184,17 @@ impl RouteTable {
             };
             let route = match kept {
                 Some(r) => r,
-                None => app_route(
-                    app,
-                    by_app
-                        .get(app.name.as_str())
-                        .map(Vec::as_slice)
-                        .unwrap_or(&[]),
-                    region,
-                    loads,
-                    &rtt,
-                ),
+                None => {
+                    let served = app.k8s_service.as_ref().map(|k| k8s_machines(cat, k));
+                    let machines = match &served {
+                        Some(m) => m.as_slice(),
+                        None => by_app
+                            .get(app.name.as_str())
+                            .map(Vec::as_slice)
+                            .unwrap_or(&[]),
+                    };
+                    app_route(app, machines, region, loads, &rtt)
+                }
             };
             // An app without hostnames is reached by its port alone; one with
             // hostnames and no handler is TLS passthrough, routed by SNI.
@@ -286,6 +287,27 @@ impl RouteTable {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// The routable machines behind the ready endpoints of a Kubernetes Service
+/// (`namespace/name`).
+fn k8s_machines<'a>(
+    cat: &'a skein_catalog::Catalog,
+    key: &str,
+) -> Vec<&'a skein_catalog::model::Machine> {
+    use skein_catalog::Record as _;
+    skein_catalog::model::K8sService::parse_key(key)
+        .and_then(|k| cat.k8s_services.get(&k))
+        .map(|s| {
+            s.endpoints
+                .iter()
+                .filter(|e| e.ready)
+                .filter_map(|e| cat.machines.get(&e.machine))
+                .filter(|m| m.is_routable())
+                .map(|m| &**m)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// One app's route: its services with their backends, closest first.
@@ -482,6 +504,99 @@ mod tests {
             t3.app("b.example.com").unwrap().services[0].backends[0].rtt_ms,
             5
         );
+    }
+
+    #[test]
+    fn an_app_served_by_a_kubernetes_service_routes_to_its_ready_endpoints() {
+        let text = |ready: bool| {
+            format!(
+                r#"
+                regions = [{{ code = "ams" }}]
+                hosts = [{{ id = "0:2", name = "h2", region = "ams", underlay = "10.0.0.2" }}]
+                networks = [{{ id = "0:18", name = "k8s" }}]
+                [[apps]]
+                name = "pods"
+                network = "k8s"
+                [[apps]]
+                name = "shop"
+                network = "k8s"
+                hostnames = ["shop.example.com"]
+                k8s_service = "default/shop"
+                services = [{{ internal_port = 8080, ports = [{{ port = 443, handlers = ["tls", "http"] }}] }}]
+                [[machines]]
+                id = "p1"
+                app = "pods"
+                region = "ams"
+                host = "0:2"
+                state = "started"
+                [[machines]]
+                id = "p2"
+                app = "pods"
+                region = "ams"
+                host = "0:2"
+                state = "started"
+                [[machines]]
+                id = "p3"
+                app = "pods"
+                region = "ams"
+                host = "0:2"
+                state = "stopped"
+                [[k8s_services]]
+                name = "shop"
+                namespace = "default"
+                network = "k8s"
+                cluster_ip = "fdaa:0:18:0:1::10"
+                endpoints = [{{ machine = "p1" }}, {{ machine = "p2", ready = {ready} }}, {{ machine = "p3" }}]
+                "#
+            )
+        };
+        let loads = Loads::default();
+        let store = Store::new();
+        let write = |ready| {
+            store
+                .replace(
+                    Source::File,
+                    skein_catalog::error::parse_toml(&text(ready)).unwrap(),
+                )
+                .unwrap()
+                .snapshot
+        };
+        let machines = |t: &RouteTable| -> Vec<String> {
+            t.app("shop.example.com").unwrap().services[0]
+                .backends
+                .iter()
+                .map(|b| b.machine.to_string())
+                .collect()
+        };
+        let s1 = write(true);
+        let t1 = RouteTable::build(&s1, "ams", &loads);
+        // p3 is an endpoint but not started.
+        assert_eq!(machines(&t1), ["p1", "p2"]);
+        let port = t1.app("shop.example.com").unwrap().services[0].backends[0]
+            .addr
+            .port();
+        assert_eq!(port, 8080);
+        // p2 stops being ready: the update (only the endpoints changed) drops it.
+        let s2 = write(false);
+        let (t2, _) = t1.update(&s1, &s2, "ams", &loads);
+        assert_eq!(machines(&t2), ["p1"]);
+        assert!(Arc::ptr_eq(
+            t1.app_by_name("pods").unwrap(),
+            t2.app_by_name("pods").unwrap()
+        ));
+
+        // An app naming a service that does not exist is refused.
+        let bad = text(true).replace(
+            "k8s_service = \"default/shop\"",
+            "k8s_service = \"default/nope\"",
+        );
+        let e = store
+            .replace(
+                Source::File,
+                skein_catalog::error::parse_toml(&bad).unwrap(),
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("apps[1].k8s_service"), "{e}");
     }
 
     #[test]

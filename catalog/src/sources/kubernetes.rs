@@ -10,6 +10,10 @@
 //! cluster's network: the catalog checks it, and a service it refuses is held
 //! back alone, named in the log and in `skein_k8s_held`.
 //!
+//! A Service annotated `service.skein.dev/hostnames` is also served by the
+//! edge proxy: the layer gets an app whose machines are the Service's ready
+//! endpoints (see [`exposed`] for every annotation).
+//!
 //! The watches are kube-runtime's `watcher`: a watch that the API server ends
 //! with 410 Gone (the resource version was compacted away) turns into a new
 //! list, and the layer is replaced from it whole, so nothing deleted in the gap
@@ -31,7 +35,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::index::{Catalog, Source};
-use crate::model::{Document, K8sEndpoint, K8sPort, K8sProtocol, K8sService, K8sServiceKind};
+use crate::model::{
+    App, BackendProtocol, Concurrency, ConcurrencyKind, Document, Handler, K8sEndpoint, K8sPort,
+    K8sProtocol, K8sService, K8sServiceKind, Port, Protocol, Service as ServiceDef,
+};
 use crate::sources::publish_layer;
 use crate::store::{Snapshot, Store, stopped};
 
@@ -277,7 +284,7 @@ impl KubeSource {
         let mut services = Objects::<Service>::new("services");
         let mut slices = Objects::<EndpointSlice>::new("endpointslices");
         let mut snaps = self.store.subscribe();
-        let mut published: Option<Document> = None;
+        let mut published: Option<(Document, Vec<String>)> = None;
         loop {
             let mut changed = tokio::select! {
                 _ = stopped(&mut stop) => return,
@@ -310,14 +317,15 @@ impl KubeSource {
                 continue;
             }
             let snap = snaps.borrow_and_update().clone();
-            let (doc, unmapped) = layer(&self.cfg, &services.live, &slices.live, &snap);
+            let (doc, unmapped, notes) = layer(&self.cfg, &services.live, &slices.live, &snap);
             self.status.unmapped.store(unmapped, Ordering::Relaxed);
             metrics::gauge!("skein_k8s_unmapped_endpoints").set(unmapped as f64);
-            if published.as_ref() == Some(&doc) {
+            let next = (doc, notes);
+            if published.as_ref() == Some(&next) {
                 continue;
             }
-            published = Some(doc.clone());
-            self.publish(doc).await;
+            published = Some(next.clone());
+            self.publish(next.0, next.1).await;
         }
     }
 
@@ -338,12 +346,14 @@ impl KubeSource {
         }
     }
 
-    async fn publish(&self, doc: Document) {
+    /// Publishes the layer; `notes` are the services whose annotations are
+    /// wrong (published without the app they ask for).
+    async fn publish(&self, doc: Document, notes: Vec<String>) {
         let store = self.store.clone();
         let outcome =
             tokio::task::spawn_blocking(move || publish_layer(&store, Source::Kubernetes, doc))
                 .await;
-        let mut held = Vec::new();
+        let mut held = notes;
         match outcome {
             Err(e) => held.push(format!("applying the kubernetes layer failed: {e}")),
             Ok(o) => {
@@ -367,14 +377,16 @@ impl KubeSource {
 }
 
 /// The Kubernetes layer: every Service, with the endpoints of its slices
-/// mapped to machines. Returns it and the number of endpoints left out for
-/// want of a machine.
+/// mapped to machines, and an app for each exposed one. Returns it, the
+/// number of endpoints left out for want of a machine, and what is wrong
+/// with annotations.
 fn layer(
     cfg: &KubeConfig,
     services: &BTreeMap<(String, String), Service>,
     slices: &BTreeMap<(String, String), EndpointSlice>,
     snap: &Snapshot,
-) -> (Document, u64) {
+) -> (Document, u64, Vec<String>) {
+    let mut notes = Vec::new();
     let machines = MachineIndex::of(&snap.catalog);
     // Slices by the service they serve.
     let mut of_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
@@ -390,6 +402,11 @@ fn layer(
     let mut doc = Document::default();
     for ((ns, name), svc) in services {
         let Some(spec) = &svc.spec else { continue };
+        match exposed(cfg, ns, name, svc) {
+            Ok(Some(app)) => doc.apps.push(app),
+            Ok(None) => {}
+            Err(e) => notes.push(format!("service {ns}/{name}: {e}")),
+        }
         let kind = if spec.type_.as_deref() == Some("ExternalName") {
             K8sServiceKind::ExternalName
         } else if spec.cluster_ip.as_deref() == Some("None") {
@@ -467,7 +484,143 @@ fn layer(
             endpoints: endpoints.into_values().collect(),
         });
     }
-    (doc, unmapped)
+    (doc, unmapped, notes)
+}
+
+/// The annotations' prefix.
+const ANNOTATION: &str = "service.skein.dev/";
+
+/// The app through which the proxy serves a Service, if its annotations
+/// ask for one:
+///
+/// | annotation | meaning | default |
+/// |---|---|---|
+/// | `service.skein.dev/hostnames` | comma list; exposes the Service | (not exposed) |
+/// | `service.skein.dev/app` | the app's name | `<name>-<namespace>` |
+/// | `service.skein.dev/ports` | `port:handler+handler`, comma list; no handler is raw TCP | `443:tls+http,80:http` |
+/// | `service.skein.dev/force-https` | `true`: plain-HTTP ports redirect | `false` |
+/// | `service.skein.dev/concurrency` | `requests` or `connections` | `connections` |
+/// | `service.skein.dev/soft-limit`, `hard-limit` | per machine | 20, 25 |
+/// | `service.skein.dev/backend-protocol` | `http1` or `h2c` | `http1` |
+/// | `service.skein.dev/target-port` | the pods' port | the first port's `targetPort` |
+pub fn exposed(
+    cfg: &KubeConfig,
+    ns: &str,
+    name: &str,
+    svc: &Service,
+) -> Result<Option<App>, String> {
+    let ann = svc.annotations();
+    let get = |k: &str| ann.get(&format!("{ANNOTATION}{k}")).map(|v| v.trim());
+    let Some(hosts) = get("hostnames") else {
+        return Ok(None);
+    };
+    let bad = |k: &str, v: &str, why: &str| format!("annotation {ANNOTATION}{k}: {v:?} {why}");
+    let number = |k: &str| -> Result<Option<u32>, String> {
+        get(k)
+            .map(|v| v.parse::<u32>().map_err(|_| bad(k, v, "is not a number")))
+            .transpose()
+    };
+    let hostnames: Vec<String> = hosts
+        .split(',')
+        .map(|h| h.trim().to_ascii_lowercase())
+        .filter(|h| !h.is_empty())
+        .collect();
+    if hostnames.is_empty() {
+        return Err(bad("hostnames", hosts, "names no hostname"));
+    }
+    let force_https = match get("force-https") {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(v) => return Err(bad("force-https", v, "is not true or false")),
+    };
+    let mut ports = Vec::new();
+    for item in get("ports").unwrap_or("443:tls+http,80:http").split(',') {
+        let item = item.trim();
+        let (port, handlers) = item.split_once(':').unwrap_or((item, ""));
+        let port: u16 = port
+            .trim()
+            .parse()
+            .map_err(|_| bad("ports", item, "is not port:handler+handler"))?;
+        let handlers = handlers
+            .split('+')
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .map(|h| match h {
+                "tls" => Ok(Handler::Tls),
+                "http" => Ok(Handler::Http),
+                "proxy_proto" => Ok(Handler::ProxyProto),
+                _ => Err(bad(
+                    "ports",
+                    item,
+                    "names a handler other than tls, http, proxy_proto",
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        ports.push(Port {
+            port,
+            force_https: force_https && handlers == [Handler::Http],
+            handlers,
+            proxy_proto_version: None,
+        });
+    }
+    let mut concurrency = Concurrency::default();
+    match get("concurrency") {
+        None => {}
+        Some("requests") => concurrency.kind = ConcurrencyKind::Requests,
+        Some("connections") => concurrency.kind = ConcurrencyKind::Connections,
+        Some(v) => return Err(bad("concurrency", v, "is not requests or connections")),
+    }
+    if let Some(n) = number("soft-limit")? {
+        concurrency.soft_limit = n;
+    }
+    if let Some(n) = number("hard-limit")? {
+        concurrency.hard_limit = n;
+    }
+    let backend_protocol = match get("backend-protocol") {
+        None | Some("http1") => BackendProtocol::Http1,
+        Some("h2c") => BackendProtocol::H2c,
+        Some(v) => return Err(bad("backend-protocol", v, "is not http1 or h2c")),
+    };
+    let first = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_ref())
+        .and_then(|p| p.first());
+    let internal_port = match number("target-port")? {
+        Some(p) => {
+            u16::try_from(p).map_err(|_| bad("target-port", &p.to_string(), "is not a port"))?
+        }
+        None => match first {
+            Some(p) => match &p.target_port {
+                Some(IntOrString::Int(t)) => u16::try_from(*t).unwrap_or(0),
+                Some(IntOrString::String(_)) => {
+                    return Err(format!(
+                        "its first port's targetPort is named; say {ANNOTATION}target-port"
+                    ));
+                }
+                None => u16::try_from(p.port).unwrap_or(0),
+            },
+            None => return Err(format!("it has no port; say {ANNOTATION}target-port")),
+        },
+    };
+    Ok(Some(App {
+        name: get("app")
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("{name}-{ns}")),
+        network: cfg.network.clone(),
+        hostnames,
+        flycast: None,
+        services: vec![ServiceDef {
+            protocol: Protocol::Tcp,
+            internal_port,
+            ports,
+            concurrency,
+            backend_protocol,
+            checks: Vec::new(),
+        }],
+        tls: Default::default(),
+        k8s_service: Some(format!("{ns}/{name}")),
+    }))
 }
 
 /// Machines by the pod they are and by address.
