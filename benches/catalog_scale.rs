@@ -63,6 +63,7 @@ fn machine_json(i: usize, apps: usize, health: &str) -> (String, Vec<u8>) {
         "host": format!("{:x}", 0x100 + host),
         "state": "started",
         "health": health,
+        "interface": format!("vm{i}"),
     });
     (format!("h{host}"), serde_json::to_vec(&v).unwrap())
 }
@@ -87,6 +88,7 @@ fn operator_records(apps: usize) -> serde_json::Value {
                 "name": format!("h{h}"),
                 "region": REGIONS[h % REGIONS.len()],
                 "underlay": format!("10.1.{}.{}", h / 250, h % 250 + 1),
+                "wireguard": {"public_key": skein_mesh::key::Key::generate().public().to_base64()},
             })
         })
         .collect();
@@ -208,6 +210,13 @@ async fn main() {
     dns.apply(&snap);
     let dns_build = t.elapsed();
     let rss_dns = rss_mib() - rss0 - rss_catalog - rss_proxy;
+    // The mesh: what host h0 should hold (peers, its machines' routes).
+    let own = skein_mesh::key::Key::generate();
+    let t = Instant::now();
+    let want = skein_mesh::agent::desired(&snap.catalog, skein_catalog::sixpn::HostId(0x100), &own);
+    let mesh_build = t.elapsed();
+    let (mesh_peers, mesh_machines) = (want.peers.len(), want.machines.len());
+    drop(want);
     drop(snap);
     eprintln!("tables built: proxy {proxy_build:?}, dns {dns_build:?}");
 
@@ -280,6 +289,10 @@ async fn main() {
     );
     println!("| DNS views | {:.0} ms | {rss_dns:.0} MiB |", ms(dns_build));
     println!(
+        "| mesh desired state of one worker ({mesh_peers} peers, {mesh_machines} machines) | {:.1} ms | |",
+        ms(mesh_build)
+    );
+    println!(
         "| etcd write -> proxy route, {changes} changes | p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms | |",
         ms(p50),
         ms(p99),
@@ -290,6 +303,7 @@ async fn main() {
         "catalog_build_ms": ms(catalog_build), "catalog_rss_mib": rss_catalog,
         "proxy_build_ms": ms(proxy_build), "proxy_rss_mib": rss_proxy,
         "dns_build_ms": ms(dns_build), "dns_rss_mib": rss_dns,
+        "mesh_build_ms": ms(mesh_build), "mesh_peers": mesh_peers, "mesh_machines": mesh_machines,
         "write_to_route_ms": {"p50": ms(p50), "p99": ms(p99), "max": ms(max), "n": changes},
         "kinds": Kind::ALL.iter().map(|k| k.as_str()).collect::<Vec<_>>(),
     });

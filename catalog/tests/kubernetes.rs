@@ -14,7 +14,9 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
 use axum::routing::get;
-use k8s_openapi::api::core::v1::{ObjectReference, Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::core::v1::{
+    ObjectReference, Pod, PodIP, PodStatus, Service, ServicePort, ServiceSpec,
+};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -112,6 +114,10 @@ impl Fake {
             .route(
                 "/api/v1/services",
                 get(|s, q| handle(s, q, "services", "v1", "ServiceList")),
+            )
+            .route(
+                "/api/v1/pods",
+                get(|s, q| handle(s, q, "pods", "v1", "PodList")),
             )
             .route(
                 "/apis/discovery.k8s.io/v1/endpointslices",
@@ -584,6 +590,52 @@ async fn services_and_endpoints_follow_the_cluster_through_410_gone() {
             && h.contains("lots")),
         "{held:?}"
     );
+
+    // An IPv4 slice: its endpoints find their machines through the Pods, by
+    // the machine a Pod names or by the Pod's IPv6 address.
+    let pod = |name: &str, ips: &[&str], machine: Option<&str>| {
+        let mut m = meta("default", name);
+        m.annotations = machine
+            .map(|id| BTreeMap::from([("service.skein.dev/machine".to_string(), id.to_string())]));
+        Pod {
+            metadata: m,
+            status: Some(PodStatus {
+                pod_ips: Some(ips.iter().map(|ip| PodIP { ip: ip.to_string() }).collect()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    };
+    fake.put(
+        "pods",
+        pod("web-1", &["10.1.2.3", "fdaa:0:18:0:2:0:2:0"], None),
+    );
+    fake.put("pods", pod("job-1", &["10.1.2.4"], Some("m1")));
+    fake.put(
+        "services",
+        service("default", "v4", "fdaa:0:18:0:1::15", &[("http", 80, 80)]),
+    );
+    let mut v4 = slice(
+        "default",
+        "v4-abc",
+        "v4",
+        &[
+            ("web-1", "10.1.2.3", None, Some(true)),
+            ("job-1", "10.1.2.4", None, Some(true)),
+        ],
+    );
+    v4.address_type = "IPv4".into();
+    fake.put("endpointslices", v4);
+    until("endpoints found through their pods", &store, |s| {
+        s.get("default/v4").is_some_and(|v| {
+            v.endpoints
+                .iter()
+                .map(|e| e.machine.as_str())
+                .collect::<Vec<_>>()
+                == ["m1", "m2"]
+        })
+    })
+    .await;
 
     let _ = stop.send(true);
     tokio::time::timeout(Duration::from_secs(5), task)

@@ -140,15 +140,74 @@ pub fn peer_prefix(host: HostId) -> Prefix {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct WantPeer {
-    endpoint: SocketAddr,
-    allowed: Prefix,
+pub struct WantPeer {
+    /// Its host's underlay address and WireGuard port.
+    pub endpoint: SocketAddr,
+    /// `fdaa:<host>::/48` in host-first form.
+    pub allowed: Prefix,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct WantMachine {
-    interface: String,
-    address: SixPn,
+pub struct WantMachine {
+    /// Its host-side interface.
+    pub interface: String,
+    /// Its 6PN address.
+    pub address: SixPn,
+}
+
+/// What the mesh of one host should hold for a catalog: a peer per other
+/// host with a WireGuard key, a route and guard per started machine of this
+/// host with an interface. A pure function of the catalog, so its cost at
+/// scale is measured apart from the kernel work (benches/catalog_scale.rs).
+#[derive(Debug, Default)]
+pub struct Desired {
+    /// Peers by public key.
+    pub peers: BTreeMap<Key, WantPeer>,
+    /// This host's machines by id.
+    pub machines: BTreeMap<String, WantMachine>,
+    /// Hosts whose WireGuard key does not parse.
+    pub bad_keys: Vec<String>,
+}
+
+/// [`Desired`] for host `me`, whose own key is `own`.
+pub fn desired(cat: &skein_catalog::Catalog, me: HostId, own: &Key) -> Desired {
+    let mut d = Desired::default();
+    for h in cat.hosts.values() {
+        if h.id == me {
+            continue;
+        }
+        let Some(w) = &h.wireguard else { continue };
+        let Ok(k) = Key::from_base64(&w.public_key) else {
+            d.bad_keys.push(h.name.clone());
+            continue;
+        };
+        if k == *own {
+            continue;
+        }
+        d.peers.insert(
+            k,
+            WantPeer {
+                endpoint: SocketAddr::new(h.underlay, w.port),
+                allowed: peer_prefix(h.id),
+            },
+        );
+    }
+    for m in cat.machines.values() {
+        if m.host != me || m.state != MachineState::Started {
+            continue;
+        }
+        let (Some(interface), Some(address)) = (&m.interface, m.address) else {
+            continue;
+        };
+        d.machines.insert(
+            m.id.clone(),
+            WantMachine {
+                interface: interface.clone(),
+                address,
+            },
+        );
+    }
+    d
 }
 
 /// The running agent. Owns the device and the eBPF programs.
@@ -339,48 +398,12 @@ impl Agent {
             self.set_host(me.id).await;
         }
 
-        // peers
-        let mut want = BTreeMap::new();
-        for h in cat.hosts.values() {
-            if h.id == me.id {
-                continue;
-            }
-            let Some(w) = &h.wireguard else { continue };
-            let Ok(k) = Key::from_base64(&w.public_key) else {
-                warn!(host = %h.name, "bad WireGuard key in the catalog");
-                continue;
-            };
-            if k == self.key.public() {
-                continue;
-            }
-            want.insert(
-                k,
-                WantPeer {
-                    endpoint: SocketAddr::new(h.underlay, w.port),
-                    allowed: peer_prefix(h.id),
-                },
-            );
+        let want = desired(cat, me.id, &self.key.public());
+        for host in &want.bad_keys {
+            warn!(host = %host, "bad WireGuard key in the catalog");
         }
-        self.sync_peers(want).await;
-
-        // machines
-        let mut want = BTreeMap::new();
-        for m in cat.machines.values() {
-            if m.host != me.id || m.state != MachineState::Started {
-                continue;
-            }
-            let (Some(interface), Some(address)) = (&m.interface, m.address) else {
-                continue;
-            };
-            want.insert(
-                m.id.clone(),
-                WantMachine {
-                    interface: interface.clone(),
-                    address,
-                },
-            );
-        }
-        self.sync_machines(want).await;
+        self.sync_peers(want.peers).await;
+        self.sync_machines(want.machines).await;
         self.export_counters();
     }
 

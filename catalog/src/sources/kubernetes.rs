@@ -3,8 +3,9 @@
 //! layer), watched with kube-rs.
 //!
 //! Every pod is a machine: an endpoint names its machine by the pod it targets
-//! (a machine's `metadata.pod` and `metadata.namespace`) or, failing that, by
-//! its address (a machine's 6PN address). An endpoint whose pod is no machine
+//! (a machine's `metadata.pod` and `metadata.namespace`; else the Pod's
+//! `service.skein.dev/machine` annotation; else the Pod's IPv6 addresses) or,
+//! failing that, by its own address (a machine's 6PN address). An endpoint whose pod is no machine
 //! the catalog knows is left out and counted, and placed as soon as the machine
 //! arrives. A ClusterIP service's address must be a flycast address of the
 //! cluster's network: the catalog checks it, and a service it refuses is held
@@ -25,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures_util::{FutureExt as _, StreamExt as _};
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::runtime::WatchStreamExt as _;
@@ -267,13 +268,18 @@ impl KubeSource {
     /// once both kinds have been listed, then on every change, and again
     /// when the catalog's machines change (an endpoint may now have one).
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
-        let (services_api, slices_api): (Api<Service>, Api<EndpointSlice>) =
+        let (services_api, slices_api, pods_api): (Api<Service>, Api<EndpointSlice>, Api<Pod>) =
             match &self.cfg.namespace {
                 Some(ns) => (
                     Api::namespaced(self.client.clone(), ns),
                     Api::namespaced(self.client.clone(), ns),
+                    Api::namespaced(self.client.clone(), ns),
                 ),
-                None => (Api::all(self.client.clone()), Api::all(self.client.clone())),
+                None => (
+                    Api::all(self.client.clone()),
+                    Api::all(self.client.clone()),
+                    Api::all(self.client.clone()),
+                ),
             };
         let mut services_watch = watcher::watcher(services_api, watcher::Config::default())
             .default_backoff()
@@ -281,7 +287,11 @@ impl KubeSource {
         let mut slices_watch = watcher::watcher(slices_api, watcher::Config::default())
             .default_backoff()
             .boxed();
+        let mut pods_watch = watcher::watcher(pods_api, watcher::Config::default())
+            .default_backoff()
+            .boxed();
         let mut services = Objects::<Service>::new("services");
+        let mut pods = Objects::<Pod>::new("pods");
         let mut slices = Objects::<EndpointSlice>::new("endpointslices");
         let mut snaps = self.store.subscribe();
         let mut published: Option<(Document, Vec<String>)> = None;
@@ -294,6 +304,10 @@ impl KubeSource {
                 },
                 ev = slices_watch.next() => match ev {
                     Some(ev) => self.take(&mut slices, ev),
+                    None => return,
+                },
+                ev = pods_watch.next() => match ev {
+                    Some(ev) => self.take(&mut pods, ev),
                     None => return,
                 },
                 r = snaps.changed() => {
@@ -309,15 +323,18 @@ impl KubeSource {
                     changed |= self.take(&mut services, ev);
                 } else if let Some(Some(ev)) = slices_watch.next().now_or_never() {
                     changed |= self.take(&mut slices, ev);
+                } else if let Some(Some(ev)) = pods_watch.next().now_or_never() {
+                    changed |= self.take(&mut pods, ev);
                 } else {
                     break;
                 }
             }
-            if !changed || !services.listed || !slices.listed {
+            if !changed || !services.listed || !slices.listed || !pods.listed {
                 continue;
             }
             let snap = snaps.borrow_and_update().clone();
-            let (doc, unmapped, notes) = layer(&self.cfg, &services.live, &slices.live, &snap);
+            let (doc, unmapped, notes) =
+                layer(&self.cfg, &services.live, &slices.live, &pods.live, &snap);
             self.status.unmapped.store(unmapped, Ordering::Relaxed);
             metrics::gauge!("skein_k8s_unmapped_endpoints").set(unmapped as f64);
             let next = (doc, notes);
@@ -384,10 +401,11 @@ fn layer(
     cfg: &KubeConfig,
     services: &BTreeMap<(String, String), Service>,
     slices: &BTreeMap<(String, String), EndpointSlice>,
+    pods: &BTreeMap<(String, String), Pod>,
     snap: &Snapshot,
 ) -> (Document, u64, Vec<String>) {
     let mut notes = Vec::new();
-    let machines = MachineIndex::of(&snap.catalog);
+    let machines = MachineIndex::of(&snap.catalog, pods);
     // Slices by the service they serve.
     let mut of_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
     for ((ns, _), s) in slices {
@@ -623,14 +641,19 @@ pub fn exposed(
     }))
 }
 
-/// Machines by the pod they are and by address.
+/// The annotation on a Pod that names its machine.
+const POD_MACHINE: &str = "service.skein.dev/machine";
+
+/// Machines by the pod they are and by address, and pods by what they say.
 struct MachineIndex<'a> {
     by_pod: HashMap<(&'a str, &'a str), &'a str>,
     by_addr: HashMap<Ipv6Addr, &'a str>,
+    pods: &'a BTreeMap<(String, String), Pod>,
+    cat: &'a Catalog,
 }
 
 impl<'a> MachineIndex<'a> {
-    fn of(cat: &'a Catalog) -> Self {
+    fn of(cat: &'a Catalog, pods: &'a BTreeMap<(String, String), Pod>) -> Self {
         let mut by_pod = HashMap::new();
         let mut by_addr = HashMap::new();
         for m in cat.machines.values() {
@@ -641,7 +664,12 @@ impl<'a> MachineIndex<'a> {
                 by_addr.insert(Ipv6Addr::from(a), m.id.as_str());
             }
         }
-        MachineIndex { by_pod, by_addr }
+        MachineIndex {
+            by_pod,
+            by_addr,
+            pods,
+            cat,
+        }
     }
 
     /// The machine an endpoint in namespace `ns` stands for.
@@ -654,6 +682,36 @@ impl<'a> MachineIndex<'a> {
                 .get(&(r.namespace.as_deref().unwrap_or(ns), pod.as_str()))
         {
             return Some(m);
+        }
+        // The Pod itself: the machine it names, else its IPv6 addresses (an
+        // IPv4 slice's endpoint finds its machine through them).
+        if let Some(r) = &ep.target_ref
+            && r.kind.as_deref().is_none_or(|k| k == "Pod")
+            && let Some(pod) = &r.name
+            && let Some(p) = self.pods.get(&(
+                r.namespace.clone().unwrap_or_else(|| ns.to_string()),
+                pod.clone(),
+            ))
+        {
+            if let Some(id) = p.annotations().get(POD_MACHINE)
+                && let Some((id, _)) = self.cat.machines.get_key_value(id)
+            {
+                return Some(id);
+            }
+            let status = p.status.as_ref();
+            let ips = status
+                .and_then(|s| s.pod_ips.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|ip| ip.ip.as_str())
+                .chain(status.and_then(|s| s.pod_ip.as_deref()));
+            for ip in ips {
+                if let Ok(a) = ip.parse::<Ipv6Addr>()
+                    && let Some(m) = self.by_addr.get(&a)
+                {
+                    return Some(m);
+                }
+            }
         }
         ep.addresses
             .iter()
