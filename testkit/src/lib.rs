@@ -6,6 +6,7 @@
 //! collide, and traffic stays inside the namespaces the test made.
 
 pub mod etcd;
+pub mod kube;
 
 use std::{
     fs::File,

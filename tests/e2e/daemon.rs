@@ -234,6 +234,23 @@ fn check_config_names_fields_and_sets_the_exit_code() {
     assert!(
         String::from_utf8_lossy(&bad.stderr).contains("admin.listen: 0.0.0.0:9901 is not loopback")
     );
+    std::fs::write(
+        dir.path().join("skein.toml"),
+        "[kubernetes]\nenabled = true\napi = \"10.0.0.1\"\n",
+    )
+    .unwrap();
+    let bad = skein()
+        .arg("check-config")
+        .arg(dir.path().join("skein.toml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(1), "{err}");
+    assert!(err.contains("kubernetes.network"), "{err}");
+    assert!(
+        err.contains("kubernetes.api: \"10.0.0.1\" is not a URL"),
+        "{err}"
+    );
 }
 
 #[test]

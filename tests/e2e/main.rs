@@ -6,5 +6,6 @@
 mod daemon;
 mod demo;
 mod etcd;
+mod kubernetes;
 mod mesh;
 mod support;
