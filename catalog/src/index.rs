@@ -384,72 +384,26 @@ pub fn build_at(
         let app_net = apps
             .get(&m.app)
             .map(|a| networks.get(&a.rec.network).map(|n| n.rec.id));
-        if app_net.is_none() {
+        machine_refs(
+            m,
+            &|| e.path(),
+            app_net,
+            regions.contains_key(&m.region),
+            hosts.get(&m.host).map(|h| &h.rec),
+            &mut p,
+        );
+        if let Some(a) = m.address
+            && let Some(first) = slots.insert((a.host(), a.machine()), e)
+        {
             p.add(
-                format!("{}.app", e.path()),
-                format!("unknown app {:?}", m.app),
+                format!("{}.address", e.path()),
+                format!(
+                    "{a}: slot {} on host {} is taken by {}",
+                    a.machine(),
+                    a.host(),
+                    first.path()
+                ),
             );
-        }
-        region_known(&mut p, format!("{}.region", e.path()), &m.region);
-        match hosts.get(&m.host) {
-            None => p.add(
-                format!("{}.host", e.path()),
-                format!("unknown host {}", m.host),
-            ),
-            Some(h) => {
-                if h.rec.region != m.region {
-                    p.add(
-                        format!("{}.region", e.path()),
-                        format!(
-                            "{:?} is not the region of host {} ({:?})",
-                            m.region, h.rec.name, h.rec.region
-                        ),
-                    );
-                }
-                if h.rec.role == HostRole::Edge {
-                    p.add(
-                        format!("{}.host", e.path()),
-                        format!("host {} is an edge and runs no machines", h.rec.name),
-                    );
-                }
-            }
-        }
-        if let Some(a) = m.address {
-            if let Some(Some(net)) = app_net
-                && a.net() != net
-            {
-                p.add(
-                    format!("{}.address", e.path()),
-                    format!("{a} is outside the app's network fdaa:{net}::/48"),
-                );
-            }
-            if a.host() != m.host {
-                p.add(
-                    format!("{}.address", e.path()),
-                    format!(
-                        "{a} names host {}, the machine runs on {}",
-                        a.host(),
-                        m.host
-                    ),
-                );
-            }
-            if a.machine().0 == 0 {
-                p.add(
-                    format!("{}.address", e.path()),
-                    format!("{a} has machine slot 0, which is reserved"),
-                );
-            }
-            if let Some(first) = slots.insert((a.host(), a.machine()), e) {
-                p.add(
-                    format!("{}.address", e.path()),
-                    format!(
-                        "{a}: slot {} on host {} is taken by {}",
-                        a.machine(),
-                        a.host(),
-                        first.path()
-                    ),
-                );
-            }
         }
     }
 
@@ -546,6 +500,75 @@ pub fn build_at(
     p.into_result(cat)
 }
 
+/// A machine against the records it names (its app, and so its network; its
+/// region; its host) and its address, if it has one, against them. The one
+/// judge of a machine for [`build`] and [`patch_machines`] alike; slot
+/// uniqueness is left to each, as they count slots differently. `app_net`:
+/// `None` for an unknown app, `Some(None)` for an app on an unknown network.
+fn machine_refs(
+    m: &Machine,
+    at: &dyn Fn() -> String,
+    app_net: Option<Option<NetId>>,
+    region_known: bool,
+    host: Option<&Host>,
+    p: &mut Problems,
+) {
+    if app_net.is_none() {
+        p.add(format!("{}.app", at()), format!("unknown app {:?}", m.app));
+    }
+    if !region_known {
+        p.add(
+            format!("{}.region", at()),
+            format!("unknown region {:?}", m.region),
+        );
+    }
+    match host {
+        None => p.add(format!("{}.host", at()), format!("unknown host {}", m.host)),
+        Some(h) => {
+            if h.region != m.region {
+                p.add(
+                    format!("{}.region", at()),
+                    format!(
+                        "{:?} is not the region of host {} ({:?})",
+                        m.region, h.name, h.region
+                    ),
+                );
+            }
+            if h.role == HostRole::Edge {
+                p.add(
+                    format!("{}.host", at()),
+                    format!("host {} is an edge and runs no machines", h.name),
+                );
+            }
+        }
+    }
+    let Some(a) = m.address else { return };
+    if let Some(Some(net)) = app_net
+        && a.net() != net
+    {
+        p.add(
+            format!("{}.address", at()),
+            format!("{a} is outside the app's network fdaa:{net}::/48"),
+        );
+    }
+    if a.host() != m.host {
+        p.add(
+            format!("{}.address", at()),
+            format!(
+                "{a} names host {}, the machine runs on {}",
+                a.host(),
+                m.host
+            ),
+        );
+    }
+    if a.machine().0 == 0 {
+        p.add(
+            format!("{}.address", at()),
+            format!("{a} has machine slot 0, which is reserved"),
+        );
+    }
+}
+
 /// A change to one source's machines and nothing else, as a follower of
 /// etcd sees one: whole records put, ids deleted.
 #[derive(Clone, Debug, Default)]
@@ -625,65 +648,20 @@ pub fn patch_machines(
             .apps
             .get(&m.app)
             .map(|a| prev.networks.get(&a.network).map(|n| n.id));
-        if app_net.is_none() {
-            p.add(format!("{at}.app"), format!("unknown app {:?}", m.app));
-        }
-        if !prev.regions.contains_key(&m.region) {
-            p.add(
-                format!("{at}.region"),
-                format!("unknown region {:?}", m.region),
-            );
-        }
-        match prev.hosts.get(&m.host) {
-            None => p.add(format!("{at}.host"), format!("unknown host {}", m.host)),
-            Some(h) => {
-                if h.region != m.region {
-                    p.add(
-                        format!("{at}.region"),
-                        format!(
-                            "{:?} is not the region of host {} ({:?})",
-                            m.region, h.name, h.region
-                        ),
-                    );
-                }
-                if h.role == HostRole::Edge {
-                    p.add(
-                        format!("{at}.host"),
-                        format!("host {} is an edge and runs no machines", h.name),
-                    );
-                }
-            }
-        }
-        if let Some(a) = m.address {
-            if let Some(Some(net)) = app_net
-                && a.net() != net
-            {
-                p.add(
-                    format!("{at}.address"),
-                    format!("{a} is outside the app's network fdaa:{net}::/48"),
-                );
-            }
-            if a.host() != m.host {
-                p.add(
-                    format!("{at}.address"),
-                    format!(
-                        "{a} names host {}, the machine runs on {}",
-                        a.host(),
-                        m.host
-                    ),
-                );
-            }
-            if a.machine().0 == 0 {
-                p.add(
-                    format!("{at}.address"),
-                    format!("{a} has machine slot 0, which is reserved"),
-                );
-            }
-            if !taken.insert((a.host(), a.machine())) {
-                // A full build gives the slot to the explicit address and
-                // moves whichever machine had it allocated.
-                return None;
-            }
+        machine_refs(
+            m,
+            &|| at.clone(),
+            app_net,
+            prev.regions.contains_key(&m.region),
+            prev.hosts.get(&m.host).map(|h| &**h),
+            &mut p,
+        );
+        // A full build gives a taken slot to the explicit address and moves
+        // whichever machine had it allocated.
+        if let Some(a) = m.address
+            && !taken.insert((a.host(), a.machine()))
+        {
+            return None;
         }
         nets.push(app_net.flatten());
     }

@@ -49,16 +49,7 @@ fn get(proxy: u16, host: &str) -> (u16, String) {
     );
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    response(&out)
 }
 
 fn slice(ready: bool) -> serde_json::Value {

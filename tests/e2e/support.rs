@@ -114,6 +114,11 @@ pub fn http(
     )?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
+    Ok(response(&out))
+}
+
+/// A whole HTTP/1.1 response as (status, body).
+pub fn response(out: &str) -> (u16, String) {
     let status = out
         .split(' ')
         .nth(1)
@@ -124,7 +129,7 @@ pub fn http(
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     // Bodies may be chunked; tests only look for substrings and JSON, so undo it.
-    Ok((status, dechunk(&body)))
+    (status, dechunk(&body))
 }
 
 fn dechunk(b: &str) -> String {
