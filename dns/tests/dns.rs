@@ -665,7 +665,9 @@ async fn a_change_rebuilds_only_the_networks_it_touches() {
         d.apply(&store.snapshot());
         d
     };
-    let wait_for = |version: u64| {
+    // Publishes a document and waits for the views built from it.
+    let publish = |doc: Document| {
+        let version = s.store.replace(Source::File, doc).unwrap().snapshot.version;
         let dns = s.dns.clone();
         async move {
             while dns.views().version < version {
@@ -674,26 +676,18 @@ async fn a_change_rebuilds_only_the_networks_it_touches() {
             dns.views()
         }
     };
+    // The same view object for an asker in both versions (kept, not rebuilt).
+    let kept = |a: &skein_dns::view::Views, b: &skein_dns::view::Views, src: IpAddr| {
+        std::ptr::eq(a.for_source(src), b.for_source(src))
+    };
 
     // d1 (network "other") stops: only "other" is rebuilt.
     let before = s.dns.views();
     let mut doc: Document = parse_toml(CATALOG).unwrap();
     doc.machines[3].state = skein_catalog::model::MachineState::Stopped;
-    let v = s
-        .store
-        .replace(Source::File, doc.clone())
-        .unwrap()
-        .snapshot
-        .version;
-    let after = wait_for(v).await;
-    assert!(std::ptr::eq(
-        before.for_source(acme),
-        after.for_source(acme)
-    ));
-    assert!(!std::ptr::eq(
-        before.for_source(other),
-        after.for_source(other)
-    ));
+    let after = publish(doc.clone()).await;
+    assert!(kept(&before, &after, acme));
+    assert!(!kept(&before, &after, other));
     let mut q = Vec::new();
     s.dns.handle(
         &after,
@@ -711,31 +705,13 @@ async fn a_change_rebuilds_only_the_networks_it_touches() {
     // m1 (network "acme") joins another process group: "acme" is rebuilt,
     // "other" is kept.
     doc.machines[0].metadata.process_group = Some("cron".into());
-    let v = s
-        .store
-        .replace(Source::File, doc.clone())
-        .unwrap()
-        .snapshot
-        .version;
-    let later = wait_for(v).await;
-    assert!(!std::ptr::eq(
-        after.for_source(acme),
-        later.for_source(acme)
-    ));
-    assert!(std::ptr::eq(
-        after.for_source(other),
-        later.for_source(other)
-    ));
+    let later = publish(doc.clone()).await;
+    assert!(!kept(&after, &later, acme));
+    assert!(kept(&after, &later, other));
     // m1, pg-0 of a headless service, moves: its answers everywhere match a
     // full build.
     doc.machines[0].address = Some("fdaa:0:18:0:2:0:2:0".parse().unwrap());
-    let v = s
-        .store
-        .replace(Source::File, doc.clone())
-        .unwrap()
-        .snapshot
-        .version;
-    let later = wait_for(v).await;
+    let later = publish(doc.clone()).await;
     let full = fresh(&s.store);
     for src in [acme, other] {
         assert_eq!(answers(&s.dns, src), answers(&full, src));
@@ -743,12 +719,8 @@ async fn a_change_rebuilds_only_the_networks_it_touches() {
 
     // A round-trip time changes: every nearest order may change, all rebuilt.
     doc.regions[0].rtt_ms.insert("iad".into(), 5);
-    let v = s.store.replace(Source::File, doc).unwrap().snapshot.version;
-    let last = wait_for(v).await;
-    assert!(!std::ptr::eq(
-        later.for_source(other),
-        last.for_source(other)
-    ));
+    let last = publish(doc).await;
+    assert!(!kept(&later, &last, other));
     let full = fresh(&s.store);
     for src in [acme, other] {
         assert_eq!(answers(&s.dns, src), answers(&full, src));
