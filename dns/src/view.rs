@@ -94,9 +94,8 @@ impl View {
     pub fn lookup(&self, qname: &[u8], qtype: u16) -> Lookup<'_> {
         match self.names.get(qname) {
             Some(e) => {
-                if let Some(c) = &e.cname
-                    && qtype != rtype::CNAME
-                {
+                // A CNAME answers every type, its own included.
+                if let Some(c) = &e.cname {
                     return Lookup::Answer(c);
                 }
                 match e.types.iter().find(|(t, _)| *t == qtype) {

@@ -726,3 +726,232 @@ async fn a_change_rebuilds_only_the_networks_it_touches() {
         assert_eq!(answers(&s.dns, src), answers(&full, src));
     }
 }
+
+/// `dig @addr` (Debian's dnsutils) with `args`; its `+short` answer lines.
+fn dig(addr: SocketAddr, args: &[&str]) -> Vec<String> {
+    let out = std::process::Command::new("dig")
+        .arg(format!("@{}", addr.ip()))
+        .args([
+            "-p",
+            &addr.port().to_string(),
+            "+short",
+            "+time=2",
+            "+tries=1",
+        ])
+        .args(args)
+        .output()
+        .expect("dig runs");
+    assert!(
+        out.status.success(),
+        "dig {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    lines.sort();
+    lines
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dig_gets_every_name_form() {
+    if std::process::Command::new("dig")
+        .arg("-v")
+        .output()
+        .is_err()
+    {
+        println!("skipped: needs dig (dnsutils): dig_gets_every_name_form");
+        return;
+    }
+    let s = start(parse_toml(CATALOG).unwrap()).await;
+    let a = s.addr;
+    let d = move |args: &'static [&'static str]| tokio::task::spawn_blocking(move || dig(a, args));
+    let cases: &[(&[&str], &[&str])] = &[
+        (
+            &["web.internal", "AAAA"],
+            &["fdaa:0:18:0:2:0:1:0", "fdaa:0:18:0:3:0:1:0"],
+        ),
+        (
+            &["global.web.internal", "AAAA"],
+            &["fdaa:0:18:0:2:0:1:0", "fdaa:0:18:0:3:0:1:0"],
+        ),
+        (&["iad.web.internal", "AAAA"], &["fdaa:0:18:0:3:0:1:0"]),
+        (
+            &["top1.nearest.of.web.internal", "AAAA"],
+            &["fdaa:0:18:0:2:0:1:0"],
+        ),
+        (&["m1.vm.web.internal", "AAAA"], &["fdaa:0:18:0:2:0:1:0"]),
+        (
+            &["worker.process.web.internal", "AAAA"],
+            &["fdaa:0:18:0:2:0:1:0"],
+        ),
+        (&["web.flycast", "AAAA"], &["fdaa:0:18:0:1::5"]),
+        (&["_apps.internal", "TXT"], &["\"web\""]),
+        (&["vms.web.internal", "TXT"], &["\"m1 ams,m2 iad\""]),
+        (&["regions.web.internal", "TXT"], &["\"ams,iad\""]),
+        (
+            &["web.default.svc.cluster.local", "AAAA"],
+            &["fdaa:0:18:0:1::10"],
+        ),
+        (
+            &["_http._tcp.web.default.svc.cluster.local", "SRV"],
+            &["0 100 80 web.default.svc.cluster.local."],
+        ),
+        (
+            &["pg.data.svc.cluster.local", "AAAA"],
+            &["fdaa:0:18:0:2:0:1:0"],
+        ),
+        (
+            &["pg-0.pg.data.svc.cluster.local", "AAAA"],
+            &["fdaa:0:18:0:2:0:1:0"],
+        ),
+        (
+            &["ext.default.svc.cluster.local", "CNAME"],
+            &["example.org."],
+        ),
+        (
+            &["-x", "fdaa:0:18:0:1::10"],
+            &["web.default.svc.cluster.local."],
+        ),
+        (&["-x", "fdaa:0:18:0:2:0:1:0"], &["m1.vm.web.internal."]),
+        // Over TCP too, and case is kept in the question but matched without it.
+        (
+            &["+tcp", "WEB.Internal", "AAAA"],
+            &["fdaa:0:18:0:2:0:1:0", "fdaa:0:18:0:3:0:1:0"],
+        ),
+    ];
+    for (args, want) in cases {
+        let got = d(args).await.unwrap();
+        assert_eq!(got, *want, "dig {args:?}");
+    }
+    // The instances: one TXT string per machine.
+    let inst = d(&["_instances.internal", "TXT"]).await.unwrap();
+    assert_eq!(inst.len(), 2, "{inst:?}");
+    assert!(
+        inst[0].contains("instance=m1;app=web;ip=fdaa:0:18:0:2:0:1:0;region=ams"),
+        "{inst:?}"
+    );
+    let version = d(&["dns-version.cluster.local", "TXT"]).await.unwrap();
+    assert_eq!(version.len(), 1, "{version:?}");
+    // A name that does not exist: NXDOMAIN with the SOA; a type that does not: NODATA.
+    let status = |args: &'static [&'static str]| {
+        tokio::task::spawn_blocking(move || {
+            let out = std::process::Command::new("dig")
+                .arg(format!("@{}", a.ip()))
+                .args(["-p", &a.port().to_string(), "+time=2", "+tries=1"])
+                .args(args)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).to_string()
+        })
+    };
+    let nx = status(&["nope.internal", "AAAA"]).await.unwrap();
+    assert!(
+        nx.contains("status: NXDOMAIN") && nx.contains("SOA"),
+        "{nx}"
+    );
+    let nodata = status(&["web.internal", "MX"]).await.unwrap();
+    assert!(
+        nodata.contains("status: NOERROR")
+            && nodata.contains("ANSWER: 0")
+            && nodata.contains("SOA"),
+        "{nodata}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hickory_resolver_resolves_like_a_pod() {
+    use hickory_resolver::Resolver;
+    use hickory_resolver::config::{
+        ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
+    };
+    use hickory_resolver::net::runtime::TokioRuntimeProvider;
+
+    let s = start(parse_toml(CATALOG).unwrap()).await;
+    // A pod's resolv.conf: the server, the search path of namespace
+    // "default", ndots:5; no hosts file, no cache.
+    let conn = |mut c: ConnectionConfig| {
+        c.port = s.addr.port();
+        c
+    };
+    let server = NameServerConfig::new(
+        s.addr.ip(),
+        true,
+        vec![conn(ConnectionConfig::udp()), conn(ConnectionConfig::tcp())],
+    );
+    let search = [
+        "default.svc.cluster.local",
+        "svc.cluster.local",
+        "cluster.local",
+    ]
+    .map(|n| Name::from_ascii(n).unwrap())
+    .to_vec();
+    let mut opts = ResolverOpts::default();
+    opts.ndots = 5;
+    opts.cache_size = 0;
+    opts.attempts = 1;
+    opts.timeout = Duration::from_secs(2);
+    opts.use_hosts_file = ResolveHosts::Never;
+    let r = Resolver::builder_with_config(
+        ResolverConfig::from_parts(None, search, vec![server]),
+        TokioRuntimeProvider::default(),
+    )
+    .with_options(opts)
+    .build()
+    .unwrap();
+
+    let ips = |l: hickory_resolver::lookup_ip::LookupIp| {
+        let mut v: Vec<String> = l.iter().map(|ip| ip.to_string()).collect();
+        v.sort();
+        v
+    };
+    // A Service by its short name, through the search path.
+    assert_eq!(
+        ips(r.lookup_ip("web").await.unwrap()),
+        ["fdaa:0:18:0:1::10"]
+    );
+    assert_eq!(
+        ips(r.lookup_ip("pg.data").await.unwrap()),
+        ["fdaa:0:18:0:2:0:1:0"]
+    );
+    // Machines by .internal names.
+    assert_eq!(
+        ips(r.lookup_ip("web.internal.").await.unwrap()),
+        ["fdaa:0:18:0:2:0:1:0", "fdaa:0:18:0:3:0:1:0"]
+    );
+    assert_eq!(
+        ips(r.lookup_ip("top1.nearest.of.web.internal.").await.unwrap()),
+        ["fdaa:0:18:0:2:0:1:0"]
+    );
+    // TXT, SRV, CNAME-to-outside, PTR.
+    let txt: Vec<String> = r
+        .txt_lookup("_apps.internal.")
+        .await
+        .unwrap()
+        .answers()
+        .iter()
+        .map(|rec| rec.data.to_string())
+        .collect();
+    assert_eq!(txt, ["web"]);
+    let srv: Vec<String> = r
+        .srv_lookup("_http._tcp.web.default.svc.cluster.local.")
+        .await
+        .unwrap()
+        .answers()
+        .iter()
+        .map(|rec| rec.data.to_string())
+        .collect();
+    assert_eq!(srv, ["0 100 80 web.default.svc.cluster.local."]);
+    let ptr: Vec<String> = r
+        .reverse_lookup("fdaa:0:18:0:1::10".parse::<IpAddr>().unwrap())
+        .await
+        .unwrap()
+        .answers()
+        .iter()
+        .map(|rec| rec.data.to_string())
+        .collect();
+    assert_eq!(ptr, ["web.default.svc.cluster.local."]);
+    // A name nobody has.
+    assert!(r.lookup_ip("nope.internal.").await.is_err());
+}
