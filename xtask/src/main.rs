@@ -318,14 +318,11 @@ fn bench_proxy() -> anyhow::Result<()> {
     let key = std::fs::read_to_string(work.join("key.pem"))?;
     std::fs::write(work.join("catalog.toml"), bench_catalog(&cert, &key))?;
     std::fs::write(work.join("skein.toml"), BENCH_CONFIG)?;
-    with_skein(
-        &work,
-        "PROXY_CPUS",
-        9911,
-        100,
-        &harness,
-        "skein=127.0.0.1:9443",
-    )
+    with_skein(&work, "PROXY_CPUS", 9911, 100, &|| {
+        run(Command::new("bash")
+            .arg(&harness)
+            .arg("skein=127.0.0.1:9443"))
+    })
 }
 
 /// The 10,000 Services the DNS peers serve as a zone file (dns-peers.sh):
@@ -361,27 +358,80 @@ fn bench_dns() -> anyhow::Result<()> {
         work.join("skein.toml"),
         "[admin]\nlisten = \"127.0.0.1:9912\"\n[state]\ndir = \"state\"\n[catalog]\nfile = \"catalog.toml\"\n[log]\nlevel = \"warn\"\n[dns]\nenabled = true\nthreads = 1\ndefault_network = \"bench\"\nlisten = [\"127.0.0.1:5403\"]\n",
     )?;
-    with_skein(
-        &work,
-        "SERVER_CPUS",
-        9912,
-        300,
-        &harness,
-        "skein=127.0.0.1:5403",
-    )
+    let peers = work.join("peers");
+    with_skein(&work, "SERVER_CPUS", 9912, 300, &|| {
+        run(Command::new("bash")
+            .arg(&harness)
+            .arg("skein=127.0.0.1:5403")
+            .env("WORK", &peers))?;
+        dns_latency("skein", "127.0.0.1", "5403", &peers.join("queries.txt"))
+    })
+}
+
+/// Latency at half the peak rate, the goal (p99 under 1 ms): an
+/// unthrottled dnsperf run finds the peak, then `dnsperf -Q <peak/2> -v`
+/// reports every response's latency. dnsperf on core 1, as in the harness.
+fn dns_latency(
+    name: &str,
+    host: &str,
+    port: &str,
+    queries: &std::path::Path,
+) -> anyhow::Result<()> {
+    let secs = std::env::var("DURATION").unwrap_or_else(|_| "10".into());
+    let dnsperf = |extra: &[&str]| -> anyhow::Result<String> {
+        let out = Command::new("taskset")
+            .args(["-c", "1", "dnsperf", "-s", host, "-p", port, "-l", &secs])
+            .args(["-c", "8", "-q", "64", "-T", "1", "-t", "1", "-d"])
+            .arg(queries)
+            .args(extra)
+            .output()
+            .context("running dnsperf")?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let peak: f64 = dnsperf(&[])?
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Queries per second:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("dnsperf printed no rate")?;
+    let half = format!("{}", (peak / 2.0) as u64);
+    let out = dnsperf(&["-Q", &half, "-v"])?;
+    let (mut ms, mut lost) = (Vec::new(), 0usize);
+    for l in out.lines().filter_map(|l| l.strip_prefix("> ")) {
+        match l
+            .split_whitespace()
+            .last()
+            .and_then(|v| v.parse::<f64>().ok())
+        {
+            Some(s) if !l.starts_with("T ") => ms.push(s * 1000.0),
+            _ => lost += 1,
+        }
+    }
+    if ms.is_empty() {
+        bail!("dnsperf -v reported no latencies");
+    }
+    ms.sort_by(f64::total_cmp);
+    let at = |p: f64| ms[((ms.len() - 1) as f64 * p).round() as usize];
+    println!(
+        "\n{name} at half its peak ({half} of {peak:.0} qps): {} answers, {lost} lost, latency p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms",
+        ms.len(),
+        at(0.5),
+        at(0.99),
+        at(0.999),
+        at(1.0)
+    );
+    Ok(())
 }
 
 /// Runs `skein run --config skein.toml` in `work`, pinned to the cores named by
 /// the environment variable `cpus_var` (default core 0); waits for its admin
-/// `/readyz` on `admin_port` (up to `tries` x 100 ms); then runs the peer
-/// harness with `target`, and stops skein whatever happened.
+/// `/readyz` on `admin_port` (up to `tries` x 100 ms); then runs `bench` (the
+/// peer harness and any phase of its own), and stops skein whatever happened.
 fn with_skein(
     work: &std::path::Path,
     cpus_var: &str,
     admin_port: u16,
     tries: usize,
-    harness: &std::path::Path,
-    target: &str,
+    bench: &dyn Fn() -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let cpus = std::env::var(cpus_var).unwrap_or_else(|_| "0".into());
     let mut skein = Command::new("taskset")
@@ -398,7 +448,7 @@ fn with_skein(
         quiet_ok(Command::new("curl").args(["-sf", &readyz]))
     });
     let result = if ready {
-        run(Command::new("bash").arg(harness).arg(target))
+        bench()
     } else {
         Err(anyhow::anyhow!(
             "skein did not become ready; see {}",

@@ -16,10 +16,13 @@ use crate::store::{Store, Written, source_label};
 /// Reads and parses a catalog file. Parse errors carry field paths; nothing
 /// across records is checked here (that takes [`Store::replace`]).
 pub fn read(path: &Path) -> Result<(Document, u64), Invalid> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Invalid::one("", format!("cannot read {}: {e}", path.display())))?;
-    let doc = parse_toml(&text)?;
-    Ok((doc, fingerprint(text.as_bytes())))
+    let text = read_text(path)?;
+    Ok((parse_toml(&text)?, fingerprint(text.as_bytes())))
+}
+
+fn read_text(path: &Path) -> Result<String, Invalid> {
+    std::fs::read_to_string(path)
+        .map_err(|e| Invalid::one("", format!("cannot read {}: {e}", path.display())))
 }
 
 /// FNV-1a of the file's bytes: enough to tell whether it changed.
@@ -54,7 +57,11 @@ impl FileSource {
     /// Reads the file and, if it changed since the last attempt (or `force`),
     /// publishes it. Returns `Ok(None)` when the contents are unchanged.
     pub fn reload(&self, force: bool) -> Result<Option<Written>, Invalid> {
-        let result = read(&self.path).and_then(|(doc, fp)| {
+        // The bytes are compared before they are parsed: a poll of an
+        // unchanged file (every second, by default) costs a read, not a parse
+        // of what may be thousands of records.
+        let result = read_text(&self.path).and_then(|text| {
+            let fp = fingerprint(text.as_bytes());
             let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
             if !force && *last == Some(fp) {
                 return Ok(None);
@@ -62,7 +69,7 @@ impl FileSource {
             // Remember what was tried, good or bad, so a bad file is reported once
             // per change rather than at every poll.
             *last = Some(fp);
-            Ok(Some(self.store.replace(Source::File, doc)?))
+            Ok(Some(self.store.replace(Source::File, parse_toml(&text)?)?))
         });
         let label = match &result {
             Ok(None) => return result,
