@@ -955,3 +955,113 @@ async fn hickory_resolver_resolves_like_a_pod() {
     // A name nobody has.
     assert!(r.lookup_ip("nope.internal.").await.is_err());
 }
+
+/// `dig` from inside a namespace: (status line, answer lines).
+fn dig_in(ns: &skein_testkit::Netns, server: &str, port: u16, name: &str) -> (String, Vec<String>) {
+    let out = ns.run(&[
+        "dig",
+        &format!("@{server}"),
+        "-p",
+        &port.to_string(),
+        "+time=2",
+        "+tries=1",
+        name,
+        "AAAA",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let status = text
+        .lines()
+        .find(|l| l.contains("status:"))
+        .unwrap_or_default()
+        .to_string();
+    let mut answers: Vec<String> = text
+        .lines()
+        .skip_while(|l| !l.starts_with(";; ANSWER SECTION"))
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_whitespace().last().map(str::to_string))
+        .collect();
+    answers.sort();
+    (status, answers)
+}
+
+/// Two machines of two networks ask the same server from their own 6PN
+/// addresses (network namespaces joined by veth): each sees its own network's
+/// names and nothing of the other's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn machines_of_two_networks_see_only_their_own_names() {
+    if !skein_testkit::require_root("machines_of_two_networks_see_only_their_own_names") {
+        return;
+    }
+    if std::process::Command::new("dig")
+        .arg("-v")
+        .output()
+        .is_err()
+    {
+        println!(
+            "skipped: needs dig (dnsutils): machines_of_two_networks_see_only_their_own_names"
+        );
+        return;
+    }
+    use skein_testkit::{Netns, veth};
+    let host = Netns::new("dh");
+    let acme = Netns::new("da");
+    let other = Netns::new("do");
+    veth(&host, "a0", &acme, "a1");
+    veth(&host, "b0", &other, "b1");
+    host.ip("addr add fdaa:0:18:0:3::1/64 dev a0 nodad");
+    acme.ip("addr add fdaa:0:18:0:3:0:1:0/64 dev a1 nodad");
+    host.ip("addr add fdaa:0:19:0:2::1/64 dev b0 nodad");
+    other.ip("addr add fdaa:0:19:0:2:0:1:0/64 dev b1 nodad");
+
+    let store = Arc::new(Store::new());
+    store
+        .replace(Source::File, parse_toml(CATALOG).unwrap())
+        .unwrap();
+    let dns = Dns::new(DnsConfig {
+        enabled: true,
+        listen: vec!["[::]:0".parse().unwrap()],
+        default_network: Some("acme".into()),
+        threads: Some(1),
+        ..Default::default()
+    });
+    // The sockets are made inside the host's namespace; they stay there.
+    let bound = std::thread::scope(|s| {
+        s.spawn(|| {
+            host.enter();
+            dns.bind().unwrap()
+        })
+        .join()
+        .unwrap()
+    });
+    let port = bound[0].local.port();
+    dns.apply(&store.snapshot());
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(dns.clone().serve(bound, rx));
+
+    let ask = |ns: &Netns, server: &str, name: &str| {
+        let (status, answers) = dig_in(ns, server, port, name);
+        assert!(!status.is_empty(), "no answer to {name} from {}", ns.name());
+        (status, answers)
+    };
+    let (status, web) = ask(&acme, "fdaa:0:18:0:3::1", "web.internal");
+    assert!(status.contains("NOERROR"), "{status}");
+    assert_eq!(web, ["fdaa:0:18:0:2:0:1:0", "fdaa:0:18:0:3:0:1:0"]);
+    let (status, _) = ask(&acme, "fdaa:0:18:0:3::1", "db.internal");
+    assert!(
+        status.contains("NXDOMAIN"),
+        "acme must not see db: {status}"
+    );
+    let (status, _) = ask(&other, "fdaa:0:19:0:2::1", "web.internal");
+    assert!(
+        status.contains("NXDOMAIN"),
+        "other must not see web: {status}"
+    );
+    let (status, _) = ask(&other, "fdaa:0:19:0:2::1", "web.default.svc.cluster.local");
+    assert!(
+        status.contains("NXDOMAIN"),
+        "other must not see acme's services: {status}"
+    );
+    let (status, _) = ask(&other, "fdaa:0:19:0:2::1", "db.internal");
+    assert!(status.contains("NOERROR"), "{status}");
+}
