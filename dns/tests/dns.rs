@@ -924,34 +924,27 @@ async fn hickory_resolver_resolves_like_a_pod() {
         ips(r.lookup_ip("top1.nearest.of.web.internal.").await.unwrap()),
         ["fdaa:0:18:0:2:0:1:0"]
     );
-    // TXT, SRV, CNAME-to-outside, PTR.
-    let txt: Vec<String> = r
-        .txt_lookup("_apps.internal.")
-        .await
-        .unwrap()
-        .answers()
-        .iter()
-        .map(|rec| rec.data.to_string())
-        .collect();
-    assert_eq!(txt, ["web"]);
-    let srv: Vec<String> = r
-        .srv_lookup("_http._tcp.web.default.svc.cluster.local.")
-        .await
-        .unwrap()
-        .answers()
-        .iter()
-        .map(|rec| rec.data.to_string())
-        .collect();
-    assert_eq!(srv, ["0 100 80 web.default.svc.cluster.local."]);
-    let ptr: Vec<String> = r
-        .reverse_lookup("fdaa:0:18:0:1::10".parse::<IpAddr>().unwrap())
-        .await
-        .unwrap()
-        .answers()
-        .iter()
-        .map(|rec| rec.data.to_string())
-        .collect();
-    assert_eq!(ptr, ["web.default.svc.cluster.local."]);
+    // TXT, SRV, PTR: the answers' data as text.
+    let data = |l: hickory_resolver::lookup::Lookup| -> Vec<String> {
+        l.answers().iter().map(|rec| rec.data.to_string()).collect()
+    };
+    assert_eq!(
+        data(r.txt_lookup("_apps.internal.").await.unwrap()),
+        ["web"]
+    );
+    assert_eq!(
+        data(
+            r.srv_lookup("_http._tcp.web.default.svc.cluster.local.")
+                .await
+                .unwrap()
+        ),
+        ["0 100 80 web.default.svc.cluster.local."]
+    );
+    let cluster_ip: IpAddr = "fdaa:0:18:0:1::10".parse().unwrap();
+    assert_eq!(
+        data(r.reverse_lookup(cluster_ip).await.unwrap()),
+        ["web.default.svc.cluster.local."]
+    );
     // A name nobody has.
     assert!(r.lookup_ip("nope.internal.").await.is_err());
 }
