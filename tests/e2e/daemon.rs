@@ -205,47 +205,27 @@ fn check_config_names_fields_and_sets_the_exit_code() {
             .contains("apps[0].services[0].concurrency.hard_limit: 5 is below soft_limit 20")
     );
 
-    std::fs::write(
-        dir.path().join("skein.toml"),
-        "[admin]\nlisten = \"0.0.0.0:9901\"\n[log]\nlevel = \"info\"\ncolour = 1\n",
-    )
-    .unwrap();
-    let bad = skein()
-        .arg("check-config")
-        .arg(dir.path().join("skein.toml"))
-        .output()
-        .unwrap();
-    assert_eq!(bad.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&bad.stderr).contains("log.colour"),
-        "{}",
-        String::from_utf8_lossy(&bad.stderr)
-    );
-    std::fs::write(
-        dir.path().join("skein.toml"),
-        "[admin]\nlisten = \"0.0.0.0:9901\"\n",
-    )
-    .unwrap();
-    let bad = skein()
-        .arg("check-config")
-        .arg(dir.path().join("skein.toml"))
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&bad.stderr).contains("admin.listen: 0.0.0.0:9901 is not loopback")
-    );
-    std::fs::write(
-        dir.path().join("skein.toml"),
-        "[kubernetes]\nenabled = true\napi = \"10.0.0.1\"\n",
-    )
-    .unwrap();
-    let bad = skein()
-        .arg("check-config")
-        .arg(dir.path().join("skein.toml"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&bad.stderr);
-    assert_eq!(bad.status.code(), Some(1), "{err}");
+    // `skein check-config` of a daemon config: (exit code, stderr).
+    let check = |text: &str| {
+        std::fs::write(dir.path().join("skein.toml"), text).unwrap();
+        let out = skein()
+            .arg("check-config")
+            .arg(dir.path().join("skein.toml"))
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) =
+        check("[admin]\nlisten = \"0.0.0.0:9901\"\n[log]\nlevel = \"info\"\ncolour = 1\n");
+    assert_eq!(code, Some(1));
+    assert!(err.contains("log.colour"), "{err}");
+    let (_, err) = check("[admin]\nlisten = \"0.0.0.0:9901\"\n");
+    assert!(err.contains("admin.listen: 0.0.0.0:9901 is not loopback"));
+    let (code, err) = check("[kubernetes]\nenabled = true\napi = \"10.0.0.1\"\n");
+    assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("kubernetes.network"), "{err}");
     assert!(
         err.contains("kubernetes.api: \"10.0.0.1\" is not a URL"),

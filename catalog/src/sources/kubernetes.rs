@@ -648,7 +648,7 @@ const POD_MACHINE: &str = "service.skein.dev/machine";
 struct MachineIndex<'a> {
     by_pod: HashMap<(&'a str, &'a str), &'a str>,
     by_addr: HashMap<Ipv6Addr, &'a str>,
-    pods: &'a BTreeMap<(String, String), Pod>,
+    pods: HashMap<(&'a str, &'a str), &'a Pod>,
     cat: &'a Catalog,
 }
 
@@ -667,31 +667,31 @@ impl<'a> MachineIndex<'a> {
         MachineIndex {
             by_pod,
             by_addr,
-            pods,
+            pods: pods
+                .iter()
+                .map(|((ns, name), p)| ((ns.as_str(), name.as_str()), p))
+                .collect(),
             cat,
         }
     }
 
     /// The machine an endpoint in namespace `ns` stands for.
     fn find(&self, ns: &str, ep: &k8s_openapi::api::discovery::v1::Endpoint) -> Option<&'a str> {
-        if let Some(r) = &ep.target_ref
-            && r.kind.as_deref().is_none_or(|k| k == "Pod")
-            && let Some(pod) = &r.name
-            && let Some(m) = self
-                .by_pod
-                .get(&(r.namespace.as_deref().unwrap_or(ns), pod.as_str()))
+        // The pod it targets, as (namespace, name).
+        let pod = ep
+            .target_ref
+            .as_ref()
+            .filter(|r| r.kind.as_deref().is_none_or(|k| k == "Pod"))
+            .and_then(|r| Some((r.namespace.as_deref().unwrap_or(ns), r.name.as_deref()?)));
+        if let Some(pod) = pod
+            && let Some(m) = self.by_pod.get(&pod)
         {
             return Some(m);
         }
         // The Pod itself: the machine it names, else its IPv6 addresses (an
         // IPv4 slice's endpoint finds its machine through them).
-        if let Some(r) = &ep.target_ref
-            && r.kind.as_deref().is_none_or(|k| k == "Pod")
-            && let Some(pod) = &r.name
-            && let Some(p) = self.pods.get(&(
-                r.namespace.clone().unwrap_or_else(|| ns.to_string()),
-                pod.clone(),
-            ))
+        if let Some(pod) = pod
+            && let Some(p) = self.pods.get(&pod)
         {
             if let Some(id) = p.annotations().get(POD_MACHINE)
                 && let Some((id, _)) = self.cat.machines.get_key_value(id)
