@@ -309,8 +309,26 @@ pub(crate) fn certificate(c: &mut Certificate, at: &str, p: &mut Problems, now: 
     let Some(leaf) = chain.first() else {
         return p.add(format!("{at}.chain_pem"), "holds no certificate");
     };
-    if let Err(e) = PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes()) {
-        p.add(format!("{at}.key_pem"), format!("no private key: {e}"));
+    match PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes()) {
+        Err(e) => p.add(format!("{at}.key_pem"), format!("no private key: {e}")),
+        Ok(key) => {
+            // The key must be the leaf's: a mismatched pair would fail every
+            // handshake that picked it.
+            use std::sync::OnceLock;
+            static PROVIDER: OnceLock<rustls::crypto::CryptoProvider> = OnceLock::new();
+            let provider = PROVIDER.get_or_init(rustls::crypto::aws_lc_rs::default_provider);
+            match rustls::sign::CertifiedKey::from_der(chain.clone(), key, provider) {
+                Ok(_) => {}
+                Err(rustls::Error::InconsistentKeys(_)) => p.add(
+                    format!("{at}.key_pem"),
+                    "the private key does not match the leaf certificate",
+                ),
+                Err(e) => p.add(
+                    format!("{at}.key_pem"),
+                    format!("unusable private key: {e}"),
+                ),
+            }
+        }
     }
     let cert = match x509_parser::parse_x509_certificate(leaf.as_ref()) {
         Ok((_, cert)) => cert,

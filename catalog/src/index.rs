@@ -407,11 +407,13 @@ pub fn build_at(
         }
     }
 
-    // Certificates: one per hostname.
-    let mut cert_names: HashMap<&str, &Entry<Certificate>> = HashMap::new();
+    // Certificates: one per hostname, except that an imported certificate
+    // may cover a name skein issued one for (the imported one is served; the
+    // ACME client then retires the issued one).
+    let mut cert_names: HashMap<(&str, CertSource), &Entry<Certificate>> = HashMap::new();
     for e in certificates.values() {
         for (i, h) in e.rec.hostnames.iter().enumerate() {
-            if let Some(first) = cert_names.insert(h, e) {
+            if let Some(first) = cert_names.insert((h, e.rec.source), e) {
                 p.add(
                     format!("{}.hostnames[{i}]", e.path()),
                     format!("{h:?} is already served by {}", first.path()),

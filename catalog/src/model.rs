@@ -419,7 +419,7 @@ impl Machine {
 }
 
 /// Where a certificate came from.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CertSource {
     /// Imported by an operator; takes precedence.

@@ -209,6 +209,25 @@ async fn route(proxy: &Arc<Proxy>, conn: &ConnInfo, req: Request<Incoming>) -> R
     let Some(host) = host_of(&req, conn) else {
         return local(StatusCode::BAD_REQUEST, "no_host", None);
     };
+    // HTTP-01 validation: answered here for a challenge in flight; any other
+    // token is the app's own business (it may run its own ACME client).
+    if !conn.tls
+        && let Some(token) = req.uri().path().strip_prefix(crate::acme::HTTP01_PREFIX)
+        && let Some(answer) = proxy.challenges.http_answer(&host, token)
+    {
+        metrics::counter!("skein_proxy_acme_challenges_total", "type" => "http-01", "result" => "answered")
+            .increment(1);
+        let mut r = Response::new(
+            Full::new(Bytes::from(answer))
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        return r;
+    }
     let table = proxy.routes.load_full();
     let fallback = || {
         proxy

@@ -13,6 +13,7 @@
 //! The hot path loads one `Arc` (the route table, the certificate table) and
 //! never takes a lock that a catalog update holds.
 
+pub mod acme;
 pub mod balance;
 pub mod config;
 pub mod health;
@@ -79,8 +80,11 @@ pub struct Proxy {
     pub cfg: ProxyConfig,
     /// Request counters.
     pub metrics: http::RequestMetrics,
+    /// ACME challenge answers served on the listeners.
+    pub challenges: Arc<acme::Challenges>,
     http_tls: Arc<ServerConfig>,
     raw_tls: Arc<ServerConfig>,
+    acme_tls: Arc<ServerConfig>,
 }
 
 /// A bound listener, ready to serve.
@@ -101,6 +105,8 @@ impl Proxy {
         let resumption = tls::resumption()?;
         let http_tls = certs.server_config(&[b"h2", b"http/1.1"], &resumption)?;
         let raw_tls = certs.server_config(&[], &resumption)?;
+        let challenges = Arc::new(acme::Challenges::default());
+        let acme_tls = acme_server_config(&challenges)?;
         Ok(Arc::new(Proxy {
             routes,
             last: std::sync::Mutex::new(None),
@@ -121,8 +127,10 @@ impl Proxy {
             region: region.into(),
             cfg,
             metrics: http::RequestMetrics::new(),
+            challenges,
             http_tls,
             raw_tls,
+            acme_tls,
         }))
     }
 
@@ -275,6 +283,19 @@ impl Proxy {
             }
         });
     }
+}
+
+/// The server config of TLS-ALPN-01 validation handshakes.
+fn acme_server_config(
+    challenges: &Arc<acme::Challenges>,
+) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(acme::AcmeTlsResolver(challenges.clone())));
+    cfg.alpn_protocols = vec![acme::ACME_TLS_ALPN.to_vec()];
+    Ok(Arc::new(cfg))
 }
 
 /// A listening socket with SO_REUSEPORT (and SO_REUSEADDR), non-blocking.

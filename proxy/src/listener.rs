@@ -76,8 +76,8 @@ pub async fn accept_loop(
 const MAX_HELLO: usize = 64 << 10;
 
 /// Reads TLS records until rustls has a whole ClientHello; returns the bytes
-/// read (to be replayed) and the SNI name.
-async fn read_client_hello(stream: &mut TcpStream) -> io::Result<(Bytes, Option<String>)> {
+/// read (to be replayed), the SNI name, and whether it offers `acme-tls/1`.
+async fn read_client_hello(stream: &mut TcpStream) -> io::Result<(Bytes, Option<String>, bool)> {
     let mut acceptor = rustls::server::Acceptor::default();
     let mut buf = BytesMut::with_capacity(2048);
     loop {
@@ -91,8 +91,10 @@ async fn read_client_hello(stream: &mut TcpStream) -> io::Result<(Bytes, Option<
         }
         match acceptor.accept() {
             Ok(Some(accepted)) => {
-                let sni = accepted.client_hello().server_name().map(normalize_host);
-                return Ok((buf.freeze(), sni));
+                let hello = accepted.client_hello();
+                let sni = hello.server_name().map(normalize_host);
+                let acme = crate::acme::offers_acme_tls(&hello);
+                return Ok((buf.freeze(), sni, acme));
             }
             Ok(None) if buf.len() < MAX_HELLO => continue,
             Ok(None) => {
@@ -148,7 +150,7 @@ async fn connection(
         )
         .await;
     }
-    let (hello, sni) =
+    let (hello, sni, acme) =
         match tokio::time::timeout(header_timeout, read_client_hello(&mut stream)).await {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => {
@@ -162,6 +164,9 @@ async fn connection(
                 return;
             }
         };
+    if acme {
+        return acme_validation(&proxy, Prefixed::new(hello, stream), header_timeout).await;
+    }
     let name = sni.clone().or_else(|| proxy.cfg.default_hostname.clone());
     let routed = name
         .as_deref()
@@ -212,6 +217,26 @@ async fn connection(
             tcp::pipe(proxy, tls, table, app, route, info(true, sni)).await
         }
         _ => serve_http(proxy, TokioIo::new(tls), Arc::new(info(true, sni)), watcher).await,
+    }
+}
+
+/// A CA validating TLS-ALPN-01: the handshake is the whole answer (RFC 8737
+/// section 3); no application data follows, so the connection is closed.
+async fn acme_validation<S>(proxy: &Proxy, stream: S, timeout: Duration)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let config = proxy.acme_tls.clone();
+    let handshake = async {
+        let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream).await?;
+        start.into_stream(config).await
+    };
+    match tokio::time::timeout(timeout, handshake).await {
+        Ok(Ok(mut tls)) => {
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
+        }
+        Ok(Err(e)) => tracing::debug!(error = %e, "acme-tls/1 handshake failed"),
+        Err(_) => tracing::debug!("acme-tls/1 handshake timed out"),
     }
 }
 

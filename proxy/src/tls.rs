@@ -18,7 +18,7 @@ use rustls::server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
 use rustls::sign::CertifiedKey;
 use rustls::{ServerConfig, version};
 use skein_catalog::Snapshot;
-use skein_catalog::model::Certificate;
+use skein_catalog::model::{CertSource, Certificate};
 
 use crate::table::{RouteTable, normalize_host};
 
@@ -82,7 +82,16 @@ impl Certs {
     pub fn update(&self, snap: &Snapshot) {
         let old = self.table.load();
         let mut t = CertTable::default();
-        for (name, rec) in &snap.catalog.certificates {
+        // Issued first, imported after: where both cover a name, the imported
+        // one is served (the catalog allows exactly that overlap).
+        let by_source = |source| {
+            snap.catalog
+                .certificates
+                .iter()
+                .filter(move |(_, c)| c.source == source)
+        };
+        let ordered = by_source(CertSource::Issued).chain(by_source(CertSource::Imported));
+        for (name, rec) in ordered {
             let key = match old.parsed.get(name) {
                 Some((src, key)) if Arc::ptr_eq(src, rec) => key.clone(),
                 _ => match certified_key(rec, &self.provider) {
