@@ -46,6 +46,67 @@ pub struct Api {
     pub token: Arc<str>,
 }
 
+impl Api {
+    /// Creates or replaces a record of the API's layer: validated with the
+    /// whole catalog, stored, published. Blocking (SQLite): call it from a
+    /// blocking thread. A record another source owns is refused.
+    pub fn put_record<T: Record>(&self, rec: T) -> Result<crate::store::Written, ApiError> {
+        let key = rec.key();
+        owned_elsewhere::<T>(self, &key)?;
+        let persist = self.persist.clone();
+        let k = key.clone();
+        self.store
+            .write(
+                Source::Api,
+                |doc| {
+                    let list = T::list_mut(doc);
+                    match list.iter_mut().find(|r| r.key() == key) {
+                        Some(slot) => *slot = rec,
+                        None => list.push(rec),
+                    }
+                    Ok(())
+                },
+                |cat, _| {
+                    // Store the record as resolved (a machine with its address),
+                    // so a restart brings back exactly what was answered.
+                    match (persist, T::map(cat).get(&k)) {
+                        (Some(p), Some(r)) => p.put(&**r).map_err(ApiError::from),
+                        _ => Ok(()),
+                    }
+                },
+            )
+            .map_err(write_error)
+    }
+
+    /// Deletes a record of the API's layer (404 when it has none).
+    pub fn delete_record<T: Record>(
+        &self,
+        key: &T::Key,
+    ) -> Result<crate::store::Written, ApiError> {
+        owned_elsewhere::<T>(self, key)?;
+        let persist = self.persist.clone();
+        self.store
+            .write(
+                Source::Api,
+                |doc| {
+                    let list = T::list_mut(doc);
+                    let before = list.len();
+                    list.retain(|r| r.key() != *key);
+                    if list.len() == before {
+                        Err(not_found::<T>(key))
+                    } else {
+                        Ok(())
+                    }
+                },
+                |_, _| match &persist {
+                    Some(p) => p.delete::<T>(key).map(|_| ()).map_err(ApiError::from),
+                    None => Ok(()),
+                },
+            )
+            .map_err(write_error)
+    }
+}
+
 /// An error answer.
 #[derive(Debug)]
 pub struct ApiError {
@@ -81,6 +142,14 @@ impl From<PersistError> for ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string())
     }
 }
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}): {}", self.status, self.code, self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -256,33 +325,9 @@ async fn put(
                 ),
             )));
         }
-        owned_elsewhere::<T>(&api, &key)?;
         blocking(move || {
-            let persist = api.persist.clone();
-            let k = key.clone();
-            let w = api
-                .store
-                .write(
-                    Source::Api,
-                    |doc| {
-                        let list = T::list_mut(doc);
-                        match list.iter_mut().find(|r| r.key() == key) {
-                            Some(slot) => *slot = rec,
-                            None => list.push(rec),
-                        }
-                        Ok(())
-                    },
-                    |cat, _| {
-                        // Store the record as resolved (a machine with its address),
-                        // so a restart brings back exactly what was answered.
-                        match (persist, T::map(cat).get(&k)) {
-                            (Some(p), Some(r)) => p.put(&**r).map_err(ApiError::from),
-                            _ => Ok(()),
-                        }
-                    },
-                )
-                .map_err(write_error)?;
-            let stored = T::map(&w.snapshot.catalog).get(&k).map(|r| (**r).clone());
+            let w = api.put_record(rec)?;
+            let stored = T::map(&w.snapshot.catalog).get(&key).map(|r| (**r).clone());
             Ok(Json(
                 json!({"version": w.snapshot.version, "changed": w.changed, "record": stored}),
             ))
@@ -298,29 +343,8 @@ async fn delete(
 ) -> Result<Json<Value>, ApiError> {
     async fn go<T: Record>(api: Api, key: String) -> Result<Json<Value>, ApiError> {
         let key = key_of::<T>(&key)?;
-        owned_elsewhere::<T>(&api, &key)?;
         blocking(move || {
-            let persist = api.persist.clone();
-            let w = api
-                .store
-                .write(
-                    Source::Api,
-                    |doc| {
-                        let list = T::list_mut(doc);
-                        let before = list.len();
-                        list.retain(|r| r.key() != key);
-                        if list.len() == before {
-                            Err(not_found::<T>(&key))
-                        } else {
-                            Ok(())
-                        }
-                    },
-                    |_, _| match &persist {
-                        Some(p) => p.delete::<T>(&key).map(|_| ()).map_err(ApiError::from),
-                        None => Ok(()),
-                    },
-                )
-                .map_err(write_error)?;
+            let w = api.delete_record::<T>(&key)?;
             Ok(Json(json!({"version": w.snapshot.version})))
         })
         .await
