@@ -39,6 +39,7 @@ pub fn router(
     body_limit: usize,
     ready: Arc<Readiness>,
     prom: PrometheusHandle,
+    acme: Arc<skein_acme::AcmeStatus>,
 ) -> Router {
     let health = Health {
         ready,
@@ -50,7 +51,17 @@ pub fn router(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(health);
-    open.merge(api::router(api, body_limit))
+    // What the ACME client is doing, behind the same token as the catalog.
+    let acme = Router::new()
+        .route(
+            "/v1/acme",
+            get(move || {
+                let acme = acme.clone();
+                async move { axum::Json(acme.report()) }
+            }),
+        )
+        .layer(axum::middleware::from_fn_with_state(api.clone(), api::auth));
+    open.merge(acme).merge(api::router(api, body_limit))
 }
 
 async fn metrics(State(h): State<Health>) -> impl IntoResponse {

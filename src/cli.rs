@@ -99,7 +99,8 @@ pub struct CatalogArgs {
 enum CatalogOp {
     /// The whole catalog, every record of a kind, or one record.
     Get {
-        /// regions, hosts, networks, apps, machines, certificates, k8s_services
+        /// regions, hosts, networks, apps, machines, certificates, k8s_services;
+        /// or `acme`: what the ACME client is doing for each hostname.
         kind: Option<String>,
         /// The record's key (namespace/name for k8s_services).
         key: Option<String>,
@@ -153,8 +154,17 @@ pub async fn catalog(args: CatalogArgs) -> anyhow::Result<ExitCode> {
     let endpoint: Endpoint = args.admin.parse().map_err(anyhow::Error::msg)?;
     let client = Client::new(endpoint, token);
     let kind = |k: &str| Kind::parse(k).ok_or_else(|| anyhow::anyhow!("unknown kind {k:?}"));
+    // `acme [hostname]`: the ACME client's status (one name's when given).
+    let mut pick: Option<String> = None;
     let (method, path, body) = match args.op {
         CatalogOp::Get { kind: None, .. } => (Method::GET, "/v1/catalog".to_string(), None),
+        CatalogOp::Get {
+            kind: Some(k),
+            key,
+        } if k == "acme" => {
+            pick = key;
+            (Method::GET, "/v1/acme".to_string(), None)
+        }
         CatalogOp::Get {
             kind: Some(k),
             key: None,
@@ -192,6 +202,16 @@ pub async fn catalog(args: CatalogArgs) -> anyhow::Result<ExitCode> {
     };
     let (status, v) = client.call(method, &path, body).await?;
     if status.is_success() {
+        let v = match pick {
+            None => v,
+            Some(name) => match v["names"].get(&name) {
+                Some(one) => one.clone(),
+                None => {
+                    eprintln!("acme: no status for {name:?} (not a hostname that needs a certificate)");
+                    return Ok(ExitCode::FAILURE);
+                }
+            },
+        };
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }

@@ -33,6 +33,9 @@ pub struct Config {
     /// Kubernetes: a cluster's Services as the catalog's `k8s_services`.
     #[serde(default)]
     pub kubernetes: skein_catalog::sources::kubernetes::KubeConfig,
+    /// ACME: certificates for the catalog's hostnames.
+    #[serde(default)]
+    pub acme: skein_acme::AcmeConfig,
     /// The admin listener.
     #[serde(default)]
     pub admin: AdminConfig,
@@ -323,6 +326,17 @@ impl Config {
         }
         for (path, msg) in self.kubernetes.problems() {
             bad(&path, msg);
+        }
+        if self.acme.enabled {
+            for (path, msg) in self.acme.problems() {
+                bad(&format!("acme.{path}"), msg);
+            }
+            if !self.proxy.enabled {
+                bad(
+                    "acme.enabled",
+                    "the proxy answers the CA's challenges: enable the proxy too".into(),
+                );
+            }
         }
         if self.admin.max_connections == 0 {
             bad("admin.max_connections", "must be at least 1".into());

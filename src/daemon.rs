@@ -152,10 +152,12 @@ pub async fn start(cfg: Config, builtin: Option<Document>) -> anyhow::Result<Run
         tasks.spawn(source.run(stop.subscribe()));
     }
 
+    let mut challenges = None;
     if cfg.proxy.enabled {
         let proxy = skein_proxy::Proxy::new(cfg.proxy.clone(), cfg.host.region.clone())?;
         let bound = proxy.bind()?;
         proxy.apply(&store.snapshot());
+        challenges = Some(proxy.challenges.clone());
         listening.extend(bound.iter().map(|b| b.local));
         tasks.spawn(proxy.clone().follow(store.subscribe(), stop.subscribe()));
         tasks.spawn(skein_proxy::health::run(proxy.clone(), stop.subscribe()));
@@ -184,6 +186,36 @@ pub async fn start(cfg: Config, builtin: Option<Document>) -> anyhow::Result<Run
         ));
     }
 
+    let api = Api {
+        store: store.clone(),
+        persist: Some(persist),
+        token: Arc::from(token.as_str()),
+    };
+    let acme_status = Arc::new(skein_acme::AcmeStatus::default());
+    if cfg.acme.enabled
+        && let Some(challenges) = challenges
+    {
+        // With etcd, issued certificates go there, so every edge serves them
+        // and one host orders each name; alone, into this host's catalog.
+        let sink = match (&cfg.host.name, cfg.etcd.enabled()) {
+            (Some(host), true) => skein_acme::Sink::Etcd {
+                client: cfg.etcd.client(),
+                layout: cfg.etcd.layout(),
+                host: host.clone(),
+            },
+            _ => skein_acme::Sink::Api(api.clone()),
+        };
+        let manager = skein_acme::Manager::new(
+            cfg.acme.clone(),
+            store.clone(),
+            challenges,
+            sink,
+            cfg.state.dir.clone(),
+            acme_status.clone(),
+        );
+        tasks.spawn(manager.run(stop.subscribe()));
+    }
+
     let endpoint: Endpoint = cfg
         .admin
         .listen
@@ -193,12 +225,13 @@ pub async fn start(cfg: Config, builtin: Option<Document>) -> anyhow::Result<Run
         .await
         .with_context(|| format!("binding the admin listener on {endpoint}"))?;
     let admin_at = listener.local();
-    let api = Api {
-        store: store.clone(),
-        persist: Some(persist),
-        token: Arc::from(token.as_str()),
-    };
-    let router = admin::router(api, cfg.admin.max_body_bytes, ready.clone(), prom);
+    let router = admin::router(
+        api,
+        cfg.admin.max_body_bytes,
+        ready.clone(),
+        prom,
+        acme_status,
+    );
     let limits = Limits {
         max_connections: cfg.admin.max_connections,
         max_header_bytes: cfg.admin.max_header_bytes,

@@ -166,6 +166,15 @@ impl Failure {
     }
 }
 
+/// Names the step an ACME call failed in.
+fn at(stage: &'static str) -> impl Fn(instant_acme::Error) -> Failure {
+    move |e| {
+        let mut f = Failure::from(e);
+        f.message = format!("{stage}: {}", f.message);
+        f
+    }
+}
+
 impl From<instant_acme::Error> for Failure {
     fn from(e: instant_acme::Error) -> Self {
         let mut f = Failure::new(e.to_string());
@@ -531,7 +540,11 @@ impl Job {
     async fn order_claimed(&self) -> Result<Certificate, Failure> {
         let host = self.due.hostname.as_str();
         let ids = [Identifier::Dns(host.to_string())];
-        let mut order = self.account.new_order(&NewOrder::new(&ids)).await?;
+        let mut order = self
+            .account
+            .new_order(&NewOrder::new(&ids))
+            .await
+            .map_err(at("new order"))?;
         let mut presented = Presented {
             challenges: &self.challenges,
             hostname: host,
@@ -546,7 +559,7 @@ impl Job {
         {
             let mut authzs = order.authorizations();
             while let Some(a) = authzs.next().await {
-                let mut a = a?;
+                let mut a = a.map_err(at("authorization"))?;
                 match a.status {
                     AuthorizationStatus::Valid => continue,
                     AuthorizationStatus::Pending => {}
@@ -570,14 +583,14 @@ impl Job {
                         presented.tls = true;
                     }
                 }
-                ch.set_ready().await?;
+                ch.set_ready().await.map_err(at("challenge ready"))?;
             }
         }
         let poll = RetryPolicy::new()
             .initial_delay(Duration::from_millis(250))
             .backoff(1.5)
             .timeout(self.timeout);
-        let status = order.poll_ready(&poll).await?;
+        let status = order.poll_ready(&poll).await.map_err(at("validation"))?;
         if status != OrderStatus::Ready {
             return Err(Failure::new(self.why_invalid(&mut order).await));
         }
@@ -589,8 +602,14 @@ impl Job {
         let csr = params
             .serialize_request(&key)
             .map_err(|e| Failure::new(e.to_string()))?;
-        order.finalize_csr(csr.der()).await?;
-        let chain_pem = order.poll_certificate(&poll).await?;
+        order
+            .finalize_csr(csr.der())
+            .await
+            .map_err(at("finalize"))?;
+        let chain_pem = order
+            .poll_certificate(&poll)
+            .await
+            .map_err(at("certificate"))?;
         Ok(Certificate {
             name: cert_name(host),
             hostnames: vec![host.to_string()],

@@ -90,12 +90,14 @@ impl Challenges {
         )];
         let cert = params.self_signed(&kp).map_err(|e| e.to_string())?;
         let key = PrivateKeyDer::try_from(kp.serialize_der()).map_err(|e| e.to_string())?;
-        let ck = CertifiedKey::from_der(
-            vec![CertificateDer::from(cert.der().to_vec())],
-            key,
-            provider,
-        )
-        .map_err(|e| e.to_string())?;
+        // Not `CertifiedKey::from_der`: its consistency check parses the
+        // leaf with webpki, which refuses the critical acmeIdentifier
+        // extension that this certificate exists to carry.
+        let signer = provider
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| e.to_string())?;
+        let ck = CertifiedKey::new(vec![CertificateDer::from(cert.der().to_vec())], signer);
         write(&self.tls).insert(name, Arc::new(ck));
         Ok(())
     }

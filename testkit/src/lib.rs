@@ -7,6 +7,8 @@
 
 pub mod etcd;
 pub mod kube;
+pub mod nsd;
+pub mod pebble;
 
 use std::{
     fs::File,
@@ -27,6 +29,47 @@ pub fn require_root(test: &str) -> bool {
     }
     println!("skipped: needs root: {test}");
     false
+}
+
+/// Call first in a test that needs a peer program from Debian: false (and
+/// says so) when `bin` is missing. With `SKEIN_REQUIRE_PEERS` set (as `cargo
+/// xtask test` does, after installing them) a missing peer fails the test.
+pub fn require_binary(test: &str, bin: &str, version_args: &[&str], package: &str) -> bool {
+    let found = Command::new(bin)
+        .args(version_args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if found {
+        return true;
+    }
+    if std::env::var_os("SKEIN_REQUIRE_PEERS").is_some() {
+        panic!("{test}: {bin} is not installed (apt-get install {package})");
+    }
+    println!("skipped: needs {bin}: {test}");
+    false
+}
+
+/// A free TCP port on loopback.
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port: {e}"))
+}
+
+/// A new empty directory under the system's temporary directory, named for
+/// this process (the caller removes it).
+pub fn temp_dir(what: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "skein-{what}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    dir
 }
 
 /// Runs a command, panicking with its output if it fails.

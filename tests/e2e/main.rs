@@ -3,6 +3,7 @@
 //! namespaces say `skipped: needs root` when they cannot run.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod acme;
 mod daemon;
 mod demo;
 mod etcd;

@@ -25,6 +25,7 @@ use anyhow::{Context as _, bail};
 /// - llvm-22-dev: bpf-linker links libLLVM 22 (the eBPF programs).
 /// - iproute2, iputils-ping, tcpdump: the network-namespace tests build topologies,
 ///   ping across them and capture the underlay.
+/// - nsd, pebble: the ACME tests' DNS server and certificate authority.
 /// - wireguard-tools, wireguard-go: `wg show` against skein's device, and the
 ///   interoperability test's peer.
 const APT_PACKAGES: &[&str] = &[
@@ -35,6 +36,8 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
     "llvm-22-dev",
+    "nsd",
+    "pebble",
     "tcpdump",
     "wireguard-go",
     "wireguard-tools",
@@ -198,6 +201,7 @@ fn test() -> anyhow::Result<()> {
         // build_ebpf ran: a root test that cannot load the programs is a failure
         .env("SKEIN_REQUIRE_EBPF", "1")
         .env("SKEIN_REQUIRE_ETCD", "1")
+        .env("SKEIN_REQUIRE_PEERS", "1")
         .stdout(std::process::Stdio::piped());
     eprintln!("xtask: {cmd:?}");
     let mut child = cmd.spawn().context("running cargo test")?;

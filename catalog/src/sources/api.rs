@@ -174,7 +174,9 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn auth(State(api): State<Api>, req: Request, next: Next) -> Response {
+/// The bearer-token check of every `/v1` route (a middleware), for routes
+/// the daemon adds beside the catalog's.
+pub async fn auth(State(api): State<Api>, req: Request, next: Next) -> Response {
     let given = req
         .headers()
         .get(header::AUTHORIZATION)

@@ -1,0 +1,331 @@
+//! Certificates from a real ACME CA: Debian's `pebble` on loopback resolves
+//! the test's names with a real NSD and validates its challenges against
+//! skein's proxy listeners. What a user sees: a hostname added to an app gets
+//! a certificate the proxy serves without a restart (checked by `curl`
+//! against pebble's root), renewal, retries with backoff, the ownership check,
+//! an imported certificate winning over an issued one, and 200 names at once.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use skein_testkit::nsd::{Nsd, require_nsd};
+use skein_testkit::pebble::{Pebble, require_pebble};
+
+use crate::support::*;
+
+fn zone(records: &str) -> String {
+    format!(
+        "$ORIGIN test.\n$TTL 1\n@ IN SOA ns.test. admin.test. 1 60 60 600 1\n@ IN NS ns.test.\nns IN A 127.0.0.1\n{records}\n"
+    )
+}
+
+/// A backend answering every request with "web ok".
+fn backend() -> u16 {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nweb ok",
+                );
+            });
+        }
+    });
+    port
+}
+
+struct Setup {
+    d: Daemon,
+    pebble: Pebble,
+    tls: u16,
+    _dir: tempfile::TempDir,
+}
+
+/// NSD, pebble and a daemon whose app `web` has `hostnames`. The proxy
+/// listens for service ports 443 and 80 on 127.0.0.1 and 127.0.0.2.
+fn setup(nsd: &Nsd, hostnames: &[String], acme: &str) -> Setup {
+    let (tls, http) = (free_port(), free_port());
+    let pebble = Pebble::start(nsd.addr, http, tls);
+    let dir = tempfile::tempdir().unwrap();
+    let names: Vec<String> = hostnames.iter().map(|h| format!("{h:?}")).collect();
+    std::fs::write(
+        dir.path().join("catalog.toml"),
+        format!(
+            r#"
+regions = [{{ code = "ams" }}]
+hosts = [{{ id = "0:2", name = "h2", region = "ams", underlay = "10.0.0.2" }}]
+networks = [{{ id = "0:18", name = "n" }}]
+[[apps]]
+name = "web"
+network = "n"
+hostnames = [{names}]
+[[apps.services]]
+internal_port = 8080
+ports = [{{ port = 443, handlers = ["tls", "http"] }}, {{ port = 80, handlers = ["http"] }}]
+[[machines]]
+id = "m1"
+app = "web"
+region = "ams"
+host = "0:2"
+state = "started"
+endpoint = "127.0.0.1:{backend}"
+"#,
+            names = names.join(", "),
+            backend = backend(),
+        ),
+    )
+    .unwrap();
+    let admin = free_port();
+    std::fs::write(
+        dir.path().join("skein.toml"),
+        format!(
+            r#"
+[admin]
+listen = "127.0.0.1:{admin}"
+[state]
+dir = "{state}"
+[catalog]
+file = "catalog.toml"
+[shutdown]
+drain_timeout = "1s"
+[host]
+region = "ams"
+[proxy]
+enabled = true
+threads = 1
+listeners = [
+  {{ bind = "127.0.0.1:{tls}", port = 443 }},
+  {{ bind = "127.0.0.2:{tls}", port = 443 }},
+  {{ bind = "127.0.0.1:{http}", port = 80 }},
+  {{ bind = "127.0.0.2:{http}", port = 80 }},
+]
+[acme]
+enabled = true
+directory = "{directory}"
+ca_file = "{ca}"
+retry_min = "1s"
+retry_max = "3s"
+order_timeout = "30s"
+{acme}
+[acme.ownership]
+platform = ["127.0.0.1/32"]
+resolvers = ["{dns}"]
+"#,
+            state = dir.path().join("state").display(),
+            directory = pebble.directory,
+            ca = pebble.ca_file.display(),
+            dns = nsd.addr,
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(dir.path(), admin);
+    Setup {
+        d,
+        pebble,
+        tls,
+        _dir: dir,
+    }
+}
+
+impl Setup {
+    fn status(&self) -> Value {
+        let (st, v) = self.d.api("GET", "/v1/acme", None);
+        assert_eq!(st, 200, "{v}");
+        v
+    }
+
+    /// Waits until `hostname`'s status satisfies `ok`.
+    fn wait_for(&self, hostname: &str, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+        let t = Instant::now();
+        loop {
+            let v = self.status();
+            let s = &v["names"][hostname];
+            if ok(s) {
+                return s.clone();
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "{hostname}: {what}: status {v:#}\ndaemon log:\n{}\npebble log:\n{}",
+                self.d.log(),
+                self.pebble.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Pebble's issuing root, as PEM in a file.
+    fn root(&self, dir: &Path) -> std::path::PathBuf {
+        let out = Command::new("curl")
+            .args(["-sf", "--cacert"])
+            .arg(&self.pebble.ca_file)
+            .arg(format!("https://{}/roots/0", self.pebble.management))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pebble root: {out:?}");
+        let p = dir.join("root.pem");
+        std::fs::write(&p, out.stdout).unwrap();
+        p
+    }
+
+    /// `GET /` over TLS to `hostname` through the proxy, verified by `ca`.
+    fn curl(&self, hostname: &str, ca: &Path) -> Result<String, String> {
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "5", "--cacert"])
+            .arg(ca)
+            .arg("--resolve")
+            .arg(format!("{hostname}:{}:127.0.0.1", self.tls))
+            .arg(format!("https://{hostname}:{}/", self.tls))
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "curl exit {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+}
+
+fn issued(s: &Value) -> bool {
+    s["state"] == "issued"
+}
+
+#[test]
+fn tls_alpn_issuance_ownership_retries_and_imported_precedence() {
+    if !require_nsd("acme tls-alpn-01") || !require_pebble("acme tls-alpn-01") {
+        return;
+    }
+    let mut nsd = Nsd::start(&[(
+        "test",
+        zone(
+            "a IN A 127.0.0.1\n\
+             elsewhere IN A 192.0.2.10\n\
+             txt IN A 127.0.0.2\n\
+             _skein-challenge.txt IN TXT \"skein-app=web\"\n\
+             wrongtxt IN A 127.0.0.2\n\
+             _skein-challenge.wrongtxt IN TXT \"skein-app=other\"\n\
+             late IN A 127.0.0.3\n\
+             _skein-challenge.late IN TXT \"skein-app=web\"\n",
+        ),
+    )]);
+    let names = ["a.test", "elsewhere.test", "txt.test", "wrongtxt.test", "late.test"]
+        .map(String::from)
+        .to_vec();
+    let s = setup(&nsd, &names, r#"challenges = ["tls-alpn-01"]"#);
+    let tmp = tempfile::tempdir().unwrap();
+
+    // a.test: points at the platform; issued through TLS-ALPN-01 and served
+    // by the running proxy with a chain to pebble's root.
+    let st = s.wait_for("a.test", "issued", issued);
+    assert_eq!(st["challenge"], "tls-alpn-01");
+    let root = s.root(tmp.path());
+    assert_eq!(s.curl("a.test", &root).unwrap(), "web ok");
+    let (code, cert) = s.d.api("GET", "/v1/certificates/acme-a.test", None);
+    assert_eq!(code, 200, "{cert}");
+    assert_eq!(cert["record"]["source"], "issued");
+    assert_eq!(cert["record"]["hostnames"], serde_json::json!(["a.test"]));
+
+    // txt.test points elsewhere but its TXT record names the app: issued.
+    s.wait_for("txt.test", "issued through the TXT record", issued);
+    assert_eq!(s.curl("txt.test", &root).unwrap(), "web ok");
+
+    // elsewhere.test and wrongtxt.test are not the platform's: refused,
+    // with the reason, and retried later (not ordered).
+    let st = s.wait_for("elsewhere.test", "refused", |s| s["state"] == "refused");
+    let why = st["last_error"].as_str().unwrap();
+    assert!(why.contains("192.0.2.10") && why.contains("_skein-challenge"), "{why}");
+    let st = s.wait_for("wrongtxt.test", "refused", |s| s["state"] == "refused");
+    assert!(st["last_error"].as_str().unwrap().contains("skein-app=web"));
+    assert_eq!(
+        s.d.api("GET", "/v1/certificates/acme-elsewhere.test", None).0,
+        404
+    );
+
+    // late.test (owned through its TXT record) points at an address the
+    // proxy does not listen on: the CA's challenge fails, and it is tried
+    // again with backoff...
+    let st = s.wait_for("late.test", "failed twice", |s| {
+        s["failures"].as_u64().unwrap_or(0) >= 2
+    });
+    assert!(
+        st["last_error"].as_str().unwrap().contains("tls-alpn-01"),
+        "{st}"
+    );
+    assert!(st["next_attempt"].is_string(), "{st}");
+    // ...until DNS is fixed; the next attempt succeeds.
+    nsd.replace(&[(
+        "test",
+        zone(
+            "a IN A 127.0.0.1\n\
+             elsewhere IN A 192.0.2.10\n\
+             txt IN A 127.0.0.2\n\
+             _skein-challenge.txt IN TXT \"skein-app=web\"\n\
+             late IN A 127.0.0.1\n",
+        ),
+    )]);
+    s.wait_for("late.test", "issued after the fix", issued);
+    assert_eq!(s.curl("late.test", &root).unwrap(), "web ok");
+
+    // An operator imports a certificate for a.test: it is served, and the
+    // issued one is retired from the catalog.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let own = rcgen::CertificateParams::new(vec!["a.test".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let own_pem = tmp.path().join("own.pem");
+    std::fs::write(&own_pem, own.pem()).unwrap();
+    let body = serde_json::json!({
+        "name": "own-a",
+        "chain_pem": own.pem(),
+        "key_pem": key.serialize_pem(),
+    });
+    let (code, v) = s.d.api("PUT", "/v1/certificates/own-a", Some(&body.to_string()));
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(s.curl("a.test", &own_pem).unwrap(), "web ok");
+    let t = Instant::now();
+    while s.d.api("GET", "/v1/certificates/acme-a.test", None).0 != 404 {
+        assert!(t.elapsed() < Duration::from_secs(20), "issued a.test not retired");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(s.status()["names"].get("a.test").is_none());
+
+    // `skein catalog get acme <name>` shows a name's status.
+    let out = skein()
+        .args(["catalog", "--admin", &s.d.admin, "--token", &s.d.token()])
+        .args(["get", "acme", "txt.test"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["state"], "issued");
+    assert_eq!(v["app"], "web");
+
+    // The account key is kept, readable by its owner alone.
+    let acct = std::fs::read_dir(s.d.dir.join("state/acme"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "json"))
+        .unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&acct).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+}
