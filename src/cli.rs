@@ -158,10 +158,7 @@ pub async fn catalog(args: CatalogArgs) -> anyhow::Result<ExitCode> {
     let mut pick: Option<String> = None;
     let (method, path, body) = match args.op {
         CatalogOp::Get { kind: None, .. } => (Method::GET, "/v1/catalog".to_string(), None),
-        CatalogOp::Get {
-            kind: Some(k),
-            key,
-        } if k == "acme" => {
+        CatalogOp::Get { kind: Some(k), key } if k == "acme" => {
             pick = key;
             (Method::GET, "/v1/acme".to_string(), None)
         }
@@ -207,7 +204,9 @@ pub async fn catalog(args: CatalogArgs) -> anyhow::Result<ExitCode> {
             Some(name) => match v["names"].get(&name) {
                 Some(one) => one.clone(),
                 None => {
-                    eprintln!("acme: no status for {name:?} (not a hostname that needs a certificate)");
+                    eprintln!(
+                        "acme: no status for {name:?} (not a hostname that needs a certificate)"
+                    );
                     return Ok(ExitCode::FAILURE);
                 }
             },

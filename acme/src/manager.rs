@@ -289,6 +289,11 @@ impl Manager {
             self.status
                 .retain(|h| due_names.contains(h) || p.good.contains_key(h));
             for (h, (app, end)) in &p.good {
+                // Wake when it becomes due.
+                if let Some(renew_at) = end.checked_sub(self.cfg.renew_before) {
+                    let wait = renew_at.duration_since(now_sys).unwrap_or_default();
+                    wake = wake.min(now + wait);
+                }
                 self.status.update(h, app, |s| {
                     if !in_flight.contains(h) {
                         s.state = State::Issued;

@@ -61,7 +61,11 @@ impl Nsd {
             .arg(&conf_path)
             .arg("-d")
             .stdin(Stdio::null())
-            .stdout(out.as_ref().and_then(|f| f.try_clone().ok()).map_or(Stdio::null(), Stdio::from))
+            .stdout(
+                out.as_ref()
+                    .and_then(|f| f.try_clone().ok())
+                    .map_or(Stdio::null(), Stdio::from),
+            )
             .stderr(out.map_or(Stdio::null(), Stdio::from))
             .spawn()
             .unwrap_or_else(|e| panic!("starting nsd: {e}"));
@@ -113,7 +117,11 @@ fn answers(addr: SocketAddr, origin: &str) -> bool {
     };
     let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
     let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
-    for label in origin.trim_end_matches('.').split('.').filter(|l| !l.is_empty()) {
+    for label in origin
+        .trim_end_matches('.')
+        .split('.')
+        .filter(|l| !l.is_empty())
+    {
         q.push(label.len() as u8);
         q.extend_from_slice(label.as_bytes());
     }

@@ -28,6 +28,17 @@ impl Pebble {
     /// Starts pebble; it validates HTTP-01 on `http_port` and TLS-ALPN-01 on
     /// `tls_port` of the address each name resolves to through `dns`.
     pub fn start(dns: SocketAddr, http_port: u16, tls_port: u16) -> Pebble {
+        Self::start_with(dns, http_port, tls_port, None)
+    }
+
+    /// [`Pebble::start`], issuing certificates valid for `validity` seconds
+    /// when given (pebble's default is five years).
+    pub fn start_with(
+        dns: SocketAddr,
+        http_port: u16,
+        tls_port: u16,
+        validity: Option<u64>,
+    ) -> Pebble {
         let dir = crate::temp_dir("pebble");
         // Pebble's own HTTPS certificate, from a CA made here.
         let ca_key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("key: {e}"));
@@ -42,8 +53,9 @@ impl Pebble {
             .unwrap_or_else(|e| panic!("ca: {e}"));
         let issuer = rcgen::Issuer::new(ca_params, ca_key);
         let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("key: {e}"));
-        let params = rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-            .unwrap_or_else(|e| panic!("leaf: {e}"));
+        let params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                .unwrap_or_else(|e| panic!("leaf: {e}"));
         let leaf = params
             .signed_by(&key, &issuer)
             .unwrap_or_else(|e| panic!("leaf: {e}"));
@@ -60,9 +72,12 @@ impl Pebble {
         let config = write(
             "pebble.json",
             format!(
-                r#"{{"pebble": {{"listenAddress": "127.0.0.1:{port}", "managementListenAddress": "127.0.0.1:{mgmt}", "certificate": "{}", "privateKey": "{}", "httpPort": {http_port}, "tlsPort": {tls_port}, "ocspResponderURL": "", "externalAccountBindingRequired": false}}}}"#,
+                r#"{{"pebble": {{"listenAddress": "127.0.0.1:{port}", "managementListenAddress": "127.0.0.1:{mgmt}", "certificate": "{}", "privateKey": "{}", "httpPort": {http_port}, "tlsPort": {tls_port}, "ocspResponderURL": "", "externalAccountBindingRequired": false{validity}}}}}"#,
                 cert.display(),
-                privkey.display()
+                privkey.display(),
+                validity = validity
+                    .map(|v| format!(r#", "certificateValidityPeriod": {v}"#))
+                    .unwrap_or_default()
             ),
         );
         let out = std::fs::File::create(dir.join("pebble.log")).ok();
@@ -74,7 +89,11 @@ impl Pebble {
             // Validate at once (pebble otherwise sleeps up to 15 s first).
             .env("PEBBLE_VA_NOSLEEP", "1")
             .stdin(Stdio::null())
-            .stdout(out.as_ref().and_then(|f| f.try_clone().ok()).map_or(Stdio::null(), Stdio::from))
+            .stdout(
+                out.as_ref()
+                    .and_then(|f| f.try_clone().ok())
+                    .map_or(Stdio::null(), Stdio::from),
+            )
             .stderr(out.map_or(Stdio::null(), Stdio::from))
             .spawn()
             .unwrap_or_else(|e| panic!("starting pebble: {e}"));

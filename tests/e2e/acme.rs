@@ -56,9 +56,9 @@ struct Setup {
 
 /// NSD, pebble and a daemon whose app `web` has `hostnames`. The proxy
 /// listens for service ports 443 and 80 on 127.0.0.1 and 127.0.0.2.
-fn setup(nsd: &Nsd, hostnames: &[String], acme: &str) -> Setup {
+fn setup(nsd: &Nsd, hostnames: &[String], acme: &str, validity: Option<u64>) -> Setup {
     let (tls, http) = (free_port(), free_port());
-    let pebble = Pebble::start(nsd.addr, http, tls);
+    let pebble = Pebble::start_with(nsd.addr, http, tls, validity);
     let dir = tempfile::tempdir().unwrap();
     let names: Vec<String> = hostnames.iter().map(|h| format!("{h:?}")).collect();
     std::fs::write(
@@ -224,10 +224,16 @@ fn tls_alpn_issuance_ownership_retries_and_imported_precedence() {
              _skein-challenge.late IN TXT \"skein-app=web\"\n",
         ),
     )]);
-    let names = ["a.test", "elsewhere.test", "txt.test", "wrongtxt.test", "late.test"]
-        .map(String::from)
-        .to_vec();
-    let s = setup(&nsd, &names, r#"challenges = ["tls-alpn-01"]"#);
+    let names = [
+        "a.test",
+        "elsewhere.test",
+        "txt.test",
+        "wrongtxt.test",
+        "late.test",
+    ]
+    .map(String::from)
+    .to_vec();
+    let s = setup(&nsd, &names, r#"challenges = ["tls-alpn-01"]"#, None);
     let tmp = tempfile::tempdir().unwrap();
 
     // a.test: points at the platform; issued through TLS-ALPN-01 and served
@@ -249,11 +255,15 @@ fn tls_alpn_issuance_ownership_retries_and_imported_precedence() {
     // with the reason, and retried later (not ordered).
     let st = s.wait_for("elsewhere.test", "refused", |s| s["state"] == "refused");
     let why = st["last_error"].as_str().unwrap();
-    assert!(why.contains("192.0.2.10") && why.contains("_skein-challenge"), "{why}");
+    assert!(
+        why.contains("192.0.2.10") && why.contains("_skein-challenge"),
+        "{why}"
+    );
     let st = s.wait_for("wrongtxt.test", "refused", |s| s["state"] == "refused");
     assert!(st["last_error"].as_str().unwrap().contains("skein-app=web"));
     assert_eq!(
-        s.d.api("GET", "/v1/certificates/acme-elsewhere.test", None).0,
+        s.d.api("GET", "/v1/certificates/acme-elsewhere.test", None)
+            .0,
         404
     );
 
@@ -296,12 +306,16 @@ fn tls_alpn_issuance_ownership_retries_and_imported_precedence() {
         "chain_pem": own.pem(),
         "key_pem": key.serialize_pem(),
     });
-    let (code, v) = s.d.api("PUT", "/v1/certificates/own-a", Some(&body.to_string()));
+    let (code, v) =
+        s.d.api("PUT", "/v1/certificates/own-a", Some(&body.to_string()));
     assert_eq!(code, 200, "{v}");
     assert_eq!(s.curl("a.test", &own_pem).unwrap(), "web ok");
     let t = Instant::now();
     while s.d.api("GET", "/v1/certificates/acme-a.test", None).0 != 404 {
-        assert!(t.elapsed() < Duration::from_secs(20), "issued a.test not retired");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "issued a.test not retired"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(s.status()["names"].get("a.test").is_none());
@@ -328,4 +342,92 @@ fn tls_alpn_issuance_ownership_retries_and_imported_precedence() {
         std::fs::metadata(&acct).unwrap().permissions().mode() & 0o777,
         0o600
     );
+}
+
+#[test]
+fn http01_issuance_and_renewal_before_expiry() {
+    if !require_nsd("acme http-01") || !require_pebble("acme http-01") {
+        return;
+    }
+    let nsd = Nsd::start(&[("test", zone("b IN A 127.0.0.1\n"))]);
+    // Certificates live 40 s and are renewed when 25 s are left.
+    let s = setup(
+        &nsd,
+        &["b.test".to_string()],
+        "challenges = [\"http-01\"]\nrenew_before = \"25s\"",
+        Some(40),
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let first = s.wait_for("b.test", "issued", issued);
+    assert_eq!(first["challenge"], "http-01");
+    let root = s.root(tmp.path());
+    assert_eq!(s.curl("b.test", &root).unwrap(), "web ok");
+    let chain = |s: &Setup| {
+        let (code, v) = s.d.api("GET", "/v1/certificates/acme-b.test", None);
+        assert_eq!(code, 200, "{v}");
+        v["record"]["chain_pem"].as_str().unwrap().to_string()
+    };
+    let before = chain(&s);
+
+    // About 15 s later the certificate is due: a new one replaces it, with a
+    // later end, and the proxy serves it.
+    let renewed = s.wait_for("b.test", "renewed", |st| {
+        issued(st) && st["not_after"] != first["not_after"]
+    });
+    assert!(
+        renewed["not_after"].as_str().unwrap() > first["not_after"].as_str().unwrap(),
+        "{renewed} after {first}"
+    );
+    assert_ne!(chain(&s), before);
+    assert_eq!(s.curl("b.test", &root).unwrap(), "web ok");
+    let metrics = http(&s.d.admin, "GET", "/metrics", None, None).unwrap().1;
+    let orders = metrics
+        .lines()
+        .find(|l| l.starts_with("skein_acme_orders_total") && l.contains("issued"))
+        .unwrap_or_else(|| panic!("no order counter in\n{metrics}"));
+    assert!(orders.ends_with(" 2") || orders.ends_with(" 3"), "{orders}");
+}
+
+#[test]
+fn two_hundred_hostnames_in_one_run() {
+    if !require_nsd("acme 200 names") || !require_pebble("acme 200 names") {
+        return;
+    }
+    let nsd = Nsd::start(&[("test", zone("*.many IN A 127.0.0.1\n"))]);
+    let names: Vec<String> = (0..200).map(|i| format!("h{i}.many.test")).collect();
+    let s = setup(
+        &nsd,
+        &names,
+        "challenges = [\"tls-alpn-01\", \"http-01\"]\nmax_in_flight = 16",
+        None,
+    );
+    let started = Instant::now();
+    let t = Instant::now();
+    loop {
+        let v = s.status();
+        if v["counts"]["issued"] == 200 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(240),
+            "not all issued: {}\n{}",
+            v["counts"],
+            s.d.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    println!("acme: 200 names issued in {:?}", started.elapsed());
+    let (_, certs) = s.d.api("GET", "/v1/certificates", None);
+    let issued_certs = certs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["source"] == "issued")
+        .count();
+    assert_eq!(issued_certs, 200);
+    let tmp = tempfile::tempdir().unwrap();
+    let root = s.root(tmp.path());
+    for i in [0, 57, 199] {
+        assert_eq!(s.curl(&format!("h{i}.many.test"), &root).unwrap(), "web ok");
+    }
 }
