@@ -49,6 +49,9 @@ pub async fn start(cfg: Config, builtin: Option<Document>) -> anyhow::Result<Run
 
     // The catalog: every source's document validated together, or no start.
     let store = Arc::new(Store::new());
+    // ACME challenge answers the proxy serves: this host's orders', and with
+    // etcd every host's.
+    let challenges = Arc::new(skein_proxy::acme::Challenges::default());
     let ready = Arc::new(Readiness::default());
     // etcd first: local records may refer to its records (a machine of an app
     // the operators put in etcd). If it cannot be read now, start from the
@@ -63,6 +66,12 @@ pub async fn start(cfg: Config, builtin: Option<Document>) -> anyhow::Result<Run
             cfg.host.name.clone(),
             status.clone(),
         );
+        if cfg.proxy.enabled {
+            // Every edge serves the challenge answers any host publishes.
+            f = f.with_subscriber(Arc::new(skein_acme::shared::AnswerMirror::new(
+                challenges.clone(),
+            )));
+        }
         let wait =
             cfg.etcd.connect_timeout * (cfg.etcd.endpoints.len() as u32) + cfg.etcd.request_timeout;
         match tokio::time::timeout(wait, f.load()).await {
@@ -152,12 +161,14 @@ pub async fn start(cfg: Config, builtin: Option<Document>) -> anyhow::Result<Run
         tasks.spawn(source.run(stop.subscribe()));
     }
 
-    let mut challenges = None;
     if cfg.proxy.enabled {
-        let proxy = skein_proxy::Proxy::new(cfg.proxy.clone(), cfg.host.region.clone())?;
+        let proxy = skein_proxy::Proxy::with_challenges(
+            cfg.proxy.clone(),
+            cfg.host.region.clone(),
+            challenges.clone(),
+        )?;
         let bound = proxy.bind()?;
         proxy.apply(&store.snapshot());
-        challenges = Some(proxy.challenges.clone());
         listening.extend(bound.iter().map(|b| b.local));
         tasks.spawn(proxy.clone().follow(store.subscribe(), stop.subscribe()));
         tasks.spawn(skein_proxy::health::run(proxy.clone(), stop.subscribe()));
@@ -192,18 +203,21 @@ pub async fn start(cfg: Config, builtin: Option<Document>) -> anyhow::Result<Run
         token: Arc::from(token.as_str()),
     };
     let acme_status = Arc::new(skein_acme::AcmeStatus::default());
-    if cfg.acme.enabled
-        && let Some(challenges) = challenges
-    {
+    if cfg.acme.enabled && cfg.proxy.enabled {
         // With etcd, issued certificates go there, so every edge serves them
         // and one host orders each name; alone, into this host's catalog.
-        let sink = match (&cfg.host.name, cfg.etcd.enabled()) {
-            (Some(host), true) => skein_acme::Sink::Etcd {
+        let sink = if cfg.etcd.enabled() {
+            skein_acme::Sink::Etcd {
                 client: cfg.etcd.client(),
                 layout: cfg.etcd.layout(),
-                host: host.clone(),
-            },
-            _ => skein_acme::Sink::Api(api.clone()),
+                host: cfg
+                    .host
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| format!("pid {}", std::process::id())),
+            }
+        } else {
+            skein_acme::Sink::Api(api.clone())
         };
         let manager = skein_acme::Manager::new(
             cfg.acme.clone(),

@@ -18,6 +18,7 @@ pub mod account;
 pub mod manager;
 pub mod owner;
 pub mod plan;
+pub mod shared;
 pub mod status;
 
 use std::net::SocketAddr;
@@ -97,6 +98,10 @@ pub struct AcmeConfig {
     /// Time for one order, from the request to the certificate.
     #[serde(default = "default_order_timeout", with = "humantime_serde")]
     pub order_timeout: Duration,
+    /// With etcd: how long the other edges get to take a challenge answer
+    /// before the CA is told to validate (any edge may take the validation).
+    #[serde(default = "default_share_wait", with = "humantime_serde")]
+    pub share_wait: Duration,
     /// How often the catalog is looked over when nothing changes (renewals).
     #[serde(default = "default_scan_interval", with = "humantime_serde")]
     pub scan_interval: Duration,
@@ -164,6 +169,9 @@ fn default_retry_max() -> Duration {
 fn default_order_timeout() -> Duration {
     Duration::from_secs(120)
 }
+fn default_share_wait() -> Duration {
+    Duration::from_secs(1)
+}
 fn default_scan_interval() -> Duration {
     Duration::from_secs(3600)
 }
@@ -183,6 +191,7 @@ impl Default for AcmeConfig {
             retry_min: default_retry_min(),
             retry_max: default_retry_max(),
             order_timeout: default_order_timeout(),
+            share_wait: default_share_wait(),
             scan_interval: default_scan_interval(),
             ownership: OwnershipConfig::default(),
         }

@@ -26,6 +26,7 @@ use tracing::Instrument as _;
 
 use crate::owner::{Owner, Verdict};
 use crate::plan::{self, Due, Ends, cert_name};
+use crate::shared::{Answer, answer_path, hex};
 use crate::status::{AcmeStatus, State};
 use crate::{AcmeConfig, ChallengeKind};
 
@@ -131,6 +132,45 @@ impl Sink {
         }
     }
 
+    /// Publishes a challenge answer to the other edges (under the claim's
+    /// lease); true if it was shared (there are other edges to tell).
+    async fn share(&self, claim: &Claim, answer: &Answer) -> Result<bool, String> {
+        let Sink::Etcd { client, layout, .. } = self else {
+            return Ok(false);
+        };
+        let hostname = match answer {
+            Answer::Http { hostname, .. } | Answer::Tls { hostname, .. } => hostname,
+        };
+        let key = format!("{}{}", layout.acme(), answer_path(hostname));
+        let json = serde_json::to_vec(answer).map_err(|e| e.to_string())?;
+        let conn = client.connect().await.map_err(|e| e.to_string())?;
+        conn.put(key.as_bytes(), json, claim.lease)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(true)
+    }
+
+    /// The end of a certificate for `hostname` that another host stored
+    /// meanwhile, if it is still good: read after taking the claim, so a
+    /// name is not ordered twice when this host's catalog lags.
+    async fn fresh(&self, hostname: &str, renew_before: Duration) -> Option<SystemTime> {
+        let Sink::Etcd { client, layout, .. } = self else {
+            return None;
+        };
+        let key = layout.record(Kind::Certificates, &cert_name(hostname));
+        let conn = client.connect().await.ok()?;
+        let r = conn
+            .range(etcd::wire::RangeRequest {
+                key: key.into_bytes(),
+                ..Default::default()
+            })
+            .await
+            .ok()?;
+        let cert: Certificate = serde_json::from_slice(&r.kvs.first()?.value).ok()?;
+        let end = plan::not_after(&cert.chain_pem)?;
+        (end > SystemTime::now() + renew_before).then_some(end)
+    }
+
     async fn release(&self, claim: Claim) {
         if let Sink::Etcd { client, .. } = self
             && claim.lease != 0
@@ -150,6 +190,8 @@ struct Claim {
 #[derive(Debug)]
 struct Failure {
     message: String,
+    /// Another host holds the name's claim: not a failure of the name.
+    busy: bool,
     refused: bool,
     rate_limited: bool,
     account_gone: bool,
@@ -159,6 +201,7 @@ impl Failure {
     fn new(message: impl Into<String>) -> Self {
         Failure {
             message: message.into(),
+            busy: false,
             refused: false,
             rate_limited: false,
             account_gone: false,
@@ -207,7 +250,9 @@ struct Outcome {
     hostname: String,
     app: String,
     challenge: ChallengeKind,
-    result: Result<SystemTime, Failure>,
+    /// The certificate's end, and whether this host ordered it (or found
+    /// one another host stored meanwhile).
+    result: Result<(SystemTime, bool), Failure>,
 }
 
 impl Manager {
@@ -378,6 +423,9 @@ impl Manager {
                     owner: owner.clone(),
                     sink: self.sink.clone(),
                     timeout: self.cfg.order_timeout,
+                    renew_before: self.cfg.renew_before,
+                    share_wait: self.cfg.share_wait,
+                    stage: std::sync::Mutex::new("start"),
                 };
                 let span = tracing::info_span!("acme_order", hostname = %d.hostname, challenge = kind.as_str());
                 tasks.spawn(job.run().instrument(span));
@@ -402,15 +450,24 @@ impl Manager {
 
     fn record(&self, o: &Outcome, account: &mut Option<Account>, paused_until: &mut Instant) {
         match &o.result {
-            Ok(end) => {
-                metrics::counter!("skein_acme_orders_total", "result" => "issued", "challenge" => o.challenge.as_str()).increment(1);
-                tracing::info!(hostname = %o.hostname, challenge = o.challenge.as_str(), "acme: certificate issued");
+            Ok((end, ordered)) => {
+                if *ordered {
+                    metrics::counter!("skein_acme_orders_total", "result" => "issued", "challenge" => o.challenge.as_str()).increment(1);
+                    tracing::info!(hostname = %o.hostname, challenge = o.challenge.as_str(), "acme: certificate issued");
+                }
                 self.status.update(&o.hostname, &o.app, |s| {
                     s.state = State::Issued;
                     s.failures = 0;
                     s.last_error = None;
                     s.next_attempt = None;
                     s.not_after = Some(*end);
+                });
+            }
+            Err(f) if f.busy => {
+                metrics::counter!("skein_acme_orders_total", "result" => "busy", "challenge" => o.challenge.as_str()).increment(1);
+                self.status.update(&o.hostname, &o.app, |s| {
+                    s.state = State::Due;
+                    s.next_attempt = Some(SystemTime::now() + self.cfg.retry_min);
                 });
             }
             Err(f) => {
@@ -475,6 +532,10 @@ struct Job {
     owner: Option<Arc<Owner>>,
     sink: Sink,
     timeout: Duration,
+    renew_before: Duration,
+    share_wait: Duration,
+    /// The step in progress, for a timeout's message.
+    stage: std::sync::Mutex<&'static str>,
 }
 
 /// Takes a challenge answer away when the order ends, however it ends.
@@ -497,13 +558,20 @@ impl Drop for Presented<'_> {
 }
 
 impl Job {
+    fn stage(&self, s: &'static str) {
+        if let Ok(mut g) = self.stage.lock() {
+            *g = s;
+        }
+    }
+
     async fn run(self) -> Outcome {
         let started = Instant::now();
         let result = match tokio::time::timeout(self.timeout, self.order()).await {
             Ok(r) => r,
             Err(_) => Err(Failure::new(format!(
-                "the order took longer than {:?}",
-                self.timeout
+                "the order took longer than {:?} (stuck in: {})",
+                self.timeout,
+                self.stage.lock().map(|s| *s).unwrap_or("?")
             ))),
         };
         metrics::histogram!("skein_acme_order_seconds").record(started.elapsed().as_secs_f64());
@@ -515,8 +583,9 @@ impl Job {
         }
     }
 
-    async fn order(&self) -> Result<SystemTime, Failure> {
+    async fn order(&self) -> Result<(SystemTime, bool), Failure> {
         let host = self.due.hostname.as_str();
+        self.stage("ownership check");
         if let Some(owner) = &self.owner
             && let Verdict::Refused(why) = owner.check(host, &self.due.app).await
         {
@@ -524,26 +593,44 @@ impl Job {
             f.refused = true;
             return Err(f);
         }
+        self.stage("claim");
         let claim = self
             .sink
             .claim(host, self.timeout * 2)
             .await
             .map_err(|e| Failure::new(format!("claim: {e}")))?
-            .ok_or_else(|| Failure::new("another host is ordering this name"))?;
-        let r = self.order_claimed().await;
+            .ok_or_else(|| Failure {
+                busy: true,
+                ..Failure::new("another host is ordering this name")
+            })?;
+        if let Some(end) = self.sink.fresh(host, self.renew_before).await {
+            self.sink.release(claim).await;
+            tracing::info!(hostname = host, "acme: another host issued it meanwhile");
+            return Ok((end, false));
+        }
+        let r = self.order_claimed(&claim).await;
+        // Stored before the claim is released: whoever claims next finds it.
+        let r = match r {
+            Ok(cert) => match plan::not_after(&cert.chain_pem) {
+                None => Err(Failure::new(
+                    "the CA's certificate has no readable notAfter",
+                )),
+                Some(end) => self
+                    .sink
+                    .put(cert)
+                    .await
+                    .map(|()| (end, true))
+                    .map_err(|e| Failure::new(format!("storing the certificate: {e}"))),
+            },
+            Err(f) => Err(f),
+        };
         self.sink.release(claim).await;
-        let cert = r?;
-        let end = plan::not_after(&cert.chain_pem)
-            .ok_or_else(|| Failure::new("the CA's certificate has no readable notAfter"))?;
-        self.sink
-            .put(cert)
-            .await
-            .map_err(|e| Failure::new(format!("storing the certificate: {e}")))?;
-        Ok(end)
+        r
     }
 
-    async fn order_claimed(&self) -> Result<Certificate, Failure> {
+    async fn order_claimed(&self, claim: &Claim) -> Result<Certificate, Failure> {
         let host = self.due.hostname.as_str();
+        self.stage("new order");
         let ids = [Identifier::Dns(host.to_string())];
         let mut order = self
             .account
@@ -562,6 +649,7 @@ impl Job {
         };
         let provider = rustls::crypto::aws_lc_rs::default_provider();
         {
+            self.stage("authorizations");
             let mut authzs = order.authorizations();
             while let Some(a) = authzs.next().await {
                 let mut a = a.map_err(at("authorization"))?;
@@ -576,18 +664,37 @@ impl Job {
                     Failure::new(format!("the CA offers no {} challenge", self.kind.as_str()))
                 })?;
                 let ka = ch.key_authorization();
-                match self.kind {
+                let answer = match self.kind {
                     ChallengeKind::Http01 => {
                         self.challenges.put_http(host, &ch.token, ka.as_str());
                         presented.http_tokens.push(ch.token.clone());
+                        Answer::Http {
+                            hostname: host.to_string(),
+                            token: ch.token.clone(),
+                            key_authorization: ka.as_str().to_string(),
+                        }
                     }
                     ChallengeKind::TlsAlpn01 => {
                         self.challenges
                             .put_tls(host, ka.digest().as_ref(), &provider)
                             .map_err(Failure::new)?;
                         presented.tls = true;
+                        Answer::Tls {
+                            hostname: host.to_string(),
+                            digest: hex(ka.digest().as_ref()),
+                        }
                     }
+                };
+                // Any edge may take the validation: give them the answer first.
+                let shared = self
+                    .sink
+                    .share(claim, &answer)
+                    .await
+                    .map_err(|e| Failure::new(format!("sharing the answer: {e}")))?;
+                if shared {
+                    tokio::time::sleep(self.share_wait).await;
                 }
+                self.stage("challenge ready");
                 ch.set_ready().await.map_err(at("challenge ready"))?;
             }
         }
@@ -595,6 +702,7 @@ impl Job {
             .initial_delay(Duration::from_millis(250))
             .backoff(1.5)
             .timeout(self.timeout);
+        self.stage("validation");
         let status = order.poll_ready(&poll).await.map_err(at("validation"))?;
         if status != OrderStatus::Ready {
             return Err(Failure::new(self.why_invalid(&mut order).await));
@@ -607,10 +715,12 @@ impl Job {
         let csr = params
             .serialize_request(&key)
             .map_err(|e| Failure::new(e.to_string()))?;
+        self.stage("finalize");
         order
             .finalize_csr(csr.der())
             .await
             .map_err(at("finalize"))?;
+        self.stage("certificate");
         let chain_pem = order
             .poll_certificate(&poll)
             .await

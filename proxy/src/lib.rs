@@ -100,12 +100,22 @@ pub struct Bound {
 impl Proxy {
     /// A proxy for an edge in `region`, with empty tables.
     pub fn new(cfg: ProxyConfig, region: impl Into<String>) -> Result<Arc<Proxy>, ProxyError> {
+        Self::with_challenges(cfg, region, Arc::new(acme::Challenges::default()))
+    }
+
+    /// [`Proxy::new`] serving the ACME challenge answers of `challenges`
+    /// (made before the proxy, so that etcd's follower can fill it from
+    /// its first read).
+    pub fn with_challenges(
+        cfg: ProxyConfig,
+        region: impl Into<String>,
+        challenges: Arc<acme::Challenges>,
+    ) -> Result<Arc<Proxy>, ProxyError> {
         let routes = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
         let certs = Arc::new(Certs::new(routes.clone(), cfg.default_hostname.clone()));
         let resumption = tls::resumption()?;
         let http_tls = certs.server_config(&[b"h2", b"http/1.1"], &resumption)?;
         let raw_tls = certs.server_config(&[], &resumption)?;
-        let challenges = Arc::new(acme::Challenges::default());
         let acme_tls = acme_server_config(&challenges)?;
         Ok(Arc::new(Proxy {
             routes,

@@ -59,6 +59,27 @@ struct Setup {
 fn setup(nsd: &Nsd, hostnames: &[String], acme: &str, validity: Option<u64>) -> Setup {
     let (tls, http) = (free_port(), free_port());
     let pebble = Pebble::start_with(nsd.addr, http, tls, validity);
+    let (d, dir) = start_edge(nsd, &pebble, (tls, http), hostnames, acme, "");
+    Setup {
+        d,
+        pebble,
+        tls,
+        _dir: dir,
+    }
+}
+
+/// A daemon (an edge) of app `web` with `hostnames`, ordering from `pebble`;
+/// its proxy listens on `ports` (TLS, HTTP) of 127.0.0.1 and 127.0.0.2
+/// (SO_REUSEPORT: two edges may share them, as anycast edges share an
+/// address). `extra` is appended to its config.
+fn start_edge(
+    nsd: &Nsd,
+    pebble: &Pebble,
+    (tls, http): (u16, u16),
+    hostnames: &[String],
+    acme: &str,
+    extra: &str,
+) -> (Daemon, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let names: Vec<String> = hostnames.iter().map(|h| format!("{h:?}")).collect();
     std::fs::write(
@@ -119,10 +140,12 @@ ca_file = "{ca}"
 retry_min = "1s"
 retry_max = "3s"
 order_timeout = "30s"
+share_wait = "300ms"
 {acme}
 [acme.ownership]
 platform = ["127.0.0.1/32"]
 resolvers = ["{dns}"]
+{extra}
 "#,
             state = dir.path().join("state").display(),
             directory = pebble.directory,
@@ -131,13 +154,16 @@ resolvers = ["{dns}"]
         ),
     )
     .unwrap();
-    let d = Daemon::start(dir.path(), admin);
-    Setup {
-        d,
-        pebble,
-        tls,
-        _dir: dir,
-    }
+    (Daemon::start(dir.path(), admin), dir)
+}
+
+/// The sum of a counter's samples whose labels contain `labels`.
+fn counter(d: &Daemon, name: &str, labels: &str) -> u64 {
+    let text = http(&d.admin, "GET", "/metrics", None, None).unwrap().1;
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
 }
 
 impl Setup {
@@ -309,7 +335,16 @@ fn tls_alpn_issuance_ownership_retries_and_imported_precedence() {
     let (code, v) =
         s.d.api("PUT", "/v1/certificates/own-a", Some(&body.to_string()));
     assert_eq!(code, 200, "{v}");
-    assert_eq!(s.curl("a.test", &own_pem).unwrap(), "web ok");
+    // The proxy takes the change within moments (live, no restart).
+    let t = Instant::now();
+    while s.curl("a.test", &own_pem).as_deref() != Ok("web ok") {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            s.curl("a.test", &own_pem)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let t = Instant::now();
     while s.d.api("GET", "/v1/certificates/acme-a.test", None).0 != 404 {
         assert!(
@@ -380,12 +415,8 @@ fn http01_issuance_and_renewal_before_expiry() {
     );
     assert_ne!(chain(&s), before);
     assert_eq!(s.curl("b.test", &root).unwrap(), "web ok");
-    let metrics = http(&s.d.admin, "GET", "/metrics", None, None).unwrap().1;
-    let orders = metrics
-        .lines()
-        .find(|l| l.starts_with("skein_acme_orders_total") && l.contains("issued"))
-        .unwrap_or_else(|| panic!("no order counter in\n{metrics}"));
-    assert!(orders.ends_with(" 2") || orders.ends_with(" 3"), "{orders}");
+    let orders = counter(&s.d, "skein_acme_orders_total", "result=\"issued\"");
+    assert!((2..=3).contains(&orders), "{orders} orders issued");
 }
 
 #[test]
@@ -410,9 +441,10 @@ fn two_hundred_hostnames_in_one_run() {
         }
         assert!(
             t.elapsed() < Duration::from_secs(240),
-            "not all issued: {}\n{}",
+            "not all issued: {}\n{}\npebble:\n{}",
             v["counts"],
-            s.d.log()
+            s.d.log(),
+            s.pebble.log()
         );
         std::thread::sleep(Duration::from_millis(250));
     }
@@ -430,4 +462,100 @@ fn two_hundred_hostnames_in_one_run() {
     for i in [0, 57, 199] {
         assert_eq!(s.curl(&format!("h{i}.many.test"), &root).unwrap(), "web ok");
     }
+}
+
+#[test]
+fn two_edges_on_one_address_order_each_name_once_and_answer_for_each_other() {
+    if !require_nsd("acme two edges")
+        || !require_pebble("acme two edges")
+        || !skein_testkit::etcd::require_etcd("acme two edges")
+    {
+        return;
+    }
+    let nsd = Nsd::start(&[("test", zone("*.two IN A 127.0.0.1\n"))]);
+    let cluster = skein_testkit::etcd::Cluster::start(1);
+    let eps: Vec<String> = cluster
+        .endpoints()
+        .iter()
+        .map(|e| format!("{e:?}"))
+        .collect();
+    let names: Vec<String> = (0..12).map(|i| format!("n{i}.two.test")).collect();
+    let (tls, http) = (free_port(), free_port());
+    let pebble = Pebble::start(nsd.addr, http, tls);
+    // Both edges listen on the same address and ports: the kernel spreads
+    // the CA's validation connections over them, as anycast would.
+    let edge = |name: &str| {
+        start_edge(
+            &nsd,
+            &pebble,
+            (tls, http),
+            &names,
+            "challenges = [\"tls-alpn-01\"]",
+            &format!(
+                "[etcd]\nendpoints = [{}]\nconnect_timeout = \"500ms\"\n# edge {name}\n",
+                eps.join(", ")
+            ),
+        )
+    };
+    let (a, _da) = edge("a");
+    let (b, _db) = edge("b");
+    let all_issued = |d: &Daemon| {
+        let (_, v) = d.api("GET", "/v1/acme", None);
+        v["counts"]["issued"] == 12
+    };
+    let t = Instant::now();
+    while !(all_issued(&a) && all_issued(&b)) {
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "a: {}\nb: {}\nlog a:\n{}\nlog b:\n{}",
+            a.api("GET", "/v1/acme", None).1,
+            b.api("GET", "/v1/acme", None).1,
+            a.log(),
+            b.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Each name was ordered once, by one edge or the other...
+    let issued = |d: &Daemon| counter(d, "skein_acme_orders_total", "result=\"issued\"");
+    assert_eq!(issued(&a) + issued(&b), 12);
+    // ...and no validation failed, whichever edge the CA reached: each
+    // served the answers of the other's orders too.
+    let failed = |d: &Daemon| counter(d, "skein_acme_orders_total", "result=\"failed\"");
+    assert_eq!(failed(&a) + failed(&b), 0);
+    let answered = |d: &Daemon| {
+        counter(
+            d,
+            "skein_proxy_acme_challenges_total",
+            "result=\"answered\"",
+        )
+    };
+    assert!(
+        answered(&a) > 0 && answered(&b) > 0,
+        "{} {}",
+        answered(&a),
+        answered(&b)
+    );
+    // The certificates are in etcd: both edges serve every name.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new("curl")
+        .args(["-sf", "--cacert"])
+        .arg(&pebble.ca_file)
+        .arg(format!("https://{}/roots/0", pebble.management))
+        .output()
+        .unwrap();
+    let root = tmp.path().join("root.pem");
+    std::fs::write(&root, out.stdout).unwrap();
+    for d in [&a, &b] {
+        let (_, certs) = d.api("GET", "/v1/certificates", None);
+        assert_eq!(certs["items"].as_array().unwrap().len(), 12, "{certs}");
+    }
+    let s = Command::new("curl")
+        .args(["-s", "--max-time", "5", "--cacert"])
+        .arg(&root)
+        .arg("--resolve")
+        .arg(format!("n3.two.test:{tls}:127.0.0.1"))
+        .arg(format!("https://n3.two.test:{tls}/"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&s.stdout), "web ok");
 }

@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use tracing::Instrument as _;
 
 use super::wire::{self, Event, WatchCreateRequest, WatchOp, WatchRequest};
-use super::{AnyRecord, Backoff, Conn, Error, Layout, Place, Status};
+use super::{AnyRecord, Backoff, Conn, Error, Layout, Place, Status, Subscriber};
 use crate::index::MachinePatch;
 use crate::index::Source;
 use crate::model::Document;
@@ -51,6 +51,8 @@ pub struct Follower {
     /// The machine keys changed since the layer was last published, when
     /// only machine keys changed (`None`: publish the whole layer).
     pending: Option<BTreeSet<Vec<u8>>>,
+    /// Told of the keys under `acme/`.
+    subscriber: Option<Arc<dyn Subscriber>>,
 }
 
 /// Why a session ended.
@@ -77,7 +79,14 @@ impl Follower {
             status,
             mirror: Mirror::default(),
             pending: None,
+            subscriber: None,
         }
+    }
+
+    /// Hands the keys under `<prefix>acme/` to `s` (they are not records).
+    pub fn with_subscriber(mut self, s: Arc<dyn Subscriber>) -> Self {
+        self.subscriber = Some(s);
+        self
     }
 
     /// Reads everything under the prefix once and publishes it, before the
@@ -102,8 +111,15 @@ impl Follower {
         let first = self.mirror.revision == 0;
         self.mirror.keys.clear();
         self.pending = None;
+        let mut acme = Vec::new();
         for kv in kvs {
-            self.absorb_put(kv);
+            match self.layout.parse(&kv.key) {
+                Some(Place::Acme { path }) => acme.push((path, kv.value)),
+                _ => self.absorb_put(kv),
+            }
+        }
+        if let Some(s) = &self.subscriber {
+            s.reset(acme);
         }
         self.mirror.revision = revision;
         self.mirror.resync = false;
@@ -286,6 +302,17 @@ impl Follower {
                 continue;
             }
             last = last.max(kv.mod_revision);
+            // Coordination keys change no record: no catalog work for them.
+            if let Some(Place::Acme { path }) = self.layout.parse(&kv.key) {
+                if let Some(s) = &self.subscriber {
+                    if ev.r#type == Event::DELETE {
+                        s.delete(&path);
+                    } else {
+                        s.put(&path, &kv.value);
+                    }
+                }
+                continue;
+            }
             n += 1;
             self.note(&kv.key);
             if ev.r#type == Event::DELETE {
@@ -302,7 +329,7 @@ impl Follower {
 
     fn absorb_put(&mut self, kv: wire::KeyValue) {
         let value = match self.layout.parse(&kv.key) {
-            None => return,
+            None | Some(Place::Acme { .. }) => return,
             Some(Place::Machine { host, .. }) if self.host.as_deref() == Some(host.as_str()) => {
                 return;
             }

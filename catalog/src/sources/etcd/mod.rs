@@ -177,6 +177,23 @@ pub enum Place {
         /// The machine id.
         id: String,
     },
+    /// Coordination of the ACME clients (claims, challenge answers): not a
+    /// record; handed to the follower's [`Subscriber`], never to the catalog.
+    Acme {
+        /// The key after `<prefix>acme/`.
+        path: String,
+    },
+}
+
+/// Told of the keys under `<prefix>acme/` that the follower sees (the
+/// follower applies no catalog change for them). Calls come in etcd's order.
+pub trait Subscriber: Send + Sync {
+    /// Everything under the prefix after a full read: replaces what was known.
+    fn reset(&self, keys: Vec<(String, Vec<u8>)>);
+    /// A key was written.
+    fn put(&self, path: &str, value: &[u8]);
+    /// A key was deleted (or its lease ran out).
+    fn delete(&self, path: &str);
 }
 
 impl Layout {
@@ -202,6 +219,11 @@ impl Layout {
         format!("{}machines/{host}/", self.prefix)
     }
 
+    /// Where the ACME clients coordinate.
+    pub fn acme(&self) -> String {
+        format!("{}acme/", self.prefix)
+    }
+
     /// The key of one machine of a worker.
     pub fn machine(&self, host: &str, id: &str) -> String {
         format!("{}{id}", self.machines_of(host))
@@ -211,6 +233,11 @@ impl Layout {
     pub fn parse(&self, key: &[u8]) -> Option<Place> {
         let key = std::str::from_utf8(key).ok()?;
         let rest = key.strip_prefix(self.prefix.as_str())?;
+        if let Some(path) = rest.strip_prefix("acme/") {
+            return Some(Place::Acme {
+                path: path.to_string(),
+            });
+        }
         if let Some(r) = rest.strip_prefix("records/") {
             let (kind, key) = r.split_once('/')?;
             let kind = Kind::parse(kind)?;
@@ -557,6 +584,12 @@ mod tests {
             Some(Place::Record {
                 kind: Kind::K8sServices,
                 key: "default/api".into()
+            })
+        );
+        assert_eq!(
+            l.parse(format!("{}claims/a.example.com", l.acme()).as_bytes()),
+            Some(Place::Acme {
+                path: "claims/a.example.com".into()
             })
         );
         assert_eq!(
