@@ -231,6 +231,22 @@ fn check_config_names_fields_and_sets_the_exit_code() {
         err.contains("kubernetes.api: \"10.0.0.1\" is not a URL"),
         "{err}"
     );
+    let (code, err) =
+        check("[acme]\nenabled = true\ndirectory = \"letsencrypt\"\nchallenges = [\"dns-01\"]\n");
+    assert_eq!(code, Some(1), "{err}");
+    // An unknown challenge type is named where it stands.
+    assert!(err.contains("acme.challenges"), "{err}");
+    let (code, err) = check(
+        "[acme]\nenabled = true\ndirectory = \"letsencrypt\"\nretry_min = \"2h\"\nretry_max = \"1h\"\n[acme.ownership]\nplatform = [\"10.0.0.0/40\"]\n",
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("acme.directory: \"letsencrypt\" is not an http(s) URL"),
+        "{err}"
+    );
+    assert!(err.contains("acme.retry_min"), "{err}");
+    assert!(err.contains("acme.ownership.platform[0]"), "{err}");
+    assert!(err.contains("acme.enabled: the proxy answers"), "{err}");
 }
 
 #[test]
