@@ -1,0 +1,695 @@
+//! The HTTP load generator.
+//!
+//! Open loop: request `i` is due at `start + i / rate` and is sent then,
+//! whether or not earlier ones were answered; its latency counts from when it
+//! was due, not from when it could be sent, so a target that stalls shows the
+//! stall in every request that waited on it (no coordinated omission).
+//! Closed loop: `connections` clients send back to back.
+//!
+//! Each request draws its hostname (Zipf), how it travels (a kept
+//! connection, a new one with a full TLS handshake, a new one resuming a
+//! session) and its protocol (HTTP/1.1 or h2 by ALPN).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt as _, Empty};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+use serde::Serialize;
+use tokio::net::TcpStream;
+
+use crate::sample::{Rng, Weighted, Zipf};
+use crate::scenario::Scenario;
+
+/// How a request travels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// Over a kept connection.
+    Keepalive,
+    /// A new connection, full TLS handshake.
+    NewTls,
+    /// A new connection resuming a TLS session.
+    ResumedTls,
+}
+
+/// The protocol of a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Proto {
+    /// HTTP/1.1.
+    H1,
+    /// h2.
+    H2,
+}
+
+/// Where the load goes.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// Its name in the report (`skein`, `nginx`…).
+    pub name: String,
+    /// Address to connect to (every hostname is served there).
+    pub addr: SocketAddr,
+    /// TLS (else plain HTTP/1.1).
+    pub tls: bool,
+}
+
+impl Target {
+    /// Parses `name=https://ip:port` or `name=http://ip:port`.
+    pub fn parse(s: &str) -> Result<Target, String> {
+        let (name, url) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?}: expected name=https://ip:port"))?;
+        let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("http://") {
+            (false, r)
+        } else {
+            return Err(format!("{url:?}: expected https:// or http://"));
+        };
+        let addr = rest
+            .trim_end_matches('/')
+            .parse()
+            .map_err(|_| format!("{rest:?}: expected ip:port"))?;
+        Ok(Target {
+            name: name.to_string(),
+            addr,
+            tls,
+        })
+    }
+}
+
+/// One second of a run.
+#[derive(Debug)]
+struct Second {
+    sent: u64,
+    done: u64,
+    errors: u64,
+    latency: Histogram<u64>,
+}
+
+/// 1 us .. 100 s at 3 significant digits.
+#[allow(clippy::expect_used)] // constant bounds that hdrhistogram accepts
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 100_000_000, 3).expect("valid histogram bounds")
+}
+
+#[derive(Debug)]
+struct Stats {
+    start: Instant,
+    total: Histogram<u64>,
+    by_kind: BTreeMap<Kind, Histogram<u64>>,
+    seconds: Vec<Second>,
+    hosts: Vec<u64>,
+    kinds: BTreeMap<Kind, u64>,
+    protos: BTreeMap<Proto, u64>,
+    resumed: u64,
+    errors: BTreeMap<String, u64>,
+    overflow: u64,
+    connections: u64,
+}
+
+impl Stats {
+    fn second(&mut self, at: Instant) -> &mut Second {
+        let i = at.saturating_duration_since(self.start).as_secs() as usize;
+        while self.seconds.len() <= i {
+            self.seconds.push(Second {
+                sent: 0,
+                done: 0,
+                errors: 0,
+                latency: histogram(),
+            });
+        }
+        &mut self.seconds[i]
+    }
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct Percentiles {
+    /// Answered requests.
+    pub count: u64,
+    /// Median.
+    pub p50: u64,
+    /// 90th.
+    pub p90: u64,
+    /// 99th.
+    pub p99: u64,
+    /// 99.9th.
+    pub p999: u64,
+    /// Slowest.
+    pub max: u64,
+}
+
+impl Percentiles {
+    fn of(h: &Histogram<u64>) -> Self {
+        Percentiles {
+            count: h.len(),
+            p50: h.value_at_quantile(0.50),
+            p90: h.value_at_quantile(0.90),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+        }
+    }
+}
+
+/// One second of the report.
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct Point {
+    /// Seconds since the start.
+    pub t: u64,
+    /// Requests sent in that second.
+    pub sent: u64,
+    /// Requests answered (by when they were due).
+    pub done: u64,
+    /// Requests failed.
+    pub errors: u64,
+    /// Median latency of the requests due then, us.
+    pub p50_us: u64,
+    /// 99th percentile, us.
+    pub p99_us: u64,
+}
+
+/// What one scenario against one target gave.
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct RunResult {
+    /// The scenario.
+    pub scenario: String,
+    /// The target.
+    pub target: String,
+    /// `open` or `closed`.
+    pub mode: String,
+    /// The configured rate (open loop).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<f64>,
+    /// How long it ran, seconds.
+    pub seconds: f64,
+    /// Requests sent.
+    pub sent: u64,
+    /// Answered with a 2xx.
+    pub ok: u64,
+    /// Failed (by reason).
+    pub errors: BTreeMap<String, u64>,
+    /// Not sent: too many in flight.
+    pub overflow: u64,
+    /// Sent per second.
+    pub sent_per_second: f64,
+    /// Answered per second.
+    pub ok_per_second: f64,
+    /// Latency of every answered request.
+    pub latency_us: Percentiles,
+    /// Latency by how the request travelled.
+    pub by_kind: BTreeMap<String, Percentiles>,
+    /// Requests by kind and protocol, as drawn.
+    pub drawn: BTreeMap<String, u64>,
+    /// New connections that resumed a TLS session.
+    pub resumed_handshakes: u64,
+    /// Connections opened.
+    pub connections: u64,
+    /// Requests per hostname index (the Zipf as sent).
+    pub hosts: Vec<u64>,
+    /// Second by second.
+    pub series: Vec<Point>,
+    /// The target's CPU microseconds per answered request, when measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_us_per_req: Option<f64>,
+    /// The target's memory per open connection, KiB, when measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kib_per_conn: Option<f64>,
+}
+
+/// Accepts any server certificate: bench targets serve throwaway ones, and
+/// what is measured is the handshake's cost, not the PKI.
+#[derive(Debug)]
+struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// TLS client configs by (resumption, protocol).
+struct Tls {
+    full: [Arc<ClientConfig>; 2],
+    resuming: [Arc<ClientConfig>; 2],
+}
+
+impl Tls {
+    fn new() -> anyhow::Result<Tls> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let sessions: Arc<dyn rustls::client::ClientSessionStore> =
+            Arc::new(rustls::client::ClientSessionMemoryCache::new(100_000));
+        let make = |alpn: &[u8], resume: bool| -> anyhow::Result<Arc<ClientConfig>> {
+            let mut c = ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyCert(provider.clone())))
+                .with_no_client_auth();
+            c.alpn_protocols = vec![alpn.to_vec()];
+            c.resumption = if resume {
+                rustls::client::Resumption::store(sessions.clone())
+            } else {
+                rustls::client::Resumption::disabled()
+            };
+            Ok(Arc::new(c))
+        };
+        Ok(Tls {
+            full: [make(b"http/1.1", false)?, make(b"h2", false)?],
+            resuming: [make(b"http/1.1", true)?, make(b"h2", true)?],
+        })
+    }
+}
+
+type H1 = http1::SendRequest<Empty<Bytes>>;
+type H2 = http2::SendRequest<Empty<Bytes>>;
+
+/// Kept connections.
+#[derive(Default)]
+struct Pools {
+    h1: Mutex<HashMap<usize, Vec<H1>>>,
+    h2: Mutex<HashMap<usize, H2>>,
+}
+
+struct Shared {
+    scenario: Scenario,
+    target: Target,
+    tls: Tls,
+    pools: Pools,
+    stats: Mutex<Stats>,
+    in_flight: AtomicUsize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What one request is.
+#[derive(Clone, Copy, Debug)]
+struct Draw {
+    host: usize,
+    kind: Kind,
+    proto: Proto,
+}
+
+struct Drawer {
+    rng: Rng,
+    zipf: Zipf,
+    kinds: Weighted<Kind>,
+    h2: f64,
+    tls: bool,
+}
+
+impl Drawer {
+    fn new(s: &Scenario, tls: bool, stream: u64) -> Self {
+        Drawer {
+            rng: Rng::new(s.seed ^ stream.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+            zipf: Zipf::new(s.hostnames, s.zipf),
+            kinds: Weighted::new(&[
+                (s.mix.keepalive, Kind::Keepalive),
+                (s.mix.new_tls, Kind::NewTls),
+                (s.mix.resumed_tls, Kind::ResumedTls),
+            ]),
+            h2: s.mix.h2,
+            tls,
+        }
+    }
+
+    fn draw(&mut self) -> Draw {
+        let host = self.zipf.sample(&mut self.rng);
+        let kind = self.kinds.sample(&mut self.rng).unwrap_or(Kind::Keepalive);
+        let h2 = self.tls && self.rng.unit() < self.h2;
+        Draw {
+            host,
+            kind,
+            proto: if h2 { Proto::H2 } else { Proto::H1 },
+        }
+    }
+}
+
+enum Conn {
+    H1(H1),
+    H2(H2),
+}
+
+impl Shared {
+    async fn connect(&self, d: Draw) -> Result<Conn, String> {
+        let tcp = TcpStream::connect(self.target.addr)
+            .await
+            .map_err(|e| format!("connect: {}", e.kind()))?;
+        let _ = tcp.set_nodelay(true);
+        lock(&self.stats).connections += 1;
+        if !self.target.tls {
+            return h1(TokioIo::new(tcp)).await.map(Conn::H1);
+        }
+        let p = usize::from(d.proto == Proto::H2);
+        let cfg = match d.kind {
+            Kind::NewTls => self.tls.full[p].clone(),
+            Kind::Keepalive | Kind::ResumedTls => self.tls.resuming[p].clone(),
+        };
+        let name = ServerName::try_from(self.scenario.hostname(d.host))
+            .map_err(|_| "bad hostname".to_string())?;
+        let tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("tls: {e}"))?;
+        if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+            lock(&self.stats).resumed += 1;
+        }
+        let io = TokioIo::new(tls);
+        match d.proto {
+            Proto::H1 => h1(io).await.map(Conn::H1),
+            Proto::H2 => {
+                let (send, conn) = http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .map_err(|e| format!("h2 handshake: {e}"))?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                Ok(Conn::H2(send))
+            }
+        }
+    }
+
+    fn request(&self, d: Draw) -> Result<http::Request<Empty<Bytes>>, String> {
+        let host = self.scenario.hostname(d.host);
+        let b = http::Request::get(match d.proto {
+            Proto::H1 => self.scenario.path.clone(),
+            Proto::H2 => format!("https://{host}{}", self.scenario.path),
+        });
+        let b = match d.proto {
+            Proto::H1 => b.header(http::header::HOST, host),
+            Proto::H2 => b,
+        };
+        b.body(Empty::new()).map_err(|e| e.to_string())
+    }
+
+    /// Sends one request the way `d` says; Ok(()) on a 2xx with its body read.
+    async fn send(&self, d: Draw) -> Result<(), String> {
+        let req = self.request(d)?;
+        let resp = match (d.kind, d.proto) {
+            (Kind::Keepalive, Proto::H2) => {
+                let pooled = lock(&self.pools.h2).get(&d.host).cloned();
+                let mut send = match pooled {
+                    Some(s) if !s.is_closed() => s,
+                    _ => match self.connect(d).await? {
+                        Conn::H2(s) => {
+                            lock(&self.pools.h2).insert(d.host, s.clone());
+                            s
+                        }
+                        Conn::H1(_) => return Err("no h2".into()),
+                    },
+                };
+                send.ready().await.map_err(|e| format!("h2: {e}"))?;
+                send.send_request(req)
+                    .await
+                    .map_err(|e| format!("h2: {e}"))?
+            }
+            (Kind::Keepalive, Proto::H1) => {
+                let pooled = {
+                    let mut pools = lock(&self.pools.h1);
+                    let list = pools.entry(d.host).or_default();
+                    let mut found = None;
+                    while let Some(s) = list.pop() {
+                        if s.is_ready() {
+                            found = Some(s);
+                            break;
+                        }
+                    }
+                    found
+                };
+                let mut send = match pooled {
+                    Some(s) => s,
+                    None => match self.connect(d).await? {
+                        Conn::H1(s) => s,
+                        Conn::H2(_) => return Err("no h1".into()),
+                    },
+                };
+                let resp = send
+                    .send_request(req)
+                    .await
+                    .map_err(|e| format!("h1: {e}"))?;
+                let (parts, body) = resp.into_parts();
+                let status = parts.status;
+                body.collect().await.map_err(|e| format!("body: {e}"))?;
+                if !status.is_success() {
+                    return Err(format!("status {}", status.as_u16()));
+                }
+                lock(&self.pools.h1).entry(d.host).or_default().push(send);
+                return Ok(());
+            }
+            (_, _) => match self.connect(d).await? {
+                Conn::H1(mut s) => s.send_request(req).await.map_err(|e| format!("h1: {e}"))?,
+                Conn::H2(mut s) => s.send_request(req).await.map_err(|e| format!("h2: {e}"))?,
+            },
+        };
+        let (parts, body) = resp.into_parts();
+        body.collect().await.map_err(|e| format!("body: {e}"))?;
+        if !parts.status.is_success() {
+            return Err(format!("status {}", parts.status.as_u16()));
+        }
+        Ok(())
+    }
+
+    async fn one(&self, d: Draw, due: Instant) {
+        let r = self.send(d).await;
+        let end = Instant::now();
+        let us = end.saturating_duration_since(due).as_micros().max(1) as u64;
+        let mut st = lock(&self.stats);
+        *st.kinds.entry(d.kind).or_insert(0) += 1;
+        *st.protos.entry(d.proto).or_insert(0) += 1;
+        if let Some(h) = st.hosts.get_mut(d.host) {
+            *h += 1;
+        }
+        match r {
+            Ok(()) => {
+                let _ = st.total.record(us);
+                let _ = st
+                    .by_kind
+                    .entry(d.kind)
+                    .or_insert_with(histogram)
+                    .record(us);
+                let s = st.second(due);
+                s.done += 1;
+                let _ = s.latency.record(us);
+            }
+            Err(e) => {
+                *st.errors.entry(e).or_insert(0) += 1;
+                st.second(due).errors += 1;
+            }
+        }
+    }
+}
+
+async fn h1<I>(io: TokioIo<I>) -> Result<H1, String>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (send, conn) = http1::handshake(io)
+        .await
+        .map_err(|e| format!("h1 handshake: {e}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(send)
+}
+
+/// Runs `scenario` against `target` and returns what it measured.
+pub async fn run(scenario: &Scenario, target: &Target) -> anyhow::Result<RunResult> {
+    let start = Instant::now();
+    let shared = Arc::new(Shared {
+        scenario: scenario.clone(),
+        target: target.clone(),
+        tls: Tls::new()?,
+        pools: Pools::default(),
+        stats: Mutex::new(Stats {
+            start,
+            total: histogram(),
+            by_kind: BTreeMap::new(),
+            seconds: Vec::new(),
+            hosts: vec![0; scenario.hostnames],
+            kinds: BTreeMap::new(),
+            protos: BTreeMap::new(),
+            resumed: 0,
+            errors: BTreeMap::new(),
+            overflow: 0,
+            connections: 0,
+        }),
+        in_flight: AtomicUsize::new(0),
+    });
+    let end = start + scenario.duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut sent = 0u64;
+    match (scenario.rate, scenario.connections) {
+        (Some(rate), _) => {
+            let mut drawer = Drawer::new(scenario, target.tls, 0);
+            let gap = Duration::from_secs_f64(1.0 / rate);
+            let mut i: u32 = 0;
+            loop {
+                let due = start + gap.mul_f64(f64::from(i));
+                if due >= end {
+                    break;
+                }
+                i = i.saturating_add(1);
+                tokio::time::sleep_until(due.into()).await;
+                let d = drawer.draw();
+                let now = Instant::now();
+                if shared.in_flight.load(Ordering::Relaxed) >= scenario.max_in_flight {
+                    let mut st = lock(&shared.stats);
+                    st.overflow += 1;
+                    st.second(due).errors += 1;
+                    continue;
+                }
+                lock(&shared.stats).second(now).sent += 1;
+                sent += 1;
+                shared.in_flight.fetch_add(1, Ordering::Relaxed);
+                let sh = shared.clone();
+                tasks.spawn(async move {
+                    sh.one(d, due).await;
+                    sh.in_flight.fetch_sub(1, Ordering::Relaxed);
+                });
+                // Reap finished tasks now and then, so the set stays small.
+                while tasks.try_join_next().is_some() {}
+            }
+        }
+        (None, Some(n)) => {
+            for c in 0..n {
+                let sh = shared.clone();
+                let mut drawer = Drawer::new(scenario, target.tls, c as u64 + 1);
+                tasks.spawn(async move {
+                    let mut mine = 0u64;
+                    while Instant::now() < end {
+                        let d = drawer.draw();
+                        let due = Instant::now();
+                        lock(&sh.stats).second(due).sent += 1;
+                        mine += 1;
+                        sh.one(d, due).await;
+                    }
+                    let _ = mine;
+                });
+            }
+        }
+        (None, None) => anyhow::bail!("the scenario has neither rate nor connections"),
+    }
+    // Answers still in flight at the end are waited for, a little.
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    tasks.abort_all();
+    let elapsed = start.elapsed().as_secs_f64().max(1e-9);
+    let st = lock(&shared.stats);
+    let sent = if scenario.rate.is_some() {
+        sent
+    } else {
+        st.seconds.iter().map(|s| s.sent).sum()
+    };
+    let ok = st.total.len();
+    let mut drawn = BTreeMap::new();
+    for (k, n) in &st.kinds {
+        drawn.insert(format!("{k:?}").to_lowercase(), *n);
+    }
+    for (p, n) in &st.protos {
+        drawn.insert(format!("{p:?}").to_lowercase(), *n);
+    }
+    let secs = scenario.duration.as_secs_f64();
+    Ok(RunResult {
+        scenario: scenario.name.clone(),
+        target: target.name.clone(),
+        mode: if scenario.rate.is_some() {
+            "open"
+        } else {
+            "closed"
+        }
+        .into(),
+        rate: scenario.rate,
+        seconds: elapsed,
+        sent,
+        ok,
+        errors: {
+            let mut e = st.errors.clone();
+            if st.overflow > 0 {
+                e.insert("overflow".into(), st.overflow);
+            }
+            e
+        },
+        overflow: st.overflow,
+        sent_per_second: sent as f64 / secs,
+        ok_per_second: ok as f64 / secs,
+        latency_us: Percentiles::of(&st.total),
+        by_kind: st
+            .by_kind
+            .iter()
+            .map(|(k, h)| (format!("{k:?}").to_lowercase(), Percentiles::of(h)))
+            .collect(),
+        drawn,
+        resumed_handshakes: st.resumed,
+        connections: st.connections,
+        hosts: st.hosts.clone(),
+        series: st
+            .seconds
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| (*i as f64) < secs)
+            .map(|(i, s)| Point {
+                t: i as u64,
+                sent: s.sent,
+                done: s.done,
+                errors: s.errors,
+                p50_us: s.latency.value_at_quantile(0.5),
+                p99_us: s.latency.value_at_quantile(0.99),
+            })
+            .collect(),
+        cpu_us_per_req: None,
+        kib_per_conn: None,
+    })
+}

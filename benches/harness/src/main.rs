@@ -1,0 +1,103 @@
+//! `skein-bench`: run a scenario file against targets, or build a report.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use skein_bench::{Report, Scenario, Target};
+
+#[derive(Parser)]
+#[command(about = "skein's load generator")]
+enum Cli {
+    /// Runs scenarios against targets, prints the table, writes the report.
+    Run {
+        /// Scenario files (TOML).
+        #[arg(required = true)]
+        scenarios: Vec<PathBuf>,
+        /// `name=https://ip:port` (every hostname is served there); repeat.
+        #[arg(long = "target", required = true)]
+        targets: Vec<String>,
+        /// Where runs and report.html are kept.
+        #[arg(long, default_value = "target/bench-report")]
+        out: PathBuf,
+        /// Free text in the report (machine, commit).
+        #[arg(long, default_value = "")]
+        label: String,
+        /// Load threads.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+    /// Builds report.html from a saved run (JSON) and the runs beside it.
+    Report {
+        /// The run's JSON.
+        json: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("skein-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    match Cli::parse() {
+        Cli::Run {
+            scenarios,
+            targets,
+            out,
+            label,
+            threads,
+        } => {
+            let targets: Vec<Target> = targets
+                .iter()
+                .map(|t| Target::parse(t).map_err(anyhow::Error::msg))
+                .collect::<Result<_, _>>()?;
+            let mut list = Vec::new();
+            for p in &scenarios {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+                list.push(
+                    Scenario::parse(&text).map_err(|e| anyhow::anyhow!("{}:\n{e}", p.display()))?,
+                );
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads.max(1))
+                .enable_all()
+                .build()?;
+            let mut results = Vec::new();
+            for s in &list {
+                for t in &targets {
+                    eprintln!("skein-bench: {} -> {}", s.name, t.name);
+                    results.push(rt.block_on(skein_bench::run(s, t))?);
+                }
+            }
+            let report = Report {
+                started: now_rfc3339(),
+                label,
+                results,
+            };
+            print!("{}", report.table());
+            let html = skein_bench::report::save(&report, &out, 20)?;
+            eprintln!("skein-bench: report in {}", html.display());
+            Ok(())
+        }
+        Cli::Report { json } => {
+            let report = Report::load(&json)?;
+            let dir = json.parent().map(PathBuf::from).unwrap_or_default();
+            let html = dir.join("report.html");
+            std::fs::write(&html, report.html(&[]))?;
+            print!("{}", report.table());
+            eprintln!("skein-bench: report in {}", html.display());
+            Ok(())
+        }
+    }
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
