@@ -14,6 +14,8 @@
 //! - `bench dns`: skein's DNS against NSD and Knot on the same 10,000-service
 //!   zone with `../shared/bench/dns-peers.sh` (server on core 0, dnsperf on 1).
 
+mod platform;
+
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -58,9 +60,12 @@ fn main() -> anyhow::Result<()> {
         "bench" => match std::env::args().nth(2).as_deref() {
             Some("proxy") => bench_proxy(),
             Some("dns") => bench_dns(),
-            _ => bail!("usage: cargo xtask bench <proxy|dns>"),
+            Some("platform") => platform::bench_platform(),
+            _ => bail!("usage: cargo xtask bench <proxy|dns|platform>"),
         },
-        _ => bail!("usage: cargo xtask <test|ensure|build-ebpf|lint|bench proxy|bench dns>"),
+        _ => bail!(
+            "usage: cargo xtask <test|ensure|build-ebpf|lint|bench proxy|bench dns|bench platform>"
+        ),
     }
 }
 

@@ -61,11 +61,47 @@ pub struct Target {
     pub addr: SocketAddr,
     /// TLS (else plain HTTP/1.1).
     pub tls: bool,
+    /// Its processes, whose CPU time per answered request is reported.
+    pub pids: Vec<u32>,
+}
+
+/// CPU time (user + system) of processes, in microseconds, from
+/// `/proc/<pid>/stat`; processes that are gone count 0.
+pub fn cpu_us(pids: &[u32]) -> u64 {
+    // Linux reports these in clock ticks of 1/100 s (USER_HZ) on every
+    // architecture skein runs on.
+    const TICK_US: u64 = 10_000;
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .filter_map(|stat| {
+            // Fields after the command name (which may hold spaces): state is
+            // field 3, utime 14, stime 15.
+            let rest = stat.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ut: u64 = f.get(11)?.parse().ok()?;
+            let st: u64 = f.get(12)?.parse().ok()?;
+            Some((ut + st) * TICK_US)
+        })
+        .sum()
 }
 
 impl Target {
-    /// Parses `name=https://ip:port` or `name=http://ip:port`.
+    /// Parses `name=https://ip:port` or `name=http://ip:port`, optionally
+    /// followed by `@pid,pid…` (the target's processes, to measure its CPU).
     pub fn parse(s: &str) -> Result<Target, String> {
+        let (s, pids) = match s.split_once('@') {
+            Some((t, p)) => (
+                t,
+                p.split(',')
+                    .map(|x| {
+                        x.trim()
+                            .parse::<u32>()
+                            .map_err(|_| format!("{x:?} is not a pid"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+            None => (s, Vec::new()),
+        };
         let (name, url) = s
             .split_once('=')
             .ok_or_else(|| format!("{s:?}: expected name=https://ip:port"))?;
@@ -84,6 +120,7 @@ impl Target {
             name: name.to_string(),
             addr,
             tls,
+            pids,
         })
     }
 }
@@ -567,6 +604,7 @@ pub async fn run(scenario: &Scenario, target: &Target) -> anyhow::Result<RunResu
         in_flight: AtomicUsize::new(0),
     });
     let end = start + scenario.duration;
+    let cpu_before = cpu_us(&target.pids);
     let mut tasks = tokio::task::JoinSet::new();
     let mut sent = 0u64;
     match (scenario.rate, scenario.connections) {
@@ -626,6 +664,7 @@ pub async fn run(scenario: &Scenario, target: &Target) -> anyhow::Result<RunResu
     })
     .await;
     tasks.abort_all();
+    let cpu = cpu_us(&target.pids).saturating_sub(cpu_before);
     let elapsed = start.elapsed().as_secs_f64().max(1e-9);
     let st = lock(&shared.stats);
     let sent = if scenario.rate.is_some() {
@@ -689,7 +728,7 @@ pub async fn run(scenario: &Scenario, target: &Target) -> anyhow::Result<RunResu
                 p99_us: s.latency.value_at_quantile(0.99),
             })
             .collect(),
-        cpu_us_per_req: None,
+        cpu_us_per_req: (!target.pids.is_empty() && ok > 0).then(|| cpu as f64 / ok as f64),
         kib_per_conn: None,
     })
 }

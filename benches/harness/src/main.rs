@@ -14,7 +14,8 @@ enum Cli {
         /// Scenario files (TOML).
         #[arg(required = true)]
         scenarios: Vec<PathBuf>,
-        /// `name=https://ip:port` (every hostname is served there); repeat.
+        /// `name=https://ip:port[@pid,…]` (every hostname is served there;
+        /// with pids, their CPU per request is measured); repeat.
         #[arg(long = "target", required = true)]
         targets: Vec<String>,
         /// Where runs and report.html are kept.

@@ -101,7 +101,8 @@ async fn server(delay: fn(Duration) -> Duration) -> (SocketAddr, Arc<Seen>) {
 }
 
 fn target(addr: SocketAddr) -> Target {
-    Target::parse(&format!("t=https://{addr}")).unwrap()
+    // This test process is the server: its CPU per request is measured too.
+    Target::parse(&format!("t=https://{addr}@{}", std::process::id())).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,6 +115,11 @@ async fn a_recorded_run_has_the_zipf_and_the_mix_it_was_asked_for() {
     let r = skein_bench::run(&s, &target(addr)).await.unwrap();
     assert!(r.ok > 500, "only {} answered: {:?}", r.ok, r.errors);
     assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert!(
+        r.cpu_us_per_req.is_some_and(|c| c > 0.0),
+        "{:?}",
+        r.cpu_us_per_req
+    );
     // What the server counted is what the generator says it sent.
     assert_eq!(seen.requests.load(Ordering::Relaxed), r.ok);
     let n = r.ok as f64;
