@@ -4,7 +4,9 @@
 //! resumed TLS, h1 and h2. Each proxy runs alone on core 0 (PROXY_CPUS) with
 //! one worker; the backend (nginx, 1 KiB body) and the load generator share
 //! core 1 (LOAD_CPUS). The report (JSON, HTML with charts, history of earlier
-//! runs) goes to target/bench-report/.
+//! runs) goes to target/bench-report/. `SKEIN_APPS=one` gives skein one app
+//! with every hostname (one upstream pool, as the peers have) instead of
+//! 1,000 apps with a machine each; `SCENARIOS="keepalive h2"` picks scenarios.
 
 use std::path::Path;
 use std::process::{Child, Command};
@@ -42,11 +44,21 @@ fn wait_port(port: u16, what: &str, log: &Path) -> anyhow::Result<()> {
     )
 }
 
-fn catalog(cert: &str, key: &str) -> String {
+/// skein's catalog: 1,000 apps with a machine each (all the same backend),
+/// or with `one_app` one app with every hostname and one machine (the shape
+/// nginx and HAProxy are given: one upstream, one connection pool).
+fn catalog(cert: &str, key: &str, one_app: bool) -> String {
     let mut s = String::from(
         "regions = [{ code = \"ams\" }]\nhosts = [{ id = \"0:2\", name = \"local\", region = \"ams\", underlay = \"127.0.0.1\" }]\nnetworks = [{ id = \"18\", name = \"bench\" }]\n",
     );
-    for i in 0..APPS {
+    if one_app {
+        let names: Vec<String> = (0..APPS).map(|i| format!("\"h{i}.bench.test\"")).collect();
+        s.push_str(&format!(
+            "\n[[apps]]\nname = \"app\"\nnetwork = \"bench\"\nhostnames = [{}]\n[[apps.services]]\ninternal_port = 8080\nconcurrency = {{ type = \"requests\", soft_limit = 10000, hard_limit = 20000 }}\nports = [{{ port = 443, handlers = [\"tls\", \"http\"] }}]\n[[machines]]\nid = \"m\"\napp = \"app\"\nregion = \"ams\"\nhost = \"0:2\"\nstate = \"started\"\nendpoint = \"127.0.0.1:8080\"\n",
+            names.join(", ")
+        ));
+    }
+    for i in (0..APPS).filter(|_| !one_app) {
         s.push_str(&format!(
             "\n[[apps]]\nname = \"app{i}\"\nnetwork = \"bench\"\nhostnames = [\"h{i}.bench.test\"]\n[[apps.services]]\ninternal_port = 8080\nconcurrency = {{ type = \"requests\", soft_limit = 10000, hard_limit = 20000 }}\nports = [{{ port = 443, handlers = [\"tls\", \"http\"] }}]\n[[machines]]\nid = \"m{i}\"\napp = \"app{i}\"\nregion = \"ams\"\nhost = \"0:2\"\nstate = \"started\"\nendpoint = \"127.0.0.1:8080\"\n"
         ));
@@ -138,7 +150,8 @@ pub fn bench_platform() -> anyhow::Result<()> {
     let cert = std::fs::read_to_string(work.join("cert.pem"))?;
     let key = std::fs::read_to_string(work.join("key.pem"))?;
     std::fs::write(work.join("haproxy.pem"), format!("{cert}{key}"))?;
-    std::fs::write(work.join("catalog.toml"), catalog(&cert, &key))?;
+    let one_app = std::env::var("SKEIN_APPS").is_ok_and(|v| v == "one");
+    std::fs::write(work.join("catalog.toml"), catalog(&cert, &key, one_app))?;
     std::fs::write(work.join("skein.toml"), SKEIN)?;
     std::fs::write(work.join("backend.conf"), backend_conf(&work))?;
     std::fs::write(work.join("nginx.conf"), nginx_conf(&work))?;

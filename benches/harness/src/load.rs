@@ -153,6 +153,8 @@ struct Stats {
     errors: BTreeMap<String, u64>,
     overflow: u64,
     connections: u64,
+    /// Requests due after the warm-up.
+    measured_sent: u64,
 }
 
 impl Stats {
@@ -231,7 +233,7 @@ pub struct RunResult {
     pub rate: Option<f64>,
     /// How long it ran, seconds.
     pub seconds: f64,
-    /// Requests sent.
+    /// Requests sent after the warm-up.
     pub sent: u64,
     /// Answered with a 2xx.
     pub ok: u64,
@@ -547,14 +549,20 @@ impl Shared {
         if let Some(h) = st.hosts.get_mut(d.host) {
             *h += 1;
         }
+        let measured = due >= st.start + self.scenario.warmup;
+        if measured {
+            st.measured_sent += 1;
+        }
         match r {
             Ok(()) => {
-                let _ = st.total.record(us);
-                let _ = st
-                    .by_kind
-                    .entry(d.kind)
-                    .or_insert_with(histogram)
-                    .record(us);
+                if measured {
+                    let _ = st.total.record(us);
+                    let _ = st
+                        .by_kind
+                        .entry(d.kind)
+                        .or_insert_with(histogram)
+                        .record(us);
+                }
                 let s = st.second(due);
                 s.done += 1;
                 let _ = s.latency.record(us);
@@ -600,6 +608,7 @@ pub async fn run(scenario: &Scenario, target: &Target) -> anyhow::Result<RunResu
             errors: BTreeMap::new(),
             overflow: 0,
             connections: 0,
+            measured_sent: 0,
         }),
         in_flight: AtomicUsize::new(0),
     });
@@ -680,7 +689,11 @@ pub async fn run(scenario: &Scenario, target: &Target) -> anyhow::Result<RunResu
     for (p, n) in &st.protos {
         drawn.insert(format!("{p:?}").to_lowercase(), *n);
     }
-    let secs = scenario.duration.as_secs_f64();
+    // Summary figures cover the time after the warm-up.
+    let secs = (scenario.duration.saturating_sub(scenario.warmup))
+        .as_secs_f64()
+        .max(1e-9);
+    let sent = st.measured_sent.min(sent);
     Ok(RunResult {
         scenario: scenario.name.clone(),
         target: target.name.clone(),
@@ -718,7 +731,7 @@ pub async fn run(scenario: &Scenario, target: &Target) -> anyhow::Result<RunResu
             .seconds
             .iter()
             .enumerate()
-            .filter(|(i, _)| (*i as f64) < secs)
+            .filter(|(i, _)| (*i as f64) < scenario.duration.as_secs_f64())
             .map(|(i, s)| Point {
                 t: i as u64,
                 sent: s.sent,

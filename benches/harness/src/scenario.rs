@@ -68,9 +68,13 @@ pub struct Scenario {
     /// Zipf exponent of hostname popularity.
     #[serde(default = "one")]
     pub zipf: f64,
-    /// How long to load.
+    /// How long to load, warm-up included.
     #[serde(with = "humantime_serde", default = "default_duration")]
     pub duration: Duration,
+    /// The first part of the run, left out of the summary figures (caches,
+    /// connection pools and TLS sessions fill then); still drawn over time.
+    #[serde(with = "humantime_serde", default = "default_warmup")]
+    pub warmup: Duration,
     /// Open loop: requests per second, sent on schedule whatever the answers do.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate: Option<f64>,
@@ -100,6 +104,9 @@ fn default_domain() -> String {
 }
 fn default_duration() -> Duration {
     Duration::from_secs(10)
+}
+fn default_warmup() -> Duration {
+    Duration::from_secs(2)
 }
 fn default_path() -> String {
     "/".into()
@@ -164,6 +171,12 @@ impl Scenario {
         if self.duration.is_zero() {
             p.push("duration: must be above zero".into());
         }
+        if self.warmup >= self.duration {
+            p.push(format!(
+                "warmup: {:?} leaves nothing of duration {:?} to measure",
+                self.warmup, self.duration
+            ));
+        }
         if !self.path.starts_with('/') {
             p.push(format!("path: {:?} does not start with /", self.path));
         }
@@ -183,11 +196,11 @@ mod tests {
     #[test]
     fn a_scenario_parses_and_bad_ones_name_the_field() {
         let s = Scenario::parse(
-            "name = \"x\"\nhostnames = 10\nrate = 100\nduration = \"2s\"\n[mix]\nkeepalive = 0.5\nnew_tls = 0.5\nh2 = 0.25\n",
+            "name = \"x\"\nhostnames = 10\nrate = 100\nduration = \"3s\"\n[mix]\nkeepalive = 0.5\nnew_tls = 0.5\nh2 = 0.25\n",
         )
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(s.hostname(3), "h3.bench.test");
-        assert_eq!(s.duration, Duration::from_secs(2));
+        assert_eq!(s.duration, Duration::from_secs(3));
         let e = Scenario::parse("name = \"x\"\nrate = 1\nconnections = 2\n").unwrap_err();
         assert!(e.contains("rate: give rate"), "{e}");
         let e =

@@ -109,7 +109,7 @@ fn target(addr: SocketAddr) -> Target {
 async fn a_recorded_run_has_the_zipf_and_the_mix_it_was_asked_for() {
     let (addr, seen) = server(|_| Duration::ZERO).await;
     let s = Scenario::parse(
-        "name = \"mix\"\nhostnames = 50\nzipf = 1.0\nconnections = 8\nduration = \"3s\"\n[mix]\nkeepalive = 0.6\nnew_tls = 0.2\nresumed_tls = 0.2\nh2 = 0.5\n",
+        "name = \"mix\"\nhostnames = 50\nzipf = 1.0\nconnections = 8\nduration = \"3s\"\nwarmup = \"0s\"\n[mix]\nkeepalive = 0.6\nnew_tls = 0.2\nresumed_tls = 0.2\nh2 = 0.5\n",
     )
     .unwrap();
     let r = skein_bench::run(&s, &target(addr)).await.unwrap();
@@ -187,7 +187,7 @@ async fn the_open_loop_holds_its_rate_while_the_target_slows_down() {
     })
     .await;
     let s = Scenario::parse(
-        "name = \"open\"\nhostnames = 5\nrate = 200\nduration = \"3s\"\n[mix]\nkeepalive = 1\n",
+        "name = \"open\"\nhostnames = 5\nrate = 200\nduration = \"3s\"\nwarmup = \"0s\"\n[mix]\nkeepalive = 1\n",
     )
     .unwrap();
     let r = skein_bench::run(&s, &target(addr)).await.unwrap();
