@@ -350,6 +350,9 @@ impl Manager {
             }
             metrics::gauge!("skein_acme_due").set(p.due.len() as f64);
 
+            // Once a bound stops new orders this round, the rest of the due
+            // names are still listed (as due), not ordered.
+            let mut blocked = false;
             for d in &p.due {
                 if in_flight.contains(&d.hostname) {
                     continue;
@@ -365,12 +368,14 @@ impl Manager {
                     self.status
                         .update(&d.hostname, &d.app, |s| s.state = State::Due);
                 }
-                if in_flight.len() >= self.cfg.max_in_flight {
-                    break;
+                if blocked || in_flight.len() >= self.cfg.max_in_flight {
+                    blocked = true;
+                    continue;
                 }
                 if paused_until > now {
                     wake = wake.min(paused_until);
-                    break;
+                    blocked = true;
+                    continue;
                 }
                 while started
                     .front()
@@ -384,12 +389,14 @@ impl Manager {
                     }
                     metrics::counter!("skein_acme_rate_limited_total", "by" => "skein")
                         .increment(1);
-                    break;
+                    blocked = true;
+                    continue;
                 }
                 if account.is_none() {
                     if account_retry > now {
                         wake = wake.min(account_retry);
-                        break;
+                        blocked = true;
+                        continue;
                     }
                     match crate::account::load_or_create(&self.cfg, &self.state_dir).await {
                         Ok(a) => {
@@ -402,11 +409,15 @@ impl Manager {
                             self.status.set_account_error(Some(e));
                             account_retry = now + self.cfg.retry_min;
                             wake = wake.min(account_retry);
-                            break;
+                            blocked = true;
+                            continue;
                         }
                     }
                 }
-                let Some(acct) = account.clone() else { break };
+                let Some(acct) = account.clone() else {
+                    blocked = true;
+                    continue;
+                };
                 let failures = st.map(|s| s.failures).unwrap_or(0);
                 let kind = self.cfg.challenges[failures as usize % self.cfg.challenges.len()];
                 in_flight.insert(d.hostname.clone());

@@ -124,6 +124,17 @@ impl Pebble {
         p
     }
 
+    /// Asks pebble (Go) to write every goroutine's stack to its log, for a
+    /// test that saw it stop answering.
+    pub fn dump_goroutines(&self) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill")
+                .args(["-QUIT", &c.id().to_string()])
+                .status();
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
     /// Pebble's log.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("pebble.log")).unwrap_or_default()

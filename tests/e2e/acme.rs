@@ -447,15 +447,32 @@ fn two_hundred_hostnames_in_one_run() {
     let s = setup(
         &nsd,
         &names,
-        "challenges = [\"tls-alpn-01\", \"http-01\"]\nmax_in_flight = 16",
+        "challenges = [\"tls-alpn-01\", \"http-01\"]\nmax_in_flight = 8",
         None,
     );
     let started = Instant::now();
     let t = Instant::now();
+    let (mut last, mut progress) = (0u64, Instant::now());
     loop {
         let v = s.status();
         if v["counts"]["issued"] == 200 {
             break;
+        }
+        let issued = v["counts"]["issued"].as_u64().unwrap_or(0);
+        if issued != last {
+            (last, progress) = (issued, Instant::now());
+        }
+        if progress.elapsed() > Duration::from_secs(45) {
+            // Debian's pebble 2.4 has been seen to wedge under concurrent
+            // orders (every request waiting on its store's lock): say so
+            // with its goroutines rather than as skein's failure.
+            s.pebble.dump_goroutines();
+            let log = s.pebble.log();
+            panic!(
+                "no certificate for 45 s at {issued} issued: {}\npebble (goroutines at the end):\n{}",
+                v["counts"],
+                &log[log.len().saturating_sub(60_000)..]
+            );
         }
         assert!(
             t.elapsed() < Duration::from_secs(240),
@@ -576,4 +593,26 @@ fn two_edges_on_one_address_order_each_name_once_and_answer_for_each_other() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&s.stdout), "web ok");
+}
+
+#[test]
+fn orders_beyond_the_rate_limit_wait_for_the_window() {
+    if !require_nsd("acme rate limit") || !require_pebble("acme rate limit") {
+        return;
+    }
+    let nsd = Nsd::start(&[("test", zone("*.rl IN A 127.0.0.1\n"))]);
+    let names: Vec<String> = (0..5).map(|i| format!("r{i}.rl.test")).collect();
+    // Two new orders per hour: two names get certificates, three wait.
+    let s = setup(&nsd, &names, "max_orders = 2\nrate_window = \"1h\"", None);
+    let t = Instant::now();
+    while s.status()["counts"]["issued"] != 2 {
+        assert!(t.elapsed() < Duration::from_secs(30), "{}", s.status());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let v = s.status();
+    assert_eq!(v["counts"]["issued"], 2, "{v}");
+    assert_eq!(v["counts"]["due"], 3, "{v}");
+    assert_eq!(counter(&s.d, "skein_acme_orders_total", ""), 2, "{v}");
+    assert!(counter(&s.d, "skein_acme_rate_limited_total", "by=\"skein\"") > 0);
 }
