@@ -222,10 +222,16 @@ pub fn bench_platform() -> anyhow::Result<()> {
             .split_whitespace()
             .map(|s| format!("benches/scenarios/{s}.toml"))
             .collect(),
-        Err(_) => ["keepalive", "h2", "new-tls", "platform-mix"]
-            .iter()
-            .map(|s| format!("benches/scenarios/{s}.toml"))
-            .collect(),
+        Err(_) => [
+            "keepalive",
+            "h2",
+            "new-tls",
+            "platform-mix",
+            "platform-mix-churn",
+        ]
+        .iter()
+        .map(|s| format!("benches/scenarios/{s}.toml"))
+        .collect(),
     };
     let bench_bin = root()
         .join("target/release/skein-bench")
@@ -248,6 +254,10 @@ pub fn bench_platform() -> anyhow::Result<()> {
         .arg(format!("nginx=https://127.0.0.1:9444@{nginx_pid}"))
         .arg("--target")
         .arg(format!("haproxy=https://127.0.0.1:9445@{haproxy_pid}"))
+        .arg("--admin")
+        .arg("skein=127.0.0.1:9912")
+        .arg("--admin-token-file")
+        .arg(work.join("state/admin.token"))
         .args(["--out", "target/bench-report", "--label", &label]);
     let r = run(&mut cmd);
     drop(kids);

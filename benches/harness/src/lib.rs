@@ -4,6 +4,7 @@
 //! omission) and its report (JSON, an HTML page with charts, a terminal
 //! table). `cargo xtask bench` drives it against skein and its peers.
 
+pub mod churn;
 pub mod load;
 pub mod report;
 pub mod sample;

@@ -63,6 +63,8 @@ pub struct Target {
     pub tls: bool,
     /// Its processes, whose CPU time per answered request is reported.
     pub pids: Vec<u32>,
+    /// Its admin API, for scenarios with churn.
+    pub admin: Option<crate::churn::Admin>,
 }
 
 /// CPU time (user + system) of processes, in microseconds, from
@@ -121,6 +123,7 @@ impl Target {
             addr,
             tls,
             pids,
+            admin: None,
         })
     }
 }
@@ -262,6 +265,9 @@ pub struct RunResult {
     /// The target's CPU microseconds per answered request, when measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_us_per_req: Option<f64>,
+    /// What the catalog churn did during the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub churn: Option<crate::churn::ChurnResult>,
     /// The target's memory per open connection, KiB, when measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kib_per_conn: Option<f64>,
@@ -614,6 +620,15 @@ pub async fn run(scenario: &Scenario, target: &Target) -> anyhow::Result<RunResu
     });
     let end = start + scenario.duration;
     let cpu_before = cpu_us(&target.pids);
+    let churn = match (&scenario.churn, &target.admin) {
+        (Some(c), Some(admin)) => Some(tokio::spawn(crate::churn::run(
+            c.clone(),
+            admin.clone(),
+            scenario.hostname(0),
+            end,
+        ))),
+        _ => None,
+    };
     let mut tasks = tokio::task::JoinSet::new();
     let mut sent = 0u64;
     match (scenario.rate, scenario.connections) {
@@ -674,6 +689,10 @@ pub async fn run(scenario: &Scenario, target: &Target) -> anyhow::Result<RunResu
     .await;
     tasks.abort_all();
     let cpu = cpu_us(&target.pids).saturating_sub(cpu_before);
+    let churn = match churn {
+        Some(h) => h.await.ok(),
+        None => None,
+    };
     let elapsed = start.elapsed().as_secs_f64().max(1e-9);
     let st = lock(&shared.stats);
     let sent = if scenario.rate.is_some() {
@@ -742,6 +761,7 @@ pub async fn run(scenario: &Scenario, target: &Target) -> anyhow::Result<RunResu
             })
             .collect(),
         cpu_us_per_req: (!target.pids.is_empty() && ok > 0).then(|| cpu as f64 / ok as f64),
+        churn,
         kib_per_conn: None,
     })
 }

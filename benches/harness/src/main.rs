@@ -18,6 +18,13 @@ enum Cli {
         /// with pids, their CPU per request is measured); repeat.
         #[arg(long = "target", required = true)]
         targets: Vec<String>,
+        /// `name=ip:port`: the target's admin API, for scenarios with
+        /// `[churn]` (skein's catalog); repeat.
+        #[arg(long = "admin")]
+        admins: Vec<String>,
+        /// The admin API's bearer token, from this file.
+        #[arg(long)]
+        admin_token_file: Option<PathBuf>,
         /// Where runs and report.html are kept.
         #[arg(long, default_value = "target/bench-report")]
         out: PathBuf,
@@ -50,6 +57,8 @@ fn real_main() -> anyhow::Result<()> {
         Cli::Run {
             scenarios,
             targets,
+            admins,
+            admin_token_file,
             out,
             label,
             threads,
@@ -58,6 +67,27 @@ fn real_main() -> anyhow::Result<()> {
                 .iter()
                 .map(|t| Target::parse(t).map_err(anyhow::Error::msg))
                 .collect::<Result<_, _>>()?;
+            let mut targets = targets;
+            for a in &admins {
+                let (name, addr) = a
+                    .split_once('=')
+                    .ok_or_else(|| anyhow::anyhow!("--admin {a:?}: expected name=ip:port"))?;
+                let file = admin_token_file
+                    .as_ref()
+                    .ok_or_else(|| anyhow::anyhow!("--admin needs --admin-token-file"))?;
+                let token = std::fs::read_to_string(file)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+                let t = targets
+                    .iter_mut()
+                    .find(|t| t.name == name)
+                    .ok_or_else(|| anyhow::anyhow!("--admin {a:?}: no target {name:?}"))?;
+                t.admin = Some(skein_bench::churn::Admin {
+                    addr: addr
+                        .parse()
+                        .map_err(|_| anyhow::anyhow!("--admin {a:?}: {addr:?} is not ip:port"))?,
+                    token: token.trim().to_string(),
+                });
+            }
             let mut list = Vec::new();
             for p in &scenarios {
                 let text = std::fs::read_to_string(p)
@@ -73,6 +103,13 @@ fn real_main() -> anyhow::Result<()> {
             let mut results = Vec::new();
             for s in &list {
                 for t in &targets {
+                    if s.churn.is_some() && t.admin.is_none() {
+                        eprintln!(
+                            "skein-bench: {} -> {}: skipped (churn needs the target's admin API)",
+                            s.name, t.name
+                        );
+                        continue;
+                    }
                     eprintln!("skein-bench: {} -> {}", s.name, t.name);
                     results.push(rt.block_on(skein_bench::run(s, t))?);
                 }

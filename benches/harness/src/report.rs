@@ -80,7 +80,20 @@ impl Report {
         scenarios.dedup();
         for sc in scenarios {
             let rs: Vec<&RunResult> = self.results.iter().filter(|r| r.scenario == sc).collect();
-            let _ = write!(h, "<h2>{}</h2><div class=\"row\">", esc(sc));
+            let _ = write!(h, "<h2>{}</h2>", esc(sc));
+            for r in &rs {
+                if let Some(c) = &r.churn {
+                    let _ = write!(
+                        h,
+                        "<p>{}: catalog churn during the run: {} changes taken ({} certificates rotated), {} failed</p>",
+                        esc(&r.target),
+                        c.ok,
+                        c.certificates,
+                        c.failed
+                    );
+                }
+            }
+            h.push_str("<div class=\"row\">");
             let p99: Vec<(String, Vec<(f64, f64)>)> = rs
                 .iter()
                 .map(|r| {

@@ -94,6 +94,9 @@ pub struct Scenario {
     /// Seed of the draws.
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// Catalog changes while loading (targets with an admin API only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub churn: Option<crate::churn::Churn>,
 }
 
 fn default_hostnames() -> usize {
@@ -176,6 +179,11 @@ impl Scenario {
                 "warmup: {:?} leaves nothing of duration {:?} to measure",
                 self.warmup, self.duration
             ));
+        }
+        if let Some(c) = &self.churn
+            && !(c.rate > 0.0 && c.rate.is_finite())
+        {
+            p.push(format!("churn.rate: {} is not a positive number", c.rate));
         }
         if !self.path.starts_with('/') {
             p.push(format!("path: {:?} does not start with /", self.path));

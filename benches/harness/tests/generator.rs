@@ -248,3 +248,81 @@ fn the_report_builds_from_a_saved_run() {
     let page = skein_bench::report::save(&report, out.path(), 5).unwrap();
     assert!(std::fs::read_to_string(page).unwrap().contains("<svg"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_adds_and_removes_machines_and_rotates_a_certificate_at_its_rate() {
+    // An HTTP server in the admin API's place, recording what it is asked.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let calls: Arc<Mutex<Vec<(String, String, bool)>>> = Arc::default();
+    let c = calls.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = l.accept().await else {
+                continue;
+            };
+            let c = c.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let c = c.clone();
+                    async move {
+                        let authed = req
+                            .headers()
+                            .get("authorization")
+                            .is_some_and(|v| v == "Bearer sekrit");
+                        c.lock().unwrap().push((
+                            req.method().to_string(),
+                            req.uri().path().to_string(),
+                            authed,
+                        ));
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            Bytes::from_static(b"{}"),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    let churn = skein_bench::churn::Churn {
+        rate: 10.0,
+        apps: 3,
+        cert_every: 5,
+        backend: "127.0.0.1:1".into(),
+    };
+    let admin = skein_bench::churn::Admin {
+        addr,
+        token: "sekrit".into(),
+    };
+    let end = Instant::now() + Duration::from_secs(2);
+    let r = skein_bench::churn::run(churn, admin, "h0.bench.test".into(), end).await;
+    let calls = calls.lock().unwrap().clone();
+    assert!(calls.iter().all(|(_, _, authed)| *authed));
+    let puts: Vec<&str> = calls
+        .iter()
+        .filter(|(m, p, _)| m == "PUT" && p.starts_with("/v1/machines/"))
+        .map(|(_, p, _)| p.as_str())
+        .collect();
+    // 10 a second for 2 s.
+    assert!((19..=20).contains(&puts.len()), "{puts:?}");
+    assert_eq!(puts[0], "/v1/machines/churn0");
+    // Each machine is removed after the next one arrives; the last at the end.
+    let deletes = calls
+        .iter()
+        .filter(|(m, p, _)| m == "DELETE" && p.starts_with("/v1/machines/"))
+        .count();
+    assert_eq!(deletes, puts.len());
+    let certs = calls
+        .iter()
+        .filter(|(m, p, _)| m == "PUT" && p == "/v1/certificates/churn-cert")
+        .count();
+    assert_eq!(certs, puts.len().div_ceil(5));
+    assert_eq!(r.certificates as usize, certs);
+    assert_eq!(r.failed, 0);
+    assert_eq!(
+        calls.last().map(|(m, p, _)| (m.as_str(), p.as_str())),
+        Some(("DELETE", "/v1/certificates/churn-cert"))
+    );
+}
