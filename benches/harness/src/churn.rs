@@ -161,7 +161,7 @@ pub async fn run(churn: Churn, admin: Admin, host0: String, end: Instant) -> Chu
                 .await,
             );
         }
-        if churn.cert_every > 0 && n % churn.cert_every == 0 {
+        if churn.cert_every > 0 && n.is_multiple_of(churn.cert_every) {
             let r = match certificate(&host0) {
                 Ok(body) => call(&admin, "PUT", "/v1/certificates/churn-cert", Some(body)).await,
                 Err(e) => Err(e),
