@@ -327,7 +327,7 @@ fn bench_proxy() -> anyhow::Result<()> {
     let key = std::fs::read_to_string(work.join("key.pem"))?;
     std::fs::write(work.join("catalog.toml"), bench_catalog(&cert, &key))?;
     std::fs::write(work.join("skein.toml"), BENCH_CONFIG)?;
-    with_skein(&work, "PROXY_CPUS", 9911, 100, &|| {
+    with_skein(&work, "PROXY_CPUS", 9911, 100, &|_| {
         run(Command::new("bash")
             .arg(&harness)
             .arg("skein=127.0.0.1:9443"))
@@ -358,7 +358,15 @@ fn bench_dns() -> anyhow::Result<()> {
             harness.display()
         );
     }
-    run(Command::new("cargo").args(["build", "--release", "--bin", "skein"]))?;
+    run(Command::new("cargo").args([
+        "build",
+        "--release",
+        "-p",
+        "skein",
+        "-p",
+        "skein-bench",
+        "--bins",
+    ]))?;
     let work = root().join("target/bench/dns");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
@@ -368,12 +376,13 @@ fn bench_dns() -> anyhow::Result<()> {
         "[admin]\nlisten = \"127.0.0.1:9912\"\n[state]\ndir = \"state\"\n[catalog]\nfile = \"catalog.toml\"\n[log]\nlevel = \"warn\"\n[dns]\nenabled = true\nthreads = 1\ndefault_network = \"bench\"\nlisten = [\"127.0.0.1:5403\"]\n",
     )?;
     let peers = work.join("peers");
-    with_skein(&work, "SERVER_CPUS", 9912, 300, &|| {
+    with_skein(&work, "SERVER_CPUS", 9912, 300, &|pid| {
         run(Command::new("bash")
             .arg(&harness)
             .arg("skein=127.0.0.1:5403")
             .env("WORK", &peers))?;
-        dns_latency("skein", "127.0.0.1", "5403", &peers.join("queries.txt"))
+        dns_latency("skein", "127.0.0.1", "5403", &peers.join("queries.txt"))?;
+        platform::dns_pods(&peers, pid)
     })
 }
 
@@ -440,7 +449,7 @@ fn with_skein(
     cpus_var: &str,
     admin_port: u16,
     tries: usize,
-    bench: &dyn Fn() -> anyhow::Result<()>,
+    bench: &dyn Fn(u32) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let cpus = std::env::var(cpus_var).unwrap_or_else(|_| "0".into());
     let mut skein = Command::new("taskset")
@@ -457,7 +466,7 @@ fn with_skein(
         quiet_ok(Command::new("curl").args(["-sf", &readyz]))
     });
     let result = if ready {
-        bench()
+        bench(skein.id())
     } else {
         Err(anyhow::anyhow!(
             "skein did not become ready; see {}",

@@ -263,3 +263,67 @@ pub fn bench_platform() -> anyhow::Result<()> {
     drop(kids);
     r
 }
+
+/// The pods' lookup mix (`benches/scenarios/dns-pods.toml`) against skein's
+/// DNS (already running, `skein_pid`, on 127.0.0.1:5403) and NSD serving the
+/// same zone (the one `dns-peers.sh` wrote into `peers`), each on core 0,
+/// skein-bench on core 1; into the same report as the HTTP scenarios.
+pub fn dns_pods(peers: &Path, skein_pid: u32) -> anyhow::Result<()> {
+    let server_cpus = std::env::var("SERVER_CPUS").unwrap_or_else(|_| "0".into());
+    let load_cpus = std::env::var("LOAD_CPUS").unwrap_or_else(|_| "1".into());
+    let d = peers.join("nsd-pods");
+    std::fs::create_dir_all(&d)?;
+    std::fs::copy(
+        peers.join("cluster.local.zone"),
+        d.join("cluster.local.zone"),
+    )
+    .context("the zone dns-peers.sh writes")?;
+    let dd = d.display();
+    std::fs::write(
+        d.join("nsd.conf"),
+        format!(
+            "server:\n  ip-address: 127.0.0.1@5411\n  server-count: 1\n  username: \"\"\n  zonesdir: \"{dd}\"\n  database: \"\"\n  pidfile: \"{dd}/nsd.pid\"\n  xfrdfile: \"{dd}/xfrd.state\"\n  zonelistfile: \"{dd}/zone.list\"\n  logfile: \"{dd}/nsd.log\"\n  rrl-ratelimit: 0\n  rrl-whitelist-ratelimit: 0\nremote-control:\n  control-enable: no\nzone:\n  name: cluster.local\n  zonefile: cluster.local.zone\n"
+        ),
+    )?;
+    let nsd = Command::new("taskset")
+        .args(["-c", &server_cpus, "nsd", "-d", "-c"])
+        .arg(d.join("nsd.conf"))
+        .stdout(std::fs::File::create(d.join("nsd.out"))?)
+        .stderr(std::fs::File::create(d.join("nsd.err"))?)
+        .spawn()
+        .context("starting nsd")?;
+    let nsd_pid = nsd.id();
+    let _kids = Kids(vec![nsd]);
+    std::thread::sleep(Duration::from_secs(1));
+    // NSD forks its server and xfrd processes (they keep its command line):
+    // measure them all.
+    let pgrep = Command::new("pgrep")
+        .arg("-f")
+        .arg(d.join("nsd.conf"))
+        .output()
+        .context("pgrep")?;
+    let mut pids: Vec<String> = String::from_utf8_lossy(&pgrep.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    if pids.is_empty() {
+        pids.push(nsd_pid.to_string());
+    }
+    let bench_bin = root()
+        .join("target/release/skein-bench")
+        .display()
+        .to_string();
+    run(Command::new("taskset")
+        .args([
+            "-c",
+            &load_cpus,
+            &bench_bin,
+            "run",
+            "benches/scenarios/dns-pods.toml",
+        ])
+        .arg("--target")
+        .arg(format!("skein=udp://127.0.0.1:5403@{skein_pid}"))
+        .arg("--target")
+        .arg(format!("nsd=udp://127.0.0.1:5411@{}", pids.join(",")))
+        .args(["--out", "target/bench-report", "--label", "dns-pods"]))
+}

@@ -5,6 +5,7 @@
 //! table). `cargo xtask bench` drives it against skein and its peers.
 
 pub mod churn;
+pub mod dns;
 pub mod load;
 pub mod report;
 pub mod sample;

@@ -61,6 +61,8 @@ pub struct Target {
     pub addr: SocketAddr,
     /// TLS (else plain HTTP/1.1).
     pub tls: bool,
+    /// A DNS server (`udp://`), for DNS scenarios.
+    pub udp: bool,
     /// Its processes, whose CPU time per answered request is reported.
     pub pids: Vec<u32>,
     /// Its admin API, for scenarios with churn.
@@ -107,12 +109,14 @@ impl Target {
         let (name, url) = s
             .split_once('=')
             .ok_or_else(|| format!("{s:?}: expected name=https://ip:port"))?;
-        let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
-            (true, r)
+        let (tls, udp, rest) = if let Some(r) = url.strip_prefix("https://") {
+            (true, false, r)
         } else if let Some(r) = url.strip_prefix("http://") {
-            (false, r)
+            (false, false, r)
+        } else if let Some(r) = url.strip_prefix("udp://") {
+            (false, true, r)
         } else {
-            return Err(format!("{url:?}: expected https:// or http://"));
+            return Err(format!("{url:?}: expected https://, http:// or udp://"));
         };
         let addr = rest
             .trim_end_matches('/')
@@ -122,6 +126,7 @@ impl Target {
             name: name.to_string(),
             addr,
             tls,
+            udp,
             pids,
             admin: None,
         })
@@ -265,6 +270,9 @@ pub struct RunResult {
     /// The target's CPU microseconds per answered request, when measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_us_per_req: Option<f64>,
+    /// The DNS figures, for a DNS scenario.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<crate::dns::DnsResult>,
     /// What the catalog churn did during the run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub churn: Option<crate::churn::ChurnResult>,
@@ -596,6 +604,9 @@ where
 
 /// Runs `scenario` against `target` and returns what it measured.
 pub async fn run(scenario: &Scenario, target: &Target) -> anyhow::Result<RunResult> {
+    if let Some(mix) = &scenario.dns {
+        return run_dns(scenario, mix, target).await;
+    }
     let start = Instant::now();
     let shared = Arc::new(Shared {
         scenario: scenario.clone(),
@@ -761,7 +772,64 @@ pub async fn run(scenario: &Scenario, target: &Target) -> anyhow::Result<RunResu
             })
             .collect(),
         cpu_us_per_req: (!target.pids.is_empty() && ok > 0).then(|| cpu as f64 / ok as f64),
+        dns: None,
         churn,
         kib_per_conn: None,
+    })
+}
+
+async fn run_dns(
+    scenario: &Scenario,
+    mix: &crate::dns::DnsMix,
+    target: &Target,
+) -> anyhow::Result<RunResult> {
+    if !target.udp {
+        anyhow::bail!("{}: a DNS scenario needs a udp:// target", target.name);
+    }
+    let rate = scenario
+        .rate
+        .ok_or_else(|| anyhow::anyhow!("a DNS scenario needs rate"))?;
+    let d = crate::dns::run(
+        mix,
+        rate,
+        scenario.duration,
+        scenario.warmup,
+        scenario.seed,
+        target.addr,
+        &target.pids,
+    )
+    .await?;
+    let secs = scenario
+        .duration
+        .saturating_sub(scenario.warmup)
+        .as_secs_f64()
+        .max(1e-9);
+    let mut errors = BTreeMap::new();
+    if d.lost > 0 {
+        errors.insert("lost".to_string(), d.lost);
+    }
+    Ok(RunResult {
+        scenario: scenario.name.clone(),
+        target: target.name.clone(),
+        mode: "open".into(),
+        rate: Some(rate),
+        seconds: scenario.duration.as_secs_f64(),
+        sent: d.lookups,
+        ok: d.resolved,
+        errors,
+        overflow: 0,
+        sent_per_second: d.queries_per_second,
+        ok_per_second: d.resolved as f64 / secs,
+        latency_us: d.lookup_us.clone(),
+        by_kind: [("query".to_string(), d.query_us.clone())].into(),
+        drawn: d.forms.clone(),
+        resumed_handshakes: 0,
+        connections: 0,
+        hosts: Vec::new(),
+        series: d.series.clone(),
+        cpu_us_per_req: d.cpu_us_per_query,
+        kib_per_conn: None,
+        dns: Some(d),
+        churn: None,
     })
 }

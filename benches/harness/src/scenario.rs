@@ -94,6 +94,10 @@ pub struct Scenario {
     /// Seed of the draws.
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// A DNS scenario instead of HTTP: lookups as pods make them, `rate` a
+    /// second, against `udp://` targets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<crate::dns::DnsMix>,
     /// Catalog changes while loading (targets with an admin API only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub churn: Option<crate::churn::Churn>,
@@ -179,6 +183,9 @@ impl Scenario {
                 "warmup: {:?} leaves nothing of duration {:?} to measure",
                 self.warmup, self.duration
             ));
+        }
+        if self.dns.is_some() && self.rate.is_none() {
+            p.push("rate: a DNS scenario is open loop: give rate (lookups per second)".into());
         }
         if let Some(c) = &self.churn
             && !(c.rate > 0.0 && c.rate.is_finite())

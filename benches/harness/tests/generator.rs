@@ -326,3 +326,69 @@ async fn churn_adds_and_removes_machines_and_rotates_a_certificate_at_its_rate()
         Some(("DELETE", "/v1/certificates/churn-cert"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_lookups_follow_a_pods_search_path_against_a_real_server() {
+    if !skein_testkit::nsd::require_nsd("skein-bench dns mode") {
+        return;
+    }
+    // 200 Services over 10 namespaces, as NSD (authoritative for
+    // cluster.local only) serves them.
+    let mut zone = String::from(
+        "$ORIGIN cluster.local.\n$TTL 5\n@ IN SOA ns admin 1 60 60 600 5\n@ IN NS ns\nns IN A 127.0.0.1\n",
+    );
+    for i in 0..200 {
+        zone.push_str(&format!(
+            "svc-{i}.ns-{}.svc IN AAAA fd00::{i:x}\nsvc-{i}.ns-{}.svc IN A 10.0.{}.{}\n",
+            i % 10,
+            i % 10,
+            i / 250,
+            i % 250
+        ));
+    }
+    let nsd = skein_testkit::nsd::Nsd::start(&[("cluster.local", zone)]);
+    let s = Scenario::parse(
+        "name = \"pods\"\nrate = 300\nduration = \"3s\"\nwarmup = \"0s\"\n[dns]\nservices = 200\nnamespaces = 10\n",
+    )
+    .unwrap();
+    let t = Target::parse(&format!("nsd=udp://{}", nsd.addr)).unwrap();
+    let r = skein_bench::run(&s, &t).await.unwrap();
+    let d = r.dns.unwrap();
+    assert_eq!(d.lost, 0, "{d:?}");
+    assert_eq!(d.resolved, d.lookups);
+    assert!((880..=901).contains(&d.lookups), "{} lookups", d.lookups);
+    let n = d.lookups as f64;
+    let form = |f: &str| *d.forms.get(f).unwrap_or(&0) as f64;
+    for (f, p) in [
+        ("SameNamespace", 0.5),
+        ("OtherNamespace", 0.3),
+        ("Missing", 0.1),
+        ("Fqdn", 0.1),
+    ] {
+        let tol = 5.0 * (p * (1.0 - p) / n).sqrt();
+        assert!((form(f) / n - p).abs() < tol, "{f}: {:?}", d.forms);
+    }
+    let rc = |c: &str| *d.rcodes.get(c).unwrap_or(&0) as f64;
+    // Every existing Service ends on an answered try: A and AAAA, NOERROR.
+    assert_eq!(
+        rc("NOERROR"),
+        2.0 * (form("SameNamespace") + form("OtherNamespace") + form("Fqdn")),
+        "{:?}",
+        d.rcodes
+    );
+    // A missing one is tried under every suffix: three NXDOMAIN pairs in the
+    // zone, then the bare name, which NSD refuses (not its zone).
+    assert_eq!(rc("REFUSED"), 2.0 * form("Missing"), "{:?}", d.rcodes);
+    // Another namespace's Service is first tried under the pod's own.
+    let other_nx = rc("NXDOMAIN") - 6.0 * form("Missing");
+    assert!(
+        other_nx <= 2.0 * form("OtherNamespace") && other_nx >= 1.7 * form("OtherNamespace"),
+        "{:?} {:?}",
+        d.rcodes,
+        d.forms
+    );
+    assert_eq!(
+        d.queries as f64,
+        rc("NOERROR") + rc("NXDOMAIN") + rc("REFUSED")
+    );
+}
