@@ -69,6 +69,21 @@ pub struct Target {
     pub admin: Option<crate::churn::Admin>,
 }
 
+/// Resident memory of processes, KiB (`VmRSS` in `/proc/<pid>/status`).
+pub fn rss_kib(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|st| {
+            st.lines()
+                .find(|l| l.starts_with("VmRSS:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
 /// CPU time (user + system) of processes, in microseconds, from
 /// `/proc/<pid>/stat`; processes that are gone count 0.
 pub fn cpu_us(pids: &[u32]) -> u64 {
@@ -555,6 +570,10 @@ impl Shared {
 
     async fn one(&self, d: Draw, due: Instant) {
         let r = self.send(d).await;
+        self.record(d, due, r);
+    }
+
+    fn record(&self, d: Draw, due: Instant, r: Result<(), String>) {
         let end = Instant::now();
         let us = end.saturating_duration_since(due).as_micros().max(1) as u64;
         let mut st = lock(&self.stats);
@@ -642,7 +661,15 @@ pub async fn run(scenario: &Scenario, target: &Target) -> anyhow::Result<RunResu
     };
     let mut tasks = tokio::task::JoinSet::new();
     let mut sent = 0u64;
+    let mut memory = None;
     match (scenario.rate, scenario.connections) {
+        _ if scenario.idle.is_some() => {
+            let idle = scenario.idle.clone().unwrap_or(crate::scenario::Idle {
+                connections: 1,
+                request_every: Duration::from_secs(1),
+            });
+            memory = Some(hold_idle(&shared, &idle, end, &mut tasks).await);
+        }
         (Some(rate), _) => {
             let mut drawer = Drawer::new(scenario, target.tls, 0);
             let gap = Duration::from_secs_f64(1.0 / rate);
@@ -774,7 +801,7 @@ pub async fn run(scenario: &Scenario, target: &Target) -> anyhow::Result<RunResu
         cpu_us_per_req: (!target.pids.is_empty() && ok > 0).then(|| cpu as f64 / ok as f64),
         dns: None,
         churn,
-        kib_per_conn: None,
+        kib_per_conn: memory.filter(|_| !target.pids.is_empty()),
     })
 }
 
@@ -832,4 +859,78 @@ async fn run_dns(
         dns: Some(d),
         churn: None,
     })
+}
+
+/// Opens `idle.connections` connections (100 at a time), each sending a
+/// request every `idle.request_every` until `end`; returns the target's
+/// memory growth per connection (KiB), from its RSS before the first and
+/// its highest RSS while all were open.
+async fn hold_idle(
+    shared: &Arc<Shared>,
+    idle: &crate::scenario::Idle,
+    end: Instant,
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> f64 {
+    let pids = shared.target.pids.clone();
+    let before = rss_kib(&pids);
+    let mut drawer = Drawer::new(&shared.scenario, shared.target.tls, 7);
+    let opened = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(tokio::sync::Semaphore::new(100));
+    for i in 0..idle.connections {
+        let mut d = drawer.draw();
+        d.kind = Kind::Keepalive;
+        d.proto = Proto::H1;
+        let (sh, every, opened, gate) = (
+            shared.clone(),
+            idle.request_every,
+            opened.clone(),
+            gate.clone(),
+        );
+        // Spread the requests over the period.
+        let phase = every.mul_f64(i as f64 / idle.connections.max(1) as f64);
+        tasks.spawn(async move {
+            let conn = {
+                let _p = gate.acquire().await;
+                sh.connect(d).await
+            };
+            let mut send = match conn {
+                Ok(Conn::H1(s)) => s,
+                Ok(Conn::H2(_)) | Err(_) => {
+                    let mut st = lock(&sh.stats);
+                    *st.errors.entry("connect".into()).or_insert(0) += 1;
+                    return;
+                }
+            };
+            opened.fetch_add(1, Ordering::Relaxed);
+            let mut due = Instant::now() + phase;
+            while due < end {
+                tokio::time::sleep_until(due.into()).await;
+                lock(&sh.stats).second(due).sent += 1;
+                let r = match sh.request(d) {
+                    Ok(req) => match send.send_request(req).await {
+                        Ok(resp) => {
+                            let ok = resp.status().is_success();
+                            match resp.into_body().collect().await {
+                                Ok(_) if ok => Ok(()),
+                                Ok(_) => Err("status".to_string()),
+                                Err(e) => Err(format!("body: {e}")),
+                            }
+                        }
+                        Err(e) => Err(format!("h1: {e}")),
+                    },
+                    Err(e) => Err(e),
+                };
+                sh.record(d, due, r);
+                due += every;
+            }
+        });
+    }
+    // The highest RSS while the connections are held.
+    let mut peak = before;
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        peak = peak.max(rss_kib(&pids));
+    }
+    let n = opened.load(Ordering::Relaxed).max(1);
+    peak.saturating_sub(before) as f64 / n as f64
 }

@@ -53,6 +53,24 @@ impl Default for Mix {
     }
 }
 
+/// `[idle]`: `connections` HTTPS/1.1 connections opened and kept, each
+/// sending one request every `request_every` (as browsers and API clients
+/// hold connections open between requests); the target's memory per
+/// connection is measured.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Idle {
+    /// Connections held.
+    pub connections: usize,
+    /// Time between two requests on one connection.
+    #[serde(with = "humantime_serde", default = "default_request_every")]
+    pub request_every: Duration,
+}
+
+fn default_request_every() -> Duration {
+    Duration::from_secs(1)
+}
+
 /// A load scenario.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -98,6 +116,9 @@ pub struct Scenario {
     /// second, against `udp://` targets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<crate::dns::DnsMix>,
+    /// Many mostly idle connections instead of a request rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle: Option<Idle>,
     /// Catalog changes while loading (targets with an admin API only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub churn: Option<crate::churn::Churn>,
@@ -147,6 +168,10 @@ impl Scenario {
             p.push(format!("zipf: {} is outside 0..=10", self.zipf));
         }
         match (self.rate, self.connections) {
+            _ if self.idle.as_ref().is_some_and(|i| i.connections == 0) => {
+                p.push("idle.connections: must be at least 1".into())
+            }
+            _ if self.idle.is_some() => {}
             (Some(_), Some(_)) => {
                 p.push("rate: give rate (open loop) or connections (closed loop), not both".into())
             }

@@ -392,3 +392,25 @@ async fn dns_lookups_follow_a_pods_search_path_against_a_real_server() {
         rc("NOERROR") + rc("NXDOMAIN") + rc("REFUSED")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_held_and_the_targets_memory_per_connection_measured() {
+    let (addr, seen) = server(|_| Duration::ZERO).await;
+    let s = Scenario::parse(
+        "name = \"idle\"\nhostnames = 20\nduration = \"3s\"\nwarmup = \"1s\"\n[idle]\nconnections = 300\nrequest_every = \"1s\"\n",
+    )
+    .unwrap();
+    let r = skein_bench::run(&s, &target(addr)).await.unwrap();
+    // 300 connections, opened once and kept: each sent one request a second.
+    assert_eq!(seen.connections.load(Ordering::Relaxed), 300);
+    assert_eq!(r.connections, 300);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    // Three each in 3 s (a connection opened late under load may miss its
+    // last one, never sends more).
+    let total = seen.requests.load(Ordering::Relaxed);
+    assert!((700..=900).contains(&total), "{total} requests");
+    // The server is this process (so its client side counts too): holding
+    // 300 TLS connections grew it.
+    let kib = r.kib_per_conn.unwrap();
+    assert!(kib > 1.0 && kib < 1024.0, "{kib} KiB per connection");
+}
