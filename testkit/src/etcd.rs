@@ -3,7 +3,7 @@
 
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -11,20 +11,13 @@ use std::time::{Duration, Instant};
 /// binary is missing. With `SKEIN_REQUIRE_ETCD` set (as `cargo xtask test`
 /// does) a missing etcd fails the test instead.
 pub fn require_etcd(test: &str) -> bool {
-    let found = Command::new("etcd")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if found {
-        return true;
-    }
-    if std::env::var_os("SKEIN_REQUIRE_ETCD").is_some() {
-        panic!("{test}: etcd is not installed (apt-get install etcd-server etcd-client)");
-    }
-    println!("skipped: needs etcd: {test}");
-    false
+    crate::require_program(
+        test,
+        "etcd",
+        &["--version"],
+        "etcd-server etcd-client",
+        "SKEIN_REQUIRE_ETCD",
+    )
 }
 
 fn free_port() -> u16 {

@@ -35,6 +35,17 @@ pub fn require_root(test: &str) -> bool {
 /// says so) when `bin` is missing. With `SKEIN_REQUIRE_PEERS` set (as `cargo
 /// xtask test` does, after installing them) a missing peer fails the test.
 pub fn require_binary(test: &str, bin: &str, version_args: &[&str], package: &str) -> bool {
+    require_program(test, bin, version_args, package, "SKEIN_REQUIRE_PEERS")
+}
+
+/// [`require_binary`] with the variable that makes a missing `bin` a failure.
+pub(crate) fn require_program(
+    test: &str,
+    bin: &str,
+    version_args: &[&str],
+    package: &str,
+    required_by: &str,
+) -> bool {
     let found = Command::new(bin)
         .args(version_args)
         .stdout(Stdio::null())
@@ -44,7 +55,7 @@ pub fn require_binary(test: &str, bin: &str, version_args: &[&str], package: &st
     if found {
         return true;
     }
-    if std::env::var_os("SKEIN_REQUIRE_PEERS").is_some() {
+    if std::env::var_os(required_by).is_some() {
         panic!("{test}: {bin} is not installed (apt-get install {package})");
     }
     println!("skipped: needs {bin}: {test}");

@@ -21,32 +21,6 @@ fn zone(records: &str) -> String {
     )
 }
 
-/// A backend answering every request with "web ok".
-fn backend() -> u16 {
-    use std::io::{Read, Write};
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 1024];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut chunk) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let _ = s.write_all(
-                    b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nweb ok",
-                );
-            });
-        }
-    });
-    port
-}
-
 struct Setup {
     d: Daemon,
     pebble: Pebble,
@@ -105,7 +79,7 @@ state = "started"
 endpoint = "127.0.0.1:{backend}"
 "#,
             names = names.join(", "),
-            backend = backend(),
+            backend = http_backend("web ok"),
         ),
     )
     .unwrap();

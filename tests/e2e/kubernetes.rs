@@ -4,38 +4,13 @@
 //! pod its EndpointSlice names, and leaves routing when the pod is not ready.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::time::Duration;
 
 use serde_json::json;
 use skein_testkit::kube::Fake;
 
 use crate::support::*;
-
-/// A pod: answers every request with its name.
-fn pod_server() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 1024];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut chunk) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let _ = s.write_all(
-                    b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nConnection: close\r\n\r\nshop-0 ok",
-                );
-            });
-        }
-    });
-    port
-}
 
 /// `GET /` through the proxy for `host`: (status, body).
 fn get(proxy: u16, host: &str) -> (u16, String) {
@@ -98,7 +73,7 @@ fn an_annotated_service_is_served_by_the_proxy_from_its_ready_pods() {
     );
     fake.put("endpointslices", slice(true));
 
-    let pod = pod_server();
+    let pod = http_backend("shop-0 ok");
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("catalog.toml"),

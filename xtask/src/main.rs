@@ -288,6 +288,47 @@ max_connections = 20000
 listeners = [{ bind = "127.0.0.1:9443", port = 443 }]
 "#;
 
+/// A self-signed ECDSA P-256 certificate for `cn` with `sans` (openssl
+/// syntax), written as `cert.pem` and `key.pem` in `dir`; returns both PEMs.
+fn self_signed(dir: &std::path::Path, cn: &str, sans: &str) -> anyhow::Result<(String, String)> {
+    run(Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args([
+            "-nodes", "-keyout", "key.pem", "-out", "cert.pem", "-days", "7",
+        ])
+        .args([
+            "-subj",
+            &format!("/CN={cn}"),
+            "-addext",
+            &format!("subjectAltName={sans}"),
+        ])
+        .current_dir(dir))?;
+    Ok((
+        std::fs::read_to_string(dir.join("cert.pem"))?,
+        std::fs::read_to_string(dir.join("key.pem"))?,
+    ))
+}
+
+/// Builds the release binaries of the benches.
+fn build_release() -> anyhow::Result<()> {
+    run(Command::new("cargo").args([
+        "build",
+        "--release",
+        "-p",
+        "skein",
+        "-p",
+        "skein-bench",
+        "--bins",
+    ]))
+}
+
 fn bench_proxy() -> anyhow::Result<()> {
     let harness = root().join("../shared/bench/proxy-peers.sh");
     if !harness.exists() {
@@ -297,34 +338,11 @@ fn bench_proxy() -> anyhow::Result<()> {
         );
     }
     apt_ensure(&["nginx-light", "haproxy", "wrk", "nghttp2-client", "openssl"])?;
-    run(Command::new("cargo").args(["build", "--release", "--bin", "skein"]))?;
+    build_release()?;
     let work = root().join("target/bench/proxy");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
-    run(Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ])
-        .args([
-            "-keyout",
-            "key.pem",
-            "-out",
-            "cert.pem",
-            "-days",
-            "7",
-            "-subj",
-            "/CN=bench.local",
-        ])
-        .args(["-addext", "subjectAltName=DNS:bench.local,DNS:localhost"])
-        .current_dir(&work))?;
-    let cert = std::fs::read_to_string(work.join("cert.pem"))?;
-    let key = std::fs::read_to_string(work.join("key.pem"))?;
+    let (cert, key) = self_signed(&work, "bench.local", "DNS:bench.local,DNS:localhost")?;
     std::fs::write(work.join("catalog.toml"), bench_catalog(&cert, &key))?;
     std::fs::write(work.join("skein.toml"), BENCH_CONFIG)?;
     with_skein(&work, "PROXY_CPUS", 9911, 100, &|_| {
@@ -358,15 +376,7 @@ fn bench_dns() -> anyhow::Result<()> {
             harness.display()
         );
     }
-    run(Command::new("cargo").args([
-        "build",
-        "--release",
-        "-p",
-        "skein",
-        "-p",
-        "skein-bench",
-        "--bins",
-    ]))?;
+    build_release()?;
     let work = root().join("target/bench/dns");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;

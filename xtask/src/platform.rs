@@ -111,44 +111,13 @@ fn haproxy_conf(d: &Path) -> String {
 /// Runs the bench.
 pub fn bench_platform() -> anyhow::Result<()> {
     apt_ensure(&["nginx-light", "haproxy", "openssl"])?;
-    run(Command::new("cargo").args([
-        "build",
-        "--release",
-        "-p",
-        "skein",
-        "-p",
-        "skein-bench",
-        "--bins",
-    ]))?;
+    crate::build_release()?;
     let proxy_cpus = std::env::var("PROXY_CPUS").unwrap_or_else(|_| "0".into());
     let load_cpus = std::env::var("LOAD_CPUS").unwrap_or_else(|_| "1".into());
     let work = root().join("target/bench/platform");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(work.join("tmp"))?;
-    run(Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ])
-        .args([
-            "-keyout",
-            "key.pem",
-            "-out",
-            "cert.pem",
-            "-days",
-            "7",
-            "-subj",
-            "/CN=bench.test",
-        ])
-        .args(["-addext", "subjectAltName=DNS:*.bench.test,DNS:bench.test"])
-        .current_dir(&work))?;
-    let cert = std::fs::read_to_string(work.join("cert.pem"))?;
-    let key = std::fs::read_to_string(work.join("key.pem"))?;
+    let (cert, key) = crate::self_signed(&work, "bench.test", "DNS:*.bench.test,DNS:bench.test")?;
     std::fs::write(work.join("haproxy.pem"), format!("{cert}{key}"))?;
     let one_app = std::env::var("SKEIN_APPS").is_ok_and(|v| v == "one");
     std::fs::write(work.join("catalog.toml"), catalog(&cert, &key, one_app))?;

@@ -19,7 +19,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
 
-use crate::load::{Percentiles, Point, cpu_us};
+use crate::load::{Percentiles, Point, cpu_us, histogram};
 use crate::sample::{Rng, Weighted, Zipf};
 
 /// `[dns]` in a scenario: what the pods look up.
@@ -168,11 +168,6 @@ pub struct DnsResult {
     /// The server's CPU per query, us.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_us_per_query: Option<f64>,
-}
-
-#[allow(clippy::expect_used)] // constant bounds that hdrhistogram accepts
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 100_000_000, 3).expect("valid histogram bounds")
 }
 
 struct Acc {
@@ -397,8 +392,8 @@ pub async fn run(
         queries_per_second: a.queries as f64 / secs,
         rcodes: a.rcodes.clone(),
         lost: a.lost,
-        lookup_us: percentiles(&a.lookup),
-        query_us: percentiles(&a.query),
+        lookup_us: Percentiles::of(&a.lookup),
+        query_us: Percentiles::of(&a.query),
         forms: a.forms.clone(),
         series: a
             .seconds
@@ -418,15 +413,4 @@ pub async fn run(
             _ => None,
         },
     })
-}
-
-fn percentiles(h: &Histogram<u64>) -> Percentiles {
-    Percentiles {
-        count: h.len(),
-        p50: h.value_at_quantile(0.50),
-        p90: h.value_at_quantile(0.90),
-        p99: h.value_at_quantile(0.99),
-        p999: h.value_at_quantile(0.999),
-        max: h.max(),
-    }
 }

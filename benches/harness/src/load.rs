@@ -159,7 +159,7 @@ struct Second {
 
 /// 1 us .. 100 s at 3 significant digits.
 #[allow(clippy::expect_used)] // constant bounds that hdrhistogram accepts
-fn histogram() -> Histogram<u64> {
+pub(crate) fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 100_000_000, 3).expect("valid histogram bounds")
 }
 
@@ -213,7 +213,8 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    fn of(h: &Histogram<u64>) -> Self {
+    /// The percentiles of a histogram.
+    pub fn of(h: &Histogram<u64>) -> Self {
         Percentiles {
             count: h.len(),
             p50: h.value_at_quantile(0.50),
