@@ -6,7 +6,8 @@
 //! core 1 (LOAD_CPUS). The report (JSON, HTML with charts, history of earlier
 //! runs) goes to target/bench-report/. `SKEIN_APPS=one` gives skein one app
 //! with every hostname (one upstream pool, as the peers have) instead of
-//! 1,000 apps with a machine each; `SCENARIOS="keepalive h2"` picks scenarios.
+//! 1,000 apps with a machine each; `SCENARIOS="keepalive h2"` picks scenarios;
+//! `REPEAT=3` runs each three times, interleaved, and reports the median run.
 
 use std::path::Path;
 use std::process::{Child, Command};
@@ -230,7 +231,11 @@ pub fn bench_platform() -> anyhow::Result<()> {
         .arg("skein=127.0.0.1:9912")
         .arg("--admin-token-file")
         .arg(work.join("state/admin.token"))
-        .args(["--out", "target/bench-report", "--label", &label]);
+        .args(["--out", "target/bench-report", "--label", &label])
+        .args([
+            "--repeat",
+            &std::env::var("REPEAT").unwrap_or_else(|_| "1".into()),
+        ]);
     let r = run(&mut cmd);
     drop(kids);
     r

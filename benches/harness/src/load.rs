@@ -250,6 +250,9 @@ pub struct RunResult {
     pub scenario: String,
     /// The target.
     pub target: String,
+    /// Which repeat of the scenario against the target (0 for the first).
+    #[serde(default)]
+    pub repeat: u32,
     /// `open` or `closed`.
     pub mode: String,
     /// The configured rate (open loop).
@@ -755,6 +758,7 @@ pub async fn run(scenario: &Scenario, target: &Target) -> anyhow::Result<RunResu
     Ok(RunResult {
         scenario: scenario.name.clone(),
         target: target.name.clone(),
+        repeat: 0,
         mode: if scenario.rate.is_some() {
             "open"
         } else {
@@ -839,6 +843,7 @@ async fn run_dns(
     Ok(RunResult {
         scenario: scenario.name.clone(),
         target: target.name.clone(),
+        repeat: 0,
         mode: "open".into(),
         rate: Some(rate),
         seconds: scenario.duration.as_secs_f64(),

@@ -34,6 +34,11 @@ enum Cli {
         /// Load threads.
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// Runs of every scenario against every target, interleaved (all
+        /// targets once, then again), so noise falls on all of them; the
+        /// table and charts show the run with the median p99.
+        #[arg(long, default_value_t = 1)]
+        repeat: u32,
     },
     /// Builds report.html from a saved run (JSON) and the runs beside it.
     Report {
@@ -62,6 +67,7 @@ fn real_main() -> anyhow::Result<()> {
             out,
             label,
             threads,
+            repeat,
         } => {
             let targets: Vec<Target> = targets
                 .iter()
@@ -101,17 +107,21 @@ fn real_main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             let mut results = Vec::new();
-            for s in &list {
-                for t in &targets {
-                    if s.churn.is_some() && t.admin.is_none() {
-                        eprintln!(
-                            "skein-bench: {} -> {}: skipped (churn needs the target's admin API)",
-                            s.name, t.name
-                        );
-                        continue;
+            for rep in 0..repeat.max(1) {
+                for s in &list {
+                    for t in &targets {
+                        if s.churn.is_some() && t.admin.is_none() {
+                            eprintln!(
+                                "skein-bench: {} -> {}: skipped (churn needs the target's admin API)",
+                                s.name, t.name
+                            );
+                            continue;
+                        }
+                        eprintln!("skein-bench: {} -> {} (run {})", s.name, t.name, rep + 1);
+                        let mut r = rt.block_on(skein_bench::run(s, t))?;
+                        r.repeat = rep;
+                        results.push(r);
                     }
-                    eprintln!("skein-bench: {} -> {}", s.name, t.name);
-                    results.push(rt.block_on(skein_bench::run(s, t))?);
                 }
             }
             let report = Report {

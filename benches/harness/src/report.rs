@@ -29,12 +29,38 @@ impl Report {
         serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
     }
 
+    /// One result per scenario and target: with repeats, the run whose p99
+    /// is the median (a real run, not a blend), with how many runs there
+    /// were and the lowest and highest p99 among them (ms).
+    pub fn medians(&self) -> Vec<(&RunResult, usize, (f64, f64))> {
+        let mut keys: Vec<(&str, &str)> = Vec::new();
+        for r in &self.results {
+            let k = (r.scenario.as_str(), r.target.as_str());
+            if !keys.contains(&k) {
+                keys.push(k);
+            }
+        }
+        keys.into_iter()
+            .filter_map(|(sc, t)| {
+                let mut runs: Vec<&RunResult> = self
+                    .results
+                    .iter()
+                    .filter(|r| r.scenario == sc && r.target == t)
+                    .collect();
+                runs.sort_by_key(|r| r.latency_us.p99);
+                let ms = |r: &RunResult| r.latency_us.p99 as f64 / 1000.0;
+                let range = (ms(runs.first()?), ms(runs.last()?));
+                Some((*runs.get((runs.len() - 1) / 2)?, runs.len(), range))
+            })
+            .collect()
+    }
+
     /// The terminal table.
     pub fn table(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{:<18} {:<10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>8} {:>9}",
+            "{:<18} {:<10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>8} {:>9} {:>4} {:>15}",
             "scenario",
             "target",
             "sent/s",
@@ -43,13 +69,15 @@ impl Report {
             "p99 ms",
             "p99.9 ms",
             "errors",
-            "cpu us/r"
+            "cpu us/r",
+            "runs",
+            "p99 range ms"
         );
-        for r in &self.results {
+        for (r, runs, (lo, hi)) in self.medians() {
             let errors: u64 = r.errors.values().sum();
             let _ = writeln!(
                 out,
-                "{:<18} {:<10} {:>10.0} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>8} {:>9}",
+                "{:<18} {:<10} {:>10.0} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>8} {:>9} {:>4} {:>15}",
                 r.scenario,
                 r.target,
                 r.sent_per_second,
@@ -60,6 +88,8 @@ impl Report {
                 errors,
                 r.cpu_us_per_req
                     .map_or("-".to_string(), |c| format!("{c:.1}")),
+                runs,
+                format!("{lo:.1}-{hi:.1}"),
             );
         }
         out
@@ -76,10 +106,19 @@ impl Report {
             esc(&self.label)
         );
         let _ = write!(h, "<h2>Summary</h2><pre>{}</pre>", esc(&self.table()));
-        let mut scenarios: Vec<&str> = self.results.iter().map(|r| r.scenario.as_str()).collect();
-        scenarios.dedup();
+        let mut scenarios: Vec<&str> = Vec::new();
+        for r in &self.results {
+            if !scenarios.contains(&r.scenario.as_str()) {
+                scenarios.push(&r.scenario);
+            }
+        }
         for sc in scenarios {
-            let rs: Vec<&RunResult> = self.results.iter().filter(|r| r.scenario == sc).collect();
+            let medians = self.medians();
+            let rs: Vec<&RunResult> = medians
+                .iter()
+                .map(|(r, _, _)| *r)
+                .filter(|r| r.scenario == sc)
+                .collect();
             let _ = write!(h, "<h2>{}</h2>", esc(sc));
             for r in &rs {
                 if let Some(c) = &r.churn {
@@ -161,10 +200,10 @@ impl Report {
             for r in &rs {
                 let mut pts = Vec::new();
                 for (i, old) in history.iter().chain(std::iter::once(self)).enumerate() {
-                    if let Some(o) = old
-                        .results
-                        .iter()
-                        .find(|o| o.scenario == sc && o.target == r.target)
+                    if let Some((o, _, _)) = old
+                        .medians()
+                        .into_iter()
+                        .find(|(o, _, _)| o.scenario == sc && o.target == r.target)
                     {
                         pts.push((i as f64, o.latency_us.p99 as f64 / 1000.0));
                     }

@@ -243,6 +243,25 @@ fn the_report_builds_from_a_saved_run() {
         table.contains("skein") && table.contains("nginx"),
         "{table}"
     );
+    // Repeats: the table and charts take the run with the median p99.
+    let mut repeated = report.clone();
+    for (rep, p99) in [(1u32, 9_000u64), (2, 1_000)] {
+        let mut r = report.results[0].clone();
+        r.repeat = rep;
+        r.latency_us.p99 = p99;
+        repeated.results.push(r);
+    }
+    let medians = repeated.medians();
+    assert_eq!(medians.len(), report.results.len());
+    let (skein, runs, (lo, hi)) = medians[0];
+    assert_eq!((skein.target.as_str(), runs), ("skein", 3));
+    assert_eq!(skein.latency_us.p99, report.results[0].latency_us.p99);
+    assert_eq!((lo, hi), (1.0, 9.0));
+    assert!(repeated.table().contains("1.0-9.0"), "{}", repeated.table());
+    assert!(
+        table.contains("skein") && table.contains("nginx"),
+        "{table}"
+    );
     // save() writes the JSON and the page.
     let out = tempfile::tempdir().unwrap();
     let page = skein_bench::report::save(&report, out.path(), 5).unwrap();
