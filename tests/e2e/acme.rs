@@ -115,6 +115,9 @@ retry_min = "1s"
 retry_max = "3s"
 order_timeout = "30s"
 share_wait = "300ms"
+# Debian's pebble 2.4 has deadlocked under many concurrent orders (see the
+# 200-name test): keep each edge's orders in flight low.
+max_in_flight = 4
 {acme}
 [acme.ownership]
 platform = ["127.0.0.1/32"]
@@ -421,7 +424,7 @@ fn two_hundred_hostnames_in_one_run() {
     let s = setup(
         &nsd,
         &names,
-        "challenges = [\"tls-alpn-01\", \"http-01\"]\nmax_in_flight = 8",
+        "challenges = [\"tls-alpn-01\", \"http-01\"]",
         None,
     );
     let started = Instant::now();
