@@ -62,6 +62,21 @@ pub(crate) fn require_program(
     false
 }
 
+/// Starts `cmd` with stdin closed and stdout and stderr into `log`,
+/// panicking with `what` if it cannot start.
+pub fn spawn_logged(cmd: &mut Command, log: &std::path::Path, what: &str) -> std::process::Child {
+    let out = File::create(log).ok();
+    cmd.stdin(Stdio::null())
+        .stdout(
+            out.as_ref()
+                .and_then(|f| f.try_clone().ok())
+                .map_or(Stdio::null(), Stdio::from),
+        )
+        .stderr(out.map_or(Stdio::null(), Stdio::from))
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {what}: {e}"))
+}
+
 /// A free TCP port on loopback.
 pub fn free_tcp_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -3,7 +3,7 @@
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 /// Call first in a test that needs NSD: false (and says so) when it is
@@ -55,20 +55,11 @@ impl Nsd {
         }
         let conf_path = self.dir.join("nsd.conf");
         std::fs::write(&conf_path, conf).unwrap_or_else(|e| panic!("nsd.conf: {e}"));
-        let out = std::fs::File::create(self.dir.join("nsd.out")).ok();
-        let child = Command::new("nsd")
-            .arg("-c")
-            .arg(&conf_path)
-            .arg("-d")
-            .stdin(Stdio::null())
-            .stdout(
-                out.as_ref()
-                    .and_then(|f| f.try_clone().ok())
-                    .map_or(Stdio::null(), Stdio::from),
-            )
-            .stderr(out.map_or(Stdio::null(), Stdio::from))
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting nsd: {e}"));
+        let child = crate::spawn_logged(
+            Command::new("nsd").arg("-c").arg(&conf_path).arg("-d"),
+            &self.dir.join("nsd.out"),
+            "nsd",
+        );
         self.child = Some(child);
         // Ready when it answers a query for the first zone's SOA.
         let origin = zones.first().map(|z| z.0).unwrap_or(".");

@@ -4,7 +4,7 @@
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 /// Call first in a test that needs pebble (see [`crate::require_binary`]).
@@ -80,31 +80,23 @@ impl Pebble {
                     .unwrap_or_default()
             ),
         );
-        let out = std::fs::File::create(dir.join("pebble.log")).ok();
-        let child = Command::new("pebble")
-            .arg("-config")
-            .arg(&config)
-            .arg("-dnsserver")
-            .arg(dns.to_string())
-            // Validate at once (pebble otherwise sleeps up to 15 s first).
-            .env("PEBBLE_VA_NOSLEEP", "1")
-            // Debian's pebble 2.4 deadlocks under concurrent orders when it
-            // looks for a reusable authorization (seen here with 16 in
-            // flight: FindValidAuthorization holds the store's read lock
-            // while AddChallenge waits for its write lock, and every later
-            // request queues behind them). Skein's side of that (orders time
-            // out, naming the step, and are retried) is right either way;
-            // the test wants a CA that answers.
-            .env("PEBBLE_AUTHZREUSE", "0")
-            .stdin(Stdio::null())
-            .stdout(
-                out.as_ref()
-                    .and_then(|f| f.try_clone().ok())
-                    .map_or(Stdio::null(), Stdio::from),
-            )
-            .stderr(out.map_or(Stdio::null(), Stdio::from))
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting pebble: {e}"));
+        let child = crate::spawn_logged(
+            Command::new("pebble")
+                .arg("-config")
+                .arg(&config)
+                .arg("-dnsserver")
+                .arg(dns.to_string())
+                // Validate at once (pebble otherwise sleeps up to 15 s first).
+                .env("PEBBLE_VA_NOSLEEP", "1")
+                // Debian's pebble 2.4 has deadlocked under concurrent orders
+                // (every handler waiting on its memory store's lock); the
+                // goroutines of one wedge showed FindValidAuthorization, so
+                // authorization reuse is off. It has wedged without it too:
+                // the ACME tests also keep orders in flight low.
+                .env("PEBBLE_AUTHZREUSE", "0"),
+            &dir.join("pebble.log"),
+            "pebble",
+        );
         let p = Pebble {
             child: Some(child),
             directory: format!("https://127.0.0.1:{port}/dir"),

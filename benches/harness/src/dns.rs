@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
 
 use crate::load::{Percentiles, Point, cpu_us, histogram};
-use crate::sample::{Rng, Weighted, Zipf};
+use crate::sample::{OpenLoop, Rng, Weighted, Zipf};
 
 /// `[dns]` in a scenario: what the pods look up.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -252,17 +252,9 @@ pub async fn run(
     let zipf = Zipf::new(mix.services.max(1), 1.0);
     let mut rng = Rng::new(seed);
     let mut cpu_before = None;
-    let gap = Duration::from_secs_f64(1.0 / rate.max(0.001));
-    let end = start + duration;
+    let mut schedule = OpenLoop::new(start, rate, start + duration);
     let mut tasks = tokio::task::JoinSet::new();
-    let mut i: u32 = 0;
-    loop {
-        let due = start + gap.mul_f64(f64::from(i));
-        if due >= end {
-            break;
-        }
-        i = i.saturating_add(1);
-        tokio::time::sleep_until(due.into()).await;
+    while let Some(due) = schedule.next().await {
         if cpu_before.is_none() && due >= start + warmup {
             cpu_before = Some((cpu_us(pids), Instant::now()));
         }

@@ -27,7 +27,7 @@ use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 use serde::Serialize;
 use tokio::net::TcpStream;
 
-use crate::sample::{Rng, Weighted, Zipf};
+use crate::sample::{OpenLoop, Rng, Weighted, Zipf};
 use crate::scenario::Scenario;
 
 /// How a request travels.
@@ -676,15 +676,8 @@ pub async fn run(scenario: &Scenario, target: &Target) -> anyhow::Result<RunResu
         }
         (Some(rate), _) => {
             let mut drawer = Drawer::new(scenario, target.tls, 0);
-            let gap = Duration::from_secs_f64(1.0 / rate);
-            let mut i: u32 = 0;
-            loop {
-                let due = start + gap.mul_f64(f64::from(i));
-                if due >= end {
-                    break;
-                }
-                i = i.saturating_add(1);
-                tokio::time::sleep_until(due.into()).await;
+            let mut schedule = OpenLoop::new(start, rate, end);
+            while let Some(due) = schedule.next().await {
                 let d = drawer.draw();
                 let now = Instant::now();
                 if shared.in_flight.load(Ordering::Relaxed) >= scenario.max_in_flight {

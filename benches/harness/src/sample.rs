@@ -2,6 +2,40 @@
 //! connection, which protocol. Deterministic from a seed, so a run can be
 //! repeated exactly.
 
+/// An open-loop schedule: event `i` is due at `start + i / rate`, until
+/// `end`, whatever happened to the earlier ones.
+#[derive(Debug)]
+pub struct OpenLoop {
+    start: std::time::Instant,
+    gap: std::time::Duration,
+    end: std::time::Instant,
+    i: u32,
+}
+
+impl OpenLoop {
+    /// `rate` events a second from `start` until `end`.
+    pub fn new(start: std::time::Instant, rate: f64, end: std::time::Instant) -> Self {
+        OpenLoop {
+            start,
+            gap: std::time::Duration::from_secs_f64(1.0 / rate.max(0.001)),
+            end,
+            i: 0,
+        }
+    }
+
+    /// Waits until the next event is due and returns when it was due; `None`
+    /// at the end.
+    pub async fn next(&mut self) -> Option<std::time::Instant> {
+        let due = self.start + self.gap.mul_f64(f64::from(self.i));
+        if due >= self.end {
+            return None;
+        }
+        self.i = self.i.saturating_add(1);
+        tokio::time::sleep_until(due.into()).await;
+        Some(due)
+    }
+}
+
 /// SplitMix64: small, fast, good enough to pick load (not for secrets).
 #[derive(Clone, Debug)]
 pub struct Rng(u64);
