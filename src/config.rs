@@ -290,6 +290,19 @@ impl Config {
             if self.proxy.max_header_bytes < 1024 {
                 bad("proxy.max_header_bytes", "must be at least 1024".into());
             }
+            let b = &self.proxy.backhaul;
+            if b.enabled && self.host.name.is_none() {
+                bad(
+                    "proxy.backhaul.enabled",
+                    "the backhaul needs host.name: which machines are this host's own".into(),
+                );
+            }
+            if b.enabled && b.max_connections == 0 {
+                bad(
+                    "proxy.backhaul.max_connections",
+                    "must be at least 1".into(),
+                );
+            }
         }
         if self.dns.enabled && self.dns.listen.is_empty() {
             bad(

@@ -162,13 +162,15 @@ pub async fn start(cfg: Config, builtin: Option<Document>) -> anyhow::Result<Run
     }
 
     if cfg.proxy.enabled {
-        let proxy = skein_proxy::Proxy::with_challenges(
+        let proxy = skein_proxy::Proxy::on_host(
             cfg.proxy.clone(),
             cfg.host.region.clone(),
+            cfg.host.name.clone(),
             challenges.clone(),
         )?;
-        let bound = proxy.bind()?;
+        // Tables first: the backhaul listener's address is in this host's record.
         proxy.apply(&store.snapshot());
+        let bound = proxy.bind()?;
         listening.extend(bound.iter().map(|b| b.local));
         tasks.spawn(proxy.clone().follow(store.subscribe(), stop.subscribe()));
         tasks.spawn(skein_proxy::health::run(proxy.clone(), stop.subscribe()));

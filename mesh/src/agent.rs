@@ -125,9 +125,7 @@ const FORWARDING: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
 
 /// The host's own address on the mesh: network 0, this host, `::1`.
 pub fn host_address(host: HostId) -> SixPn {
-    let mut o = SixPn::new(NetId(0), host, MachineSlot(0)).octets();
-    o[15] = 1;
-    SixPn::from_octets(o).unwrap_or(SixPn::new(NetId(0), host, MachineSlot(0)))
+    SixPn::host_address(host)
 }
 
 /// A peer host's AllowedIPs entry: `fdaa:<host>::/48` in host-first form.

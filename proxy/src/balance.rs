@@ -222,7 +222,11 @@ mod tests {
         .unwrap();
         let store = Store::new();
         store.replace(Source::File, doc).unwrap();
-        RouteTable::build(&store.snapshot(), "ams", loads)
+        RouteTable::build(
+            &store.snapshot(),
+            &crate::table::Locality::region("ams"),
+            loads,
+        )
     }
 
     fn chosen(p: Pick<'_>) -> (String, Slot) {

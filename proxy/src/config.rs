@@ -83,6 +83,82 @@ pub struct ProxyConfig {
     /// Most idle upstream connections per machine.
     #[serde(default = "d_max_idle")]
     pub upstream_max_idle: usize,
+    /// How this proxy reaches machines on other hosts, and serves other
+    /// edges' traffic for its own.
+    #[serde(default)]
+    pub backhaul: BackhaulConfig,
+}
+
+/// Where a worker's backhaul listener is reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackhaulVia {
+    /// The worker's address on the mesh, `fdaa:0:0:<host>::1` (WireGuard
+    /// carries it; machines cannot send to it).
+    #[default]
+    Mesh,
+    /// The worker's catalog `underlay` address, in clear: for hosts joined by
+    /// a network that is private already, and for tests on loopback.
+    Underlay,
+}
+
+/// `[proxy.backhaul]`: an edge sends the traffic for a machine on another host
+/// to that host's proxy (HTTP multiplexed over h2, each raw TCP connection as
+/// its own upgraded stream), which delivers it and enforces the machine's hard
+/// limit: the worker is where every edge's traffic for its machines meets.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackhaulConfig {
+    /// Route through the workers' proxies (else every machine is dialled
+    /// directly, as on a single host).
+    #[serde(default)]
+    pub enabled: bool,
+    /// The backhaul port on every host.
+    #[serde(default = "d_backhaul_port")]
+    pub port: u16,
+    /// Where other hosts' backhaul listeners are.
+    #[serde(default)]
+    pub via: BackhaulVia,
+    /// This host's backhaul listener (default: its mesh address, or its
+    /// underlay with `via = "underlay"`, on `port`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bind: Option<SocketAddr>,
+    /// Most backhaul connections from other edges (they multiplex: a handful
+    /// per edge).
+    #[serde(default = "d_backhaul_conns")]
+    pub max_connections: usize,
+}
+
+fn d_backhaul_port() -> u16 {
+    4280
+}
+fn d_backhaul_conns() -> usize {
+    4_096
+}
+
+impl Default for BackhaulConfig {
+    fn default() -> Self {
+        BackhaulConfig {
+            enabled: false,
+            port: d_backhaul_port(),
+            via: BackhaulVia::default(),
+            bind: None,
+            max_connections: d_backhaul_conns(),
+        }
+    }
+}
+
+impl BackhaulConfig {
+    /// Where the backhaul listener of `host` is.
+    pub fn address_of(&self, host: &skein_catalog::model::Host) -> SocketAddr {
+        let ip = match self.via {
+            BackhaulVia::Mesh => {
+                std::net::IpAddr::V6(skein_catalog::sixpn::SixPn::host_address(host.id).into())
+            }
+            BackhaulVia::Underlay => host.underlay,
+        };
+        SocketAddr::new(ip, self.port)
+    }
 }
 
 fn d_max_conns() -> usize {
@@ -150,6 +226,7 @@ impl Default for ProxyConfig {
             queue_depth: d_queue_depth(),
             upstream_idle_timeout: d_idle(),
             upstream_max_idle: d_max_idle(),
+            backhaul: BackhaulConfig::default(),
         }
     }
 }

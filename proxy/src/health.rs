@@ -5,7 +5,9 @@
 //!
 //! At scale a worker checks its own machines and publishes their health in the
 //! catalog (`machine.health`), which the route tables already honour; these
-//! checks make a single proxy correct on its own too.
+//! checks make a single proxy correct on its own too. Machines reached through
+//! the backhaul are not checked from here (their host does; see
+//! [`crate::backhaul`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -66,7 +68,10 @@ pub async fn run(proxy: Arc<Proxy>, mut stop: tokio::sync::watch::Receiver<bool>
         for app in table.apps() {
             for svc in &app.services {
                 for (ci, check) in svc.checks.iter().enumerate() {
-                    for b in &svc.backends {
+                    // A machine behind another host's proxy is that host's to
+                    // check (it publishes the health in the catalog); the
+                    // mesh does not let an edge reach it directly.
+                    for b in svc.backends.iter().filter(|b| b.via.is_none()) {
                         let key = (b.machine.clone(), svc.internal_port, ci);
                         seen.insert(key.clone());
                         let next = due.entry(key).or_insert(now);

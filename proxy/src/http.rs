@@ -21,6 +21,7 @@ use hyper::client::conn::http1;
 use skein_catalog::model::BackendProtocol;
 
 use crate::Proxy;
+use crate::backhaul;
 use crate::balance::{Prefs, Refusal, acquire};
 use crate::load::Slot;
 use crate::table::{AppRoute, Backend, PortRoute, normalize_host};
@@ -396,8 +397,33 @@ fn close() -> (HeaderName, HeaderValue) {
     (header::CONNECTION, HeaderValue::from_static("close"))
 }
 
+/// The request's host as a proxy forwards it (Host on HTTP/1.1, the
+/// authority on h2).
+pub(crate) fn host_in(parts: &http::request::Parts) -> Option<String> {
+    parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+}
+
+/// How a request reaches a machine of `svc`: h2c when the service asks for it,
+/// except an upgrade, which needs HTTP/1.1.
+pub(crate) fn machine_proto(svc: &crate::table::ServiceRoute, upgrade: bool) -> Proto {
+    match (svc.backend_protocol, upgrade) {
+        (BackendProtocol::H2c, false) => Proto::H2c,
+        _ => Proto::H1,
+    }
+}
+
 /// Sets what differs between HTTP/1.1 and h2c upstreams: version, URI form, Host.
-fn fit(parts: &mut http::request::Parts, proto: Proto, host: &str) {
+pub(crate) fn fit(parts: &mut http::request::Parts, proto: Proto, host: &str) {
     parts.version = match proto {
         Proto::H1 => Version::HTTP_11,
         Proto::H2c => Version::HTTP_2,
@@ -475,26 +501,26 @@ async fn forward(
         let Some(svc) = app.services.get(service) else {
             return local(StatusCode::INTERNAL_SERVER_ERROR, "bad_route", None);
         };
-        let proto = match (svc.backend_protocol, &upgrade) {
-            (BackendProtocol::Http1, _) | (_, Some(_)) => Proto::H1,
-            (BackendProtocol::H2c, None) => Proto::H2c,
-        };
-        let (mut p, b) = next.into_parts();
-        fit(&mut p, proto, &host);
         let prefs = Prefs {
             machine: force.as_deref(),
             region: prefer.as_deref(),
             only_region: only_region.as_deref(),
         };
         let exclude: Vec<&str> = not_machine.iter().map(String::as_str).collect();
+        let to = To {
+            app: &app.name,
+            svc,
+            host: &host,
+            upgrade: upgrade.is_some(),
+            whole: replay_parts.as_ref().zip(replay_body.as_ref()),
+        };
         let resp = attempt(
             proxy,
             table,
-            svc,
+            &to,
             prefs,
             &exclude,
-            proto,
-            Request::from_parts(p, b),
+            next,
             &mut client_upgrade,
         )
         .await;
@@ -544,21 +570,36 @@ async fn forward(
     local(StatusCode::LOOP_DETECTED, "replay_loop", None)
 }
 
-/// Sends a request to one machine of `svc`: choose, connect (retrying a
-/// refused connect on another machine), send, and answer.
-#[allow(clippy::too_many_arguments)]
+/// Where one hop of a request goes.
+struct To<'a> {
+    app: &'a str,
+    svc: &'a crate::table::ServiceRoute,
+    host: &'a str,
+    upgrade: bool,
+    /// The request whole (head and buffered body), when it is small enough to
+    /// send again after a worker refused it.
+    whole: Option<(&'a http::request::Parts, &'a Bytes)>,
+}
+
+/// Sends a request to one machine of `to.svc`: choose, connect (retrying a
+/// refused connect on another machine), send, and answer. A machine on
+/// another host is reached through its host's proxy (the backhaul); if that
+/// proxy refuses (the machine is at its hard limit there, say), the request
+/// goes to another machine when it is still held whole.
 async fn attempt(
     proxy: &Arc<Proxy>,
     table: &crate::table::RouteTable,
-    svc: &crate::table::ServiceRoute,
+    to: &To<'_>,
     prefs: Prefs<'_>,
     exclude: &[&str],
-    proto: Proto,
     req: Request<ProxyBody>,
     client_upgrade: &mut Option<hyper::upgrade::OnUpgrade>,
 ) -> Response<ProxyBody> {
+    let svc = to.svc;
     let mut pending = Some(req);
     let mut tried: Vec<Arc<str>> = Vec::new();
+    // A worker's refusal, answered when no other machine is left.
+    let mut refused: Option<Response<ProxyBody>> = None;
     let deadline = Instant::now() + proxy.limits.queue_timeout;
     loop {
         // Choose a machine (waiting in the service's queue while all are full).
@@ -567,9 +608,16 @@ async fn attempt(
         let (backend, slot) =
             match acquire(svc, table, prefs, &skip, deadline, proxy.limits.queue_depth).await {
                 Ok(x) => x,
-                Err(r) => return refusal(r, !tried.is_empty()),
+                Err(r) => return refused.unwrap_or_else(|| refusal(r, !tried.is_empty())),
             };
-        let sender = match proxy.upstreams.get(backend.addr, proto).await {
+        // The hop: the machine itself, or its host's backhaul listener (h2,
+        // multiplexed; HTTP/1.1 for an upgrade).
+        let (addr, proto) = match backend.via {
+            Some(via) if to.upgrade => (via, Proto::H1),
+            Some(via) => (via, Proto::H2c),
+            None => (backend.addr, machine_proto(svc, to.upgrade)),
+        };
+        let sender = match proxy.upstreams.get(addr, proto).await {
             Ok((s, _reused)) => s,
             Err(e) => {
                 connect_failed(proxy, backend, &e);
@@ -584,9 +632,50 @@ async fn attempt(
         let Some(req) = pending.take() else {
             return local(StatusCode::INTERNAL_SERVER_ERROR, "request_lost", None);
         };
-        match send(proxy, backend, sender, req, slot, client_upgrade).await {
-            Ok(resp) => return resp,
-            Err(SendFailure::NotSent(req)) => {
+        let (mut p, b) = req.into_parts();
+        fit(&mut p, proto, to.host);
+        backhaul::strip(&mut p.headers);
+        if backend.via.is_some() {
+            backhaul::Target {
+                app: to.app.to_string(),
+                port: svc.internal_port,
+                machine: backend.machine.to_string(),
+            }
+            .write(&mut p.headers);
+        }
+        let req = Request::from_parts(p, b);
+        match send(proxy, backend, addr, sender, req, slot, client_upgrade).await {
+            Ok(resp) => {
+                let Some(why) = resp.headers().get(backhaul::REFUSED).cloned() else {
+                    return resp;
+                };
+                // The worker delivered nothing: another machine, if the
+                // request can be sent again.
+                if why.as_bytes() == b"connect_failed" {
+                    backend.load.eject(proxy.limits.eject_for);
+                }
+                tried.push(backend.machine.clone());
+                let (mut head, body) = resp.into_parts();
+                head.headers.remove(backhaul::REFUSED);
+                let resp = Response::from_parts(head, body);
+                let again = to
+                    .whole
+                    .filter(|_| tried.len() <= proxy.limits.retries as usize);
+                let Some((parts, body)) = again else {
+                    return resp;
+                };
+                refused = Some(resp);
+                metrics::counter!("skein_proxy_retries_total", "reason" => "backhaul_refused")
+                    .increment(1);
+                pending = Some(Request::from_parts(
+                    parts.clone(),
+                    Full::new(body.clone())
+                        .map_err(|never| match never {})
+                        .boxed(),
+                ));
+                continue;
+            }
+            Err(SendFailure::NotSent(req, _slot)) => {
                 // A pooled connection that the peer had closed: the request is
                 // untouched, send it again.
                 pending = Some(req);
@@ -630,6 +719,7 @@ fn prepare_headers(h: &mut HeaderMap, proxy: &Proxy, conn: &ConnInfo, _host: &st
     ] {
         h.remove(n);
     }
+    backhaul::strip(h);
     let ip = conn.client.ip().to_canonical().to_string();
     let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prev) => format!("{prev}, {ip}"),
@@ -646,20 +736,27 @@ fn prepare_headers(h: &mut HeaderMap, proxy: &Proxy, conn: &ConnInfo, _host: &st
     if let Ok(v) = HeaderValue::from_str(&ip) {
         h.insert(CLIENT_IP, v);
     }
-    if let Ok(v) = HeaderValue::from_str(&proxy.region) {
+    if let Ok(v) = HeaderValue::from_str(&proxy.at.region) {
         h.insert(REGION, v);
     }
     h.insert(REQUEST_ID, request_id());
 }
 
-enum SendFailure {
-    NotSent(Request<ProxyBody>),
+/// Why [`send`] gave no answer of the machine's.
+pub(crate) enum SendFailure {
+    /// A pooled connection had been closed: the request and its slot come
+    /// back untouched, to be sent again.
+    NotSent(Request<ProxyBody>, Slot),
+    /// The proxy's own answer (a timeout, a broken body…).
     Failed(Response<ProxyBody>),
 }
 
-async fn send(
+/// Sends `req` on `sender` (connected to `addr`: the machine, or the
+/// backhaul listener of its host) and streams the answer back holding `slot`.
+pub(crate) async fn send(
     proxy: &Arc<Proxy>,
     backend: &Backend,
+    addr: SocketAddr,
     sender: Sender,
     req: Request<ProxyBody>,
     slot: Slot,
@@ -678,7 +775,7 @@ async fn send(
                     )));
                 }
                 Ok(Err(mut e)) => match e.take_message() {
-                    Some(req) => return Err(SendFailure::NotSent(req)),
+                    Some(req) => return Err(SendFailure::NotSent(req, slot)),
                     None => (Err(e.into_error()), None),
                 },
                 Ok(Ok(resp)) => (Ok(resp), Some(s)),
@@ -740,7 +837,7 @@ async fn send(
     let tracked = Tracked {
         inner: body,
         slot: Some(slot),
-        pool: pooled.map(|s| (proxy.clone(), backend.addr, s)),
+        pool: pooled.map(|s| (proxy.clone(), addr, s)),
     };
     Ok(Response::from_parts(
         parts,
@@ -750,7 +847,7 @@ async fn send(
 
 /// The protocol a request asks to upgrade to (`Connection: upgrade` with an
 /// `Upgrade` header), if any.
-fn upgrade_protocol(h: &HeaderMap) -> Option<HeaderValue> {
+pub(crate) fn upgrade_protocol(h: &HeaderMap) -> Option<HeaderValue> {
     let asks = h
         .get_all(header::CONNECTION)
         .iter()

@@ -14,6 +14,7 @@
 //! never takes a lock that a catalog update holds.
 
 pub mod acme;
+pub mod backhaul;
 pub mod balance;
 pub mod config;
 pub mod health;
@@ -50,6 +51,9 @@ pub enum ProxyError {
     /// TLS setup.
     #[error("tls: {0}")]
     Tls(#[from] rustls::Error),
+    /// The backhaul listener's address is unknown.
+    #[error("proxy.backhaul: {0}")]
+    Backhaul(String),
     /// A listener could not be bound.
     #[error("binding {addr}: {source}")]
     Bind {
@@ -74,8 +78,8 @@ pub struct Proxy {
     pub loads: Loads,
     /// Request path bounds.
     pub limits: RequestLimits,
-    /// This edge's region.
-    pub region: String,
+    /// Where this proxy stands: region, host, backhaul.
+    pub at: table::Locality,
     /// The configuration.
     pub cfg: ProxyConfig,
     /// Request counters.
@@ -93,6 +97,8 @@ pub struct Bound {
     /// the kernel spreads connections across them).
     sockets: Vec<std::net::TcpListener>,
     port: u16,
+    /// The backhaul listener (other edges' traffic for this host's machines).
+    backhaul: bool,
     /// The bound address.
     pub local: SocketAddr,
 }
@@ -109,6 +115,18 @@ impl Proxy {
     pub fn with_challenges(
         cfg: ProxyConfig,
         region: impl Into<String>,
+        challenges: Arc<acme::Challenges>,
+    ) -> Result<Arc<Proxy>, ProxyError> {
+        Self::on_host(cfg, region, None, challenges)
+    }
+
+    /// A proxy on the catalog host named `host`: with `[proxy.backhaul]`
+    /// enabled, machines on other hosts are reached through their host's
+    /// proxy, and this one serves other edges' traffic for its own machines.
+    pub fn on_host(
+        cfg: ProxyConfig,
+        region: impl Into<String>,
+        host: Option<String>,
         challenges: Arc<acme::Challenges>,
     ) -> Result<Arc<Proxy>, ProxyError> {
         let routes = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
@@ -134,7 +152,11 @@ impl Proxy {
                 queue_timeout: cfg.queue_timeout,
                 queue_depth: cfg.queue_depth,
             },
-            region: region.into(),
+            at: table::Locality {
+                region: region.into(),
+                host,
+                backhaul: cfg.backhaul.enabled.then(|| cfg.backhaul.clone()),
+            },
             cfg,
             metrics: http::RequestMetrics::new(),
             challenges,
@@ -151,11 +173,8 @@ impl Proxy {
         let started = std::time::Instant::now();
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         let (table, gone) = match last.as_ref() {
-            Some(prev) => self
-                .routes
-                .load()
-                .update(prev, snap, &self.region, &self.loads),
-            None => (RouteTable::build(snap, &self.region, &self.loads), None),
+            Some(prev) => self.routes.load().update(prev, snap, &self.at, &self.loads),
+            None => (RouteTable::build(snap, &self.at, &self.loads), None),
         };
         *last = Some(snap.clone());
         let hosts = table.len();
@@ -185,28 +204,73 @@ impl Proxy {
         skein_catalog::serving_threads(self.cfg.threads)
     }
 
-    /// Binds the configured listeners, one SO_REUSEPORT socket per thread.
+    /// Binds the configured listeners, one SO_REUSEPORT socket per thread,
+    /// and the backhaul listener when it is enabled (its default address
+    /// comes from this host's catalog record: apply a snapshot first).
     pub fn bind(&self) -> Result<Vec<Bound>, ProxyError> {
         let mut out = Vec::new();
         for l in &self.cfg.listeners {
-            let err = |source| ProxyError::Bind {
-                addr: l.bind,
-                source,
-            };
-            let first = reuseport_listener(l.bind).map_err(err)?;
-            // Port 0: the other sockets join the port the first one got.
-            let local = first.local_addr().map_err(err)?;
-            let mut sockets = vec![first];
-            for _ in 1..self.threads() {
-                sockets.push(reuseport_listener(local).map_err(err)?);
-            }
+            let (sockets, local) = self.bind_one(l.bind, false)?;
             out.push(Bound {
                 sockets,
                 port: l.port.unwrap_or(local.port()),
+                backhaul: false,
+                local,
+            });
+        }
+        if let Some(addr) = self.backhaul_bind()? {
+            let (sockets, local) = self.bind_one(addr, true)?;
+            out.push(Bound {
+                sockets,
+                port: local.port(),
+                backhaul: true,
                 local,
             });
         }
         Ok(out)
+    }
+
+    fn bind_one(
+        &self,
+        addr: SocketAddr,
+        freebind: bool,
+    ) -> Result<(Vec<std::net::TcpListener>, SocketAddr), ProxyError> {
+        let err = |source| ProxyError::Bind { addr, source };
+        let first = reuseport_listener(addr, freebind).map_err(err)?;
+        // Port 0: the other sockets join the port the first one got.
+        let local = first.local_addr().map_err(err)?;
+        let mut sockets = vec![first];
+        for _ in 1..self.threads() {
+            sockets.push(reuseport_listener(local, freebind).map_err(err)?);
+        }
+        Ok((sockets, local))
+    }
+
+    /// Where the backhaul listener goes: as configured, else this host's
+    /// mesh address (or underlay) from the catalog.
+    fn backhaul_bind(&self) -> Result<Option<SocketAddr>, ProxyError> {
+        let Some(b) = &self.at.backhaul else {
+            return Ok(None);
+        };
+        if let Some(a) = b.bind {
+            return Ok(Some(a));
+        }
+        let Some(name) = &self.at.host else {
+            return Err(ProxyError::Backhaul(
+                "host.name is not set, so this host's address is unknown; set proxy.backhaul.bind"
+                    .into(),
+            ));
+        };
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let host = last
+            .as_ref()
+            .and_then(|s| s.catalog.hosts.values().find(|h| &h.name == name).cloned());
+        match host {
+            Some(h) => Ok(Some(b.address_of(&h))),
+            None => Err(ProxyError::Backhaul(format!(
+                "host {name:?} is not in the catalog, so its address is unknown; set proxy.backhaul.bind"
+            ))),
+        }
     }
 
     /// Serves bound listeners until `stop`, then drains open connections for up
@@ -220,12 +284,19 @@ impl Proxy {
         drain: Duration,
     ) {
         let threads = self.threads();
-        let mut per_thread: Vec<Vec<(std::net::TcpListener, u16, SocketAddr)>> =
-            (0..threads).map(|_| Vec::new()).collect();
+        let mut per_thread: Vec<Vec<Socket>> = (0..threads).map(|_| Vec::new()).collect();
         for b in bound {
-            tracing::info!(addr = %b.local, port = b.port, threads, "proxy listening");
+            match b.backhaul {
+                true => tracing::info!(addr = %b.local, threads, "proxy backhaul listening"),
+                false => tracing::info!(addr = %b.local, port = b.port, threads, "proxy listening"),
+            }
             for (i, s) in b.sockets.into_iter().enumerate() {
-                per_thread[i % threads].push((s, b.port, b.local));
+                per_thread[i % threads].push(Socket {
+                    socket: s,
+                    port: b.port,
+                    backhaul: b.backhaul,
+                    local: b.local,
+                });
             }
         }
         // Each thread says when it has drained (a dropped sender says it too).
@@ -251,7 +322,7 @@ impl Proxy {
 
     fn thread_main(
         self: Arc<Self>,
-        sockets: Vec<(std::net::TcpListener, u16, SocketAddr)>,
+        sockets: Vec<Socket>,
         stop: watch::Receiver<bool>,
         drain: Duration,
     ) {
@@ -265,19 +336,27 @@ impl Proxy {
         rt.block_on(async move {
             let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
             let mut loops = tokio::task::JoinSet::new();
-            for (s, port, local) in sockets {
-                match TcpListener::from_std(s) {
+            for s in sockets {
+                match TcpListener::from_std(s.socket) {
+                    Ok(l) if s.backhaul => {
+                        loops.spawn(backhaul::accept_loop(
+                            self.clone(),
+                            l,
+                            stop.clone(),
+                            graceful.clone(),
+                        ));
+                    }
                     Ok(l) => {
                         loops.spawn(listener::accept_loop(
                             self.clone(),
                             l,
-                            port,
+                            s.port,
                             stop.clone(),
                             graceful.clone(),
                         ));
                     }
                     Err(e) => {
-                        tracing::error!(addr = %local, error = %e, "cannot register a listener")
+                        tracing::error!(addr = %s.local, error = %e, "cannot register a listener")
                     }
                 }
             }
@@ -308,12 +387,28 @@ fn acme_server_config(
     Ok(Arc::new(cfg))
 }
 
+/// One listening socket of one serving thread.
+struct Socket {
+    socket: std::net::TcpListener,
+    port: u16,
+    backhaul: bool,
+    local: SocketAddr,
+}
+
 /// A listening socket with SO_REUSEPORT (and SO_REUSEADDR), non-blocking.
-fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+/// `freebind`: an address that is not up yet (the mesh address, before the
+/// mesh agent has put it on its device) can be bound.
+fn reuseport_listener(addr: SocketAddr, freebind: bool) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?;
+    if freebind {
+        match addr {
+            SocketAddr::V4(_) => s.set_freebind_v4(true)?,
+            SocketAddr::V6(_) => s.set_freebind_v6(true)?,
+        }
+    }
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     s.listen(4096)?;

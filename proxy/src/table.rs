@@ -18,8 +18,12 @@ pub struct Backend {
     pub machine: Arc<str>,
     /// Its region.
     pub region: Arc<str>,
-    /// Where to connect.
+    /// The machine's own address (its endpoint or 6PN address and port).
     pub addr: SocketAddr,
+    /// The backhaul listener of the machine's host, when the machine lives on
+    /// another host and the proxy backhauls: the request goes there, and that
+    /// host's proxy delivers it to `addr`.
+    pub via: Option<SocketAddr>,
     /// Round-trip time from this edge's region, in ms.
     pub rtt_ms: u32,
     /// Live load (outlives the table).
@@ -98,6 +102,43 @@ pub struct RouteTable {
     rtt: HashMap<String, HashMap<String, u32>>,
 }
 
+/// Where the proxy stands: its region (distances are measured from there),
+/// its host (machines elsewhere are reached through their host's proxy when
+/// the backhaul is on).
+#[derive(Debug, Clone, Default)]
+pub struct Locality {
+    /// This edge's region.
+    pub region: String,
+    /// This host's name in the catalog.
+    pub host: Option<String>,
+    /// The backhaul, when enabled.
+    pub backhaul: Option<crate::config::BackhaulConfig>,
+}
+
+impl Locality {
+    /// An edge in `region` that dials every machine directly.
+    pub fn region(region: &str) -> Locality {
+        Locality {
+            region: region.to_string(),
+            ..Default::default()
+        }
+    }
+
+    /// The backhaul listener through which `m` is reached, or None when it is
+    /// dialled directly: no backhaul, the machine is on this host, or this
+    /// proxy does not know its own host (then nothing is "elsewhere").
+    fn via(
+        &self,
+        cat: &skein_catalog::Catalog,
+        m: &skein_catalog::model::Machine,
+    ) -> Option<SocketAddr> {
+        let b = self.backhaul.as_ref().filter(|b| b.enabled)?;
+        let me = self.host.as_deref()?;
+        let host = cat.hosts.get(&m.host)?;
+        (host.name != me).then(|| b.address_of(host))
+    }
+}
+
 /// RTT assumed between regions the catalog has no figure for.
 pub const UNKNOWN_RTT_MS: u32 = 1_000;
 
@@ -117,9 +158,9 @@ pub fn normalize_host(host: &str) -> String {
 }
 
 impl RouteTable {
-    /// Builds the table for `snap` as seen from an edge in `region`.
-    pub fn build(snap: &Snapshot, region: &str, loads: &Loads) -> RouteTable {
-        RouteTable::assemble(snap, region, loads, None)
+    /// Builds the table for `snap` as seen from `at`.
+    pub fn build(snap: &Snapshot, at: &Locality, loads: &Loads) -> RouteTable {
+        RouteTable::assemble(snap, at, loads, None)
     }
 
     /// Builds the table for `snap`, keeping from `self` (built from
@@ -131,14 +172,17 @@ impl RouteTable {
         &self,
         prev_snap: &Snapshot,
         snap: &Snapshot,
-        region: &str,
+        at: &Locality,
         loads: &Loads,
     ) -> (RouteTable, Option<Vec<SocketAddr>>) {
         let touched = Touched::between(&prev_snap.catalog, &snap.catalog);
-        if touched.regions {
-            return (RouteTable::assemble(snap, region, loads, None), None);
+        // Hosts decide which machines are backhauled, and through where.
+        let hosts_changed = at.backhaul.as_ref().is_some_and(|b| b.enabled)
+            && prev_snap.catalog.hosts != snap.catalog.hosts;
+        if touched.regions || hosts_changed {
+            return (RouteTable::assemble(snap, at, loads, None), None);
         }
-        let t = RouteTable::assemble(snap, region, loads, Some((self, &touched.apps)));
+        let t = RouteTable::assemble(snap, at, loads, Some((self, &touched.apps)));
         let addrs = |table: &RouteTable| -> HashSet<SocketAddr> {
             touched
                 .apps
@@ -158,7 +202,7 @@ impl RouteTable {
 
     fn assemble(
         snap: &Snapshot,
-        region: &str,
+        at: &Locality,
         loads: &Loads,
         keep: Option<(&RouteTable, &BTreeSet<String>)>,
     ) -> RouteTable {
@@ -193,7 +237,7 @@ impl RouteTable {
                             .map(Vec::as_slice)
                             .unwrap_or(&[]),
                     };
-                    app_route(app, machines, region, loads, &rtt)
+                    app_route(cat, app, machines, at, loads, &rtt)
                 }
             };
             // An app without hostnames is reached by its port alone; one with
@@ -247,12 +291,13 @@ impl RouteTable {
         self.by_name.values()
     }
 
-    /// Every machine address the table routes to.
+    /// Every address the table connects to: machines, and the backhaul
+    /// listeners of the hosts it reaches them through.
     pub fn addresses(&self) -> std::collections::HashSet<SocketAddr> {
         self.by_name
             .values()
             .flat_map(|a| a.services.iter())
-            .flat_map(|s| s.backends.iter().map(|b| b.addr))
+            .flat_map(|s| s.backends.iter().map(|b| b.via.unwrap_or(b.addr)))
             .collect()
     }
 
@@ -312,9 +357,10 @@ fn k8s_machines<'a>(
 
 /// One app's route: its services with their backends, closest first.
 fn app_route(
+    cat: &skein_catalog::Catalog,
     app: &skein_catalog::model::App,
     machines: &[&skein_catalog::model::Machine],
-    region: &str,
+    at: &Locality,
     loads: &Loads,
     rtt: &dyn Fn(&str, &str) -> u32,
 ) -> Arc<AppRoute> {
@@ -334,7 +380,8 @@ fn app_route(
                     machine: Arc::from(m.id.as_str()),
                     region: Arc::from(m.region.as_str()),
                     addr,
-                    rtt_ms: rtt(region, &m.region),
+                    via: at.via(cat, m),
+                    rtt_ms: rtt(&at.region, &m.region),
                     load: loads.machine(&app.name, s.internal_port, &m.id, &queue),
                 })
             })
@@ -464,11 +511,11 @@ mod tests {
                 .snapshot
         };
         let s1 = write(80, "started");
-        let t1 = RouteTable::build(&s1, "ams", &loads);
+        let t1 = RouteTable::build(&s1, &Locality::region("ams"), &loads);
 
         // a1 stops: "a" is built again, "b" keeps its route.
         let s2 = write(80, "stopped");
-        let (t2, gone) = t1.update(&s1, &s2, "ams", &loads);
+        let (t2, gone) = t1.update(&s1, &s2, &Locality::region("ams"), &loads);
         assert!(Arc::ptr_eq(
             t1.app_by_name("b").unwrap(),
             t2.app_by_name("b").unwrap()
@@ -481,7 +528,7 @@ mod tests {
         assert_eq!(gone, Some(vec![a1]));
         assert_eq!(
             backends(&t2),
-            backends(&RouteTable::build(&s2, "ams", &loads))
+            backends(&RouteTable::build(&s2, &Locality::region("ams"), &loads))
         );
         assert_eq!(
             t2.app("a.example.com").unwrap().services[0].backends.len(),
@@ -490,7 +537,7 @@ mod tests {
 
         // The round-trip time changes: everything is built again.
         let s3 = write(5, "stopped");
-        let (t3, gone) = t2.update(&s2, &s3, "ams", &loads);
+        let (t3, gone) = t2.update(&s2, &s3, &Locality::region("ams"), &loads);
         assert_eq!(gone, None);
         assert!(!Arc::ptr_eq(
             t2.app_by_name("b").unwrap(),
@@ -498,12 +545,90 @@ mod tests {
         ));
         assert_eq!(
             backends(&t3),
-            backends(&RouteTable::build(&s3, "ams", &loads))
+            backends(&RouteTable::build(&s3, &Locality::region("ams"), &loads))
         );
         assert_eq!(
             t3.app("b.example.com").unwrap().services[0].backends[0].rtt_ms,
             5
         );
+    }
+
+    #[test]
+    fn machines_on_other_hosts_are_reached_through_their_hosts_mesh_address() {
+        let text = |m2_host: &str| {
+            format!(
+                r#"
+                regions = [{{ code = "ams" }}]
+                hosts = [
+                  {{ id = "0:2", name = "h2", region = "ams", underlay = "10.0.0.2" }},
+                  {{ id = "a7b:7d", name = "h3", region = "ams", underlay = "10.0.0.3" }},
+                ]
+                networks = [{{ id = "18", name = "n" }}]
+                [[apps]]
+                name = "web"
+                network = "n"
+                hostnames = ["web.example.com"]
+                services = [{{ internal_port = 8080, ports = [{{ port = 80, handlers = ["http"] }}] }}]
+                [[machines]]
+                id = "m1"
+                app = "web"
+                region = "ams"
+                host = "0:2"
+                state = "started"
+                [[machines]]
+                id = "m2"
+                app = "web"
+                region = "ams"
+                host = "{m2_host}"
+                state = "started"
+                "#
+            )
+        };
+        let store = Store::new();
+        let write = |h: &str| {
+            store
+                .replace(
+                    Source::File,
+                    skein_catalog::error::parse_toml(&text(h)).unwrap(),
+                )
+                .unwrap()
+                .snapshot
+        };
+        let at = |host: Option<&str>, enabled: bool| Locality {
+            region: "ams".into(),
+            host: host.map(str::to_string),
+            backhaul: Some(crate::config::BackhaulConfig {
+                enabled,
+                ..Default::default()
+            }),
+        };
+        let via = |t: &RouteTable| -> Vec<(String, Option<SocketAddr>)> {
+            t.app("web.example.com").unwrap().services[0]
+                .backends
+                .iter()
+                .map(|b| (b.machine.to_string(), b.via))
+                .collect()
+        };
+        let loads = Loads::default();
+        let s1 = write("a7b:7d");
+        let t = RouteTable::build(&s1, &at(Some("h2"), true), &loads);
+        let mesh: SocketAddr = "[fdaa:0:0:a7b:7d::1]:4280".parse().unwrap();
+        assert_eq!(
+            via(&t),
+            [("m1".to_string(), None), ("m2".to_string(), Some(mesh))]
+        );
+        // The worker's own table dials m2 directly.
+        let t3 = RouteTable::build(&s1, &at(Some("h3"), true), &loads);
+        assert_eq!(via(&t3)[1], ("m2".to_string(), None));
+        // Backhaul off, or this host unknown: everything is dialled directly.
+        for a in [at(Some("h2"), false), at(None, true)] {
+            let t = RouteTable::build(&s1, &a, &loads);
+            assert!(via(&t).iter().all(|(_, v)| v.is_none()));
+        }
+        // m2 moves to this host: an update routes it directly.
+        let s2 = write("0:2");
+        let (t2, _) = t.update(&s1, &s2, &at(Some("h2"), true), &loads);
+        assert!(via(&t2).iter().all(|(_, v)| v.is_none()));
     }
 
     #[test]
@@ -569,7 +694,7 @@ mod tests {
                 .collect()
         };
         let s1 = write(true);
-        let t1 = RouteTable::build(&s1, "ams", &loads);
+        let t1 = RouteTable::build(&s1, &Locality::region("ams"), &loads);
         // p3 is an endpoint but not started.
         assert_eq!(machines(&t1), ["p1", "p2"]);
         let port = t1.app("shop.example.com").unwrap().services[0].backends[0]
@@ -578,7 +703,7 @@ mod tests {
         assert_eq!(port, 8080);
         // p2 stops being ready: the update (only the endpoints changed) drops it.
         let s2 = write(false);
-        let (t2, _) = t1.update(&s1, &s2, "ams", &loads);
+        let (t2, _) = t1.update(&s1, &s2, &Locality::region("ams"), &loads);
         assert_eq!(machines(&t2), ["p1"]);
         assert!(Arc::ptr_eq(
             t1.app_by_name("pods").unwrap(),

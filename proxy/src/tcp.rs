@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::Proxy;
+use crate::backhaul;
 use crate::balance::{Prefs, acquire};
 use crate::http::{ConnInfo, connect_failed};
 use crate::proxy_proto;
@@ -99,7 +100,7 @@ pub async fn pipe<C>(
     };
     let deadline = Instant::now() + proxy.limits.queue_timeout;
     let mut tried: Vec<Arc<str>> = Vec::new();
-    let (mut upstream, _slot) = loop {
+    let (mut upstream, _slot, machine) = loop {
         let exclude: Vec<&str> = tried.iter().map(|s| &**s).collect();
         let (backend, slot) = match acquire(
             svc,
@@ -118,35 +119,70 @@ pub async fn pipe<C>(
                 return;
             }
         };
-        let connected =
-            tokio::time::timeout(proxy.cfg.connect_timeout, TcpStream::connect(backend.addr)).await;
-        match connected {
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                break (s, slot);
+        // A machine on another host: a stream of its own through that host's
+        // proxy, which writes the PROXY header and holds the hard limit.
+        if let Some(via) = backend.via {
+            let target = backhaul::Target {
+                app: app.name.to_string(),
+                port: svc.internal_port,
+                machine: backend.machine.to_string(),
+            };
+            let opened = backhaul::open_tcp(
+                via,
+                &target,
+                info.client,
+                info.local,
+                port.proxy_proto,
+                proxy.cfg.connect_timeout,
+            )
+            .await;
+            match opened {
+                Ok(io) => break (Upstream::Backhaul(io), slot, backend.machine.clone()),
+                Err(backhaul::OpenError::Connect(e)) => connect_failed(&proxy, backend, &e),
+                Err(e) => {
+                    tracing::debug!(machine = %backend.machine, error = %e, "backhaul refused a TCP connection");
+                }
             }
-            Ok(Err(e)) => connect_failed(&proxy, backend, &ConnectError::Io(e)),
-            Err(_) => connect_failed(&proxy, backend, &ConnectError::Timeout),
+        } else {
+            let connected =
+                tokio::time::timeout(proxy.cfg.connect_timeout, TcpStream::connect(backend.addr))
+                    .await;
+            match connected {
+                Ok(Ok(s)) => {
+                    let _ = s.set_nodelay(true);
+                    break (Upstream::Direct(s), slot, backend.machine.clone());
+                }
+                Ok(Err(e)) => connect_failed(&proxy, backend, &ConnectError::Io(e)),
+                Err(_) => connect_failed(&proxy, backend, &ConnectError::Timeout),
+            }
         }
         tried.push(backend.machine.clone());
         if tried.len() > proxy.limits.retries as usize {
+            metrics::counter!("skein_proxy_tcp_refused_total").increment(1);
             return;
         }
     };
-    if let Some(v) = port.proxy_proto {
-        let h = proxy_proto::header(v, info.client, info.local);
-        if upstream.write_all(&h).await.is_err() {
-            return;
-        }
-    }
     metrics::counter!("skein_proxy_tcp_connections_total").increment(1);
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok((up, down)) => {
-            metrics::counter!("skein_proxy_tcp_bytes_total", "direction" => "to_machine")
-                .increment(up);
-            metrics::counter!("skein_proxy_tcp_bytes_total", "direction" => "to_client")
-                .increment(down);
+    match &mut upstream {
+        Upstream::Direct(s) => {
+            if let Some(v) = port.proxy_proto {
+                let h = proxy_proto::header(v, info.client, info.local);
+                if s.write_all(&h).await.is_err() {
+                    return;
+                }
+            }
+            backhaul::pipe_counted(&mut client, s, &app.name, &machine).await
         }
-        Err(e) => tracing::debug!(error = %e, "tcp pipe ended with an error"),
+        Upstream::Backhaul(io) => {
+            backhaul::pipe_counted(&mut client, io, &app.name, &machine).await
+        }
     }
+}
+
+/// Where a TCP connection's bytes go.
+enum Upstream {
+    /// The machine itself.
+    Direct(TcpStream),
+    /// A stream through the machine's host's proxy.
+    Backhaul(hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>),
 }

@@ -199,7 +199,7 @@ struct Harness {
     plain: SocketAddr,
     raw: SocketAddr,
     raw_pp: SocketAddr,
-    pki: Pki,
+    pki: Arc<Pki>,
 }
 
 fn catalog(pki: &Pki, machines: &[(&str, &str, SocketAddr)], soft: u32, hard: u32) -> Document {
@@ -218,9 +218,9 @@ fn catalog_with(
         r#"
         regions = [{{ code = "ams", rtt_ms = {{ iad = 80, syd = 250 }} }}, {{ code = "iad", rtt_ms = {{ syd = 200 }} }}, {{ code = "syd" }}]
         hosts = [
-          {{ id = "0:2", name = "h-ams", region = "ams", underlay = "127.0.0.1" }},
-          {{ id = "0:3", name = "h-iad", region = "iad", underlay = "127.0.0.1" }},
-          {{ id = "0:4", name = "h-syd", region = "syd", underlay = "127.0.0.1" }},
+          {{ id = "0:2", name = "h-ams", region = "ams", underlay = "127.0.0.2" }},
+          {{ id = "0:3", name = "h-iad", region = "iad", underlay = "127.0.0.3" }},
+          {{ id = "0:4", name = "h-syd", region = "syd", underlay = "127.0.0.4" }},
         ]
         networks = [{{ id = "18", name = "n" }}]
 
@@ -279,7 +279,7 @@ impl Harness {
         extra: impl FnOnce(&Pki) -> String,
         tweak: impl FnOnce(&mut ProxyConfig),
     ) -> Harness {
-        let pki = Pki::new();
+        let pki = Arc::new(Pki::new());
         let store = Arc::new(Store::new());
         let extra = extra(&pki);
         store
@@ -288,6 +288,18 @@ impl Harness {
                 catalog_with(&pki, machines, soft, hard, &extra),
             )
             .unwrap();
+        Harness::on_host(pki, store, None, "ams", tweak).await
+    }
+
+    /// A proxy on catalog host `host` in `region`, serving the catalog of
+    /// `store` (several harnesses may share one, as hosts share a catalog).
+    async fn on_host(
+        pki: Arc<Pki>,
+        store: Arc<Store>,
+        host: Option<&str>,
+        region: &str,
+        tweak: impl FnOnce(&mut ProxyConfig),
+    ) -> Harness {
         let mut cfg = ProxyConfig {
             enabled: true,
             listeners: vec![
@@ -312,7 +324,15 @@ impl Harness {
             ..Default::default()
         };
         tweak(&mut cfg);
-        let proxy = Proxy::new(cfg, "ams").unwrap();
+        let proxy = Proxy::on_host(
+            cfg,
+            region,
+            host.map(str::to_string),
+            Arc::new(skein_proxy::acme::Challenges::default()),
+        )
+        .unwrap();
+        // The tables first: the backhaul listener's address is in the host's record.
+        proxy.apply(&store.snapshot());
         let bound = proxy.bind().unwrap();
         let (tls, plain, raw, raw_pp) = (
             bound[0].local,
@@ -1398,4 +1418,208 @@ async fn settled(h: &Harness) {
     }
     // The certificate table is swapped right after the routes.
     tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+/// A port free on the three hosts' loopback underlays (127.0.0.2-4).
+fn backhaul_port() -> u16 {
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        if ["127.0.0.3", "127.0.0.4"]
+            .iter()
+            .all(|ip| std::net::TcpListener::bind((*ip, port)).is_ok())
+        {
+            return port;
+        }
+    }
+}
+
+/// Proxies sharing one catalog as the hosts `(name, region)`, each with the
+/// backhaul on, reached at its underlay (loopback here).
+async fn hosts(doc: Document, pki: Arc<Pki>, hosts: &[(&str, &str)]) -> Vec<Harness> {
+    let store = Arc::new(Store::new());
+    store.replace(Source::File, doc).unwrap();
+    let port = backhaul_port();
+    let mut out = Vec::new();
+    for (name, region) in hosts {
+        out.push(
+            Harness::on_host(pki.clone(), store.clone(), Some(name), region, |c| {
+                c.backhaul = skein_proxy::config::BackhaulConfig {
+                    enabled: true,
+                    port,
+                    via: skein_proxy::config::BackhaulVia::Underlay,
+                    ..Default::default()
+                };
+            })
+            .await,
+        );
+    }
+    out
+}
+
+#[tokio::test]
+async fn an_edge_reaches_a_machine_on_another_host_through_that_hosts_proxy() {
+    let (i, _) = backend("iad1").await;
+    let pp_addr = tcp_backend("pp1", true).await;
+    let pki = Arc::new(Pki::new());
+    let extra = r#"
+        [[apps]]
+        name = "rawpp"
+        network = "n"
+        services = [{ internal_port = 7001, ports = [{ port = 7001, handlers = ["proxy_proto"] }] }]
+    "#;
+    let mut doc = catalog_with(&pki, &[("iad1", "iad", i)], 20, 25, extra);
+    let pp: Document = parse_toml(&format!(
+        "[[machines]]\nid = \"pp1\"\napp = \"rawpp\"\nregion = \"iad\"\nhost = \"0:3\"\nstate = \"started\"\nendpoint = \"{pp_addr}\"\n"
+    ))
+    .unwrap();
+    doc.machines.extend(pp.machines);
+    let hs = hosts(doc, pki, &[("h-ams", "ams"), ("h-iad", "iad")]).await;
+    let (edge, worker) = (&hs[0], &hs[1]);
+    // The edge sends it to the worker's proxy, not to the machine.
+    let route = edge.proxy.routes.load();
+    let b = &route.app("app.example.com").unwrap().services[0].backends[0];
+    assert_eq!(
+        b.via.map(|a| a.ip().to_string()).as_deref(),
+        Some("127.0.0.3"),
+        "h-iad's underlay"
+    );
+    let worker_route = worker.proxy.routes.load();
+    assert_eq!(
+        worker_route.app("app.example.com").unwrap().services[0].backends[0].via,
+        None,
+        "the worker delivers its own machine itself"
+    );
+    for h2 in [false, true] {
+        let forged = [("skein-backhaul-machine", "elsewhere")];
+        let (st, headers, body) = edge
+            .https("app.example.com", "/p?q=1", &forged, h2)
+            .await
+            .unwrap();
+        assert_eq!(st, StatusCode::OK, "h2={h2} {body}");
+        assert_eq!(machine_of(&body), "iad1");
+        assert_eq!(headers["skein-machine"], "iad1");
+        // Two proxies on the way: the edge and the worker.
+        let via: Vec<_> = headers.get_all("via").iter().collect();
+        assert_eq!(via.len(), 2, "{via:?}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let got = v["headers"].as_object().unwrap();
+        assert_eq!(
+            got["skein-client-ip"], "127.0.0.1",
+            "the client, not the edge"
+        );
+        assert_eq!(got["skein-region"], "ams", "the edge's region");
+        assert_eq!(got["x-forwarded-proto"], "https");
+        assert!(
+            got.keys().all(|k| !k.starts_with("skein-backhaul")),
+            "no backhaul header reaches the machine: {got:?}"
+        );
+        assert_eq!(v["path"], "/p?q=1");
+    }
+    // A websocket rides its own upgraded backhaul stream.
+    let mut s = edge
+        .tls_stream("app.example.com", &[b"http/1.1"])
+        .await
+        .unwrap();
+    s.write_all(b"GET /chat HTTP/1.1\r\nHost: app.example.com\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_lines(&mut s, 4).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    s.write_all(b"across hosts").await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf[..n], b"ACROSS HOSTS");
+    // Raw TCP: its own stream; the worker writes the PROXY header with the
+    // client's address and the edge's port, as if the machine were local.
+    let mut s = TcpStream::connect(edge.raw_pp).await.unwrap();
+    let local = s.local_addr().unwrap();
+    assert_eq!(
+        read_lines(&mut s, 1).await,
+        format!(
+            "proxy: PROXY TCP4 127.0.0.1 127.0.0.1 {} {}\n",
+            local.port(),
+            edge.raw_pp.port()
+        )
+    );
+    s.write_all(b"raw bytes\n").await.unwrap();
+    assert_eq!(read_lines(&mut s, 1).await, "raw bytes\n");
+}
+
+#[tokio::test]
+async fn the_worker_holds_a_machines_hard_limit_for_every_edge() {
+    // iad1 takes one request at a time; ams1 is the way out.
+    let (i, _) = backend("iad1").await;
+    let (a, _) = backend("ams1").await;
+    let pki = Arc::new(Pki::new());
+    let doc = catalog(&pki, &[("iad1", "iad", i), ("ams1", "ams", a)], 1, 1);
+    // Two edges (syd, and iad's worker serving as an edge too) and ams's host.
+    let hs = Arc::new(
+        hosts(
+            doc,
+            pki,
+            &[("h-syd", "syd"), ("h-iad", "iad"), ("h-ams", "ams")],
+        )
+        .await,
+    );
+    let (syd, iad) = (0, 1);
+    // The iad edge fills iad1 (its own machine, closest to it).
+    let hold = {
+        let hs = hs.clone();
+        tokio::spawn(async move {
+            hs[iad]
+                .https("app.example.com", "/?sleep=1500", &[], false)
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The syd edge counts nothing on iad1 and picks it (closest: 200 ms
+    // against 250); iad's proxy refuses, and the request goes to ams1.
+    let (st, headers, body) = hs[syd]
+        .https("app.example.com", "/", &[], false)
+        .await
+        .unwrap();
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert_eq!(machine_of(&body), "ams1");
+    assert!(!headers.contains_key("skein-backhaul-refused"));
+    let (st, _, body) = hold.await.unwrap();
+    assert_eq!((st, machine_of(&body).as_str()), (StatusCode::OK, "iad1"));
+    // With iad1 free again, syd's requests land there.
+    let (st, _, body) = hs[syd]
+        .https("app.example.com", "/", &[], false)
+        .await
+        .unwrap();
+    assert_eq!((st, machine_of(&body).as_str()), (StatusCode::OK, "iad1"));
+}
+
+#[tokio::test]
+async fn a_refusal_with_nowhere_else_to_go_reaches_the_client() {
+    let (i, _) = backend("iad1").await;
+    let pki = Arc::new(Pki::new());
+    let doc = catalog(&pki, &[("iad1", "iad", i)], 1, 1);
+    let hs = Arc::new(hosts(doc, pki, &[("h-syd", "syd"), ("h-iad", "iad")]).await);
+    let hold = {
+        let hs = hs.clone();
+        tokio::spawn(async move {
+            hs[1]
+                .https("app.example.com", "/?sleep=1000", &[], false)
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (st, headers, _) = hs[0]
+        .https("app.example.com", "/", &[], false)
+        .await
+        .unwrap();
+    assert_eq!(
+        (st, headers["skein-error"].to_str().unwrap()),
+        (StatusCode::SERVICE_UNAVAILABLE, "capacity"),
+        "the worker's reason, not a connect failure"
+    );
+    assert_eq!(hold.await.unwrap().0, StatusCode::OK);
 }

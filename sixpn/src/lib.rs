@@ -217,6 +217,16 @@ impl SixPn {
     pub const fn network_base(net: NetId) -> SixPn {
         SixPn::new(net, HostId(0), MachineSlot(0))
     }
+
+    /// A host's own address on the mesh: network 0, the host, machine 0, `::1`
+    /// (`fdaa:0:0:<host>:0:0:1`). Hosts reach each other there (the mesh
+    /// agent puts it on the WireGuard device; the edge proxies' backhaul
+    /// listens on it). No machine can send to it: network 0 is nobody's.
+    pub const fn host_address(host: HostId) -> SixPn {
+        let mut a = SixPn::new(NetId(0), host, MachineSlot(0)).0;
+        a[15] = 1;
+        SixPn(a)
+    }
 }
 
 impl From<SixPn> for Ipv6Addr {

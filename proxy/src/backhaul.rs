@@ -1,0 +1,426 @@
+//! The backhaul: how an edge reaches a machine on another host, and how that
+//! host's proxy takes the traffic in.
+//!
+//! An edge that picked a machine living elsewhere sends the request to the
+//! backhaul listener of the machine's host (`[proxy.backhaul]`; over the mesh
+//! by default), naming the machine in three headers. HTTP rides one
+//! multiplexed h2 connection per worker; an upgrade (websocket) and each raw
+//! TCP connection ride their own HTTP/1.1 connection, upgraded. The worker
+//! checks that the machine is its own, takes a slot under the machine's hard
+//! limit from the same counters its own edge uses (so every edge's traffic
+//! for a machine meets there), and delivers. A worker that cannot deliver
+//! answers at once with [`REFUSED`]: the edge then tries another machine if it
+//! still holds the request whole.
+//!
+//! The listener trusts what the edge says (the client's address, the
+//! forwarded headers): it is bound to the host's mesh address, which only
+//! other hosts reach (the machine guard drops anything a machine sends to
+//! network 0), or to an underlay the operator declared private.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tracing::Instrument as _;
+
+use crate::Proxy;
+use crate::balance::{Pick, Prefs, pick};
+use crate::http::{ERROR, connect_failed};
+use crate::table::{AppRoute, Backend};
+use crate::upstream::{BoxError, ConnectError, ProxyBody};
+
+/// The app the request is for.
+pub const APP: &str = "skein-backhaul-app";
+/// The service's port on the machine.
+pub const PORT: &str = "skein-backhaul-port";
+/// The machine the edge chose.
+pub const MACHINE: &str = "skein-backhaul-machine";
+/// Raw TCP: the client's address as the edge saw it.
+pub const CLIENT: &str = "skein-backhaul-client";
+/// Raw TCP: the edge address the client connected to.
+pub const LOCAL: &str = "skein-backhaul-local";
+/// Raw TCP: the PROXY protocol version the machine wants (`1` or `2`).
+pub const PROXY_PROTO: &str = "skein-backhaul-proxy-proto";
+/// On a worker's answer: it did not deliver, and why (`capacity`,
+/// `unavailable`, `connect_failed`, `not_here`, `bad_target`). Nothing
+/// reached the machine; the edge may send the request elsewhere.
+pub const REFUSED: &str = "skein-backhaul-refused";
+/// The upgrade token of a raw TCP stream.
+pub const TCP_UPGRADE: &str = "skein-tcp";
+
+/// Every backhaul header; an edge removes them from what clients send.
+pub const HEADERS: [&str; 7] = [APP, PORT, MACHINE, CLIENT, LOCAL, PROXY_PROTO, REFUSED];
+
+/// The machine a backhauled request is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// App name.
+    pub app: String,
+    /// Service port on the machine.
+    pub port: u16,
+    /// Machine id.
+    pub machine: String,
+}
+
+impl Target {
+    /// Reads the target from a request's headers.
+    pub fn from_headers(h: &HeaderMap) -> Option<Target> {
+        let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok());
+        Some(Target {
+            app: get(APP)?.to_string(),
+            port: get(PORT)?.parse().ok()?,
+            machine: get(MACHINE)?.to_string(),
+        })
+    }
+
+    /// Writes the target into a request's headers.
+    pub fn write(&self, h: &mut HeaderMap) {
+        for (n, v) in [(APP, self.app.as_str()), (MACHINE, self.machine.as_str())] {
+            if let Ok(v) = HeaderValue::from_str(v) {
+                h.insert(n, v);
+            }
+        }
+        h.insert(PORT, HeaderValue::from(self.port));
+    }
+}
+
+/// Removes every backhaul header.
+pub fn strip(h: &mut HeaderMap) {
+    for n in HEADERS {
+        h.remove(n);
+    }
+}
+
+fn refuse(status: StatusCode, why: &'static str) -> Response<ProxyBody> {
+    metrics::counter!("skein_proxy_backhaul_refused_total", "reason" => why).increment(1);
+    let mut r = Response::new(
+        Full::new(Bytes::from(format!("skein: backhaul {why}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(REFUSED, HeaderValue::from_static(why));
+    h.insert(ERROR, HeaderValue::from_static(why));
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+/// Why a raw TCP stream could not be opened through a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The worker's listener could not be reached.
+    #[error("backhaul connect: {0}")]
+    Connect(#[from] ConnectError),
+    /// The worker refused (the reason it gave).
+    #[error("the worker refused: {0}")]
+    Refused(String),
+    /// The exchange broke.
+    #[error("backhaul: {0}")]
+    Http(#[from] hyper::Error),
+}
+
+/// Opens a raw TCP stream to `target` through the worker at `via`; the
+/// worker writes the PROXY header the port asks for, with the client's
+/// address, before the first byte.
+pub async fn open_tcp(
+    via: SocketAddr,
+    target: &Target,
+    client: SocketAddr,
+    local: SocketAddr,
+    proxy_proto: Option<skein_catalog::model::ProxyProtoVersion>,
+    connect_timeout: Duration,
+) -> Result<TokioIo<hyper::upgrade::Upgraded>, OpenError> {
+    let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(via))
+        .await
+        .map_err(|_| ConnectError::Timeout)?
+        .map_err(ConnectError::Io)?;
+    let _ = stream.set_nodelay(true);
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "backhaul tcp stream ended");
+        }
+    });
+    let mut req = Request::new(Empty::<Bytes>::new());
+    let h = req.headers_mut();
+    h.insert(header::HOST, HeaderValue::from_static("backhaul"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static(TCP_UPGRADE));
+    target.write(h);
+    for (n, a) in [(CLIENT, client), (LOCAL, local)] {
+        if let Ok(v) = HeaderValue::from_str(&a.to_string()) {
+            h.insert(n, v);
+        }
+    }
+    if let Some(v) = proxy_proto {
+        let n = match v {
+            skein_catalog::model::ProxyProtoVersion::V1 => "1",
+            skein_catalog::model::ProxyProtoVersion::V2 => "2",
+        };
+        h.insert(PROXY_PROTO, HeaderValue::from_static(n));
+    }
+    let mut resp = tx.send_request(req).await?;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let why = resp
+            .headers()
+            .get(REFUSED)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("no upgrade")
+            .to_string();
+        return Err(OpenError::Refused(why));
+    }
+    let up = hyper::upgrade::on(&mut resp).await?;
+    Ok(TokioIo::new(up))
+}
+
+/// Accepts backhaul connections on `listener` until `stop`.
+pub async fn accept_loop(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
+) {
+    let permits = Arc::new(Semaphore::new(proxy.cfg.backhaul.max_connections));
+    loop {
+        let permit = tokio::select! {
+            _ = crate::listener::stopped(&mut stop) => break,
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = crate::listener::stopped(&mut stop) => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    metrics::counter!("skein_proxy_accept_errors_total").increment(1);
+                    tracing::warn!(error = %e, "backhaul accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        metrics::counter!("skein_proxy_backhaul_connections_total").increment(1);
+        let proxy = proxy.clone();
+        let watcher = graceful.watcher();
+        let span = tracing::debug_span!("backhaul", edge = %peer);
+        tokio::spawn(
+            async move {
+                let active = metrics::gauge!("skein_proxy_backhaul_connections_active");
+                active.increment(1.0);
+                serve(proxy, stream, watcher).await;
+                active.decrement(1.0);
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn serve(
+    proxy: Arc<Proxy>,
+    stream: TcpStream,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    let cfg = &proxy.cfg;
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_timeout)
+        .max_buf_size(cfg.max_header_bytes.max(8192))
+        .max_headers(cfg.max_headers + HEADERS.len() + 8)
+        .keep_alive(true);
+    // Edges multiplex many clients' requests on one connection: a stream cap
+    // well above a client's, flow-control windows sized for a WAN.
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(cfg.h2_max_streams.saturating_mul(100))
+        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(16 << 20)
+        .keep_alive_interval(Some(cfg.idle_timeout))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let p = proxy.clone();
+    let svc = service_fn(move |req| {
+        let p = p.clone();
+        async move { Ok::<_, Infallible>(handle(p, req).await) }
+    });
+    let conn = b.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    if let Err(e) = watcher.watch(conn.into_owned()).await {
+        tracing::debug!(error = %e, "backhaul connection ended with an error");
+    }
+}
+
+/// The worker's side of one backhauled request.
+pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    let Some(target) = Target::from_headers(req.headers()) else {
+        return refuse(StatusCode::BAD_REQUEST, "bad_target");
+    };
+    let table = proxy.routes.load_full();
+    let Some(app) = table.app_by_name(&target.app).cloned() else {
+        return refuse(StatusCode::MISDIRECTED_REQUEST, "not_here");
+    };
+    let Some(svc) = app.services.iter().find(|s| s.internal_port == target.port) else {
+        return refuse(StatusCode::MISDIRECTED_REQUEST, "not_here");
+    };
+    // Only this host's own machines: a table that thinks the machine lives
+    // elsewhere (the catalog moved it) must not bounce the request on.
+    if !svc
+        .backends
+        .iter()
+        .any(|b| *b.machine == *target.machine && b.via.is_none())
+    {
+        return refuse(StatusCode::MISDIRECTED_REQUEST, "not_here");
+    }
+    let prefs = Prefs {
+        machine: Some(&target.machine),
+        ..Default::default()
+    };
+    // The hard limit is enforced here, at once: the edge holds the request
+    // and can try another machine sooner than a queue here would free up.
+    let (backend, slot) = match pick(svc, &table, prefs, &[]) {
+        Pick::Chosen(b, s) => (b, s),
+        Pick::Full => return refuse(StatusCode::SERVICE_UNAVAILABLE, "capacity"),
+        Pick::Unavailable => return refuse(StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+    };
+    metrics::counter!("skein_proxy_backhaul_requests_total").increment(1);
+    let upgrade = crate::http::upgrade_protocol(req.headers());
+    if upgrade
+        .as_ref()
+        .is_some_and(|u| u.as_bytes().eq_ignore_ascii_case(TCP_UPGRADE.as_bytes()))
+    {
+        return tcp(&proxy, &app, backend, slot, req).await;
+    }
+    let mut client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    strip(&mut parts.headers);
+    let host = crate::http::host_in(&parts).unwrap_or_default();
+    let proto = crate::http::machine_proto(svc, upgrade.is_some());
+    crate::http::fit(&mut parts, proto, &host);
+    let mut pending = Some(Request::from_parts(
+        parts,
+        body.map_err(BoxError::from).boxed(),
+    ));
+    let mut slot = Some(slot);
+    // One more try when a pooled connection turns out closed.
+    for _ in 0..2 {
+        let sender = match proxy.upstreams.get(backend.addr, proto).await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                connect_failed(&proxy, backend, &e);
+                return refuse(StatusCode::BAD_GATEWAY, "connect_failed");
+            }
+        };
+        let (Some(req), Some(s)) = (pending.take(), slot.take()) else {
+            break;
+        };
+        match crate::http::send(
+            &proxy,
+            backend,
+            backend.addr,
+            sender,
+            req,
+            s,
+            &mut client_upgrade,
+        )
+        .await
+        {
+            Ok(resp) => return resp,
+            Err(crate::http::SendFailure::NotSent(req, s)) => {
+                pending = Some(req);
+                slot = Some(s);
+            }
+            Err(crate::http::SendFailure::Failed(resp)) => return resp,
+        }
+    }
+    refuse(StatusCode::BAD_GATEWAY, "connect_failed")
+}
+
+/// A raw TCP stream for a machine: connect first (so a refusal still lets the
+/// edge go elsewhere), then answer 101 and join the two.
+async fn tcp(
+    proxy: &Arc<Proxy>,
+    app: &AppRoute,
+    backend: &Backend,
+    slot: crate::load::Slot,
+    mut req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let addr_of = |n: &str| {
+        req.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<SocketAddr>().ok())
+    };
+    let (client, local) = (addr_of(CLIENT), addr_of(LOCAL));
+    let pp = match req.headers().get(PROXY_PROTO).map(HeaderValue::as_bytes) {
+        Some(b"1") => Some(skein_catalog::model::ProxyProtoVersion::V1),
+        Some(b"2") => Some(skein_catalog::model::ProxyProtoVersion::V2),
+        _ => None,
+    };
+    let connected =
+        tokio::time::timeout(proxy.cfg.connect_timeout, TcpStream::connect(backend.addr)).await;
+    let mut upstream = match connected {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            connect_failed(proxy, backend, &ConnectError::Io(e));
+            return refuse(StatusCode::BAD_GATEWAY, "connect_failed");
+        }
+        Err(_) => {
+            connect_failed(proxy, backend, &ConnectError::Timeout);
+            return refuse(StatusCode::BAD_GATEWAY, "connect_failed");
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    if let (Some(v), Some(c), Some(l)) = (pp, client, local) {
+        let h = crate::proxy_proto::header(v, c, l);
+        if upstream.write_all(&h).await.is_err() {
+            return refuse(StatusCode::BAD_GATEWAY, "connect_failed");
+        }
+    }
+    let on = hyper::upgrade::on(&mut req);
+    let (app_name, machine) = (app.name.clone(), backend.machine.clone());
+    tokio::spawn(async move {
+        let _slot = slot;
+        let Ok(up) = on.await else {
+            return tracing::debug!(%machine, "backhaul tcp upgrade failed");
+        };
+        metrics::counter!("skein_proxy_tcp_connections_total").increment(1);
+        let mut edge = TokioIo::new(up);
+        pipe_counted(&mut edge, &mut upstream, &app_name, &machine).await;
+    });
+    let mut r = Response::new(Empty::new().map_err(|never| match never {}).boxed());
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static(TCP_UPGRADE));
+    r
+}
+
+/// Copies both ways until either side closes; counts the bytes.
+pub async fn pipe_counted<A, B>(a: &mut A, b: &mut B, app: &str, machine: &str)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    match tokio::io::copy_bidirectional(a, b).await {
+        Ok((up, down)) => {
+            metrics::counter!("skein_proxy_tcp_bytes_total", "direction" => "to_machine")
+                .increment(up);
+            metrics::counter!("skein_proxy_tcp_bytes_total", "direction" => "to_client")
+                .increment(down);
+        }
+        Err(e) => tracing::debug!(app, machine, error = %e, "tcp pipe ended with an error"),
+    }
+}
