@@ -24,6 +24,10 @@ use skein_sixpn::{
     policy::{FlycastKey, MachineGuard, REASONS, Reason},
 };
 
+pub mod steer;
+
+pub use steer::Steer;
+
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/skein-ebpf.o"));
 
 /// True if this binary carries the eBPF programs.
@@ -62,6 +66,9 @@ pub enum Error {
     /// The object lacks a map or program this crate expects.
     #[error("the eBPF object has no {0}")]
     Missing(&'static str),
+    /// This thread's network namespace could not be opened.
+    #[error("opening the network namespace: {0}")]
+    Netns(std::io::Error),
     /// An interface name that does not exist.
     #[error("interface {name}: {source}")]
     Interface {

@@ -273,6 +273,62 @@ pub fn mesh_in(
     }
 }
 
+/// Where the steering program (`sk_lookup`) sends a TCP connection: the slots
+/// of its socket map, one per address family (a socket bound to one address
+/// is single-family; the proxy tells flycast from anycast by the address the
+/// connection came to).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slot {
+    /// The proxy's IPv4 socket: the IPv4 anycast prefixes.
+    V4 = 0,
+    /// The proxy's IPv6 socket: the IPv6 anycast prefixes and every flycast
+    /// address.
+    V6 = 1,
+}
+
+/// How many socket slots there are.
+pub const SLOTS: u32 = 2;
+
+/// What the steering program did, one per-CPU counter each.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Steered {
+    /// Handed to the anycast socket.
+    Anycast = 0,
+    /// Handed to the flycast socket.
+    Flycast = 1,
+    /// A slot matched but holds no socket (the proxy is not up): left to the
+    /// kernel's own lookup, which refuses it unless something listens there.
+    NoSocket = 2,
+}
+
+/// How many steering counters there are.
+pub const STEERED: u32 = 3;
+
+impl Steered {
+    /// Every counter, in order.
+    pub const ALL: [Steered; STEERED as usize] =
+        [Steered::Anycast, Steered::Flycast, Steered::NoSocket];
+
+    /// Its metrics label.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Steered::Anycast => "anycast",
+            Steered::Flycast => "flycast",
+            Steered::NoSocket => "no_socket",
+        }
+    }
+}
+
+/// True for a flycast address: 6PN, host field [`FLYCAST_HOST`]. (The
+/// steering program sends those to the flycast socket, in any network: the
+/// guard has already decided which networks may send there.)
+#[inline(always)]
+pub const fn is_flycast(a: &[u8; 16]) -> bool {
+    is_sixpn(a) && u32::from_be_bytes([a[6], a[7], a[8], a[9]]) == FLYCAST_HOST
+}
+
 /// Rewrites both addresses of a packet between the two forms (its own inverse).
 #[inline(always)]
 pub const fn swap_both(src: &mut [u8; 16], dst: &mut [u8; 16]) {
@@ -413,6 +469,16 @@ mod tests {
             mesh_in(&a("2001:db8::1"), &dst, local),
             Reason::MeshInNot6pn
         );
+    }
+
+    #[test]
+    fn flycast_addresses_are_told_by_their_host_field() {
+        assert!(is_flycast(&a("fdaa:0:18:0:1::10")));
+        assert!(is_flycast(&a("fdaa:ffff:ffff:0:1:ffff:ffff:ffff")));
+        assert!(!is_flycast(&a("fdaa:0:18:0:2::10")), "a host, not flycast");
+        assert!(!is_flycast(&a("fdaa:0:18:1:1::10")), "host 1:1, not 0:1");
+        assert!(!is_flycast(&a("fdab:0:18:0:1::10")), "not 6PN");
+        assert!(is_flycast(&SixPn::flycast(NetId(0x18), 7).octets()));
     }
 
     #[test]
