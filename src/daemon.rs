@@ -161,6 +161,20 @@ pub async fn start(cfg: Config, builtin: Option<Document>) -> anyhow::Result<Run
         tasks.spawn(source.run(stop.subscribe()));
     }
 
+    // The mesh first: it puts the host's local addresses (the resolver,
+    // the mesh address) in place before the proxy and DNS bind them.
+    if cfg.mesh.enabled {
+        let name = cfg.host.name.clone().unwrap_or_default();
+        let agent = skein_mesh::Agent::start(&cfg.mesh, &name, &cfg.state.dir)
+            .await
+            .context("starting the mesh")?;
+        tasks.spawn(skein_mesh::agent::run(
+            agent,
+            store.subscribe(),
+            stop.subscribe(),
+        ));
+    }
+
     if cfg.proxy.enabled {
         let proxy = skein_proxy::Proxy::on_host(
             cfg.proxy.clone(),
@@ -171,6 +185,10 @@ pub async fn start(cfg: Config, builtin: Option<Document>) -> anyhow::Result<Run
         // Tables first: the backhaul listener's address is in this host's record.
         proxy.apply(&store.snapshot());
         let bound = proxy.bind()?;
+        if cfg.proxy.steer.enabled() {
+            let steering = crate::steer::Steering::start(&cfg.proxy.steer, &bound).await?;
+            tasks.spawn(steering.run(stop.subscribe()));
+        }
         listening.extend(bound.iter().map(|b| b.local));
         tasks.spawn(proxy.clone().follow(store.subscribe(), stop.subscribe()));
         tasks.spawn(skein_proxy::health::run(proxy.clone(), stop.subscribe()));
@@ -185,18 +203,6 @@ pub async fn start(cfg: Config, builtin: Option<Document>) -> anyhow::Result<Run
         dns.apply(&store.snapshot());
         tasks.spawn(dns.clone().follow(store.subscribe(), stop.subscribe()));
         tasks.spawn(dns.serve(bound, stop.subscribe()));
-    }
-
-    if cfg.mesh.enabled {
-        let name = cfg.host.name.clone().unwrap_or_default();
-        let agent = skein_mesh::Agent::start(&cfg.mesh, &name, &cfg.state.dir)
-            .await
-            .context("starting the mesh")?;
-        tasks.spawn(skein_mesh::agent::run(
-            agent,
-            store.subscribe(),
-            stop.subscribe(),
-        ));
     }
 
     let api = Api {

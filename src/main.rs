@@ -7,6 +7,7 @@ mod config;
 mod daemon;
 mod demo;
 mod server;
+mod steer;
 mod telemetry;
 
 use std::path::PathBuf;

@@ -83,6 +83,12 @@ pub struct MeshConfig {
     /// Persistent keepalive to every peer, seconds (0: off).
     #[serde(default)]
     pub persistent_keepalive: u16,
+    /// Take in, on `lo`, what machines of this host are given locally: the
+    /// resolver `fdaa::3`, and the flycast addresses of their networks
+    /// (`fdaa:<net>:0:1::/80`, served by the proxy's steering). Off: the
+    /// operator routes them.
+    #[serde(default = "yes")]
+    pub local_services: bool,
 }
 
 fn default_interface() -> String {
@@ -113,6 +119,7 @@ impl Default for MeshConfig {
             mtu: default_mtu(),
             ebpf: true,
             persistent_keepalive: 0,
+            local_services: true,
         }
     }
 }
@@ -163,6 +170,8 @@ pub struct Desired {
     pub peers: BTreeMap<Key, WantPeer>,
     /// This host's machines by id.
     pub machines: BTreeMap<String, WantMachine>,
+    /// The networks of those machines (their flycast ranges are taken in here).
+    pub networks: BTreeSet<NetId>,
     /// Hosts whose WireGuard key does not parse.
     pub bad_keys: Vec<String>,
 }
@@ -197,6 +206,7 @@ pub fn desired(cat: &skein_catalog::Catalog, me: HostId, own: &Key) -> Desired {
         let (Some(interface), Some(address)) = (&m.interface, m.address) else {
             continue;
         };
+        d.networks.insert(address.net());
         d.machines.insert(
             m.id.clone(),
             WantMachine {
@@ -206,6 +216,11 @@ pub fn desired(cat: &skein_catalog::Catalog, me: HostId, own: &Key) -> Desired {
         );
     }
     d
+}
+
+/// The flycast range of a network, `fdaa:<net>:0:1::/80`.
+pub fn flycast_range(net: NetId) -> (Ipv6Addr, u8) {
+    (SixPn::flycast(net, 0).into(), 80)
 }
 
 /// The running agent. Owns the device and the eBPF programs.
@@ -222,6 +237,11 @@ pub struct Agent {
     peers: BTreeMap<Key, WantPeer>,
     machines: BTreeMap<String, (WantMachine, u32)>,
     forwarding_was: Option<String>,
+    /// `lo`, where local services are taken in.
+    lo: u32,
+    /// Networks with a machine here: their gateway address is on `lo`
+    /// (and their flycast range routed there, with `local_services`).
+    networks: BTreeSet<NetId>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -324,12 +344,18 @@ impl Agent {
             )));
         };
         nl.up(mesh_index, Some(cfg.mtu)).await?;
-        nl.add_route(SIXPN.0, SIXPN.1, mesh_index).await?;
+        nl.add_route(SIXPN.0, SIXPN.1, mesh_index, None).await?;
         let forwarding_was = std::fs::read_to_string(FORWARDING).ok();
         if forwarding_was.as_deref().map(str::trim) != Some("1") {
             std::fs::write(FORWARDING, "1").map_err(|e| {
                 StartError::Other(format!("enabling IPv6 forwarding ({FORWARDING}): {e}"))
             })?;
+        }
+        let Some(lo) = nl.index("lo").await? else {
+            return Err(StartError::Other("no loopback interface".into()));
+        };
+        if cfg.local_services {
+            nl.add_address(lo, skein_sixpn::RESOLVER, 128).await?;
         }
         let datapath = if cfg.ebpf {
             let mut d = Datapath::load()?;
@@ -358,6 +384,8 @@ impl Agent {
             peers: BTreeMap::new(),
             machines: BTreeMap::new(),
             forwarding_was,
+            lo,
+            networks: BTreeSet::new(),
         })
     }
 
@@ -401,8 +429,54 @@ impl Agent {
             warn!(host = %host, "bad WireGuard key in the catalog");
         }
         self.sync_peers(want.peers).await;
+        // Networks before machines: a machine's route names its network's
+        // gateway address as its source, which must exist first.
+        self.sync_networks(want.networks, me.id).await;
         self.sync_machines(want.machines).await;
         self.export_counters();
+    }
+
+    /// For every network with a machine here: the host's gateway address in
+    /// it on `lo`, and (with `local_services`) its flycast range routed to
+    /// `lo`. Networks that left lose both: a range left routed would take
+    /// traffic in for nothing.
+    async fn sync_networks(&mut self, want: BTreeSet<NetId>, host: HostId) {
+        let gone: Vec<NetId> = self.networks.difference(&want).copied().collect();
+        for net in gone {
+            self.drop_network(net, host).await;
+            self.networks.remove(&net);
+        }
+        for net in want {
+            if self.networks.contains(&net) {
+                continue;
+            }
+            let gw = SixPn::gateway(net, host);
+            if let Err(e) = self.nl.add_address(self.lo, gw.into(), 128).await {
+                warn!(error = %e, %gw, "the host's address in a network");
+                continue;
+            }
+            if self.cfg.local_services {
+                let (a, len) = flycast_range(net);
+                if let Err(e) = self.nl.add_local_route(a.into(), len, self.lo).await {
+                    warn!(error = %e, "taking a flycast range in");
+                    continue;
+                }
+            }
+            self.networks.insert(net);
+        }
+    }
+
+    async fn drop_network(&mut self, net: NetId, host: HostId) {
+        if self.cfg.local_services {
+            let (a, len) = flycast_range(net);
+            if let Err(e) = self.nl.del_local_route(a.into(), len, self.lo).await {
+                warn!(error = %e, "removing a flycast range");
+            }
+        }
+        let gw = SixPn::gateway(net, host);
+        if let Err(e) = self.nl.del_address(self.lo, gw.into()).await {
+            warn!(error = %e, %gw, "removing the host's address in a network");
+        }
     }
 
     async fn set_host(&mut self, id: HostId) {
@@ -504,8 +578,11 @@ impl Agent {
             .await
             .map_err(|e| e.to_string())?;
         self.nl.up(index, None).await.map_err(|e| e.to_string())?;
+        // The host speaks to the machine from its own address in the machine's
+        // network, so the replies pass the guard.
+        let src = SixPn::gateway(w.address.net(), w.address.host());
         self.nl
-            .add_route(net, 112, index)
+            .add_route(net, 112, index, Some(src.into()))
             .await
             .map_err(|e| e.to_string())?;
         info!(machine = %id, interface = %w.interface, address = %w.address, "machine joined the mesh");
@@ -556,6 +633,14 @@ impl Agent {
             self.remove_machine(&id, &w, index).await;
         }
         let _ = self.nl.del_route(SIXPN.0, SIXPN.1, self.mesh_index).await;
+        if let Some(h) = self.host {
+            for net in std::mem::take(&mut self.networks) {
+                self.drop_network(net, h).await;
+            }
+        }
+        if self.cfg.local_services {
+            let _ = self.nl.del_address(self.lo, skein_sixpn::RESOLVER).await;
+        }
         if let Some(h) = self.host {
             // on a device that outlives us (device = "uapi") the address would stay
             let _ = self

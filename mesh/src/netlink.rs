@@ -2,9 +2,10 @@
 //! idempotent: adding what exists and removing what is gone both succeed, so a
 //! reconcile can always be repeated.
 
-use std::net::Ipv6Addr;
+use std::net::{IpAddr, Ipv6Addr};
 
 use futures::TryStreamExt as _;
+use rtnetlink::packet_route::route::{RouteMessage, RouteScope, RouteType};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
 /// A netlink failure with the operation that failed.
@@ -122,12 +123,22 @@ impl Netlink {
         }
     }
 
-    /// Routes `dst/len` to interface `index` (replacing a route to the same prefix).
-    pub async fn add_route(&self, dst: Ipv6Addr, len: u8, index: u32) -> Result<()> {
-        let msg = RouteMessageBuilder::<Ipv6Addr>::new()
+    /// Routes `dst/len` to interface `index` (replacing a route to the same
+    /// prefix), with `src` as the preferred source of what the host sends there.
+    pub async fn add_route(
+        &self,
+        dst: Ipv6Addr,
+        len: u8,
+        index: u32,
+        src: Option<Ipv6Addr>,
+    ) -> Result<()> {
+        let mut b = RouteMessageBuilder::<Ipv6Addr>::new()
             .destination_prefix(dst, len)
-            .output_interface(index)
-            .build();
+            .output_interface(index);
+        if let Some(src) = src {
+            b = b.pref_source(src);
+        }
+        let msg = b.build();
         self.handle
             .route()
             .add(msg)
@@ -138,6 +149,40 @@ impl Netlink {
                 what: format!("add route {dst}/{len}"),
                 source,
             })
+    }
+
+    /// Takes every address of `dst/len` in as this host's own (a `local`
+    /// route on `index`, usually `lo`: AnyIP), so connections to any of them
+    /// are delivered here (to whatever listens, or to eBPF steering).
+    pub async fn add_local_route(&self, dst: IpAddr, len: u8, index: u32) -> Result<()> {
+        self.handle
+            .route()
+            .add(local_route(dst, len, index))
+            .replace()
+            .execute()
+            .await
+            .map_err(|source| NetlinkError {
+                what: format!("add local route {dst}/{len}"),
+                source,
+            })
+    }
+
+    /// Removes what [`Netlink::add_local_route`] added; already gone is fine.
+    pub async fn del_local_route(&self, dst: IpAddr, len: u8, index: u32) -> Result<()> {
+        match self
+            .handle
+            .route()
+            .del(local_route(dst, len, index))
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if matches!(errno(&e), libc::ESRCH | libc::ENOENT | libc::ENODEV) => Ok(()),
+            Err(source) => Err(NetlinkError {
+                what: format!("delete local route {dst}/{len}"),
+                source,
+            }),
+        }
     }
 
     /// Removes the route `dst/len` via `index`; a route already gone is fine.
@@ -154,5 +199,27 @@ impl Netlink {
                 source,
             }),
         }
+    }
+}
+
+/// The kernel's `local` routing table.
+const TABLE_LOCAL: u32 = 255;
+
+fn local_route(dst: IpAddr, len: u8, index: u32) -> RouteMessage {
+    match dst {
+        IpAddr::V4(a) => RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+            .destination_prefix(a, len)
+            .output_interface(index)
+            .table_id(TABLE_LOCAL)
+            .kind(RouteType::Local)
+            .scope(RouteScope::Host)
+            .build(),
+        IpAddr::V6(a) => RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(a, len)
+            .output_interface(index)
+            .table_id(TABLE_LOCAL)
+            .kind(RouteType::Local)
+            .scope(RouteScope::Host)
+            .build(),
     }
 }

@@ -87,6 +87,36 @@ pub struct ProxyConfig {
     /// edges' traffic for its own.
     #[serde(default)]
     pub backhaul: BackhaulConfig,
+    /// Addresses served by steering (eBPF `sk_lookup`) rather than by bound
+    /// listeners.
+    #[serde(default)]
+    pub steer: SteerConfig,
+}
+
+/// `[proxy.steer]`: one socket per address family serves every address of the
+/// anycast prefixes on every port (routed by the port, then SNI or Host, as on
+/// any listener), and every flycast address (routed by the address: the app,
+/// or the Kubernetes Service, that owns it). Needs the eBPF programs; the
+/// fallback without them is a listener per port on the wildcard address with
+/// the prefixes routed to `lo` (`ip route add local <prefix> dev lo`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SteerConfig {
+    /// Anycast prefixes this edge serves (the daemon routes them to `lo` and
+    /// steers them to the proxy).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub anycast: Vec<ipnet::IpNet>,
+    /// Serve flycast addresses: machines on this host reach their network's
+    /// apps and ClusterIP Services through this proxy.
+    #[serde(default)]
+    pub flycast: bool,
+}
+
+impl SteerConfig {
+    /// True if anything is steered.
+    pub fn enabled(&self) -> bool {
+        self.flycast || !self.anycast.is_empty()
+    }
 }
 
 /// Where a worker's backhaul listener is reached.
@@ -227,6 +257,7 @@ impl Default for ProxyConfig {
             upstream_idle_timeout: d_idle(),
             upstream_max_idle: d_max_idle(),
             backhaul: BackhaulConfig::default(),
+            steer: SteerConfig::default(),
         }
     }
 }

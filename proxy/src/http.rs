@@ -55,6 +55,8 @@ pub struct ConnInfo {
     pub tls: bool,
     /// The SNI name, if TLS.
     pub sni: Option<String>,
+    /// The flycast address the client connected to: it names the app.
+    pub flycast: Option<std::net::Ipv6Addr>,
 }
 
 fn local(
@@ -237,7 +239,11 @@ async fn route(proxy: &Arc<Proxy>, conn: &ConnInfo, req: Request<Incoming>) -> R
             .as_deref()
             .and_then(|d| table.app(d))
     };
-    let Some(app) = table.app(&host).or_else(fallback).cloned() else {
+    let found = match conn.flycast {
+        Some(a) => table.flycast(a),
+        None => table.app(&host).or_else(fallback),
+    };
+    let Some(app) = found.cloned() else {
         return local(StatusCode::NOT_FOUND, "no_app", None);
     };
     let Some(port) = app.ports.get(&conn.port).cloned() else {

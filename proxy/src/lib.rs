@@ -91,16 +91,38 @@ pub struct Proxy {
     acme_tls: Arc<ServerConfig>,
 }
 
+/// What a bound listener is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BoundKind {
+    /// Clients, on the catalog port `port`.
+    Public {
+        /// The port this socket stands for.
+        port: u16,
+    },
+    /// Clients steered here by eBPF: any anycast address and port, any
+    /// flycast address (the port is the one each connection came to).
+    Steered,
+    /// Other edges' traffic for this host's machines.
+    Backhaul,
+}
+
 /// A bound listener, ready to serve.
 pub struct Bound {
     /// One socket per serving thread, all on the same address (SO_REUSEPORT:
     /// the kernel spreads connections across them).
     sockets: Vec<std::net::TcpListener>,
-    port: u16,
-    /// The backhaul listener (other edges' traffic for this host's machines).
-    backhaul: bool,
+    /// What it serves.
+    pub kind: BoundKind,
     /// The bound address.
     pub local: SocketAddr,
+}
+
+impl Bound {
+    /// One socket of the group: what steering points at (the kernel's
+    /// SO_REUSEPORT selection then spreads connections over the group).
+    pub fn socket(&self) -> Option<&std::net::TcpListener> {
+        self.sockets.first()
+    }
 }
 
 impl Proxy {
@@ -213,8 +235,34 @@ impl Proxy {
             let (sockets, local) = self.bind_one(l.bind, false)?;
             out.push(Bound {
                 sockets,
-                port: l.port.unwrap_or(local.port()),
-                backhaul: false,
+                kind: BoundKind::Public {
+                    port: l.port.unwrap_or(local.port()),
+                },
+                local,
+            });
+        }
+        // Steered sockets: one per family, on the loopback (a socket bound to
+        // one address is single-family); connections reach them only
+        // through the steering program.
+        let steer = &self.cfg.steer;
+        let v4 = steer
+            .anycast
+            .iter()
+            .any(|p| matches!(p, ipnet::IpNet::V4(_)));
+        let v6 = steer.flycast
+            || steer
+                .anycast
+                .iter()
+                .any(|p| matches!(p, ipnet::IpNet::V6(_)));
+        for (want, at) in [(v4, "127.0.0.1:0"), (v6, "[::1]:0")] {
+            if !want {
+                continue;
+            }
+            let addr: SocketAddr = at.parse().map_err(|_| ProxyError::Backhaul(at.into()))?;
+            let (sockets, local) = self.bind_one(addr, false)?;
+            out.push(Bound {
+                sockets,
+                kind: BoundKind::Steered,
                 local,
             });
         }
@@ -222,8 +270,7 @@ impl Proxy {
             let (sockets, local) = self.bind_one(addr, true)?;
             out.push(Bound {
                 sockets,
-                port: local.port(),
-                backhaul: true,
+                kind: BoundKind::Backhaul,
                 local,
             });
         }
@@ -286,15 +333,21 @@ impl Proxy {
         let threads = self.threads();
         let mut per_thread: Vec<Vec<Socket>> = (0..threads).map(|_| Vec::new()).collect();
         for b in bound {
-            match b.backhaul {
-                true => tracing::info!(addr = %b.local, threads, "proxy backhaul listening"),
-                false => tracing::info!(addr = %b.local, port = b.port, threads, "proxy listening"),
+            match b.kind {
+                BoundKind::Backhaul => {
+                    tracing::info!(addr = %b.local, threads, "proxy backhaul listening")
+                }
+                BoundKind::Steered => {
+                    tracing::info!(addr = %b.local, threads, "proxy steered socket listening")
+                }
+                BoundKind::Public { port } => {
+                    tracing::info!(addr = %b.local, port, threads, "proxy listening")
+                }
             }
             for (i, s) in b.sockets.into_iter().enumerate() {
                 per_thread[i % threads].push(Socket {
                     socket: s,
-                    port: b.port,
-                    backhaul: b.backhaul,
+                    kind: b.kind,
                     local: b.local,
                 });
             }
@@ -337,8 +390,12 @@ impl Proxy {
             let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
             let mut loops = tokio::task::JoinSet::new();
             for s in sockets {
+                let port = match s.kind {
+                    BoundKind::Public { port } => Some(port),
+                    _ => None,
+                };
                 match TcpListener::from_std(s.socket) {
-                    Ok(l) if s.backhaul => {
+                    Ok(l) if s.kind == BoundKind::Backhaul => {
                         loops.spawn(backhaul::accept_loop(
                             self.clone(),
                             l,
@@ -350,7 +407,7 @@ impl Proxy {
                         loops.spawn(listener::accept_loop(
                             self.clone(),
                             l,
-                            s.port,
+                            port,
                             stop.clone(),
                             graceful.clone(),
                         ));
@@ -390,8 +447,7 @@ fn acme_server_config(
 /// One listening socket of one serving thread.
 struct Socket {
     socket: std::net::TcpListener,
-    port: u16,
-    backhaul: bool,
+    kind: BoundKind,
     local: SocketAddr,
 }
 

@@ -28,11 +28,13 @@ const TLS_HANDSHAKE: u8 = 0x16;
 pub use skein_catalog::store::stopped;
 
 /// Accepts on `listener` until `stop` says so; connections are tracked by
-/// `graceful` so a shutdown can wait for them.
+/// `graceful` so a shutdown can wait for them. `port`: the catalog port the
+/// listener stands for; None for a steered socket, whose connections each
+/// carry the address and port the client asked for.
 pub async fn accept_loop(
     proxy: Arc<Proxy>,
     listener: TcpListener,
-    port: u16,
+    port: Option<u16>,
     mut stop: tokio::sync::watch::Receiver<bool>,
     graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
 ) {
@@ -58,7 +60,7 @@ pub async fn accept_loop(
         metrics::counter!("skein_proxy_connections_total").increment(1);
         let proxy = proxy.clone();
         let watcher = graceful.watcher();
-        let span = tracing::debug_span!("conn", client = %peer, port);
+        let span = tracing::debug_span!("conn", client = %peer, port = port.unwrap_or(0));
         tokio::spawn(
             async move {
                 let active = metrics::gauge!("skein_proxy_connections_active");
@@ -112,23 +114,49 @@ async fn connection(
     proxy: Arc<Proxy>,
     mut stream: TcpStream,
     peer: std::net::SocketAddr,
-    port: u16,
+    port: Option<u16>,
     watcher: Watcher,
 ) {
     let header_timeout = proxy.cfg.header_timeout;
     let local = stream.local_addr().unwrap_or(peer);
+    let local = std::net::SocketAddr::new(local.ip().to_canonical(), local.port());
+    let port = port.unwrap_or(local.port());
+    // A flycast address names its app (or Kubernetes Service) itself.
+    let flycast = match local.ip() {
+        std::net::IpAddr::V6(a) if skein_catalog::sixpn::policy::is_flycast(&a.octets()) => Some(a),
+        _ => None,
+    };
     let info = |tls: bool, sni: Option<String>| ConnInfo {
         client: peer,
         local,
         port,
         tls,
         sni,
+        flycast,
     };
     let table = proxy.routes.load_full();
+    let pinned = match flycast {
+        Some(a) => {
+            let found = table
+                .flycast(a)
+                .and_then(|app| Some((app.clone(), app.ports.get(&port)?.clone())));
+            if found.is_none() {
+                metrics::counter!("skein_proxy_flycast_refused_total").increment(1);
+                return tracing::debug!(%a, port, "no app or service on this flycast port");
+            }
+            found
+        }
+        None => None,
+    };
     // A raw TCP port: the machine may speak first, so nothing is read here.
-    if let Some(app) = table.raw_port(port).cloned()
-        && let Some(route) = app.ports.get(&port).cloned()
-    {
+    let raw = match &pinned {
+        Some((app, route)) => (!route.tls && !route.http).then(|| (app.clone(), route.clone())),
+        None => table
+            .raw_port(port)
+            .cloned()
+            .and_then(|app| Some((app.clone(), app.ports.get(&port)?.clone()))),
+    };
+    if let Some((app, route)) = raw {
         return tcp::pipe(proxy, stream, table, app, route, info(false, None)).await;
     }
     let mut first = [0u8; 1];
@@ -168,10 +196,11 @@ async fn connection(
         return acme_validation(&proxy, Prefixed::new(hello, stream), header_timeout).await;
     }
     let name = sni.clone().or_else(|| proxy.cfg.default_hostname.clone());
-    let routed = name
-        .as_deref()
-        .and_then(|n| table.app(n))
-        .and_then(|app| Some((app.clone(), app.ports.get(&port)?.clone())));
+    let routed = pinned.or_else(|| {
+        name.as_deref()
+            .and_then(|n| table.app(n))
+            .and_then(|app| Some((app.clone(), app.ports.get(&port)?.clone())))
+    });
     let stream = Prefixed::new(hello, stream);
     // TLS the machine terminates itself: pass the bytes through, ClientHello first.
     if let Some((app, route)) = &routed

@@ -99,7 +99,20 @@ pub struct RouteTable {
     raw_ports: HashMap<u16, Arc<AppRoute>>,
     /// Every app by name.
     by_name: HashMap<String, Arc<AppRoute>>,
+    /// Flycast addresses: an app's, or a Kubernetes ClusterIP Service's.
+    flycast: HashMap<std::net::Ipv6Addr, Arc<AppRoute>>,
+    /// The routes of ClusterIP Services, by Service key (`namespace/name`),
+    /// with the records they were built from (kept while those stay the same).
+    k8s: HashMap<String, K8sRoute>,
     rtt: HashMap<String, HashMap<String, u32>>,
+}
+
+/// A ClusterIP Service's route and what it was built from.
+#[derive(Debug, Clone)]
+struct K8sRoute {
+    record: Arc<skein_catalog::model::K8sService>,
+    machines: Vec<Arc<skein_catalog::model::Machine>>,
+    route: Arc<AppRoute>,
 }
 
 /// Where the proxy stands: its region (distances are measured from there),
@@ -182,6 +195,8 @@ impl RouteTable {
         if touched.regions || hosts_changed {
             return (RouteTable::assemble(snap, at, loads, None), None);
         }
+        // Regions and hosts unchanged: a ClusterIP route whose Service and
+        // endpoint machines are the same records can be kept too.
         let t = RouteTable::assemble(snap, at, loads, Some((self, &touched.apps)));
         let addrs = |table: &RouteTable| -> HashSet<SocketAddr> {
             touched
@@ -265,6 +280,18 @@ impl RouteTable {
                 };
             }
         }
+        for app in cat.apps.values() {
+            if let (Some(ip), Some(route)) = (app.flycast, t.by_name.get(&app.name)) {
+                t.flycast.insert(ip, route.clone());
+            }
+        }
+        t.k8s = k8s_routes(cat, at, loads, keep.map(|(prev, _)| prev), &rtt);
+        for r in t.k8s.values() {
+            if let Some(ip) = r.record.cluster_ip {
+                // An app that names the address itself (with its own handlers) wins.
+                t.flycast.entry(ip).or_insert_with(|| r.route.clone());
+            }
+        }
         for a in cat.regions.keys() {
             for b in cat.regions.keys() {
                 t.rtt
@@ -291,11 +318,23 @@ impl RouteTable {
         self.by_name.values()
     }
 
+    /// The app (or ClusterIP Service) that owns a flycast address.
+    pub fn flycast(&self, addr: std::net::Ipv6Addr) -> Option<&Arc<AppRoute>> {
+        self.flycast.get(&addr)
+    }
+
+    /// Every route once: the apps, then the ClusterIP Services (health checks
+    /// and metrics walk these).
+    pub fn routes(&self) -> impl Iterator<Item = &Arc<AppRoute>> {
+        self.by_name
+            .values()
+            .chain(self.k8s.values().map(|k| &k.route))
+    }
+
     /// Every address the table connects to: machines, and the backhaul
     /// listeners of the hosts it reaches them through.
     pub fn addresses(&self) -> std::collections::HashSet<SocketAddr> {
-        self.by_name
-            .values()
+        self.routes()
             .flat_map(|a| a.services.iter())
             .flat_map(|s| s.backends.iter().map(|b| b.via.unwrap_or(b.addr)))
             .collect()
@@ -355,6 +394,134 @@ fn k8s_machines<'a>(
         .unwrap_or_default()
 }
 
+/// The routes of ClusterIP Services: each Service port is a raw TCP port of
+/// the route (the proxy balances connections, as kube-proxy does), to the
+/// target port of its ready endpoints. A route is kept from `prev` while its
+/// Service record and endpoint machines are the same `Arc`s.
+fn k8s_routes(
+    cat: &skein_catalog::Catalog,
+    at: &Locality,
+    loads: &Loads,
+    prev: Option<&RouteTable>,
+    rtt: &dyn Fn(&str, &str) -> u32,
+) -> HashMap<String, K8sRoute> {
+    use skein_catalog::model::{K8sProtocol, K8sServiceKind};
+    let mut out = HashMap::new();
+    for s in cat.k8s_services.values() {
+        if s.kind != K8sServiceKind::ClusterIp || s.cluster_ip.is_none() {
+            continue;
+        }
+        let key = format!("{}/{}", s.namespace, s.name);
+        let machines: Vec<Arc<skein_catalog::model::Machine>> = s
+            .endpoints
+            .iter()
+            .filter(|e| e.ready)
+            .filter_map(|e| cat.machines.get(&e.machine))
+            .filter(|m| m.is_routable())
+            .cloned()
+            .collect();
+        let same = prev.and_then(|p| p.k8s.get(&key)).filter(|old| {
+            Arc::ptr_eq(&old.record, s)
+                && old.machines.len() == machines.len()
+                && old
+                    .machines
+                    .iter()
+                    .zip(&machines)
+                    .all(|(a, b)| Arc::ptr_eq(a, b))
+        });
+        if let Some(old) = same {
+            out.insert(key, old.clone());
+            continue;
+        }
+        let name = format!("k8s:{key}");
+        let refs: Vec<&skein_catalog::model::Machine> = machines.iter().map(|m| &**m).collect();
+        let mut services = Vec::new();
+        let mut ports = HashMap::new();
+        for p in s.ports.iter().filter(|p| p.protocol == K8sProtocol::Tcp) {
+            let internal = p.target_port.unwrap_or(p.port);
+            let queue = loads.queue(&name, internal);
+            let mut backends = backends_of(cat, &refs, internal, &name, at, loads, &queue, rtt);
+            backends.sort_by(|a, b| {
+                a.rtt_ms
+                    .cmp(&b.rtt_ms)
+                    .then_with(|| a.machine.cmp(&b.machine))
+            });
+            ports.insert(
+                p.port,
+                PortRoute {
+                    service: services.len(),
+                    tls: false,
+                    http: false,
+                    force_https: false,
+                    proxy_proto: None,
+                },
+            );
+            services.push(ServiceRoute {
+                internal_port: internal,
+                kind: ConcurrencyKind::Connections,
+                // Kubernetes Services carry no limits: spread by load only.
+                soft: u32::MAX,
+                hard: u32::MAX,
+                backend_protocol: BackendProtocol::Http1,
+                backends,
+                queue,
+                rr: AtomicUsize::new(0),
+                checks: Vec::new(),
+                check_host: None,
+            });
+        }
+        let route = Arc::new(AppRoute {
+            name: Arc::from(name.as_str()),
+            network: Arc::from(s.network.as_str()),
+            ports,
+            services,
+            allow_self_signed: false,
+            metrics: crate::http::AppMetrics::new(&name),
+        });
+        out.insert(
+            key,
+            K8sRoute {
+                record: s.clone(),
+                machines,
+                route,
+            },
+        );
+    }
+    out
+}
+
+/// The backends of one service port: every machine with an address.
+#[allow(clippy::too_many_arguments)]
+fn backends_of(
+    cat: &skein_catalog::Catalog,
+    machines: &[&skein_catalog::model::Machine],
+    port: u16,
+    app: &str,
+    at: &Locality,
+    loads: &Loads,
+    queue: &Arc<ServiceQueue>,
+    rtt: &dyn Fn(&str, &str) -> u32,
+) -> Vec<Backend> {
+    machines
+        .iter()
+        .filter_map(|m| {
+            let addr = match (m.endpoint, m.address) {
+                (Some(ep), _) => ep,
+                (None, Some(a)) => SocketAddr::new(IpAddr::V6(a.into()), port),
+                (None, None) => return None,
+            };
+            Some(Backend {
+                machine: Arc::from(m.id.as_str()),
+                region: Arc::from(m.region.as_str()),
+                addr,
+                via: at.via(cat, m),
+                rtt_ms: rtt(&at.region, &m.region),
+                load: loads.machine(app, port, &m.id, queue),
+            })
+        })
+        .collect()
+}
+
 /// One app's route: its services with their backends, closest first.
 fn app_route(
     cat: &skein_catalog::Catalog,
@@ -368,24 +535,16 @@ fn app_route(
     let mut ports = HashMap::new();
     for (si, s) in app.services.iter().enumerate() {
         let queue = loads.queue(&app.name, s.internal_port);
-        let mut backends: Vec<Backend> = machines
-            .iter()
-            .filter_map(|m| {
-                let addr = match (m.endpoint, m.address) {
-                    (Some(ep), _) => ep,
-                    (None, Some(a)) => SocketAddr::new(IpAddr::V6(a.into()), s.internal_port),
-                    (None, None) => return None,
-                };
-                Some(Backend {
-                    machine: Arc::from(m.id.as_str()),
-                    region: Arc::from(m.region.as_str()),
-                    addr,
-                    via: at.via(cat, m),
-                    rtt_ms: rtt(&at.region, &m.region),
-                    load: loads.machine(&app.name, s.internal_port, &m.id, &queue),
-                })
-            })
-            .collect();
+        let mut backends = backends_of(
+            cat,
+            machines,
+            s.internal_port,
+            &app.name,
+            at,
+            loads,
+            &queue,
+            rtt,
+        );
         backends.sort_by(|a, b| {
             a.rtt_ms
                 .cmp(&b.rtt_ms)

@@ -223,7 +223,15 @@ impl SixPn {
     /// agent puts it on the WireGuard device; the edge proxies' backhaul
     /// listens on it). No machine can send to it: network 0 is nobody's.
     pub const fn host_address(host: HostId) -> SixPn {
-        let mut a = SixPn::new(NetId(0), host, MachineSlot(0)).0;
+        SixPn::gateway(NetId(0), host)
+    }
+
+    /// A host's own address inside network `net` (machine slot 0, which no
+    /// machine gets, `::1`): the source of what the host sends to its machines
+    /// of that network, so their replies stay inside their network and pass
+    /// the guard. Only local: the mesh delivers nothing to slot 0.
+    pub const fn gateway(net: NetId, host: HostId) -> SixPn {
+        let mut a = SixPn::new(net, host, MachineSlot(0)).0;
         a[15] = 1;
         SixPn(a)
     }
