@@ -278,10 +278,10 @@ impl Config {
             if self.host.region.is_empty() {
                 bad("host.region", "the proxy needs this edge's region".into());
             }
-            if self.proxy.listeners.is_empty() {
+            if self.proxy.listeners.is_empty() && !self.proxy.steer.enabled() {
                 bad(
                     "proxy.listeners",
-                    "the proxy is enabled but has no listener".into(),
+                    "the proxy is enabled but has no listener (and steers nothing)".into(),
                 );
             }
             if self.proxy.max_connections == 0 {

@@ -177,11 +177,17 @@ impl Netns {
     /// Moves the calling thread into the namespace (sockets and netlink calls it
     /// makes from now on live there). Use from a dedicated thread.
     pub fn enter(&self) {
-        let f = File::open(format!("/run/netns/{}", self.name))
-            .unwrap_or_else(|e| panic!("opening netns {}: {e}", self.name));
-        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
-            .unwrap_or_else(|e| panic!("entering netns {}: {e}", self.name));
+        enter_netns(&self.name)
     }
+}
+
+/// Moves the calling thread into the named namespace (for a thread that
+/// cannot borrow the [`Netns`]).
+pub fn enter_netns(name: &str) {
+    let f = File::open(format!("/run/netns/{name}"))
+        .unwrap_or_else(|e| panic!("opening netns {name}: {e}"));
+    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+        .unwrap_or_else(|e| panic!("entering netns {name}: {e}"));
 }
 
 impl Drop for Netns {

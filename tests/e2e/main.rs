@@ -9,4 +9,5 @@ mod demo;
 mod etcd;
 mod kubernetes;
 mod mesh;
+mod platform;
 mod support;

@@ -12,7 +12,7 @@ use std::{
 
 use skein_testkit::{Netns, require_root, veth};
 
-use crate::support::skein;
+use crate::support::{Machine, machine, skein, wait};
 
 struct Host {
     ns: Netns,
@@ -175,30 +175,6 @@ impl Drop for Host {
             let _ = c.wait();
         }
     }
-}
-
-fn wait(limit: Duration, mut ok: impl FnMut() -> bool, what: &str) {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for {what}");
-}
-
-struct Machine {
-    ns: Netns,
-    addr: &'static str,
-}
-
-fn machine(host: &Netns, tag: &str, iface: &str, addr: &'static str) -> Machine {
-    let ns = Netns::new(tag);
-    veth(host, iface, &ns, "eth0");
-    ns.ip(&format!("addr add {addr}/128 dev eth0 nodad"));
-    ns.ip("route add fdaa::/16 via fe80::1 dev eth0");
-    Machine { ns, addr }
 }
 
 fn catalog(keys: &[Option<String>; 3]) -> String {

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use skein_testkit::{Netns, veth};
+
 pub fn skein() -> Command {
     Command::new(env!("CARGO_BIN_EXE_skein"))
 }
@@ -196,4 +198,33 @@ pub fn http_backend(body: &'static str) -> u16 {
         }
     });
     port
+}
+
+/// Polls `ok` every 100 ms until it holds; panics naming `what` after `limit`.
+pub fn wait(limit: Duration, mut ok: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// A machine: a namespace behind its host's interface `iface`, with its 6PN
+/// address and the mesh's gateway.
+pub struct Machine {
+    pub ns: Netns,
+    pub addr: &'static str,
+}
+
+/// Creates a machine behind `host` (it joins the mesh when the catalog names
+/// `iface` as its interface).
+pub fn machine(host: &Netns, tag: &str, iface: &str, addr: &'static str) -> Machine {
+    let ns = Netns::new(tag);
+    veth(host, iface, &ns, "eth0");
+    ns.ip(&format!("addr add {addr}/128 dev eth0 nodad"));
+    ns.ip("route add fdaa::/16 via fe80::1 dev eth0");
+    Machine { ns, addr }
 }
