@@ -185,14 +185,19 @@ pub async fn start(cfg: Config, builtin: Option<Document>) -> anyhow::Result<Run
         // Tables first: the backhaul listener's address is in this host's record.
         proxy.apply(&store.snapshot());
         let bound = proxy.bind()?;
+        let (drained_tx, drained) = tokio::sync::oneshot::channel::<()>();
         if cfg.proxy.steer.enabled() {
             let steering = crate::steer::Steering::start(&cfg.proxy.steer, &bound).await?;
-            tasks.spawn(steering.run(stop.subscribe()));
+            tasks.spawn(steering.run(stop.subscribe(), drained));
         }
         listening.extend(bound.iter().map(|b| b.local));
         tasks.spawn(proxy.clone().follow(store.subscribe(), stop.subscribe()));
         tasks.spawn(skein_proxy::health::run(proxy.clone(), stop.subscribe()));
-        tasks.spawn(proxy.serve(bound, stop.subscribe(), cfg.shutdown.drain_timeout));
+        let serve = proxy.serve(bound, stop.subscribe(), cfg.shutdown.drain_timeout);
+        tasks.spawn(async move {
+            serve.await;
+            let _ = drained_tx.send(());
+        });
     }
 
     let mut dns_at = Vec::new();

@@ -19,6 +19,16 @@ pub struct Steering {
     nl: Netlink,
     lo: u32,
     routed: Vec<ipnet::IpNet>,
+    announced: Option<Announced>,
+}
+
+/// The anycast prefixes announced: routes in the speaker's table on a TUN
+/// device this process owns (closed with it, so a crash withdraws too).
+struct Announced {
+    _device: skein_mesh::tun::Tun,
+    index: u32,
+    table: u32,
+    prefixes: Vec<ipnet::IpNet>,
 }
 
 impl Steering {
@@ -47,6 +57,7 @@ impl Steering {
             nl,
             lo,
             routed: Vec::new(),
+            announced: None,
         };
         for p in &cfg.anycast {
             s.steer
@@ -58,11 +69,72 @@ impl Steering {
             s.routed.push(*p);
         }
         tracing::info!(anycast = ?cfg.anycast, flycast = cfg.flycast, "steering attached");
+        if let Some(a) = &cfg.announce {
+            s.announce(a, &cfg.anycast).await?;
+        }
         Ok(s)
     }
 
-    /// Publishes the counters until `stop`, then takes everything away.
-    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+    /// Puts the anycast prefixes in the speaker's table: this edge serves.
+    async fn announce(
+        &mut self,
+        cfg: &skein_proxy::config::AnnounceConfig,
+        prefixes: &[ipnet::IpNet],
+    ) -> anyhow::Result<()> {
+        let what = "proxy.steer.announce";
+        let device = skein_mesh::tun::Tun::create(&cfg.interface)
+            .with_context(|| format!("{what}: creating {}", cfg.interface))?;
+        let index = self
+            .nl
+            .index(&cfg.interface)
+            .await?
+            .with_context(|| format!("{what}: {} vanished", cfg.interface))?;
+        self.nl.up(index, None).await?;
+        for p in prefixes {
+            self.nl
+                .add_table_route(p.trunc().addr(), p.prefix_len(), index, cfg.table)
+                .await
+                .with_context(|| format!("{what}: announcing {p}"))?;
+        }
+        tracing::info!(table = cfg.table, interface = %cfg.interface, ?prefixes, "anycast announced");
+        metrics::gauge!("skein_anycast_announced").set(1.0);
+        self.announced = Some(Announced {
+            _device: device,
+            index,
+            table: cfg.table,
+            prefixes: prefixes.to_vec(),
+        });
+        Ok(())
+    }
+
+    /// Takes the announcement back (new connections go to other edges while
+    /// this one drains what it has).
+    async fn withdraw(&mut self) {
+        let Some(a) = self.announced.take() else {
+            return;
+        };
+        for p in &a.prefixes {
+            if let Err(e) = self
+                .nl
+                .del_table_route(p.trunc().addr(), p.prefix_len(), a.index, a.table)
+                .await
+            {
+                tracing::warn!(prefix = %p, error = %e, "withdrawing an anycast prefix");
+            }
+        }
+        metrics::gauge!("skein_anycast_announced").set(0.0);
+        tracing::info!("anycast withdrawn");
+    }
+
+    /// Publishes the counters until `stop`; then withdraws the announcement at
+    /// once (new connections go to other edges), and takes the rest away once
+    /// the proxy has drained (`drained`): the connections it is finishing
+    /// still arrive on the anycast addresses.
+    pub async fn run(
+        mut self,
+        mut stop: watch::Receiver<bool>,
+        drained: tokio::sync::oneshot::Receiver<()>,
+    ) {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
         loop {
             tokio::select! {
@@ -70,6 +142,8 @@ impl Steering {
                 _ = tick.tick() => self.export(),
             }
         }
+        self.withdraw().await;
+        let _ = drained.await;
         for p in std::mem::take(&mut self.routed) {
             if let Err(e) = self
                 .nl

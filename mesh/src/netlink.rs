@@ -5,7 +5,7 @@
 use std::net::{IpAddr, Ipv6Addr};
 
 use futures::TryStreamExt as _;
-use rtnetlink::packet_route::route::{RouteMessage, RouteScope, RouteType};
+use rtnetlink::packet_route::route::{RouteMessage, RouteProtocol, RouteScope, RouteType};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
 /// A netlink failure with the operation that failed.
@@ -157,7 +157,7 @@ impl Netlink {
     pub async fn add_local_route(&self, dst: IpAddr, len: u8, index: u32) -> Result<()> {
         self.handle
             .route()
-            .add(local_route(dst, len, index))
+            .add(table_route(dst, len, index, TABLE_LOCAL, RouteType::Local))
             .replace()
             .execute()
             .await
@@ -172,7 +172,7 @@ impl Netlink {
         match self
             .handle
             .route()
-            .del(local_route(dst, len, index))
+            .del(table_route(dst, len, index, TABLE_LOCAL, RouteType::Local))
             .execute()
             .await
         {
@@ -180,6 +180,51 @@ impl Netlink {
             Err(e) if matches!(errno(&e), libc::ESRCH | libc::ENOENT | libc::ENODEV) => Ok(()),
             Err(source) => Err(NetlinkError {
                 what: format!("delete local route {dst}/{len}"),
+                source,
+            }),
+        }
+    }
+
+    /// Puts the route `dst/len` to interface `index` in routing table `table`
+    /// (protocol `static`, so a routing daemon learns it as another's).
+    pub async fn add_table_route(
+        &self,
+        dst: IpAddr,
+        len: u8,
+        index: u32,
+        table: u32,
+    ) -> Result<()> {
+        self.handle
+            .route()
+            .add(table_route(dst, len, index, table, RouteType::Unicast))
+            .replace()
+            .execute()
+            .await
+            .map_err(|source| NetlinkError {
+                what: format!("add route {dst}/{len} table {table}"),
+                source,
+            })
+    }
+
+    /// Removes what [`Netlink::add_table_route`] added; already gone is fine.
+    pub async fn del_table_route(
+        &self,
+        dst: IpAddr,
+        len: u8,
+        index: u32,
+        table: u32,
+    ) -> Result<()> {
+        match self
+            .handle
+            .route()
+            .del(table_route(dst, len, index, table, RouteType::Unicast))
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if matches!(errno(&e), libc::ESRCH | libc::ENOENT | libc::ENODEV) => Ok(()),
+            Err(source) => Err(NetlinkError {
+                what: format!("delete route {dst}/{len} table {table}"),
                 source,
             }),
         }
@@ -205,21 +250,29 @@ impl Netlink {
 /// The kernel's `local` routing table.
 const TABLE_LOCAL: u32 = 255;
 
-fn local_route(dst: IpAddr, len: u8, index: u32) -> RouteMessage {
+fn table_route(dst: IpAddr, len: u8, index: u32, table: u32, kind: RouteType) -> RouteMessage {
+    let scope = match kind {
+        RouteType::Local => RouteScope::Host,
+        _ => RouteScope::Link,
+    };
+    // `static`: a routing daemon (BIRD's `learn`) takes it as set by another.
+    let protocol = RouteProtocol::Static;
     match dst {
         IpAddr::V4(a) => RouteMessageBuilder::<std::net::Ipv4Addr>::new()
             .destination_prefix(a, len)
             .output_interface(index)
-            .table_id(TABLE_LOCAL)
-            .kind(RouteType::Local)
-            .scope(RouteScope::Host)
+            .table_id(table)
+            .kind(kind)
+            .scope(scope)
+            .protocol(protocol)
             .build(),
         IpAddr::V6(a) => RouteMessageBuilder::<Ipv6Addr>::new()
             .destination_prefix(a, len)
             .output_interface(index)
-            .table_id(TABLE_LOCAL)
-            .kind(RouteType::Local)
-            .scope(RouteScope::Host)
+            .table_id(table)
+            .kind(kind)
+            .scope(scope)
+            .protocol(protocol)
             .build(),
     }
 }

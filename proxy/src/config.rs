@@ -110,6 +110,33 @@ pub struct SteerConfig {
     /// apps and ClusterIP Services through this proxy.
     #[serde(default)]
     pub flycast: bool,
+    /// Announce the anycast prefixes to a BGP speaker while this proxy serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce: Option<AnnounceConfig>,
+}
+
+/// `[proxy.steer.announce]`: while the proxy serves, every anycast prefix is a
+/// route in kernel table `table` on `interface`, a TUN device the daemon owns.
+/// A BGP speaker exports what it learns from that table (BIRD: `protocol
+/// kernel { kernel table 4242; learn; ... }`). The routes go before the
+/// drain on shutdown; if the daemon dies, the kernel removes the device and
+/// its routes, and the speaker withdraws without the daemon's help.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnnounceConfig {
+    /// The kernel routing table the speaker reads.
+    #[serde(default = "d_announce_table")]
+    pub table: u32,
+    /// The device the routes point at.
+    #[serde(default = "d_announce_interface")]
+    pub interface: String,
+}
+
+fn d_announce_table() -> u32 {
+    4242
+}
+fn d_announce_interface() -> String {
+    "skein-anycast".into()
 }
 
 impl SteerConfig {

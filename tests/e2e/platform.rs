@@ -40,7 +40,7 @@ struct Node {
 impl Node {
     fn config(&self, catalog: &Path) -> String {
         let anycast = if self.anycast {
-            format!("anycast = [\"{ANYCAST}/128\"]")
+            format!("anycast = [\"{ANYCAST}/128\"]\nannounce = {{ table = 4242 }}")
         } else {
             String::new()
         };
@@ -486,9 +486,136 @@ fn a_client_reaches_the_nearest_machine_through_either_edge_and_pods_reach_servi
     assert!(failed.is_empty(), "{failed:?}\n{}", logs(&nodes));
     assert_eq!(answers.last().unwrap().as_deref(), Ok("webiad"));
 
+    // Anycast by BGP: each edge's BIRD exports what skein announces in table
+    // 4242; the client's BIRD (its router) installs the routes it learns.
+    if skein_testkit::require_binary(
+        "a_client_reaches_the_nearest_machine_through_either_edge_and_pods_reach_services",
+        "bird",
+        &["--version"],
+        "bird2",
+    ) {
+        client.ip(&format!("-6 route del {ANYCAST}/128"));
+        let birds: Vec<Bird> = [(&nodes[0].ns, 1u8), (&nodes[1].ns, 2), (&client, 100)]
+            .into_iter()
+            .map(|(ns, n)| Bird::start(ns, n, tmp.path()))
+            .collect();
+        let route = || {
+            let out = client.run(&["ip", "-6", "route", "show", ANYCAST]);
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        wait(
+            Duration::from_secs(30),
+            || route().contains("fd00:99::1") && route().contains("fd00:99::2"),
+            "the client learning the anycast route from both edges",
+        );
+        for _ in 0..5 {
+            assert_eq!(get(&client).as_deref(), Ok("webiad"), "{}", logs(&nodes));
+        }
+        // An edge dies (no goodbye): its announcement dies with it, and new
+        // connections go to the other edge.
+        let before = nodes[1].metric("skein_ebpf_steered_total", "to=\"anycast\"");
+        if let Some(mut c) = nodes[0].daemon.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+        wait(
+            Duration::from_secs(15),
+            || !route().contains("fd00:99::1") && route().contains("fd00:99::2"),
+            "the dead edge's route withdrawn",
+        );
+        for _ in 0..10 {
+            assert_eq!(get(&client).as_deref(), Ok("webiad"), "{}", logs(&nodes));
+        }
+        wait(
+            Duration::from_secs(5),
+            || nodes[1].metric("skein_ebpf_steered_total", "to=\"anycast\"") >= before + 10.0,
+            "the other edge taking the connections",
+        );
+        drop(birds);
+    }
+
     iad_up.store(false, Ordering::SeqCst);
     for s in servers {
         s.join().unwrap();
     }
     drop(nodes);
+}
+
+/// BIRD in a namespace: on an edge (`n` 1, 2), it exports the routes skein
+/// puts in kernel table 4242 to the router; on the router (`n` 100, the
+/// client), it installs what both edges announce (several paths merged).
+struct Bird {
+    child: Child,
+}
+
+impl Bird {
+    fn start(ns: &Netns, n: u8, dir: &Path) -> Bird {
+        let conf = if n == 100 {
+            r#"
+router id 192.0.2.100;
+protocol device { scan time 1; }
+protocol kernel {
+  ipv6 { import none; export all; };
+  merge paths on;
+  scan time 1;
+}
+protocol bgp e1 {
+  local fd00:99::100 as 65000;
+  neighbor fd00:99::1 as 65001;
+  hold time 3; connect retry time 1;
+  ipv6 { import all; export none; };
+}
+protocol bgp e2 {
+  local fd00:99::100 as 65000;
+  neighbor fd00:99::2 as 65002;
+  hold time 3; connect retry time 1;
+  ipv6 { import all; export none; };
+}
+"#
+            .to_string()
+        } else {
+            format!(
+                r#"
+router id 192.0.2.{n};
+protocol device {{ scan time 1; }}
+ipv6 table anycast;
+protocol kernel {{
+  ipv6 {{ table anycast; import all; export none; }};
+  kernel table 4242;
+  learn;
+  scan time 1;
+}}
+protocol bgp upstream {{
+  local fd00:99::{n} as 6500{n};
+  neighbor fd00:99::100 as 65000;
+  hold time 3; connect retry time 1;
+  ipv6 {{ table anycast; import none; export all; next hop self; }};
+}}
+"#
+            )
+        };
+        let path = dir.join(format!("bird{n}.conf"));
+        std::fs::write(&path, conf).unwrap();
+        let log = dir.join(format!("bird{n}.log"));
+        let child = skein_testkit::spawn_logged(
+            ns.command("bird")
+                .arg("-f")
+                .arg("-c")
+                .arg(&path)
+                .arg("-s")
+                .arg(dir.join(format!("bird{n}.ctl")))
+                .arg("-P")
+                .arg(dir.join(format!("bird{n}.pid"))),
+            &log,
+            "bird",
+        );
+        Bird { child }
+    }
+}
+
+impl Drop for Bird {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -27,10 +27,12 @@ use anyhow::{Context as _, bail};
 /// - llvm-22-dev: bpf-linker links libLLVM 22 (the eBPF programs).
 /// - iproute2, iputils-ping, tcpdump: the network-namespace tests build topologies,
 ///   ping across them and capture the underlay.
+/// - bird2: the BGP speakers of the platform test (anycast announce/withdraw).
 /// - nsd, pebble: the ACME tests' DNS server and certificate authority.
 /// - wireguard-tools, wireguard-go: `wg show` against skein's device, and the
 ///   interoperability test's peer.
 const APT_PACKAGES: &[&str] = &[
+    "bird2",
     "curl",
     "dnsutils",
     "etcd-client",
