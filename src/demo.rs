@@ -28,6 +28,11 @@ pub struct DemoArgs {
     /// Keep state here instead of a fresh directory that is removed on exit.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    /// 1: everything in this process on loopback. 3 (root): three hosts in
+    /// network namespaces, joined by WireGuard, with anycast edges, the
+    /// backhaul, eBPF guards and Kubernetes Services.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
+    pub hosts: u8,
 }
 
 /// One demo machine.
@@ -195,6 +200,11 @@ fn listener_for(want: &str, port: u16) -> anyhow::Result<skein_proxy::ListenerCo
 
 /// Runs the demo until SIGINT/SIGTERM.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    match args.hosts {
+        1 => {}
+        3 => return crate::demo_hosts::run().await,
+        n => anyhow::bail!("--hosts {n}: the demo runs 1 host or 3"),
+    }
     let (dir, temporary) = match &args.state_dir {
         Some(d) => (d.clone(), false),
         None => (

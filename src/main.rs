@@ -6,6 +6,7 @@ mod cli;
 mod config;
 mod daemon;
 mod demo;
+mod demo_hosts;
 mod server;
 mod steer;
 mod telemetry;

@@ -76,3 +76,78 @@ fn the_demo_serves_and_its_printed_commands_work() {
         "the demo left {dir} behind"
     );
 }
+
+/// `skein demo --hosts 3` (root): three hosts in namespaces; every command it
+/// prints works (the one meant to fail fails), and Ctrl-C leaves nothing.
+#[test]
+fn the_three_host_demo_serves_and_leaves_nothing_behind() {
+    if !skein_testkit::require_root("the_three_host_demo_serves_and_leaves_nothing_behind") {
+        return;
+    }
+    let mut child = skein()
+        .args(["demo", "--hosts", "3"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let lines = read_until(&mut out, "Ctrl-C");
+    let dir = lines
+        .iter()
+        .find_map(|l| l.split("Files: ").nth(1))
+        .unwrap_or_else(|| panic!("no files line in {lines:#?}"))
+        .trim()
+        .to_string();
+    let commands: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.trim_start().starts_with("ip "))
+        .collect();
+    assert!(commands.len() >= 10, "{lines:#?}");
+    let mut outputs = String::new();
+    for c in &commands {
+        let o = Command::new("sh").arg("-c").arg(c.trim()).output().unwrap();
+        // The other network's attempt is meant to fail (curl: timeout).
+        let meant_to_fail = c.contains("skd-podb curl");
+        assert_eq!(
+            o.status.success(),
+            !meant_to_fail,
+            "{c}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        outputs.push_str(&String::from_utf8_lossy(&o.stdout));
+    }
+    for expect in [
+        "hello from machine webams in ams (client fd00:99::100)",
+        "hello from machine webiad in iad (client fd00:99::100)",
+        "fdaa:0:18:0:1::10\n",
+        "skein_ebpf_steered_total{to=\"flycast\"}",
+        "reason=\"foreign_destination\"",
+    ] {
+        assert!(
+            outputs.contains(expect),
+            "missing {expect:?} in:\n{outputs}"
+        );
+    }
+    // podb's dig printed nothing: its network has no such name.
+    assert_eq!(
+        outputs.matches("fdaa:0:18:0:1::10\n").count(),
+        1,
+        "{outputs}"
+    );
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let left = String::from_utf8_lossy(&netns.stdout);
+    assert!(
+        !left.lines().any(|l| l.starts_with("skd-")),
+        "namespaces left: {left}"
+    );
+    assert!(
+        !std::path::Path::new(&dir).exists(),
+        "the demo left {dir} behind"
+    );
+}
