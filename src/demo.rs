@@ -33,6 +33,10 @@ pub struct DemoArgs {
     /// backhaul, eBPF guards and Kubernetes Services.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
     pub hosts: u8,
+    /// With --hosts 3: start no web server in the machines, leaving their port
+    /// 8080 to another (`cargo xtask bench e2e` puts nginx there).
+    #[arg(long, requires = "hosts")]
+    pub external_backends: bool,
 }
 
 /// One demo machine.
@@ -202,7 +206,7 @@ fn listener_for(want: &str, port: u16) -> anyhow::Result<skein_proxy::ListenerCo
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     match args.hosts {
         1 => {}
-        3 => return crate::demo_hosts::run().await,
+        3 => return crate::demo_hosts::run(args.external_backends).await,
         n => anyhow::bail!("--hosts {n}: the demo runs 1 host or 3"),
     }
     let (dir, temporary) = match &args.state_dir {

@@ -226,6 +226,8 @@ poll_interval = "200ms"
 
 [proxy]
 enabled = true
+# three hosts share this machine's cores: one serving thread each
+threads = 1
 [proxy.backhaul]
 enabled = true
 [proxy.steer]
@@ -356,8 +358,9 @@ impl Drop for Demo {
     }
 }
 
-/// Runs the three-host demo until SIGINT/SIGTERM.
-pub async fn run() -> anyhow::Result<()> {
+/// Runs the three-host demo until SIGINT/SIGTERM; `external_backends`: the
+/// machines' port 8080 is left to someone else.
+pub async fn run(external_backends: bool) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("skein demo --hosts 3 builds network namespaces, WireGuard and eBPF: run it as root");
     }
@@ -387,7 +390,7 @@ pub async fn run() -> anyhow::Result<()> {
     }
     std::fs::write(&cat, catalog(&keys))?;
     for (id, _, host, _, addr, serves) in MACHINES {
-        if serves {
+        if serves && !external_backends {
             serve(id, HOSTS[host].region, addr, demo.up.clone())?;
         }
     }

@@ -14,6 +14,7 @@
 //! - `bench dns`: skein's DNS against NSD and Knot on the same 10,000-service
 //!   zone with `../shared/bench/dns-peers.sh` (server on core 0, dnsperf on 1).
 
+mod e2e;
 mod platform;
 
 use std::path::PathBuf;
@@ -63,10 +64,11 @@ fn main() -> anyhow::Result<()> {
             Some("proxy") => bench_proxy(),
             Some("dns") => bench_dns(),
             Some("platform") => platform::bench_platform(),
-            _ => bail!("usage: cargo xtask bench <proxy|dns|platform>"),
+            Some("e2e") => e2e::bench_e2e(),
+            _ => bail!("usage: cargo xtask bench <proxy|dns|platform|e2e>"),
         },
         _ => bail!(
-            "usage: cargo xtask <test|ensure|build-ebpf|lint|bench proxy|bench dns|bench platform>"
+            "usage: cargo xtask <test|ensure|build-ebpf|lint|bench proxy|bench dns|bench platform|bench e2e>"
         ),
     }
 }

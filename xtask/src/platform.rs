@@ -21,7 +21,7 @@ use crate::{apt_ensure, root, run};
 const APPS: usize = 1000;
 
 /// Children killed when the bench ends, however it ends.
-struct Kids(Vec<Child>);
+pub struct Kids(pub Vec<Child>);
 
 impl Drop for Kids {
     fn drop(&mut self) {
@@ -87,10 +87,10 @@ max_connections = 20000
 listeners = [{ bind = "127.0.0.1:9443", port = 443 }]
 "#;
 
-fn backend_conf(d: &Path) -> String {
+pub fn backend_conf(d: &Path, listen: &str) -> String {
     let body = "x".repeat(1024);
     format!(
-        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/backend.pid;\nerror_log {d}/backend.err warn;\nevents {{ worker_connections 16384; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp; uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;\n  keepalive_requests 10000000; keepalive_timeout 120s;\n  server {{ listen 127.0.0.1:8080 backlog=4096; location / {{ default_type text/plain; return 200 \"{body}\"; }} }}\n}}\n",
+        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/backend.pid;\nerror_log {d}/backend.err warn;\nevents {{ worker_connections 16384; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp; uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;\n  keepalive_requests 10000000; keepalive_timeout 120s;\n  server {{ listen {listen} backlog=4096; location / {{ default_type text/plain; return 200 \"{body}\"; }} }}\n}}\n",
         d = d.display()
     )
 }
@@ -123,7 +123,10 @@ pub fn bench_platform() -> anyhow::Result<()> {
     let one_app = std::env::var("SKEIN_APPS").is_ok_and(|v| v == "one");
     std::fs::write(work.join("catalog.toml"), catalog(&cert, &key, one_app))?;
     std::fs::write(work.join("skein.toml"), SKEIN)?;
-    std::fs::write(work.join("backend.conf"), backend_conf(&work))?;
+    std::fs::write(
+        work.join("backend.conf"),
+        backend_conf(&work, "127.0.0.1:8080"),
+    )?;
     std::fs::write(work.join("nginx.conf"), nginx_conf(&work))?;
     std::fs::write(work.join("haproxy.cfg"), haproxy_conf(&work))?;
 

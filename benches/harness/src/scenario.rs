@@ -83,6 +83,9 @@ pub struct Scenario {
     /// The domain under which they are.
     #[serde(default = "default_domain")]
     pub domain: String,
+    /// One fixed hostname instead (`hostnames` must be 1): an existing app.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     /// Zipf exponent of hostname popularity.
     #[serde(default = "one")]
     pub zipf: f64,
@@ -217,6 +220,9 @@ impl Scenario {
         {
             p.push(format!("churn.rate: {} is not a positive number", c.rate));
         }
+        if self.host.is_some() && self.hostnames != 1 {
+            p.push("host: one fixed hostname needs hostnames = 1".to_string());
+        }
         if !self.path.starts_with('/') {
             p.push(format!("path: {:?} does not start with /", self.path));
         }
@@ -225,7 +231,10 @@ impl Scenario {
 
     /// The `i`th hostname.
     pub fn hostname(&self, i: usize) -> String {
-        format!("h{i}.{}", self.domain)
+        match &self.host {
+            Some(h) => h.clone(),
+            None => format!("h{i}.{}", self.domain),
+        }
     }
 }
 
@@ -248,5 +257,12 @@ mod tests {
         assert!(e.contains("mix: keepalive") && e.contains("mix.h2"), "{e}");
         let e = Scenario::parse("name = \"x\"\nrate = 1\nzipff = 1\n").unwrap_err();
         assert!(e.contains("zipff"), "{e}");
+        // One fixed hostname: an existing app's.
+        let s = Scenario::parse("name = \"x\"\nrate = 1\nhost = \"web.example.com\"\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.hostname(0), "web.example.com");
+        let e =
+            Scenario::parse("name = \"x\"\nrate = 1\nhost = \"a.b\"\nhostnames = 5\n").unwrap_err();
+        assert!(e.contains("host: one fixed hostname"), "{e}");
     }
 }

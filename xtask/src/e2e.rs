@@ -1,0 +1,200 @@
+//! `cargo xtask bench e2e` (root): the platform end to end. `skein demo --hosts 3`
+//! builds three hosts in network namespaces; nginx (1 KiB body) is the one web
+//! machine, `webams` on the worker `w1` (the iad machine is stopped, so every
+//! request goes there). A load-generating machine `loadgen` on `e2` (network
+//! alpha, and a leg on the underlay) sends the same load two ways, in one run,
+//! interleaved:
+//!
+//! - `proxied`: HTTPS to the anycast address, steered to e2's proxy, which
+//!   backhauls over the mesh (h2) to w1's proxy, which delivers to the machine;
+//! - `direct`: plain HTTP straight to the machine's 6PN address over the same
+//!   mesh (e2 to w1), the eBPF guard and rewrite on the way.
+//!
+//! So the difference is the two proxies (and TLS at the edge). The report goes
+//! to target/bench-report/ with the others; `REPEAT=3` repeats.
+
+use std::io::BufRead as _;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+use crate::{apt_ensure, root, run};
+
+const MACHINE: &str = "fdaa:0:18:0:4:0:1:0";
+const LOADGEN: &str = "fdaa:0:18:0:3:0:9:0";
+const ANYCAST: &str = "2001:db8:a::10";
+
+/// The demo, stopped with SIGINT (so it removes its namespaces) however the
+/// bench ends.
+struct Demo(Child);
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+fn ip(args: &str) -> anyhow::Result<()> {
+    run(Command::new("ip").args(args.split_whitespace()))
+}
+
+/// Runs `cmd` in namespace `ns`; true if it succeeded.
+fn ok_in(ns: &str, cmd: &[&str]) -> bool {
+    Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(cmd)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The demo catalog with the iad machine stopped and the load generator added.
+fn bench_catalog(text: &str) -> String {
+    let mut out = String::new();
+    for (i, block) in text.split("\n[[machines]]").enumerate() {
+        if i > 0 {
+            out.push_str("\n[[machines]]");
+        }
+        if block.contains("id = \"webiad\"") {
+            out.push_str(&block.replace("state = \"started\"", "state = \"stopped\""));
+        } else {
+            out.push_str(block);
+        }
+    }
+    out.push_str(&format!(
+        "\n[[machines]]\nid = \"loadgen\"\napp = \"pods\"\nregion = \"iad\"\nhost = \"0:3\"\nstate = \"started\"\naddress = \"{LOADGEN}\"\ninterface = \"vl9\"\n"
+    ));
+    out
+}
+
+fn wait(limit: Duration, what: &str, mut ok: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bail!("timed out waiting for {what}")
+}
+
+pub fn bench_e2e() -> anyhow::Result<()> {
+    apt_ensure(&["nginx-light"])?;
+    crate::build_ebpf()?;
+    crate::build_release()?;
+    let work = root().join("target/bench/e2e");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(work.join("tmp"))?;
+    let skein = root().join("target/release/skein");
+    let mut child = Command::new(&skein)
+        .args(["demo", "--hosts", "3", "--external-backends"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting skein demo --hosts 3")?;
+    let out = child.stdout.take().context("the demo's output")?;
+    let demo = Demo(child);
+    let mut dir: Option<PathBuf> = None;
+    for line in std::io::BufReader::new(out).lines() {
+        let line = line?;
+        if let Some(d) = line.split("Files: ").nth(1) {
+            dir = Some(PathBuf::from(d.trim()));
+        }
+        if line.contains("Ctrl-C") {
+            break;
+        }
+    }
+    let dir = dir.context("the demo did not come up (run as root, with the eBPF programs)")?;
+    let cat = dir.join("catalog.toml");
+    let text = std::fs::read_to_string(&cat)?;
+    std::fs::write(&cat, bench_catalog(&text))?;
+
+    // The load generator: a machine on e2 with a leg on the underlay. Its
+    // namespace has the demo's prefix, so the demo removes it too.
+    ip("netns add skd-load")?;
+    ip("-n skd-load link set lo up")?;
+    ip("link add vl9 netns skd-e2 type veth peer name eth0 netns skd-load")?;
+    ip("-n skd-e2 link set vl9 up")?;
+    ip("-n skd-load link set eth0 up")?;
+    ip(&format!(
+        "-n skd-load addr add {LOADGEN}/128 dev eth0 nodad"
+    ))?;
+    ip("-n skd-load route add fdaa::/16 via fe80::1 dev eth0")?;
+    ip("link add pl9 netns skd-ul type veth peer name ul0 netns skd-load")?;
+    ip("-n skd-ul link set pl9 master br0")?;
+    ip("-n skd-ul link set pl9 up")?;
+    ip("-n skd-load link set ul0 up")?;
+    ip("-n skd-load addr add fd00:99::109/64 dev ul0 nodad")?;
+    ip(&format!(
+        "-n skd-load -6 route add {ANYCAST}/128 via fd00:99::2"
+    ))?;
+
+    // nginx is the machine's web server.
+    std::fs::write(
+        work.join("backend.conf"),
+        crate::platform::backend_conf(&work, &format!("[{MACHINE}]:8080")),
+    )?;
+    let w = work.display().to_string();
+    let nginx = Command::new("ip")
+        .args(["netns", "exec", "skd-webams", "nginx", "-p", &w, "-c"])
+        .arg(work.join("backend.conf"))
+        .args(["-e", &format!("{w}/backend.err")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting nginx in the machine")?;
+    let _nginx = crate::platform::Kids(vec![nginx]);
+
+    let direct = format!("http://[{MACHINE}]:8080/");
+    wait(
+        Duration::from_secs(30),
+        "the load generator on the mesh",
+        || ok_in("skd-load", &["curl", "-sf", "--max-time", "2", &direct]),
+    )?;
+    let proxied = [
+        "curl",
+        "-sfk",
+        "--max-time",
+        "2",
+        "--resolve",
+        &format!("web.example.com:443:[{ANYCAST}]"),
+        "https://web.example.com/",
+    ];
+    wait(Duration::from_secs(30), "the proxied path", || {
+        (0..5).all(|_| ok_in("skd-load", &proxied))
+    })?;
+
+    let label = std::env::var("LABEL").unwrap_or_else(|_| {
+        "client -> e2 proxy -> mesh -> w1 proxy -> machine, against client -> mesh -> machine"
+            .into()
+    });
+    let bench = root().join("target/release/skein-bench");
+    let scenarios: Vec<String> = std::env::var("SCENARIOS")
+        .unwrap_or_else(|_| "e2e e2e-rate".into())
+        .split_whitespace()
+        .map(|s| format!("benches/scenarios/{s}.toml"))
+        .collect();
+    let r = run(Command::new("ip")
+        .args(["netns", "exec", "skd-load"])
+        .arg(&bench)
+        .arg("run")
+        .args(&scenarios)
+        .arg("--target")
+        .arg(format!("proxied=https://[{ANYCAST}]:443"))
+        .arg("--target")
+        .arg(format!("direct=http://[{MACHINE}]:8080"))
+        .args(["--out", "target/bench-report", "--label", &label])
+        .args([
+            "--repeat",
+            &std::env::var("REPEAT").unwrap_or_else(|_| "3".into()),
+        ])
+        .current_dir(root()));
+    drop(demo);
+    r
+}
