@@ -213,7 +213,12 @@ async fn main() {
     // The mesh: what host h0 should hold (peers, its machines' routes).
     let own = skein_mesh::key::Key::generate();
     let t = Instant::now();
-    let want = skein_mesh::agent::desired(&snap.catalog, skein_catalog::sixpn::HostId(0x100), &own);
+    let want = skein_mesh::agent::desired(
+        &snap.catalog,
+        skein_catalog::sixpn::HostId(0x100),
+        &own,
+        true,
+    );
     let mesh_build = t.elapsed();
     let (mesh_peers, mesh_machines) = (want.peers.len(), want.machines.len());
     drop(want);

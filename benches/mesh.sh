@@ -4,6 +4,7 @@
 # Debian's wireguard-go driven by the same skein agent (device = "uapi"), both with
 # skein's eBPF guard and rewrite attached.
 # Usage (root): benches/mesh.sh [seconds]   (the skein binary: target/release/skein)
+# Needs iperf3 and wireguard-go (`cargo xtask bench mesh` installs them and runs this).
 set -euo pipefail
 T=${1:-10}
 SKEIN=${SKEIN:-$(dirname "$0")/../target/release/skein}
@@ -55,6 +56,7 @@ enabled = true
 device = "$2"
 interface = "$3"
 uapi_dir = "${4:-/var/run/wireguard}"
+ebpf = ${EBPF:-true}
 [log]
 format = "json"
 level = "warn"
@@ -143,4 +145,5 @@ if [ "${DEBUG_HOLD:-}" ]; then
 fi
 run_mesh skein "skein device + eBPF"
 run_mesh uapi "wireguard-go + skein eBPF"
+EBPF=false run_mesh skein "skein device, no eBPF"
 

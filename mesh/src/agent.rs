@@ -148,8 +148,10 @@ pub fn peer_prefix(host: HostId) -> Prefix {
 pub struct WantPeer {
     /// Its host's underlay address and WireGuard port.
     pub endpoint: SocketAddr,
-    /// `fdaa:<host>::/48` in host-first form.
-    pub allowed: Prefix,
+    /// `fdaa:<host>::/48` in host-first form (one entry whatever the host
+    /// carries); without the rewrite, the host's address and each of its
+    /// machines' `/112`, as they are.
+    pub allowed: Vec<Prefix>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -176,9 +178,25 @@ pub struct Desired {
     pub bad_keys: Vec<String>,
 }
 
-/// [`Desired`] for host `me`, whose own key is `own`.
-pub fn desired(cat: &skein_catalog::Catalog, me: HostId, own: &Key) -> Desired {
+/// [`Desired`] for host `me`, whose own key is `own`. `rewrite`: the eBPF
+/// programs swap net and host on the mesh device, so a peer needs one
+/// AllowedIPs entry; without them (`mesh.ebpf = false`, to measure what they
+/// cost) a peer gets its host address and every started machine's `/112`.
+pub fn desired(cat: &skein_catalog::Catalog, me: HostId, own: &Key, rewrite: bool) -> Desired {
     let mut d = Desired::default();
+    let mut machines_of: BTreeMap<HostId, Vec<Prefix>> = BTreeMap::new();
+    if !rewrite {
+        for m in cat.machines.values() {
+            if let (MachineState::Started, Some(a)) = (m.state, m.address) {
+                machines_of.entry(m.host).or_default().push(Prefix {
+                    addr: IpAddr::V6(Ipv6Addr::from(skein_sixpn::policy::machine_key(
+                        &a.octets(),
+                    ))),
+                    len: 112,
+                });
+            }
+        }
+    }
     for h in cat.hosts.values() {
         if h.id == me {
             continue;
@@ -195,7 +213,16 @@ pub fn desired(cat: &skein_catalog::Catalog, me: HostId, own: &Key) -> Desired {
             k,
             WantPeer {
                 endpoint: SocketAddr::new(h.underlay, w.port),
-                allowed: peer_prefix(h.id),
+                allowed: if rewrite {
+                    vec![peer_prefix(h.id)]
+                } else {
+                    let mut v = vec![Prefix {
+                        addr: IpAddr::V6(host_address(h.id).into()),
+                        len: 128,
+                    }];
+                    v.extend(machines_of.remove(&h.id).unwrap_or_default());
+                    v
+                },
             },
         );
     }
@@ -424,7 +451,7 @@ impl Agent {
             self.set_host(me.id).await;
         }
 
-        let want = desired(cat, me.id, &self.key.public());
+        let want = desired(cat, me.id, &self.key.public(), self.datapath.is_some());
         for host in &want.bad_keys {
             warn!(host = %host, "bad WireGuard key in the catalog");
         }
@@ -513,7 +540,7 @@ impl Agent {
             let mut p = PeerUpdate::new(*k);
             p.endpoint = Some(w.endpoint);
             p.replace_allowed_ips = true;
-            p.allowed_ips = vec![w.allowed];
+            p.allowed_ips = w.allowed.clone();
             p.persistent_keepalive = Some(self.cfg.persistent_keepalive);
             update.peers.push(p);
         }

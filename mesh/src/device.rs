@@ -32,6 +32,7 @@ use boringtun::{
 use parking_lot::{Mutex, RwLock};
 use tracing::{debug, info, warn};
 
+use crate::batch::{Inbox, Outbox};
 use crate::{
     key::Key,
     tun::{Tun, readable},
@@ -314,58 +315,87 @@ fn send(s: &Shared, to: SocketAddr, b: &[u8]) {
 
 fn tun_loop(s: &Shared) {
     let mut buf = vec![0u8; BUF];
-    let mut out = vec![0u8; BUF + 32];
+    let mut outbox = Outbox::new(BUF + 32);
+    // Poll only when the last read found the queue empty: under load the
+    // reads follow each other with no wait in between.
+    let mut empty = true;
     while !s.stop.load(Ordering::Relaxed) {
-        match s.tun.readable(POLL) {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(e) => {
-                warn!(error = %e, "tun poll failed");
-                std::thread::sleep(POLL);
-                continue;
+        if empty {
+            match s.tun.readable(POLL) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    warn!(error = %e, "tun poll failed");
+                    std::thread::sleep(POLL);
+                    continue;
+                }
             }
         }
-        let n = match s.tun.recv(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => {
-                warn!(error = %e, "tun read failed");
-                continue;
+        empty = false;
+        // Encrypt what is queued, up to a batch, then send it in one go.
+        while !outbox.is_full() {
+            match s.tun.recv(&mut buf) {
+                Ok(n) => encrypt(s, &buf[..n], &mut outbox),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    empty = true;
+                    break;
+                }
+                Err(e) => {
+                    warn!(error = %e, "tun read failed");
+                    empty = true;
+                    break;
+                }
             }
-        };
-        let packet = &buf[..n];
-        let Some(dst) = Tunn::dst_address(packet) else {
-            dropped("malformed_inner");
-            continue;
-        };
-        let table = s.table.load();
-        let Some(peer) = table.routes.lookup(dst) else {
-            dropped("no_route");
-            continue;
-        };
-        let Some(endpoint) = *peer.endpoint.read() else {
-            dropped("no_endpoint");
-            continue;
-        };
-        let mut tunn = peer.tunn.lock();
-        match tunn.encapsulate(packet, &mut out) {
-            TunnResult::WriteToNetwork(b) => send(s, endpoint, b),
-            TunnResult::Err(e) => {
-                debug!(error = ?e, "encapsulate failed");
-                dropped("encapsulate");
+        }
+        if !outbox.is_empty() {
+            let failed = outbox.flush(&s.udp.load());
+            for _ in 0..failed {
+                dropped("send_failed");
             }
-            _ => {}
         }
     }
 }
 
+/// Encrypts one packet from the TUN into the outbox (its peer by AllowedIPs).
+fn encrypt(s: &Shared, packet: &[u8], outbox: &mut Outbox) {
+    let Some(dst) = Tunn::dst_address(packet) else {
+        dropped("malformed_inner");
+        return;
+    };
+    let table = s.table.load();
+    let Some(peer) = table.routes.lookup(dst) else {
+        dropped("no_route");
+        return;
+    };
+    let Some(endpoint) = *peer.endpoint.read() else {
+        dropped("no_endpoint");
+        return;
+    };
+    let mut tunn = peer.tunn.lock();
+    let out = outbox.next_buf();
+    let base = out.as_ptr() as usize;
+    let span = match tunn.encapsulate(packet, out) {
+        TunnResult::WriteToNetwork(b) => Some(((b.as_ptr() as usize).wrapping_sub(base), b.len())),
+        TunnResult::Err(e) => {
+            debug!(error = ?e, "encapsulate failed");
+            dropped("encapsulate");
+            None
+        }
+        _ => None,
+    };
+    drop(tunn);
+    if let Some((start, len)) = span {
+        outbox.commit(start, len, endpoint);
+    }
+}
+
 fn udp_loop(s: &Shared) {
-    let mut buf = vec![0u8; BUF];
+    let mut inbox = Inbox::new(BUF);
     let mut out = vec![0u8; BUF];
     while !s.stop.load(Ordering::Relaxed) {
         let sock = s.udp.load_full();
-        let (n, from) = match sock.recv_from(&mut buf) {
-            Ok(x) => x,
+        let n = match inbox.recv(&sock) {
+            Ok(n) => n,
             Err(e)
                 if matches!(
                     e.kind(),
@@ -379,77 +409,81 @@ fn udp_loop(s: &Shared) {
                 continue;
             }
         };
-        let from = unmapped(from);
-        let table = s.table.load();
-        let Some(id) = table.identity.as_ref() else {
-            dropped("no_private_key");
-            continue;
-        };
-        let datagram = &buf[..n];
-        // MACs and the handshake rate limit before any expensive work
-        let packet = match id
-            .limiter
-            .verify_packet(Some(from.ip()), datagram, &mut out)
-        {
-            Ok(p) => p,
-            Err(TunnResult::WriteToNetwork(cookie)) => {
-                send(s, from, cookie);
-                continue;
+        for i in 0..n {
+            if let Some((datagram, from)) = inbox.get(i) {
+                receive(s, datagram, unmapped(from), &mut out);
             }
-            Err(_) => {
-                dropped("invalid_packet");
-                continue;
-            }
-        };
-        let peer = match &packet {
-            Packet::HandshakeInit(init) => parse_handshake_anon(&id.secret, &id.public, init)
-                .ok()
-                .and_then(|h| table.by_key.get(&Key(h.peer_static_public))),
-            Packet::HandshakeResponse(r) => table.by_index.get(&(r.receiver_idx >> 8)),
-            Packet::PacketCookieReply(c) => table.by_index.get(&(c.receiver_idx >> 8)),
-            Packet::PacketData(d) => table.by_index.get(&(d.receiver_idx >> 8)),
-        };
-        let Some(peer) = peer else {
-            dropped("unknown_peer");
-            continue;
-        };
-        let mut tunn = peer.tunn.lock();
-        match tunn.decapsulate(Some(from.ip()), datagram, &mut out) {
-            TunnResult::Done => {}
-            TunnResult::Err(e) => {
-                debug!(error = ?e, peer = ?peer.key, "decapsulate failed");
-                dropped("decapsulate");
-                continue;
-            }
-            TunnResult::WriteToNetwork(b) => {
+        }
+    }
+}
+
+/// Handles one datagram from the underlay: handshake, cookie or data.
+fn receive(s: &Shared, datagram: &[u8], from: SocketAddr, out: &mut [u8]) {
+    let table = s.table.load();
+    let Some(id) = table.identity.as_ref() else {
+        dropped("no_private_key");
+        return;
+    };
+    // MACs and the handshake rate limit before any expensive work
+    let packet = match id.limiter.verify_packet(Some(from.ip()), datagram, out) {
+        Ok(p) => p,
+        Err(TunnResult::WriteToNetwork(cookie)) => {
+            send(s, from, cookie);
+            return;
+        }
+        Err(_) => {
+            dropped("invalid_packet");
+            return;
+        }
+    };
+    let peer = match &packet {
+        Packet::HandshakeInit(init) => parse_handshake_anon(&id.secret, &id.public, init)
+            .ok()
+            .and_then(|h| table.by_key.get(&Key(h.peer_static_public))),
+        Packet::HandshakeResponse(r) => table.by_index.get(&(r.receiver_idx >> 8)),
+        Packet::PacketCookieReply(c) => table.by_index.get(&(c.receiver_idx >> 8)),
+        Packet::PacketData(d) => table.by_index.get(&(d.receiver_idx >> 8)),
+    };
+    let Some(peer) = peer else {
+        dropped("unknown_peer");
+        return;
+    };
+    let mut tunn = peer.tunn.lock();
+    match tunn.decapsulate(Some(from.ip()), datagram, out) {
+        TunnResult::Done => {}
+        TunnResult::Err(e) => {
+            debug!(error = ?e, peer = ?peer.key, "decapsulate failed");
+            dropped("decapsulate");
+            return;
+        }
+        TunnResult::WriteToNetwork(b) => {
+            send(s, from, b);
+            // flush what waited for the handshake
+            let mut more = vec![0u8; BUF];
+            while let TunnResult::WriteToNetwork(b) = tunn.decapsulate(None, &[], &mut more) {
                 send(s, from, b);
-                // flush what waited for the handshake
-                let mut more = vec![0u8; BUF];
-                while let TunnResult::WriteToNetwork(b) = tunn.decapsulate(None, &[], &mut more) {
-                    send(s, from, b);
-                }
-            }
-            TunnResult::WriteToTunnelV6(b, src) => {
-                if peer.allows(IpAddr::V6(src)) {
-                    let _ = s.tun.send(b);
-                } else {
-                    dropped("source_not_allowed");
-                }
-            }
-            TunnResult::WriteToTunnelV4(b, src) => {
-                if peer.allows(IpAddr::V4(src)) {
-                    let _ = s.tun.send(b);
-                } else {
-                    dropped("source_not_allowed");
-                }
             }
         }
-        drop(tunn);
-        // authenticated: the peer is at `from` now (roaming)
-        let mut ep = peer.endpoint.write();
-        if *ep != Some(from) {
-            *ep = Some(from);
+        TunnResult::WriteToTunnelV6(b, src) => {
+            if peer.allows(IpAddr::V6(src)) {
+                let _ = s.tun.send(b);
+            } else {
+                dropped("source_not_allowed");
+            }
         }
+        TunnResult::WriteToTunnelV4(b, src) => {
+            if peer.allows(IpAddr::V4(src)) {
+                let _ = s.tun.send(b);
+            } else {
+                dropped("source_not_allowed");
+            }
+        }
+    }
+    drop(tunn);
+    // authenticated: the peer is at `from` now (roaming)
+    let mut ep = peer.endpoint.write();
+    if *ep != Some(from) {
+        *ep = Some(from);
     }
 }
 

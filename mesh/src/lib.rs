@@ -4,6 +4,7 @@
 //! eBPF guards and rewrite attached through `skein-ebpf`.
 
 pub mod agent;
+pub mod batch;
 pub mod device;
 pub mod key;
 pub mod netlink;

@@ -30,7 +30,9 @@ impl Tun {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .custom_flags(libc::O_CLOEXEC)
+            // Non-blocking: the device drains the queue until it is empty,
+            // and waits in `readable` only then.
+            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
             .open("/dev/net/tun")?;
         // SAFETY: ifreq is plain old data; all-zero is a valid value.
         let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
@@ -59,7 +61,7 @@ impl Tun {
         readable(&self.file, timeout)
     }
 
-    /// Reads one packet (blocking).
+    /// Reads one packet; `WouldBlock` when none is queued.
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         use std::io::Read as _;
         (&self.file).read(buf)

@@ -65,10 +65,11 @@ fn main() -> anyhow::Result<()> {
             Some("dns") => bench_dns(),
             Some("platform") => platform::bench_platform(),
             Some("e2e") => e2e::bench_e2e(),
-            _ => bail!("usage: cargo xtask bench <proxy|dns|platform|e2e>"),
+            Some("mesh") => bench_mesh(),
+            _ => bail!("usage: cargo xtask bench <proxy|dns|platform|e2e|mesh>"),
         },
         _ => bail!(
-            "usage: cargo xtask <test|ensure|build-ebpf|lint|bench proxy|bench dns|bench platform|bench e2e>"
+            "usage: cargo xtask <test|ensure|build-ebpf|lint|bench proxy|bench dns|bench platform|bench e2e|bench mesh>"
         ),
     }
 }
@@ -331,6 +332,19 @@ fn build_release() -> anyhow::Result<()> {
         "skein-bench",
         "--bins",
     ]))
+}
+
+/// iperf3 between machines on two hosts: skein's device with and without the
+/// eBPF programs, and wireguard-go (benches/mesh.sh; root).
+fn bench_mesh() -> anyhow::Result<()> {
+    apt_ensure(&["iperf3", "wireguard-go", "wireguard-tools"])?;
+    build_ebpf()?;
+    build_release()?;
+    let secs = std::env::var("SECONDS").unwrap_or_else(|_| "10".into());
+    run(Command::new("bash")
+        .arg(root().join("benches/mesh.sh"))
+        .arg(secs)
+        .current_dir(root()))
 }
 
 fn bench_proxy() -> anyhow::Result<()> {
