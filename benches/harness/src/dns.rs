@@ -19,7 +19,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
 
-use crate::load::{Percentiles, Point, cpu_us, histogram};
+use crate::load::{CpuStat, Percentiles, Point, cpu_us, histogram};
 use crate::sample::{OpenLoop, Rng, Weighted, Zipf};
 
 /// `[dns]` in a scenario: what the pods look up.
@@ -168,6 +168,9 @@ pub struct DnsResult {
     /// The server's CPU per query, us.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_us_per_query: Option<f64>,
+    /// CPU time stolen by the hypervisor during the measured part, percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steal_pct: Option<f64>,
 }
 
 struct Acc {
@@ -252,11 +255,13 @@ pub async fn run(
     let zipf = Zipf::new(mix.services.max(1), 1.0);
     let mut rng = Rng::new(seed);
     let mut cpu_before = None;
+    let mut stat_before = None;
     let mut schedule = OpenLoop::new(start, rate, start + duration);
     let mut tasks = tokio::task::JoinSet::new();
     while let Some(due) = schedule.next().await {
         if cpu_before.is_none() && due >= start + warmup {
             cpu_before = Some((cpu_us(pids), Instant::now()));
+            stat_before = CpuStat::now();
         }
         let form = forms.sample(&mut rng).unwrap_or(Form::Fqdn);
         let svc = zipf.sample(&mut rng);
@@ -404,5 +409,6 @@ pub async fn run(
             Some((c, _)) if !pids.is_empty() && a.queries > 0 => Some(c as f64 / a.queries as f64),
             _ => None,
         },
+        steal_pct: stat_before.and_then(|s: CpuStat| s.steal_since()),
     })
 }

@@ -84,6 +84,41 @@ pub fn rss_kib(pids: &[u32]) -> u64 {
         .sum()
 }
 
+/// The machine's CPU counters (`/proc/stat`, all CPUs): time stolen by the
+/// hypervisor and the total, in ticks.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuStat {
+    steal: u64,
+    total: u64,
+}
+
+impl CpuStat {
+    /// Now; None where `/proc/stat` cannot be read.
+    pub fn now() -> Option<CpuStat> {
+        let text = std::fs::read_to_string("/proc/stat").ok()?;
+        let line = text.lines().find(|l| l.starts_with("cpu "))?;
+        let f: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal (guest time is
+        // already inside user and nice)
+        Some(CpuStat {
+            steal: *f.get(7)?,
+            total: f.iter().take(8).sum(),
+        })
+    }
+
+    /// The share of CPU time stolen since `self`, in percent: the noise of a
+    /// run on a shared VM (a run with much steal is not to be trusted).
+    pub fn steal_since(&self) -> Option<f64> {
+        let now = CpuStat::now()?;
+        let total = now.total.checked_sub(self.total)?;
+        (total > 0).then(|| now.steal.saturating_sub(self.steal) as f64 * 100.0 / total as f64)
+    }
+}
+
 /// CPU time (user + system) of processes, in microseconds, from
 /// `/proc/<pid>/stat`; processes that are gone count 0.
 pub fn cpu_us(pids: &[u32]) -> u64 {
@@ -298,6 +333,9 @@ pub struct RunResult {
     /// The target's memory per open connection, KiB, when measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kib_per_conn: Option<f64>,
+    /// CPU time the hypervisor stole during the run, percent of all CPUs'.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steal_pct: Option<f64>,
 }
 
 /// Accepts any server certificate: bench targets serve throwaway ones, and
@@ -654,6 +692,7 @@ pub async fn run(scenario: &Scenario, target: &Target) -> anyhow::Result<RunResu
     });
     let end = start + scenario.duration;
     let cpu_before = cpu_us(&target.pids);
+    let stat_before = CpuStat::now();
     let churn = match (&scenario.churn, &target.admin) {
         (Some(c), Some(admin)) => Some(tokio::spawn(crate::churn::run(
             c.clone(),
@@ -800,6 +839,7 @@ pub async fn run(scenario: &Scenario, target: &Target) -> anyhow::Result<RunResu
         dns: None,
         churn,
         kib_per_conn: memory.filter(|_| !target.pids.is_empty()),
+        steal_pct: stat_before.and_then(|s| s.steal_since()),
     })
 }
 
@@ -855,6 +895,7 @@ async fn run_dns(
         series: d.series.clone(),
         cpu_us_per_req: d.cpu_us_per_query,
         kib_per_conn: None,
+        steal_pct: d.steal_pct,
         dns: Some(d),
         churn: None,
     })
@@ -932,4 +973,23 @@ async fn hold_idle(
     }
     let n = opened.load(Ordering::Relaxed).max(1);
     peak.saturating_sub(before) as f64 / n as f64
+}
+
+#[cfg(test)]
+mod cpu_tests {
+    use super::CpuStat;
+
+    #[test]
+    fn steal_is_a_share_of_the_machines_time() {
+        let before = CpuStat::now().expect("/proc/stat");
+        // Burn a little CPU so the total moves.
+        let mut x = 0u64;
+        for i in 0..20_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let p = before.steal_since().expect("the total moved");
+        assert!((0.0..=100.0).contains(&p), "{p}");
+    }
 }

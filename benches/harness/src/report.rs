@@ -60,7 +60,7 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{:<18} {:<10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>8} {:>9} {:>4} {:>15}",
+            "{:<18} {:<10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>8} {:>9} {:>4} {:>15} {:>7}",
             "scenario",
             "target",
             "sent/s",
@@ -71,13 +71,14 @@ impl Report {
             "errors",
             "cpu us/r",
             "runs",
-            "p99 range ms"
+            "p99 range ms",
+            "steal %"
         );
         for (r, runs, (lo, hi)) in self.medians() {
             let errors: u64 = r.errors.values().sum();
             let _ = writeln!(
                 out,
-                "{:<18} {:<10} {:>10.0} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>8} {:>9} {:>4} {:>15}",
+                "{:<18} {:<10} {:>10.0} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>8} {:>9} {:>4} {:>15} {:>7}",
                 r.scenario,
                 r.target,
                 r.sent_per_second,
@@ -90,6 +91,7 @@ impl Report {
                     .map_or("-".to_string(), |c| format!("{c:.1}")),
                 runs,
                 format!("{lo:.1}-{hi:.1}"),
+                r.steal_pct.map_or("-".to_string(), |p| format!("{p:.1}")),
             );
         }
         out
