@@ -105,14 +105,18 @@ interface = "vm2"
 TOML
 }
 
-iperf() { # label
+iperf() { # label name
   ip netns exec bmm2 iperf3 -s -1 -B fdaa:0:18:0:3:0:1:0 >/dev/null 2>&1 &
   local server=$!
   sleep 0.5
   for _ in $(seq 20); do ip netns exec bmm1 ping -6 -c1 -W1 fdaa:0:18:0:3:0:1:0 >/dev/null 2>&1 && break; done
+  ROUND_N=$((ROUND_N + 1))
+  local json="$OUT/$2-$ROUND_N.json"
+  ip netns exec bmm1 iperf3 -c fdaa:0:18:0:3:0:1:0 -t "$T" -J > "$json" || true
   local g
-  g=$(ip netns exec bmm1 iperf3 -c fdaa:0:18:0:3:0:1:0 -t "$T" -J | python3 -c 'import json,sys; d=json.load(sys.stdin); print("%.2f" % (d["end"]["sum_received"]["bits_per_second"]/1e9))')
+  g=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("%.2f" % (d["end"]["sum_received"]["bits_per_second"]/1e9))' "$json" 2>/dev/null || echo failed)
   printf '%-44s %6s Gbit/s\n' "$1" "$g"
+  RUNS+=("--run" "$2=$json")
   wait "$server" 2>/dev/null || true
 }
 
@@ -131,7 +135,7 @@ run_mesh() { # device
   catalog "$("$SKEIN" mesh-key -c "$W/h1.toml")" "$("$SKEIN" mesh-key -c "$W/h2.toml")"
   for i in 1 2; do ip netns exec bm$i "$SKEIN" run -c "$W/h$i.toml" 2>"$W/h$i.log" & done
   sleep 3
-  iperf "machine->machine, $2"
+  iperf "machine->machine, $2" "$3"
   for p in $(jobs -p); do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   for n in $NS; do ip netns del "$n"; done
@@ -143,7 +147,19 @@ if [ "${DEBUG_HOLD:-}" ]; then
   for i in 1 2; do ip netns exec bm$i "$SKEIN" run -c "$W/h$i.toml" 2>"$W/h$i.log" & done
   sleep "$DEBUG_HOLD"; exit 0
 fi
-run_mesh skein "skein device + eBPF"
-run_mesh uapi "wireguard-go + skein eBPF"
-EBPF=false run_mesh skein "skein device, no eBPF"
+# Rounds alternate the three paths, so drift on the machine hits them alike.
+OUT=${OUT:-$W/out}
+mkdir -p "$OUT"
+RUNS=()
+ROUND_N=0
+for _ in $(seq "${REPEAT:-1}"); do
+  run_mesh skein "skein device + eBPF" skein
+  run_mesh uapi "wireguard-go + skein eBPF" wireguard-go
+  EBPF=false run_mesh skein "skein device, no eBPF" skein-no-ebpf
+done
+# Into the bench reports (table, page, history) when skein-bench is given.
+if [ -n "${SKEIN_BENCH:-}" ]; then
+  "$SKEIN_BENCH" import-iperf3 --scenario mesh-iperf3 "${RUNS[@]}" \
+    --out "${REPORTS:-target/bench-report}" --label "${LABEL:-iperf3 ${T}s machine to machine, two hosts}"
+fi
 

@@ -340,10 +340,15 @@ fn bench_mesh() -> anyhow::Result<()> {
     apt_ensure(&["iperf3", "wireguard-go", "wireguard-tools"])?;
     build_ebpf()?;
     build_release()?;
-    let secs = std::env::var("SECONDS").unwrap_or_else(|_| "10".into());
+    let secs = std::env::var("MESH_SECONDS").unwrap_or_else(|_| "10".into());
     run(Command::new("bash")
         .arg(root().join("benches/mesh.sh"))
         .arg(secs)
+        .env("SKEIN_BENCH", root().join("target/release/skein-bench"))
+        .env(
+            "REPEAT",
+            std::env::var("REPEAT").unwrap_or_else(|_| "3".into()),
+        )
         .current_dir(root()))
 }
 

@@ -336,6 +336,9 @@ pub struct RunResult {
     /// CPU time the hypervisor stole during the run, percent of all CPUs'.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steal_pct: Option<f64>,
+    /// Throughput, for an iperf3 run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gbit_per_s: Option<f64>,
 }
 
 /// Accepts any server certificate: bench targets serve throwaway ones, and
@@ -840,6 +843,7 @@ pub async fn run(scenario: &Scenario, target: &Target) -> anyhow::Result<RunResu
         churn,
         kib_per_conn: memory.filter(|_| !target.pids.is_empty()),
         steal_pct: stat_before.and_then(|s| s.steal_since()),
+        gbit_per_s: None,
     })
 }
 
@@ -896,6 +900,7 @@ async fn run_dns(
         cpu_us_per_req: d.cpu_us_per_query,
         kib_per_conn: None,
         steal_pct: d.steal_pct,
+        gbit_per_s: None,
         dns: Some(d),
         churn: None,
     })

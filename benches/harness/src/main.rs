@@ -45,6 +45,22 @@ enum Cli {
         /// The run's JSON.
         json: PathBuf,
     },
+    /// Adds iperf3 runs (`iperf3 -J` files) to the reports as one run of
+    /// `scenario`: `--run name=file.json`, a name once per repeat.
+    ImportIperf3 {
+        /// The scenario's name in the report.
+        #[arg(long)]
+        scenario: String,
+        /// `target=iperf3.json`, repeated.
+        #[arg(long = "run", required = true)]
+        runs: Vec<String>,
+        /// Where reports are kept.
+        #[arg(long, default_value = "target/bench-report")]
+        out: PathBuf,
+        /// Free text: the machine, the commit.
+        #[arg(long, default_value = "")]
+        label: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -123,6 +139,35 @@ fn real_main() -> anyhow::Result<()> {
                         results.push(r);
                     }
                 }
+            }
+            let report = Report {
+                started: now_rfc3339(),
+                label,
+                results,
+            };
+            print!("{}", report.table());
+            let html = skein_bench::report::save(&report, &out, 20)?;
+            eprintln!("skein-bench: report in {}", html.display());
+            Ok(())
+        }
+        Cli::ImportIperf3 {
+            scenario,
+            runs,
+            out,
+            label,
+        } => {
+            let mut results: Vec<skein_bench::RunResult> = Vec::new();
+            for r in &runs {
+                let (name, file) = r
+                    .split_once('=')
+                    .ok_or_else(|| anyhow::anyhow!("--run {r:?}: expected name=file.json"))?;
+                let text =
+                    std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
+                let repeat = results.iter().filter(|x| x.target == name).count() as u32;
+                results.push(
+                    skein_bench::iperf::result(&scenario, name, repeat, &text)
+                        .map_err(|e| anyhow::anyhow!("{file}: {e}"))?,
+                );
             }
             let report = Report {
                 started: now_rfc3339(),

@@ -31,7 +31,8 @@ impl Report {
 
     /// One result per scenario and target: with repeats, the run whose p99
     /// is the median (a real run, not a blend), with how many runs there
-    /// were and the lowest and highest p99 among them (ms).
+    /// were and the lowest and highest p99 among them (ms; Gbit/s for
+    /// throughput runs).
     pub fn medians(&self) -> Vec<(&RunResult, usize, (f64, f64))> {
         let mut keys: Vec<(&str, &str)> = Vec::new();
         for r in &self.results {
@@ -47,9 +48,13 @@ impl Report {
                     .iter()
                     .filter(|r| r.scenario == sc && r.target == t)
                     .collect();
-                runs.sort_by_key(|r| r.latency_us.p99);
-                let ms = |r: &RunResult| r.latency_us.p99 as f64 / 1000.0;
-                let range = (ms(runs.first()?), ms(runs.last()?));
+                // Throughput runs (iperf3) by throughput; the range is then Gbit/s.
+                let key = |r: &RunResult| match r.gbit_per_s {
+                    Some(g) => g,
+                    None => r.latency_us.p99 as f64 / 1000.0,
+                };
+                runs.sort_by(|a, b| key(a).total_cmp(&key(b)));
+                let range = (key(runs.first()?), key(runs.last()?));
                 Some((*runs.get((runs.len() - 1) / 2)?, runs.len(), range))
             })
             .collect()
@@ -60,29 +65,31 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{:<18} {:<10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>8} {:>9} {:>4} {:>15} {:>7}",
+            "{:<18} {:<14} {:>10} {:>10} {:>7} {:>9} {:>9} {:>9} {:>8} {:>9} {:>4} {:>15} {:>7}",
             "scenario",
             "target",
             "sent/s",
             "ok/s",
+            "Gbit/s",
             "p50 ms",
             "p99 ms",
             "p99.9 ms",
             "errors",
             "cpu us/r",
             "runs",
-            "p99 range ms",
+            "range",
             "steal %"
         );
         for (r, runs, (lo, hi)) in self.medians() {
             let errors: u64 = r.errors.values().sum();
             let _ = writeln!(
                 out,
-                "{:<18} {:<10} {:>10.0} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>8} {:>9} {:>4} {:>15} {:>7}",
+                "{:<18} {:<14} {:>10.0} {:>10.0} {:>7} {:>9.3} {:>9.3} {:>9.3} {:>8} {:>9} {:>4} {:>15} {:>7}",
                 r.scenario,
                 r.target,
                 r.sent_per_second,
                 r.ok_per_second,
+                r.gbit_per_s.map_or("-".to_string(), |g| format!("{g:.2}")),
                 r.latency_us.p50 as f64 / 1000.0,
                 r.latency_us.p99 as f64 / 1000.0,
                 r.latency_us.p999 as f64 / 1000.0,
@@ -90,7 +97,10 @@ impl Report {
                 r.cpu_us_per_req
                     .map_or("-".to_string(), |c| format!("{c:.1}")),
                 runs,
-                format!("{lo:.1}-{hi:.1}"),
+                match r.gbit_per_s {
+                    Some(_) => format!("{lo:.2}-{hi:.2}"),
+                    None => format!("{lo:.1}-{hi:.1}"),
+                },
                 r.steal_pct.map_or("-".to_string(), |p| format!("{p:.1}")),
             );
         }
