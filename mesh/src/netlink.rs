@@ -138,51 +138,33 @@ impl Netlink {
         if let Some(src) = src {
             b = b.pref_source(src);
         }
-        let msg = b.build();
-        self.handle
-            .route()
-            .add(msg)
-            .replace()
-            .execute()
+        self.add(b.build(), || format!("add route {dst}/{len}"))
             .await
-            .map_err(|source| NetlinkError {
-                what: format!("add route {dst}/{len}"),
-                source,
-            })
+    }
+
+    /// Removes the route `dst/len` via `index`; a route already gone is fine.
+    pub async fn del_route(&self, dst: Ipv6Addr, len: u8, index: u32) -> Result<()> {
+        let msg = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(dst, len)
+            .output_interface(index)
+            .build();
+        self.del(msg, || format!("delete route {dst}/{len}")).await
     }
 
     /// Takes every address of `dst/len` in as this host's own (a `local`
     /// route on `index`, usually `lo`: AnyIP), so connections to any of them
     /// are delivered here (to whatever listens, or to eBPF steering).
     pub async fn add_local_route(&self, dst: IpAddr, len: u8, index: u32) -> Result<()> {
-        self.handle
-            .route()
-            .add(table_route(dst, len, index, TABLE_LOCAL, RouteType::Local))
-            .replace()
-            .execute()
+        let msg = table_route(dst, len, index, TABLE_LOCAL, RouteType::Local);
+        self.add(msg, || format!("add local route {dst}/{len}"))
             .await
-            .map_err(|source| NetlinkError {
-                what: format!("add local route {dst}/{len}"),
-                source,
-            })
     }
 
     /// Removes what [`Netlink::add_local_route`] added; already gone is fine.
     pub async fn del_local_route(&self, dst: IpAddr, len: u8, index: u32) -> Result<()> {
-        match self
-            .handle
-            .route()
-            .del(table_route(dst, len, index, TABLE_LOCAL, RouteType::Local))
-            .execute()
+        let msg = table_route(dst, len, index, TABLE_LOCAL, RouteType::Local);
+        self.del(msg, || format!("delete local route {dst}/{len}"))
             .await
-        {
-            Ok(()) => Ok(()),
-            Err(e) if matches!(errno(&e), libc::ESRCH | libc::ENOENT | libc::ENODEV) => Ok(()),
-            Err(source) => Err(NetlinkError {
-                what: format!("delete local route {dst}/{len}"),
-                source,
-            }),
-        }
     }
 
     /// Puts the route `dst/len` to interface `index` in routing table `table`
@@ -194,16 +176,9 @@ impl Netlink {
         index: u32,
         table: u32,
     ) -> Result<()> {
-        self.handle
-            .route()
-            .add(table_route(dst, len, index, table, RouteType::Unicast))
-            .replace()
-            .execute()
+        let msg = table_route(dst, len, index, table, RouteType::Unicast);
+        self.add(msg, || format!("add route {dst}/{len} table {table}"))
             .await
-            .map_err(|source| NetlinkError {
-                what: format!("add route {dst}/{len} table {table}"),
-                source,
-            })
     }
 
     /// Removes what [`Netlink::add_table_route`] added; already gone is fine.
@@ -214,33 +189,32 @@ impl Netlink {
         index: u32,
         table: u32,
     ) -> Result<()> {
-        match self
-            .handle
-            .route()
-            .del(table_route(dst, len, index, table, RouteType::Unicast))
-            .execute()
+        let msg = table_route(dst, len, index, table, RouteType::Unicast);
+        self.del(msg, || format!("delete route {dst}/{len} table {table}"))
             .await
-        {
-            Ok(()) => Ok(()),
-            Err(e) if matches!(errno(&e), libc::ESRCH | libc::ENOENT | libc::ENODEV) => Ok(()),
-            Err(source) => Err(NetlinkError {
-                what: format!("delete route {dst}/{len} table {table}"),
-                source,
-            }),
-        }
     }
 
-    /// Removes the route `dst/len` via `index`; a route already gone is fine.
-    pub async fn del_route(&self, dst: Ipv6Addr, len: u8, index: u32) -> Result<()> {
-        let msg = RouteMessageBuilder::<Ipv6Addr>::new()
-            .destination_prefix(dst, len)
-            .output_interface(index)
-            .build();
+    /// Adds (or replaces) a route.
+    async fn add(&self, msg: RouteMessage, what: impl FnOnce() -> String) -> Result<()> {
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(|source| NetlinkError {
+                what: what(),
+                source,
+            })
+    }
+
+    /// Deletes a route; one already gone (or its device) is fine.
+    async fn del(&self, msg: RouteMessage, what: impl FnOnce() -> String) -> Result<()> {
         match self.handle.route().del(msg).execute().await {
             Ok(()) => Ok(()),
             Err(e) if matches!(errno(&e), libc::ESRCH | libc::ENOENT | libc::ENODEV) => Ok(()),
             Err(source) => Err(NetlinkError {
-                what: format!("delete route {dst}/{len}"),
+                what: what(),
                 source,
             }),
         }

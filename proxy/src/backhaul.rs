@@ -32,8 +32,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
-use tracing::Instrument as _;
 
 use crate::Proxy;
 use crate::balance::{Pick, Prefs, pick};
@@ -190,43 +188,19 @@ pub async fn open_tcp(
 pub async fn accept_loop(
     proxy: Arc<Proxy>,
     listener: TcpListener,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
     graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
 ) {
-    let permits = Arc::new(Semaphore::new(proxy.cfg.backhaul.max_connections));
-    loop {
-        let permit = tokio::select! {
-            _ = crate::listener::stopped(&mut stop) => break,
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-        };
-        let (stream, peer) = tokio::select! {
-            _ = crate::listener::stopped(&mut stop) => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    metrics::counter!("skein_proxy_accept_errors_total").increment(1);
-                    tracing::warn!(error = %e, "backhaul accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        metrics::counter!("skein_proxy_backhaul_connections_total").increment(1);
-        let proxy = proxy.clone();
-        let watcher = graceful.watcher();
-        let span = tracing::debug_span!("backhaul", edge = %peer);
-        tokio::spawn(
-            async move {
-                let active = metrics::gauge!("skein_proxy_backhaul_connections_active");
-                active.increment(1.0);
-                serve(proxy, stream, watcher).await;
-                active.decrement(1.0);
-                drop(permit);
-            }
-            .instrument(span),
-        );
-    }
+    let max = proxy.cfg.backhaul.max_connections;
+    let names = crate::listener::Accepting {
+        total: "skein_proxy_backhaul_connections_total",
+        active: "skein_proxy_backhaul_connections_active",
+        span: "backhaul",
+    };
+    crate::listener::accept(proxy, listener, max, stop, graceful, names, |p, s, _, w| {
+        serve(p, s, w)
+    })
+    .await
 }
 
 async fn serve(

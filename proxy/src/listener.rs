@@ -35,10 +35,54 @@ pub async fn accept_loop(
     proxy: Arc<Proxy>,
     listener: TcpListener,
     port: Option<u16>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio::sync::watch::Receiver<bool>,
     graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
 ) {
-    let permits = Arc::new(Semaphore::new(proxy.cfg.max_connections));
+    let max = proxy.cfg.max_connections;
+    let labels = Accepting {
+        total: "skein_proxy_connections_total",
+        active: "skein_proxy_connections_active",
+        span: "conn",
+    };
+    accept(
+        proxy,
+        listener,
+        max,
+        stop,
+        graceful,
+        labels,
+        move |p, s, peer, w| connection(p, s, peer, port, w),
+    )
+    .await
+}
+
+/// The names one accept loop reports under.
+pub(crate) struct Accepting {
+    /// Counter of accepted connections.
+    pub total: &'static str,
+    /// Gauge of open ones.
+    pub active: &'static str,
+    /// Name of each connection's span.
+    pub span: &'static str,
+}
+
+/// The accept loop every listener shares: at most `max` connections at once
+/// (more wait in the backlog), accept errors counted and paced, each
+/// connection served by `serve` in its own task and span, tracked by
+/// `graceful`.
+pub(crate) async fn accept<F, Fut>(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    max: usize,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
+    names: Accepting,
+    serve: F,
+) where
+    F: Fn(Arc<Proxy>, TcpStream, std::net::SocketAddr, Watcher) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let permits = Arc::new(Semaphore::new(max));
     loop {
         let permit = tokio::select! {
             _ = stopped(&mut stop) => break,
@@ -57,15 +101,14 @@ pub async fn accept_loop(
             },
         };
         let _ = stream.set_nodelay(true);
-        metrics::counter!("skein_proxy_connections_total").increment(1);
-        let proxy = proxy.clone();
-        let watcher = graceful.watcher();
-        let span = tracing::debug_span!("conn", client = %peer, port = port.unwrap_or(0));
+        metrics::counter!(names.total).increment(1);
+        let active = metrics::gauge!(names.active);
+        let span = tracing::debug_span!("accepted", kind = names.span, client = %peer);
+        let work = serve(proxy.clone(), stream, peer, graceful.watcher());
         tokio::spawn(
             async move {
-                let active = metrics::gauge!("skein_proxy_connections_active");
                 active.increment(1.0);
-                connection(proxy, stream, peer, port, watcher).await;
+                work.await;
                 active.decrement(1.0);
                 drop(permit);
             }

@@ -12,7 +12,7 @@ use std::{
 
 use skein_testkit::{Netns, require_root, veth};
 
-use crate::support::{Machine, machine, skein, wait};
+use crate::support::{Machine, machine, wait};
 
 struct Host {
     ns: Netns,
@@ -74,17 +74,7 @@ level = "info"
     }
 
     fn key(&self) -> String {
-        let out = skein()
-            .args(["mesh-key", "--config"])
-            .arg(self.dir.join("skein.toml"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+        crate::support::mesh_key(&self.dir.join("skein.toml"))
     }
 
     fn start(&mut self) {

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use skein_testkit::{Netns, require_root, veth};
 
-use crate::support::{Machine, machine, skein, wait};
+use crate::support::{Machine, machine, wait};
 
 /// The anycast address both edges serve.
 const ANYCAST: &str = "2001:db8:a::10";
@@ -91,17 +91,7 @@ level = "info"
     }
 
     fn key(&self) -> String {
-        let out = skein()
-            .args(["mesh-key", "--config"])
-            .arg(self.dir.join("skein.toml"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+        crate::support::mesh_key(&self.dir.join("skein.toml"))
     }
 
     fn start(&mut self) {

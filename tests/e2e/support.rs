@@ -228,3 +228,19 @@ pub fn machine(host: &Netns, tag: &str, iface: &str, addr: &'static str) -> Mach
     ns.ip("route add fdaa::/16 via fe80::1 dev eth0");
     Machine { ns, addr }
 }
+
+/// This host's WireGuard public key, by `skein mesh-key` on its config
+/// (which creates the key file).
+pub fn mesh_key(config: &Path) -> String {
+    let out = skein()
+        .args(["mesh-key", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
