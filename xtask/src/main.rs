@@ -410,10 +410,25 @@ fn bench_dns() -> anyhow::Result<()> {
     )?;
     let peers = work.join("peers");
     with_skein(&work, "SERVER_CPUS", 9912, 300, &|pid| {
+        // The table goes to the screen and, through skein-bench, into the
+        // reports (dnsperf-peak: qps, mean latency, core-0 us/query).
+        let table = work.join("dnsperf.txt");
         run(Command::new("bash")
+            .args([
+                "-o",
+                "pipefail",
+                "-c",
+                "bash \"$0\" skein=127.0.0.1:5403 | tee \"$1\"",
+            ])
             .arg(&harness)
-            .arg("skein=127.0.0.1:5403")
+            .arg(&table)
             .env("WORK", &peers))?;
+        run(Command::new(root().join("target/release/skein-bench"))
+            .args(["import-dnsperf", "--scenario", "dnsperf-peak"])
+            .arg(&table)
+            .args(["--out", "target/bench-report", "--label"])
+            .arg("dnsperf against skein, NSD and Knot (server on core 0), 10,000-Service zone")
+            .current_dir(root()))?;
         dns_latency("skein", "127.0.0.1", "5403", &peers.join("queries.txt"))?;
         platform::dns_pods(&peers, pid)
     })

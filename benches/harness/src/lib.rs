@@ -6,6 +6,7 @@
 
 pub mod churn;
 pub mod dns;
+pub mod dnsperf;
 pub mod iperf;
 pub mod load;
 pub mod report;

@@ -45,6 +45,21 @@ enum Cli {
         /// The run's JSON.
         json: PathBuf,
     },
+    /// Adds dnsperf's peak figures (the table `dns-peers.sh` prints, in a
+    /// file) to the reports as one run of `scenario`.
+    ImportDnsperf {
+        /// The scenario's name in the report.
+        #[arg(long)]
+        scenario: String,
+        /// The table.
+        table: PathBuf,
+        /// Where reports are kept.
+        #[arg(long, default_value = "target/bench-report")]
+        out: PathBuf,
+        /// Free text: the machine, the commit.
+        #[arg(long, default_value = "")]
+        label: String,
+    },
     /// Adds iperf3 runs (`iperf3 -J` files) to the reports as one run of
     /// `scenario`: `--run name=file.json`, a name once per repeat.
     ImportIperf3 {
@@ -150,6 +165,27 @@ fn real_main() -> anyhow::Result<()> {
             eprintln!("skein-bench: report in {}", html.display());
             Ok(())
         }
+        Cli::ImportDnsperf {
+            scenario,
+            table,
+            out,
+            label,
+        } => {
+            let text = std::fs::read_to_string(&table)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", table.display()))?;
+            let results = skein_bench::dnsperf::results(&scenario, &text);
+            if results.is_empty() {
+                anyhow::bail!("{}: no dnsperf rows", table.display());
+            }
+            save(
+                Report {
+                    started: now_rfc3339(),
+                    label,
+                    results,
+                },
+                &out,
+            )
+        }
         Cli::ImportIperf3 {
             scenario,
             runs,
@@ -169,15 +205,14 @@ fn real_main() -> anyhow::Result<()> {
                         .map_err(|e| anyhow::anyhow!("{file}: {e}"))?,
                 );
             }
-            let report = Report {
-                started: now_rfc3339(),
-                label,
-                results,
-            };
-            print!("{}", report.table());
-            let html = skein_bench::report::save(&report, &out, 20)?;
-            eprintln!("skein-bench: report in {}", html.display());
-            Ok(())
+            save(
+                Report {
+                    started: now_rfc3339(),
+                    label,
+                    results,
+                },
+                &out,
+            )
         }
         Cli::Report { json } => {
             let report = Report::load(&json)?;
@@ -193,4 +228,12 @@ fn real_main() -> anyhow::Result<()> {
 
 fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// Prints the table and saves the report (JSON, page, history).
+fn save(report: Report, out: &std::path::Path) -> anyhow::Result<()> {
+    print!("{}", report.table());
+    let html = skein_bench::report::save(&report, out, 20)?;
+    eprintln!("skein-bench: report in {}", html.display());
+    Ok(())
 }
