@@ -23,21 +23,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::Proxy;
 use crate::balance::{Pick, Prefs, pick};
-use crate::http::{ERROR, connect_failed};
+use crate::http::{SendFailure, connect_failed, local};
 use crate::table::{AppRoute, Backend};
-use crate::upstream::{BoxError, ConnectError, ProxyBody};
+use crate::upstream::{BoxError, ConnectError, ProxyBody, dial};
 
 /// The app the request is for.
 pub const APP: &str = "skein-backhaul-app";
@@ -61,31 +60,32 @@ pub const TCP_UPGRADE: &str = "skein-tcp";
 /// Every backhaul header; an edge removes them from what clients send.
 pub const HEADERS: [&str; 7] = [APP, PORT, MACHINE, CLIENT, LOCAL, PROXY_PROTO, REFUSED];
 
-/// The machine a backhauled request is for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
+/// The machine a backhauled request is for (borrowed: from the edge's
+/// route, or from the worker's request headers; nothing is copied).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target<'a> {
     /// App name.
-    pub app: String,
+    pub app: &'a str,
     /// Service port on the machine.
     pub port: u16,
     /// Machine id.
-    pub machine: String,
+    pub machine: &'a str,
 }
 
-impl Target {
+impl<'a> Target<'a> {
     /// Reads the target from a request's headers.
-    pub fn from_headers(h: &HeaderMap) -> Option<Target> {
+    pub fn from_headers(h: &'a HeaderMap) -> Option<Target<'a>> {
         let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok());
         Some(Target {
-            app: get(APP)?.to_string(),
+            app: get(APP)?,
             port: get(PORT)?.parse().ok()?,
-            machine: get(MACHINE)?.to_string(),
+            machine: get(MACHINE)?,
         })
     }
 
     /// Writes the target into a request's headers.
     pub fn write(&self, h: &mut HeaderMap) {
-        for (n, v) in [(APP, self.app.as_str()), (MACHINE, self.machine.as_str())] {
+        for (n, v) in [(APP, self.app), (MACHINE, self.machine)] {
             if let Ok(v) = HeaderValue::from_str(v) {
                 h.insert(n, v);
             }
@@ -101,19 +101,28 @@ pub fn strip(h: &mut HeaderMap) {
     }
 }
 
+/// The worker's own answer when it delivers nothing: the proxy's local
+/// answer, marked [`REFUSED`] so the edge knows it may go elsewhere.
 fn refuse(status: StatusCode, why: &'static str) -> Response<ProxyBody> {
     metrics::counter!("skein_proxy_backhaul_refused_total", "reason" => why).increment(1);
-    let mut r = Response::new(
-        Full::new(Bytes::from(format!("skein: backhaul {why}\n")))
-            .map_err(|never| match never {})
-            .boxed(),
+    let mark = (
+        HeaderName::from_static(REFUSED),
+        HeaderValue::from_static(why),
     );
-    *r.status_mut() = status;
-    let h = r.headers_mut();
-    h.insert(REFUSED, HeaderValue::from_static(why));
-    h.insert(ERROR, HeaderValue::from_static(why));
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    r
+    local(status, why, Some(mark))
+}
+
+/// The reason in a worker's [`REFUSED`] header, as one of the codes it
+/// sends (anything else reads as `refused`).
+pub fn refusal_reason(v: &HeaderValue) -> &'static str {
+    match v.as_bytes() {
+        b"capacity" => "capacity",
+        b"unavailable" => "unavailable",
+        b"connect_failed" => "connect_failed",
+        b"not_here" => "not_here",
+        b"bad_target" => "bad_target",
+        _ => "refused",
+    }
 }
 
 /// Why a raw TCP stream could not be opened through a worker.
@@ -135,17 +144,13 @@ pub enum OpenError {
 /// address, before the first byte.
 pub async fn open_tcp(
     via: SocketAddr,
-    target: &Target,
+    target: Target<'_>,
     client: SocketAddr,
     local: SocketAddr,
     proxy_proto: Option<skein_catalog::model::ProxyProtoVersion>,
     connect_timeout: Duration,
 ) -> Result<TokioIo<hyper::upgrade::Upgraded>, OpenError> {
-    let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(via))
-        .await
-        .map_err(|_| ConnectError::Timeout)?
-        .map_err(ConnectError::Io)?;
-    let _ = stream.set_nodelay(true);
+    let stream = dial(via, connect_timeout).await?;
     let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(async move {
         if let Err(e) = conn.with_upgrades().await {
@@ -209,23 +214,15 @@ async fn serve(
     watcher: hyper_util::server::graceful::Watcher,
 ) {
     let cfg = &proxy.cfg;
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(cfg.header_timeout)
-        .max_buf_size(cfg.max_header_bytes.max(8192))
-        .max_headers(cfg.max_headers + HEADERS.len() + 8)
-        .keep_alive(true);
+    let mut b = crate::listener::http_server(cfg);
+    // The edge's forwarding headers and the target ride on top of a client's.
+    b.http1().max_headers(cfg.max_headers + HEADERS.len() + 8);
     // Edges multiplex many clients' requests on one connection: a stream cap
     // well above a client's, flow-control windows sized for a WAN.
     b.http2()
-        .timer(TokioTimer::new())
         .max_concurrent_streams(cfg.h2_max_streams.saturating_mul(100))
-        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
         .initial_stream_window_size(1 << 20)
-        .initial_connection_window_size(16 << 20)
-        .keep_alive_interval(Some(cfg.idle_timeout))
-        .keep_alive_timeout(Duration::from_secs(20));
+        .initial_connection_window_size(16 << 20);
     let p = proxy.clone();
     let svc = service_fn(move |req| {
         let p = p.clone();
@@ -243,7 +240,7 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<P
         return refuse(StatusCode::BAD_REQUEST, "bad_target");
     };
     let table = proxy.routes.load_full();
-    let Some(app) = table.app_by_name(&target.app).cloned() else {
+    let Some(app) = table.app_by_name(target.app).cloned() else {
         return refuse(StatusCode::MISDIRECTED_REQUEST, "not_here");
     };
     let Some(svc) = app.services.iter().find(|s| s.internal_port == target.port) else {
@@ -254,12 +251,12 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<P
     if !svc
         .backends
         .iter()
-        .any(|b| *b.machine == *target.machine && b.via.is_none())
+        .any(|b| &*b.machine == target.machine && b.via.is_none())
     {
         return refuse(StatusCode::MISDIRECTED_REQUEST, "not_here");
     }
     let prefs = Prefs {
-        machine: Some(&target.machine),
+        machine: Some(target.machine),
         ..Default::default()
     };
     // The hard limit is enforced here, at once: the edge holds the request
@@ -283,11 +280,10 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<P
     let host = crate::http::host_in(&parts).unwrap_or_default();
     let proto = crate::http::machine_proto(svc, upgrade.is_some());
     crate::http::fit(&mut parts, proto, &host);
-    let mut pending = Some(Request::from_parts(
-        parts,
-        body.map_err(BoxError::from).boxed(),
-    ));
-    let mut slot = Some(slot);
+    let (mut req, mut slot) = (
+        Request::from_parts(parts, body.map_err(BoxError::from).boxed()),
+        slot,
+    );
     // One more try when a pooled connection turns out closed.
     for _ in 0..2 {
         let sender = match proxy.upstreams.get(backend.addr, proto).await {
@@ -297,26 +293,18 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<P
                 return refuse(StatusCode::BAD_GATEWAY, "connect_failed");
             }
         };
-        let (Some(req), Some(s)) = (pending.take(), slot.take()) else {
-            break;
-        };
-        match crate::http::send(
+        let sent = crate::http::send(
             &proxy,
             backend,
             backend.addr,
             sender,
             req,
-            s,
+            slot,
             &mut client_upgrade,
-        )
-        .await
-        {
-            Ok(resp) => return resp,
-            Err(crate::http::SendFailure::NotSent(req, s)) => {
-                pending = Some(req);
-                slot = Some(s);
-            }
-            Err(crate::http::SendFailure::Failed(resp)) => return resp,
+        );
+        match sent.await {
+            Ok(resp) | Err(SendFailure::Failed(resp)) => return resp,
+            Err(SendFailure::NotSent(r, s)) => (req, slot) = (r, s),
         }
     }
     refuse(StatusCode::BAD_GATEWAY, "connect_failed")
@@ -343,20 +331,13 @@ async fn tcp(
         Some(b"2") => Some(skein_catalog::model::ProxyProtoVersion::V2),
         _ => None,
     };
-    let connected =
-        tokio::time::timeout(proxy.cfg.connect_timeout, TcpStream::connect(backend.addr)).await;
-    let mut upstream = match connected {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            connect_failed(proxy, backend, &ConnectError::Io(e));
-            return refuse(StatusCode::BAD_GATEWAY, "connect_failed");
-        }
-        Err(_) => {
-            connect_failed(proxy, backend, &ConnectError::Timeout);
+    let mut upstream = match dial(backend.addr, proxy.cfg.connect_timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            connect_failed(proxy, backend, &e);
             return refuse(StatusCode::BAD_GATEWAY, "connect_failed");
         }
     };
-    let _ = upstream.set_nodelay(true);
     if let (Some(v), Some(c), Some(l)) = (pp, client, local) {
         let h = crate::proxy_proto::header(v, c, l);
         if upstream.write_all(&h).await.is_err() {
@@ -372,7 +353,7 @@ async fn tcp(
         };
         metrics::counter!("skein_proxy_tcp_connections_total").increment(1);
         let mut edge = TokioIo::new(up);
-        pipe_counted(&mut edge, &mut upstream, &app_name, &machine).await;
+        crate::tcp::relay(&mut edge, &mut upstream, &app_name, &machine).await;
     });
     let mut r = Response::new(Empty::new().map_err(|never| match never {}).boxed());
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -380,21 +361,4 @@ async fn tcp(
     h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     h.insert(header::UPGRADE, HeaderValue::from_static(TCP_UPGRADE));
     r
-}
-
-/// Copies both ways until either side closes; counts the bytes.
-pub async fn pipe_counted<A, B>(a: &mut A, b: &mut B, app: &str, machine: &str)
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    match tokio::io::copy_bidirectional(a, b).await {
-        Ok((up, down)) => {
-            metrics::counter!("skein_proxy_tcp_bytes_total", "direction" => "to_machine")
-                .increment(up);
-            metrics::counter!("skein_proxy_tcp_bytes_total", "direction" => "to_client")
-                .increment(down);
-        }
-        Err(e) => tracing::debug!(app, machine, error = %e, "tcp pipe ended with an error"),
-    }
 }

@@ -59,7 +59,7 @@ pub struct ConnInfo {
     pub flycast: Option<std::net::Ipv6Addr>,
 }
 
-fn local(
+pub(crate) fn local(
     status: StatusCode,
     code: &'static str,
     extra: Option<(HeaderName, HeaderValue)>,
@@ -604,8 +604,9 @@ async fn attempt(
     let svc = to.svc;
     let mut pending = Some(req);
     let mut tried: Vec<Arc<str>> = Vec::new();
-    // A worker's refusal, answered when no other machine is left.
-    let mut refused: Option<Response<ProxyBody>> = None;
+    // A worker's refusal (status, reason), answered when no other machine
+    // is left.
+    let mut refused: Option<(StatusCode, &'static str)> = None;
     let deadline = Instant::now() + proxy.limits.queue_timeout;
     loop {
         // Choose a machine (waiting in the service's queue while all are full).
@@ -614,7 +615,12 @@ async fn attempt(
         let (backend, slot) =
             match acquire(svc, table, prefs, &skip, deadline, proxy.limits.queue_depth).await {
                 Ok(x) => x,
-                Err(r) => return refused.unwrap_or_else(|| refusal(r, !tried.is_empty())),
+                Err(r) => {
+                    return match refused {
+                        Some((status, why)) => local(status, why, None),
+                        None => refusal(r, !tried.is_empty()),
+                    };
+                }
             };
         // The hop: the machine itself, or its host's backhaul listener (h2,
         // multiplexed; HTTP/1.1 for an upgrade).
@@ -643,34 +649,34 @@ async fn attempt(
         backhaul::strip(&mut p.headers);
         if backend.via.is_some() {
             backhaul::Target {
-                app: to.app.to_string(),
+                app: to.app,
                 port: svc.internal_port,
-                machine: backend.machine.to_string(),
+                machine: &backend.machine,
             }
             .write(&mut p.headers);
         }
         let req = Request::from_parts(p, b);
         match send(proxy, backend, addr, sender, req, slot, client_upgrade).await {
             Ok(resp) => {
-                let Some(why) = resp.headers().get(backhaul::REFUSED).cloned() else {
+                let Some(why) = resp.headers().get(backhaul::REFUSED) else {
                     return resp;
                 };
-                // The worker delivered nothing: another machine, if the
-                // request can be sent again.
-                if why.as_bytes() == b"connect_failed" {
+                // The worker delivered nothing: its answer is dropped here
+                // (with the slot it held) and the request goes to another
+                // machine if it can be sent again.
+                let (status, why) = (resp.status(), backhaul::refusal_reason(why));
+                drop(resp);
+                if why == "connect_failed" {
                     backend.load.eject(proxy.limits.eject_for);
                 }
                 tried.push(backend.machine.clone());
-                let (mut head, body) = resp.into_parts();
-                head.headers.remove(backhaul::REFUSED);
-                let resp = Response::from_parts(head, body);
                 let again = to
                     .whole
                     .filter(|_| tried.len() <= proxy.limits.retries as usize);
                 let Some((parts, body)) = again else {
-                    return resp;
+                    return local(status, why, None);
                 };
-                refused = Some(resp);
+                refused = Some((status, why));
                 metrics::counter!("skein_proxy_retries_total", "reason" => "backhaul_refused")
                     .increment(1);
                 pending = Some(Request::from_parts(

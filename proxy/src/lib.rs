@@ -254,12 +254,12 @@ impl Proxy {
                 .anycast
                 .iter()
                 .any(|p| matches!(p, ipnet::IpNet::V6(_)));
-        for (want, at) in [(v4, "127.0.0.1:0"), (v6, "[::1]:0")] {
-            if !want {
-                continue;
-            }
-            let addr: SocketAddr = at.parse().map_err(|_| ProxyError::Backhaul(at.into()))?;
-            let (sockets, local) = self.bind_one(addr, false)?;
+        let loopback = [
+            (v4, std::net::IpAddr::from(std::net::Ipv4Addr::LOCALHOST)),
+            (v6, std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST)),
+        ];
+        for (_, ip) in loopback.into_iter().filter(|(want, _)| *want) {
+            let (sockets, local) = self.bind_one(SocketAddr::new(ip, 0), false)?;
             out.push(Bound {
                 sockets,
                 kind: BoundKind::Steered,

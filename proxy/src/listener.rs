@@ -19,7 +19,7 @@ use tracing::Instrument as _;
 
 use crate::Proxy;
 use crate::http::{ConnInfo, handle};
-use crate::table::normalize_host;
+use crate::table::{AppRoute, normalize_host};
 use crate::tcp::{self, Prefixed};
 
 /// First byte of a TLS record carrying a handshake.
@@ -178,11 +178,10 @@ async fn connection(
         flycast,
     };
     let table = proxy.routes.load_full();
+    let on_port = |app: &Arc<AppRoute>| Some((app.clone(), app.ports.get(&port)?.clone()));
     let pinned = match flycast {
         Some(a) => {
-            let found = table
-                .flycast(a)
-                .and_then(|app| Some((app.clone(), app.ports.get(&port)?.clone())));
+            let found = table.flycast(a).and_then(on_port);
             if found.is_none() {
                 metrics::counter!("skein_proxy_flycast_refused_total").increment(1);
                 return tracing::debug!(%a, port, "no app or service on this flycast port");
@@ -194,10 +193,7 @@ async fn connection(
     // A raw TCP port: the machine may speak first, so nothing is read here.
     let raw = match &pinned {
         Some((app, route)) => (!route.tls && !route.http).then(|| (app.clone(), route.clone())),
-        None => table
-            .raw_port(port)
-            .cloned()
-            .and_then(|app| Some((app.clone(), app.ports.get(&port)?.clone()))),
+        None => table.raw_port(port).and_then(on_port),
     };
     if let Some((app, route)) = raw {
         return tcp::pipe(proxy, stream, table, app, route, info(false, None)).await;
@@ -239,11 +235,7 @@ async fn connection(
         return acme_validation(&proxy, Prefixed::new(hello, stream), header_timeout).await;
     }
     let name = sni.clone().or_else(|| proxy.cfg.default_hostname.clone());
-    let routed = pinned.or_else(|| {
-        name.as_deref()
-            .and_then(|n| table.app(n))
-            .and_then(|app| Some((app.clone(), app.ports.get(&port)?.clone())))
-    });
+    let routed = pinned.or_else(|| name.as_deref().and_then(|n| table.app(n)).and_then(on_port));
     let stream = Prefixed::new(hello, stream);
     // TLS the machine terminates itself: pass the bytes through, ClientHello first.
     if let Some((app, route)) = &routed
@@ -312,11 +304,10 @@ where
     }
 }
 
-async fn serve_http<I>(proxy: Arc<Proxy>, io: TokioIo<I>, info: Arc<ConnInfo>, watcher: Watcher)
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let cfg = &proxy.cfg;
+/// hyper's server (HTTP/1.1 and h2) under the configured limits: header size,
+/// count and read timeout (slowloris), streams per connection, rapid-reset
+/// caps, keep-alive pings. Every listener serves HTTP with this.
+pub(crate) fn http_server(cfg: &crate::ProxyConfig) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
@@ -334,6 +325,14 @@ where
         .max_local_error_reset_streams(Some(256))
         .keep_alive_interval(Some(cfg.idle_timeout))
         .keep_alive_timeout(Duration::from_secs(20));
+    b
+}
+
+async fn serve_http<I>(proxy: Arc<Proxy>, io: TokioIo<I>, info: Arc<ConnInfo>, watcher: Watcher)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let b = http_server(&proxy.cfg);
     let p = proxy.clone();
     let svc = service_fn(move |req| handle(p.clone(), info.clone(), req));
     let conn = b.serve_connection_with_upgrades(io, svc);

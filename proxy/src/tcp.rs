@@ -19,7 +19,7 @@ use crate::balance::{Prefs, acquire};
 use crate::http::{ConnInfo, connect_failed};
 use crate::proxy_proto;
 use crate::table::{AppRoute, PortRoute, RouteTable};
-use crate::upstream::ConnectError;
+use crate::upstream::dial;
 
 /// A stream whose first bytes were already read (a peeked ClientHello); they
 /// are read again before the rest.
@@ -123,13 +123,13 @@ pub async fn pipe<C>(
         // proxy, which writes the PROXY header and holds the hard limit.
         if let Some(via) = backend.via {
             let target = backhaul::Target {
-                app: app.name.to_string(),
+                app: &app.name,
                 port: svc.internal_port,
-                machine: backend.machine.to_string(),
+                machine: &backend.machine,
             };
             let opened = backhaul::open_tcp(
                 via,
-                &target,
+                target,
                 info.client,
                 info.local,
                 port.proxy_proto,
@@ -144,16 +144,9 @@ pub async fn pipe<C>(
                 }
             }
         } else {
-            let connected =
-                tokio::time::timeout(proxy.cfg.connect_timeout, TcpStream::connect(backend.addr))
-                    .await;
-            match connected {
-                Ok(Ok(s)) => {
-                    let _ = s.set_nodelay(true);
-                    break (Upstream::Direct(s), slot, backend.machine.clone());
-                }
-                Ok(Err(e)) => connect_failed(&proxy, backend, &ConnectError::Io(e)),
-                Err(_) => connect_failed(&proxy, backend, &ConnectError::Timeout),
+            match dial(backend.addr, proxy.cfg.connect_timeout).await {
+                Ok(s) => break (Upstream::Direct(s), slot, backend.machine.clone()),
+                Err(e) => connect_failed(&proxy, backend, &e),
             }
         }
         tried.push(backend.machine.clone());
@@ -171,11 +164,26 @@ pub async fn pipe<C>(
                     return;
                 }
             }
-            backhaul::pipe_counted(&mut client, s, &app.name, &machine).await
+            relay(&mut client, s, &app.name, &machine).await
         }
-        Upstream::Backhaul(io) => {
-            backhaul::pipe_counted(&mut client, io, &app.name, &machine).await
+        Upstream::Backhaul(io) => relay(&mut client, io, &app.name, &machine).await,
+    }
+}
+
+/// Copies both ways until either side closes; counts the bytes.
+pub async fn relay<A, B>(a: &mut A, b: &mut B, app: &str, machine: &str)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    match tokio::io::copy_bidirectional(a, b).await {
+        Ok((up, down)) => {
+            metrics::counter!("skein_proxy_tcp_bytes_total", "direction" => "to_machine")
+                .increment(up);
+            metrics::counter!("skein_proxy_tcp_bytes_total", "direction" => "to_client")
+                .increment(down);
         }
+        Err(e) => tracing::debug!(app, machine, error = %e, "tcp pipe ended with an error"),
     }
 }
 

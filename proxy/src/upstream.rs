@@ -52,6 +52,16 @@ pub enum ConnectError {
     Handshake(#[from] hyper::Error),
 }
 
+/// A TCP connection to `addr` within `timeout`, Nagle off: how the proxy
+/// reaches every upstream (machines, and other hosts' backhaul listeners).
+pub async fn dial(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
+    let s = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| ConnectError::Timeout)??;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
 struct Idle {
     sender: http1::SendRequest<ProxyBody>,
     since: Instant,
@@ -176,11 +186,7 @@ impl Upstreams {
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<TokioIo<TcpStream>, ConnectError> {
-        let s = tokio::time::timeout(self.limits.connect_timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| ConnectError::Timeout)??;
-        let _ = s.set_nodelay(true);
-        Ok(TokioIo::new(s))
+        Ok(TokioIo::new(dial(addr, self.limits.connect_timeout).await?))
     }
 
     /// Returns an HTTP/1.1 connection to the pool once it can take another
