@@ -222,7 +222,7 @@ impl RouteTable {
         keep: Option<(&RouteTable, &BTreeSet<String>)>,
     ) -> RouteTable {
         let cat = &snap.catalog;
-        let rtt = |a: &str, b: &str| cat.rtt_ms(a, b).unwrap_or(UNKNOWN_RTT_MS);
+        let build = Build { cat, at, loads };
         let rebuild = |app: &str| keep.is_none_or(|(_, touched)| touched.contains(app));
         let mut by_app: HashMap<&str, Vec<&skein_catalog::model::Machine>> = HashMap::new();
         for m in cat.machines.values() {
@@ -252,7 +252,7 @@ impl RouteTable {
                             .map(Vec::as_slice)
                             .unwrap_or(&[]),
                     };
-                    app_route(cat, app, machines, at, loads, &rtt)
+                    app_route(&build, app, machines)
                 }
             };
             // An app without hostnames is reached by its port alone; one with
@@ -285,7 +285,7 @@ impl RouteTable {
                 t.flycast.insert(ip, route.clone());
             }
         }
-        t.k8s = k8s_routes(cat, at, loads, keep.map(|(prev, _)| prev), &rtt);
+        t.k8s = k8s_routes(&build, keep.map(|(prev, _)| prev));
         for r in t.k8s.values() {
             if let Some(ip) = r.record.cluster_ip {
                 // An app that names the address itself (with its own handlers) wins.
@@ -297,7 +297,7 @@ impl RouteTable {
                 t.rtt
                     .entry(a.clone())
                     .or_default()
-                    .insert(b.clone(), rtt(a, b));
+                    .insert(b.clone(), build.rtt(a, b));
             }
         }
         loads.prune();
@@ -398,14 +398,9 @@ fn k8s_machines<'a>(
 /// the route (the proxy balances connections, as kube-proxy does), to the
 /// target port of its ready endpoints. A route is kept from `prev` while its
 /// Service record and endpoint machines are the same `Arc`s.
-fn k8s_routes(
-    cat: &skein_catalog::Catalog,
-    at: &Locality,
-    loads: &Loads,
-    prev: Option<&RouteTable>,
-    rtt: &dyn Fn(&str, &str) -> u32,
-) -> HashMap<String, K8sRoute> {
+fn k8s_routes(b: &Build<'_>, prev: Option<&RouteTable>) -> HashMap<String, K8sRoute> {
     use skein_catalog::model::{K8sProtocol, K8sServiceKind};
+    let (cat, loads) = (b.cat, b.loads);
     let mut out = HashMap::new();
     for s in cat.k8s_services.values() {
         if s.kind != K8sServiceKind::ClusterIp || s.cluster_ip.is_none() {
@@ -440,12 +435,7 @@ fn k8s_routes(
         for p in s.ports.iter().filter(|p| p.protocol == K8sProtocol::Tcp) {
             let internal = p.target_port.unwrap_or(p.port);
             let queue = loads.queue(&name, internal);
-            let mut backends = backends_of(cat, &refs, internal, &name, at, loads, &queue, rtt);
-            backends.sort_by(|a, b| {
-                a.rtt_ms
-                    .cmp(&b.rtt_ms)
-                    .then_with(|| a.machine.cmp(&b.machine))
-            });
+            let backends = b.backends(&refs, internal, &name, &queue);
             ports.insert(
                 p.port,
                 PortRoute {
@@ -490,66 +480,66 @@ fn k8s_routes(
     out
 }
 
-/// The backends of one service port: every machine with an address.
-#[allow(clippy::too_many_arguments)]
-fn backends_of(
-    cat: &skein_catalog::Catalog,
-    machines: &[&skein_catalog::model::Machine],
-    port: u16,
-    app: &str,
-    at: &Locality,
-    loads: &Loads,
-    queue: &Arc<ServiceQueue>,
-    rtt: &dyn Fn(&str, &str) -> u32,
-) -> Vec<Backend> {
-    machines
-        .iter()
-        .filter_map(|m| {
-            let addr = match (m.endpoint, m.address) {
-                (Some(ep), _) => ep,
-                (None, Some(a)) => SocketAddr::new(IpAddr::V6(a.into()), port),
-                (None, None) => return None,
-            };
-            Some(Backend {
-                machine: Arc::from(m.id.as_str()),
-                region: Arc::from(m.region.as_str()),
-                addr,
-                via: at.via(cat, m),
-                rtt_ms: rtt(&at.region, &m.region),
-                load: loads.machine(app, port, &m.id, queue),
-            })
-        })
-        .collect()
+/// What the routes of one table build are made from.
+struct Build<'a> {
+    cat: &'a skein_catalog::Catalog,
+    at: &'a Locality,
+    loads: &'a Loads,
 }
 
-/// One app's route: its services with their backends, closest first.
-fn app_route(
-    cat: &skein_catalog::Catalog,
-    app: &skein_catalog::model::App,
-    machines: &[&skein_catalog::model::Machine],
-    at: &Locality,
-    loads: &Loads,
-    rtt: &dyn Fn(&str, &str) -> u32,
-) -> Arc<AppRoute> {
-    let mut services = Vec::with_capacity(app.services.len());
-    let mut ports = HashMap::new();
-    for (si, s) in app.services.iter().enumerate() {
-        let queue = loads.queue(&app.name, s.internal_port);
-        let mut backends = backends_of(
-            cat,
-            machines,
-            s.internal_port,
-            &app.name,
-            at,
-            loads,
-            &queue,
-            rtt,
-        );
-        backends.sort_by(|a, b| {
+impl Build<'_> {
+    /// Round-trip time between two regions (unknown pairs are far).
+    fn rtt(&self, a: &str, b: &str) -> u32 {
+        self.cat.rtt_ms(a, b).unwrap_or(UNKNOWN_RTT_MS)
+    }
+
+    /// The backends of service port `port` of `app`: every machine with an
+    /// address, closest first (ties by machine id).
+    fn backends(
+        &self,
+        machines: &[&skein_catalog::model::Machine],
+        port: u16,
+        app: &str,
+        queue: &Arc<ServiceQueue>,
+    ) -> Vec<Backend> {
+        let mut out: Vec<Backend> = machines
+            .iter()
+            .filter_map(|m| {
+                let addr = match (m.endpoint, m.address) {
+                    (Some(ep), _) => ep,
+                    (None, Some(a)) => SocketAddr::new(IpAddr::V6(a.into()), port),
+                    (None, None) => return None,
+                };
+                Some(Backend {
+                    machine: Arc::from(m.id.as_str()),
+                    region: Arc::from(m.region.as_str()),
+                    addr,
+                    via: self.at.via(self.cat, m),
+                    rtt_ms: self.rtt(&self.at.region, &m.region),
+                    load: self.loads.machine(app, port, &m.id, queue),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| {
             a.rtt_ms
                 .cmp(&b.rtt_ms)
                 .then_with(|| a.machine.cmp(&b.machine))
         });
+        out
+    }
+}
+
+/// One app's route: its services with their backends, closest first.
+fn app_route(
+    b: &Build<'_>,
+    app: &skein_catalog::model::App,
+    machines: &[&skein_catalog::model::Machine],
+) -> Arc<AppRoute> {
+    let mut services = Vec::with_capacity(app.services.len());
+    let mut ports = HashMap::new();
+    for (si, s) in app.services.iter().enumerate() {
+        let queue = b.loads.queue(&app.name, s.internal_port);
+        let backends = b.backends(machines, s.internal_port, &app.name, &queue);
         services.push(ServiceRoute {
             internal_port: s.internal_port,
             kind: s.concurrency.kind,
