@@ -130,11 +130,6 @@ const SIXPN: (Ipv6Addr, u8) = (Ipv6Addr::new(0xfdaa, 0, 0, 0, 0, 0, 0, 0), 16);
 const GATEWAY: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 const FORWARDING: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
 
-/// The host's own address on the mesh: network 0, this host, `::1`.
-pub fn host_address(host: HostId) -> SixPn {
-    SixPn::host_address(host)
-}
-
 /// A peer host's AllowedIPs entry: `fdaa:<host>::/48` in host-first form.
 pub fn peer_prefix(host: HostId) -> Prefix {
     let o = SixPn::new(NetId(0), host, MachineSlot(0)).to_host_first();
@@ -217,7 +212,7 @@ pub fn desired(cat: &skein_catalog::Catalog, me: HostId, own: &Key, rewrite: boo
                     vec![peer_prefix(h.id)]
                 } else {
                     let mut v = vec![Prefix {
-                        addr: IpAddr::V6(host_address(h.id).into()),
+                        addr: IpAddr::V6(SixPn::host_address(h.id).into()),
                         len: 128,
                     }];
                     v.extend(machines_of.remove(&h.id).unwrap_or_default());
@@ -510,9 +505,9 @@ impl Agent {
         if let Some(old) = self.host
             && let Some(d) = &mut self.datapath
         {
-            d.remove_local(host_address(old));
+            d.remove_local(SixPn::host_address(old));
         }
-        let addr = host_address(id);
+        let addr = SixPn::host_address(id);
         if let Err(e) = self.nl.add_address(self.mesh_index, addr.into(), 128).await {
             warn!(error = %e, "host mesh address");
         }
@@ -672,7 +667,7 @@ impl Agent {
             // on a device that outlives us (device = "uapi") the address would stay
             let _ = self
                 .nl
-                .del_address(self.mesh_index, host_address(h).into())
+                .del_address(self.mesh_index, SixPn::host_address(h).into())
                 .await;
         }
         if let Some(mut d) = self.datapath.take() {

@@ -127,26 +127,35 @@ impl Outbox {
         failed
     }
 
+    /// The datagrams `from..to` as an I/O vector (on the stack: a flush
+    /// allocates nothing).
+    fn iovecs(&self, from: usize, to: usize) -> [libc::iovec; BATCH] {
+        // SAFETY: an iovec is plain data; all-zero (null, 0) is valid.
+        let mut iov: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
+        for (slot, k) in iov.iter_mut().zip(from..to) {
+            let d = self.datagram(k);
+            slot.iov_base = d.as_ptr() as *mut libc::c_void;
+            slot.iov_len = d.len();
+        }
+        iov
+    }
+
     fn send_gso(&self, sock: &UdpSocket, from: usize, to: usize, seg: usize) -> io::Result<()> {
-        let mut iov: Vec<libc::iovec> = (from..to)
-            .map(|k| {
-                let d = self.datagram(k);
-                libc::iovec {
-                    iov_base: d.as_ptr() as *mut libc::c_void,
-                    iov_len: d.len(),
-                }
-            })
-            .collect();
+        let mut iov = self.iovecs(from, to);
         // SAFETY: CMSG_SPACE is a pure size computation.
         let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) } as usize;
-        let mut control = vec![0u8; space];
+        // Aligned for a cmsghdr, and room for one u16 (24 bytes on 64-bit Linux).
+        let mut control = [0u64; 4];
+        if space > std::mem::size_of_val(&control) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
         let addr = &self.to[from];
         // SAFETY: a zeroed msghdr is valid; every pointer set below outlives the call.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_name = addr.as_ptr() as *mut libc::c_void;
         msg.msg_namelen = addr.len();
         msg.msg_iov = iov.as_mut_ptr();
-        msg.msg_iovlen = iov.len();
+        msg.msg_iovlen = to - from;
         msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
         msg.msg_controllen = space;
         // SAFETY: msg_control points at `space` bytes, enough for one u16 cmsg.
@@ -168,27 +177,18 @@ impl Outbox {
 
     /// One `sendmmsg` (repeated while the kernel takes part of it).
     fn send_many(&self, sock: &UdpSocket, from: usize, to: usize) -> usize {
-        let mut iov: Vec<libc::iovec> = (from..to)
-            .map(|k| {
-                let d = self.datagram(k);
-                libc::iovec {
-                    iov_base: d.as_ptr() as *mut libc::c_void,
-                    iov_len: d.len(),
-                }
-            })
-            .collect();
-        let mut msgs: Vec<libc::mmsghdr> = (0..iov.len())
-            .map(|k| {
-                // SAFETY: a zeroed mmsghdr is valid; the pointers set outlive the call.
-                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                let addr = &self.to[from + k];
-                m.msg_hdr.msg_name = addr.as_ptr() as *mut libc::c_void;
-                m.msg_hdr.msg_namelen = addr.len();
-                m.msg_hdr.msg_iov = &mut iov[k];
-                m.msg_hdr.msg_iovlen = 1;
-                m
-            })
-            .collect();
+        let mut iov = self.iovecs(from, to);
+        let count = to - from;
+        // SAFETY: a zeroed mmsghdr is valid; the pointers set below outlive the call.
+        let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+        for (k, (m, v)) in msgs.iter_mut().zip(iov.iter_mut()).take(count).enumerate() {
+            let addr = &self.to[from + k];
+            m.msg_hdr.msg_name = addr.as_ptr() as *mut libc::c_void;
+            m.msg_hdr.msg_namelen = addr.len();
+            m.msg_hdr.msg_iov = v;
+            m.msg_hdr.msg_iovlen = 1;
+        }
+        let msgs = &mut msgs[..count];
         let mut sent = 0;
         let mut failed = 0;
         while sent < msgs.len() {
@@ -244,26 +244,25 @@ impl Inbox {
     /// Waits (up to the socket's read timeout) for a datagram, then takes
     /// every one waiting, up to [`BATCH`]; returns how many.
     pub fn recv(&mut self, sock: &UdpSocket) -> io::Result<usize> {
-        let mut iov: Vec<libc::iovec> = self
-            .bufs
+        // On the stack: a receive allocates nothing.
+        // SAFETY: iovec and mmsghdr are plain data; all-zero is valid, and
+        // every pointer set below outlives the call.
+        let mut iov: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
+        let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+        for (((m, v), b), a) in msgs
             .iter_mut()
-            .map(|b| libc::iovec {
-                iov_base: b.as_mut_ptr() as *mut libc::c_void,
-                iov_len: b.len(),
-            })
-            .collect();
-        let mut msgs: Vec<libc::mmsghdr> = (0..BATCH)
-            .map(|k| {
-                // SAFETY: a zeroed mmsghdr is valid; the pointers set outlive the call.
-                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                m.msg_hdr.msg_name = &mut self.storage[k] as *mut _ as *mut libc::c_void;
-                m.msg_hdr.msg_namelen =
-                    std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-                m.msg_hdr.msg_iov = &mut iov[k];
-                m.msg_hdr.msg_iovlen = 1;
-                m
-            })
-            .collect();
+            .zip(iov.iter_mut())
+            .zip(self.bufs.iter_mut())
+            .zip(self.storage.iter_mut())
+        {
+            v.iov_base = b.as_mut_ptr() as *mut libc::c_void;
+            v.iov_len = b.len();
+            m.msg_hdr.msg_name = a as *mut _ as *mut libc::c_void;
+            m.msg_hdr.msg_namelen =
+                std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            m.msg_hdr.msg_iov = v;
+            m.msg_hdr.msg_iovlen = 1;
+        }
         // SAFETY: msgs points at BATCH initialised headers whose buffers are alive.
         let rc = unsafe {
             libc::recvmmsg(
