@@ -13,22 +13,21 @@ use skein_mesh::netlink::Netlink;
 use skein_proxy::{Bound, BoundKind, config::SteerConfig};
 use tokio::sync::watch;
 
-/// The steering of a running daemon.
+/// The steering of a running daemon. The prefixes it steers (and routes to
+/// `lo`, and announces) are the ones `steer` holds.
 pub struct Steering {
     steer: skein_ebpf::Steer,
     nl: Netlink,
     lo: u32,
-    routed: Vec<ipnet::IpNet>,
     announced: Option<Announced>,
 }
 
-/// The anycast prefixes announced: routes in the speaker's table on a TUN
-/// device this process owns (closed with it, so a crash withdraws too).
+/// The announcement: the steered prefixes as routes in the speaker's table on
+/// a TUN device this process owns (closed with it, so a crash withdraws too).
 struct Announced {
     _device: skein_mesh::tun::Tun,
     index: u32,
     table: u32,
-    prefixes: Vec<ipnet::IpNet>,
 }
 
 impl Steering {
@@ -56,31 +55,25 @@ impl Steering {
             steer,
             nl,
             lo,
-            routed: Vec::new(),
             announced: None,
         };
         for p in &cfg.anycast {
-            s.steer
-                .add_prefix(*p)
-                .with_context(|| format!("proxy.steer.anycast: {p}"))?;
             s.nl.add_local_route(p.trunc().addr(), p.prefix_len(), s.lo)
                 .await
                 .with_context(|| format!("proxy.steer.anycast: routing {p} to lo"))?;
-            s.routed.push(*p);
+            s.steer
+                .add_prefix(*p)
+                .with_context(|| format!("proxy.steer.anycast: {p}"))?;
         }
         tracing::info!(anycast = ?cfg.anycast, flycast = cfg.flycast, "steering attached");
         if let Some(a) = &cfg.announce {
-            s.announce(a, &cfg.anycast).await?;
+            s.announce(a).await?;
         }
         Ok(s)
     }
 
     /// Puts the anycast prefixes in the speaker's table: this edge serves.
-    async fn announce(
-        &mut self,
-        cfg: &skein_proxy::config::AnnounceConfig,
-        prefixes: &[ipnet::IpNet],
-    ) -> anyhow::Result<()> {
+    async fn announce(&mut self, cfg: &skein_proxy::config::AnnounceConfig) -> anyhow::Result<()> {
         let what = "proxy.steer.announce";
         let device = skein_mesh::tun::Tun::create(&cfg.interface)
             .with_context(|| format!("{what}: creating {}", cfg.interface))?;
@@ -90,6 +83,7 @@ impl Steering {
             .await?
             .with_context(|| format!("{what}: {} vanished", cfg.interface))?;
         self.nl.up(index, None).await?;
+        let prefixes = self.steer.prefixes();
         for p in prefixes {
             self.nl
                 .add_table_route(p.trunc().addr(), p.prefix_len(), index, cfg.table)
@@ -102,7 +96,6 @@ impl Steering {
             _device: device,
             index,
             table: cfg.table,
-            prefixes: prefixes.to_vec(),
         });
         Ok(())
     }
@@ -113,7 +106,7 @@ impl Steering {
         let Some(a) = self.announced.take() else {
             return;
         };
-        for p in &a.prefixes {
+        for p in self.steer.prefixes() {
             if let Err(e) = self
                 .nl
                 .del_table_route(p.trunc().addr(), p.prefix_len(), a.index, a.table)
@@ -144,7 +137,7 @@ impl Steering {
         }
         self.withdraw().await;
         let _ = drained.await;
-        for p in std::mem::take(&mut self.routed) {
+        for p in self.steer.prefixes().to_vec() {
             if let Err(e) = self
                 .nl
                 .del_local_route(p.trunc().addr(), p.prefix_len(), self.lo)
