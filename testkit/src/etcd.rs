@@ -20,13 +20,6 @@ pub fn require_etcd(test: &str) -> bool {
     )
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free port: {e}"))
-}
-
 /// One member.
 pub struct Member {
     name: String,
@@ -57,8 +50,8 @@ impl Cluster {
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
-                client: free_port(),
-                peer: free_port(),
+                client: crate::free_tcp_port(),
+                peer: crate::free_tcp_port(),
                 child: None,
             })
             .collect();

@@ -77,12 +77,26 @@ pub fn spawn_logged(cmd: &mut Command, log: &std::path::Path, what: &str) -> std
         .unwrap_or_else(|e| panic!("starting {what}: {e}"))
 }
 
-/// A free TCP port on loopback.
+/// A free TCP port on loopback for a server a test starts. Taken below the
+/// kernel's ephemeral range (32768 and up by default), so that between this
+/// check and the server's bind no outgoing connection of another test can be
+/// given it (a port 0 pick is ephemeral, and was seen stolen that way by a
+/// concurrent test's connection); handed out at most once per process.
 pub fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free port: {e}"))
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Processes start at different places, so two test binaries rarely meet.
+    let start = (std::process::id() % 60) * 200;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (start + n) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{}", LOW + SPAN)
 }
 
 /// A new empty directory under the system's temporary directory, named for

@@ -31,7 +31,10 @@ struct Setup {
 /// NSD, pebble and a daemon whose app `web` has `hostnames`. The proxy
 /// listens for service ports 443 and 80 on 127.0.0.1 and 127.0.0.2.
 fn setup(nsd: &Nsd, hostnames: &[String], acme: &str, validity: Option<u64>) -> Setup {
-    let (tls, http) = (free_port(), free_port());
+    let (tls, http) = (
+        skein_testkit::free_tcp_port(),
+        skein_testkit::free_tcp_port(),
+    );
     let pebble = Pebble::start_with(nsd.addr, http, tls, validity);
     let (d, dir) = start_edge(nsd, &pebble, (tls, http), hostnames, acme, "");
     Setup {
@@ -83,7 +86,7 @@ endpoint = "127.0.0.1:{backend}"
         ),
     )
     .unwrap();
-    let admin = free_port();
+    let admin = skein_testkit::free_tcp_port();
     std::fs::write(
         dir.path().join("skein.toml"),
         format!(
@@ -495,7 +498,10 @@ fn two_edges_on_one_address_order_each_name_once_and_answer_for_each_other() {
         .map(|e| format!("{e:?}"))
         .collect();
     let names: Vec<String> = (0..12).map(|i| format!("n{i}.two.test")).collect();
-    let (tls, http) = (free_port(), free_port());
+    let (tls, http) = (
+        skein_testkit::free_tcp_port(),
+        skein_testkit::free_tcp_port(),
+    );
     let pebble = Pebble::start(nsd.addr, http, tls);
     // Both edges listen on the same address and ports: the kernel spreads
     // the CA's validation connections over them, as anycast would.

@@ -33,7 +33,7 @@ fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
 #[test]
 fn api_writes_survive_kill_9_and_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = skein_testkit::free_tcp_port();
     setup(dir.path(), port);
     let d = Daemon::start(dir.path(), port);
     let (st, v) = d.api(
@@ -69,7 +69,7 @@ fn api_writes_survive_kill_9_and_restart() {
 #[test]
 fn sigterm_drains_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = skein_testkit::free_tcp_port();
     setup(dir.path(), port);
     let mut d = Daemon::start(dir.path(), port);
     // An idle keep-alive connection must not hold the exit past the drain deadline.
@@ -94,7 +94,7 @@ fn sigterm_drains_and_exits_zero() {
 #[test]
 fn the_catalog_file_is_followed_and_a_bad_one_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = skein_testkit::free_tcp_port();
     setup(dir.path(), port);
     let d = Daemon::start(dir.path(), port);
     let file = dir.path().join("catalog.toml");
@@ -140,7 +140,7 @@ fn the_catalog_file_is_followed_and_a_bad_one_changes_nothing() {
 #[test]
 fn an_invalid_catalog_at_start_is_refused_with_paths() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = skein_testkit::free_tcp_port();
     setup(dir.path(), port);
     std::fs::write(
         dir.path().join("catalog.toml"),
@@ -252,7 +252,7 @@ fn check_config_names_fields_and_sets_the_exit_code() {
 #[test]
 fn the_catalog_command_is_a_client_of_the_admin_api() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = skein_testkit::free_tcp_port();
     setup(dir.path(), port);
     let d = Daemon::start(dir.path(), port);
     let admin = d.admin.clone();

@@ -108,7 +108,10 @@ fn a_killed_workers_machines_leave_the_edge_within_the_lease_ttl() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("published by the worker"));
 
     let (wdir, edir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (wport, eport) = (free_port(), free_port());
+    let (wport, eport) = (
+        skein_testkit::free_tcp_port(),
+        skein_testkit::free_tcp_port(),
+    );
     setup(
         wdir.path(),
         wport,

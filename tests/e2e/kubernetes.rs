@@ -95,7 +95,10 @@ metadata = {{ pod = "shop-0", namespace = "default" }}
         ),
     )
     .unwrap();
-    let (admin, proxy) = (free_port(), free_port());
+    let (admin, proxy) = (
+        skein_testkit::free_tcp_port(),
+        skein_testkit::free_tcp_port(),
+    );
     std::fs::write(
         dir.path().join("skein.toml"),
         format!(

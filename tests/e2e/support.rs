@@ -11,15 +11,6 @@ pub fn skein() -> Command {
     Command::new(env!("CARGO_BIN_EXE_skein"))
 }
 
-/// A free loopback port (bound then released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A daemon started with `skein run`, killed when dropped.
 pub struct Daemon {
     pub child: Child,
