@@ -7,17 +7,29 @@
 //! instead, and [`Datapath::load`] answers [`Error::NotBuilt`]. The decisions the
 //! programs make are `skein_sixpn::policy`, tested on the host.
 //!
-//! Attachments use TCX links (Linux 6.6 and later) owned by this process: when the
-//! [`Datapath`] is dropped, or the process dies, every program is gone with it and no
-//! qdisc or filter is left behind. On older kernels aya falls back to netlink
-//! `cls_bpf` filters, which [`Datapath`] removes on detach and on drop.
+//! Attachments use TCX links (Linux 6.6 and later). When the [`Datapath`] is
+//! dropped (an orderly stop) every program is detached and no qdisc or filter is
+//! left behind. With [`Datapath::pin_links`] the links are also pinned on a bpf
+//! filesystem, so a daemon that dies without stopping (a crash, SIGKILL, OOM)
+//! leaves its guards in force: the machines stay unable to spoof or to reach
+//! another network until the next daemon replaces each link with its own (new
+//! link first, then the old one goes: never a moment unguarded) and retires the
+//! ones no machine wants any more ([`Datapath::retire_stale`]). It fails closed.
+//! On older kernels aya falls back to netlink `cls_bpf` filters, which are not
+//! pinned and which [`Datapath`] removes on detach and on drop.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray},
-    programs::{ProgramError, SchedClassifier, TcAttachType, tc, tc::SchedClassifierLinkId},
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc,
+        tc::SchedClassifierLink,
+    },
 };
 use skein_sixpn::{
     SixPn,
@@ -69,6 +81,14 @@ pub enum Error {
     /// This thread's network namespace could not be opened.
     #[error("opening the network namespace: {0}")]
     Netns(std::io::Error),
+    /// The pin directory is not on a bpf filesystem, or pinning failed.
+    #[error("pinning eBPF links in {dir}: {reason}")]
+    Pin {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// An interface name that does not exist.
     #[error("interface {name}: {source}")]
     Interface {
@@ -105,6 +125,63 @@ impl Attach {
     }
 }
 
+/// One attachment this process holds.
+enum Held {
+    /// Detached when dropped (a TCX link without pinning, or a netlink filter):
+    /// held for its `Drop`.
+    Owned(#[allow(dead_code)] SchedClassifierLink),
+    /// Pinned: detached only by [`Datapath::detach`] (unpin, then drop).
+    Pinned(PinnedLink),
+}
+
+impl Held {
+    fn release(self) {
+        if let Held::Pinned(p) = self {
+            // Without its pin the link lives only in this fd, closed right here.
+            let _ = p.unpin();
+        }
+    }
+}
+
+/// Where links are pinned, and the links an earlier daemon left there that
+/// this one has not replaced yet (file name -> link).
+struct Pins {
+    dir: PathBuf,
+    stale: BTreeMap<String, PinnedLink>,
+}
+
+/// The programs attached to `iface` by TCX, as `(direction, program name)` in
+/// the kernel's order, whoever attached them (this process, a pinned link of
+/// an earlier one, another tool): what an operator, or a test, asks to see
+/// that an interface is guarded once, not twice or never.
+pub fn tcx_programs(iface: &str) -> Result<Vec<(&'static str, String)>> {
+    let mut out = Vec::new();
+    for (direction, t) in [
+        ("ingress", TcAttachType::Ingress),
+        ("egress", TcAttachType::Egress),
+    ] {
+        let (_, programs) =
+            SchedClassifier::query_tcx(iface, t).map_err(|source| Error::Program {
+                program: "(query)",
+                source,
+            })?;
+        for p in programs {
+            let name = p.name_as_str().unwrap_or("?").to_owned();
+            out.push((direction, name));
+        }
+    }
+    Ok(out)
+}
+
+/// `statfs` magic of the bpf filesystem.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// True if `path` is on a bpf filesystem.
+fn on_bpffs(path: &Path) -> bool {
+    #[allow(clippy::unnecessary_cast, clippy::cast_lossless)]
+    nix::sys::statfs::statfs(path).is_ok_and(|fs| fs.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+}
+
 /// The loaded programs and their maps. One per daemon.
 pub struct Datapath {
     bpf: Ebpf,
@@ -112,7 +189,8 @@ pub struct Datapath {
     flycast: HashMap<MapData, [u8; 20], u8>,
     local: HashMap<MapData, [u8; 16], u32>,
     counters: PerCpuArray<MapData, u64>,
-    links: BTreeMap<(String, Attach), (u32, SchedClassifierLinkId)>,
+    links: BTreeMap<(String, Attach), (u32, Held)>,
+    pins: Option<Pins>,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -171,6 +249,118 @@ impl Datapath {
             counters: map(&mut bpf, "COUNTERS")?,
             bpf,
             links: BTreeMap::new(),
+            pins: None,
+        })
+    }
+
+    /// Pins every link attached from now on in `dir` (created if missing; it must
+    /// be on a bpf filesystem), and adopts the links an earlier daemon pinned
+    /// there: they stay in force until this one attaches the same program to the
+    /// same interface (and so replaces them) or retires them
+    /// ([`Datapath::retire_stale`]). Returns how many it adopted.
+    pub fn pin_links(&mut self, dir: &Path) -> Result<usize> {
+        let pin_err = |reason: String| Error::Pin {
+            dir: dir.to_owned(),
+            reason,
+        };
+        // The usual place, not mounted yet (no systemd here): mount it, as
+        // systemd would.
+        let usual = Path::new("/sys/fs/bpf");
+        if dir.starts_with(usual) && !on_bpffs(usual) {
+            nix::mount::mount(
+                Some("bpf"),
+                usual,
+                Some("bpf"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .map_err(|e| {
+                pin_err(format!(
+                    "mounting a bpf filesystem on {}: {e}",
+                    usual.display()
+                ))
+            })?;
+        }
+        std::fs::create_dir_all(dir).map_err(|e| pin_err(e.to_string()))?;
+        if !on_bpffs(dir) {
+            return Err(pin_err(
+                "not on a bpf filesystem (mount -t bpf bpf <dir>)".into(),
+            ));
+        }
+        let mut stale = BTreeMap::new();
+        let entries = std::fs::read_dir(dir).map_err(|e| pin_err(e.to_string()))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            match PinnedLink::from_pin(entry.path()) {
+                Ok(link) => {
+                    stale.insert(name, link);
+                }
+                // Not a link (or unreadable): nothing of ours; leave it.
+                Err(_) => continue,
+            }
+        }
+        let adopted = stale.len();
+        self.pins = Some(Pins {
+            dir: dir.to_owned(),
+            stale,
+        });
+        Ok(adopted)
+    }
+
+    /// Detaches the links an earlier daemon pinned that this one has not
+    /// replaced, except those on interfaces `keep` names (a machine this daemon
+    /// wants but could not wire yet stays guarded by the old link). Returns the
+    /// `(interface, program)` of each link retired.
+    pub fn retire_stale(&mut self, keep: impl Fn(&str) -> bool) -> Vec<(String, String)> {
+        let Some(pins) = &mut self.pins else {
+            return Vec::new();
+        };
+        let names: Vec<String> = pins.stale.keys().cloned().collect();
+        let mut retired = Vec::new();
+        for name in names {
+            let (program, iface) = name.split_once('@').unwrap_or((&name, ""));
+            if keep(iface) {
+                continue;
+            }
+            let (program, iface) = (program.to_owned(), iface.to_owned());
+            if let Some(link) = pins.stale.remove(&name) {
+                let _ = link.unpin();
+                retired.push((iface, program));
+            }
+        }
+        retired
+    }
+
+    /// How many links an earlier daemon pinned are still in force.
+    pub fn stale_links(&self) -> usize {
+        self.pins.as_ref().map_or(0, |p| p.stale.len())
+    }
+
+    /// Keeps `link` for `(iface, a)`: pinned when pinning is on and the link is a
+    /// TCX link, after which the earlier daemon's link for the same pair (if
+    /// any) is let go; the new one already runs, so the interface is never
+    /// unguarded.
+    fn hold(&mut self, iface: &str, a: Attach, link: SchedClassifierLink) -> Result<Held> {
+        let Some(pins) = &mut self.pins else {
+            return Ok(Held::Owned(link));
+        };
+        if <&FdLink>::try_from(&link).is_err() {
+            return Ok(Held::Owned(link)); // a netlink filter cannot be pinned
+        }
+        let fd = FdLink::try_from(link).map_err(|e| Error::Pin {
+            dir: pins.dir.clone(),
+            reason: e.to_string(),
+        })?;
+        let name = format!("{}@{iface}", a.program());
+        let path = pins.dir.join(&name);
+        if let Some(old) = pins.stale.remove(&name) {
+            let _ = old.unpin();
+        } else if path.exists() {
+            let _ = std::fs::remove_file(&path);
+        }
+        fd.pin(&path).map(Held::Pinned).map_err(|e| Error::Pin {
+            dir: pins.dir.clone(),
+            reason: e.to_string(),
         })
     }
 
@@ -204,19 +394,20 @@ impl Datapath {
                     })?
             }
         };
-        self.links.insert((iface.to_owned(), a), (index, link));
+        let link = p.take_link(link).map_err(|source| Error::Program {
+            program: a.program(),
+            source,
+        })?;
+        let held = self.hold(iface, a, link)?;
+        self.links.insert((iface.to_owned(), a), (index, held));
         Ok(())
     }
 
     fn detach(&mut self, iface: &str, a: Attach) {
-        let Some((_, link)) = self.links.remove(&(iface.to_owned(), a)) else {
-            return;
-        };
-        if let Some(p) = self.bpf.program_mut(a.program())
-            && let Ok(p) = <&mut SchedClassifier>::try_from(p)
-        {
-            // An error means the interface (and the link with it) is already gone.
-            let _ = p.detach(link);
+        // Dropping the link detaches it; an error there means the interface
+        // (and the link with it) is already gone.
+        if let Some((_, held)) = self.links.remove(&(iface.to_owned(), a)) {
+            held.release();
         }
     }
 
@@ -346,7 +537,13 @@ impl Datapath {
 }
 
 impl Drop for Datapath {
+    /// An orderly stop: everything detached, the earlier daemon's links too,
+    /// and the pin directory removed (when empty).
     fn drop(&mut self) {
         self.detach_all();
+        self.retire_stale(|_| false);
+        if let Some(p) = &self.pins {
+            let _ = std::fs::remove_dir(&p.dir);
+        }
     }
 }

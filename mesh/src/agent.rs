@@ -89,6 +89,19 @@ pub struct MeshConfig {
     /// operator routes them.
     #[serde(default = "yes")]
     pub local_services: bool,
+    /// Pin the eBPF links on a bpf filesystem so that a daemon that dies
+    /// without stopping leaves the guards in force (fail closed); the next
+    /// daemon replaces them. Off: the guards go with the process.
+    #[serde(default = "yes")]
+    pub fail_closed: bool,
+    /// Where the links are pinned (a directory on a bpf filesystem; under
+    /// `/sys/fs/bpf` the filesystem is mounted if it is not).
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+}
+
+fn default_pin_dir() -> PathBuf {
+    "/sys/fs/bpf/skein".into()
 }
 
 fn default_interface() -> String {
@@ -120,6 +133,8 @@ impl Default for MeshConfig {
             ebpf: true,
             persistent_keepalive: 0,
             local_services: true,
+            fail_closed: true,
+            pin_dir: default_pin_dir(),
         }
     }
 }
@@ -258,7 +273,9 @@ pub struct Agent {
     host: Option<HostId>,
     peers: BTreeMap<Key, WantPeer>,
     machines: BTreeMap<String, (WantMachine, u32)>,
-    forwarding_was: Option<String>,
+    /// IPv6 forwarding before the first skein changed it, and the file that
+    /// remembers it.
+    forwarding_was: Option<(String, PathBuf)>,
     /// `lo`, where local services are taken in.
     lo: u32,
     /// Networks with a machine here: their gateway address is on `lo`
@@ -367,8 +384,28 @@ impl Agent {
         };
         nl.up(mesh_index, Some(cfg.mtu)).await?;
         nl.add_route(SIXPN.0, SIXPN.1, mesh_index, None).await?;
-        let forwarding_was = std::fs::read_to_string(FORWARDING).ok();
-        if forwarding_was.as_deref().map(str::trim) != Some("1") {
+        // What forwarding was before any skein touched it: remembered in the
+        // state dir while the mesh runs, so that a daemon that follows one that
+        // died restores the host's own setting, not the dead daemon's "1".
+        let remembered = state_dir.join("ipv6-forwarding.was");
+        let forwarding_was = match std::fs::read_to_string(&remembered) {
+            Ok(was) => Some(was),
+            Err(_) => {
+                let was = std::fs::read_to_string(FORWARDING).ok();
+                if let Some(w) = &was {
+                    std::fs::write(&remembered, w).map_err(|e| {
+                        StartError::Other(format!("writing {}: {e}", remembered.display()))
+                    })?;
+                }
+                was
+            }
+        };
+        if std::fs::read_to_string(FORWARDING)
+            .ok()
+            .as_deref()
+            .map(str::trim)
+            != Some("1")
+        {
             std::fs::write(FORWARDING, "1").map_err(|e| {
                 StartError::Other(format!("enabling IPv6 forwarding ({FORWARDING}): {e}"))
             })?;
@@ -381,6 +418,16 @@ impl Agent {
         }
         let datapath = if cfg.ebpf {
             let mut d = Datapath::load()?;
+            if cfg.fail_closed {
+                let adopted = d.pin_links(&cfg.pin_dir)?;
+                if adopted > 0 {
+                    warn!(
+                        links = adopted,
+                        dir = %cfg.pin_dir.display(),
+                        "an earlier daemon did not stop cleanly; its guards stay in force until replaced"
+                    );
+                }
+            }
             d.attach_mesh(&cfg.interface)?;
             Some(d)
         } else {
@@ -405,7 +452,7 @@ impl Agent {
             host: None,
             peers: BTreeMap::new(),
             machines: BTreeMap::new(),
-            forwarding_was,
+            forwarding_was: forwarding_was.map(|was| (was, remembered)),
             lo,
             networks: BTreeSet::new(),
         })
@@ -566,6 +613,7 @@ impl Agent {
                 self.remove_machine(&id, &w, index).await;
             }
         }
+        let wanted: BTreeSet<String> = want.values().map(|w| w.interface.clone()).collect();
         for (id, w) in want {
             if self.machines.contains_key(&id) {
                 continue;
@@ -579,6 +627,15 @@ impl Agent {
             }
         }
         metrics::gauge!("skein_mesh_machines").set(self.machines.len() as f64);
+        // An earlier daemon's guards on interfaces no machine wants any more
+        // go now; those of machines still being wired stay until replaced.
+        if let Some(d) = &mut self.datapath
+            && d.stale_links() > 0
+        {
+            for (iface, program) in d.retire_stale(|i| wanted.contains(i)) {
+                info!(%iface, %program, "retired a link an earlier daemon left");
+            }
+        }
     }
 
     async fn add_machine(&mut self, id: &str, w: &WantMachine) -> Result<u32, String> {
@@ -673,10 +730,11 @@ impl Agent {
         if let Some(mut d) = self.datapath.take() {
             d.detach_all();
         }
-        if let Some(was) = &self.forwarding_was
-            && was.trim() != "1"
-        {
-            let _ = std::fs::write(FORWARDING, was.trim());
+        if let Some((was, remembered)) = &self.forwarding_was {
+            if was.trim() != "1" {
+                let _ = std::fs::write(FORWARDING, was.trim());
+            }
+            let _ = std::fs::remove_file(remembered);
         }
         match self.device.take() {
             Some(dev) => blocking(move || drop(dev)).await,

@@ -102,18 +102,55 @@ pub(crate) async fn accept<F, Fut>(
         };
         let _ = stream.set_nodelay(true);
         metrics::counter!(names.total).increment(1);
-        let active = metrics::gauge!(names.active);
         let span = tracing::debug_span!("accepted", kind = names.span, client = %peer);
+        let open = Open::new(metrics::gauge!(names.active), permit);
         let work = serve(proxy.clone(), stream, peer, graceful.watcher());
-        tokio::spawn(
-            async move {
-                active.increment(1.0);
-                work.await;
-                active.decrement(1.0);
-                drop(permit);
-            }
-            .instrument(span),
-        );
+        // The connection's future is the task: wrapping it in an `async` block
+        // would store it twice (the block's capture and its awaitee), doubling
+        // what every open connection costs.
+        tokio::spawn(Guarded { work, _open: open }.instrument(span));
+    }
+}
+
+/// One open connection: counted in the gauge and holding its permit until
+/// the connection's task ends or is dropped.
+struct Open {
+    active: metrics::Gauge,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Open {
+    fn new(active: metrics::Gauge, permit: tokio::sync::OwnedSemaphorePermit) -> Open {
+        active.increment(1.0);
+        Open {
+            active,
+            _permit: permit,
+        }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.active.decrement(1.0);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection's future with the accounting it releases when it ends.
+    struct Guarded<F> {
+        #[pin]
+        work: F,
+        _open: Open,
+    }
+}
+
+impl<F: std::future::Future<Output = ()>> std::future::Future for Guarded<F> {
+    type Output = ();
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        self.project().work.poll(cx)
     }
 }
 
@@ -153,6 +190,10 @@ async fn read_client_hello(stream: &mut TcpStream) -> io::Result<(Bytes, Option<
     }
 }
 
+/// One client connection, start to end. Its future is the connection's task,
+/// kept for as long as the connection is open: the rarer paths (raw TCP,
+/// ACME validation) are boxed so that their state does not set the size of
+/// every HTTP connection's task.
 async fn connection(
     proxy: Arc<Proxy>,
     mut stream: TcpStream,
@@ -196,7 +237,15 @@ async fn connection(
         None => table.raw_port(port).and_then(on_port),
     };
     if let Some((app, route)) = raw {
-        return tcp::pipe(proxy, stream, table, app, route, info(false, None)).await;
+        return Box::pin(tcp::pipe(
+            proxy,
+            stream,
+            table,
+            app,
+            route,
+            info(false, None),
+        ))
+        .await;
     }
     let mut first = [0u8; 1];
     match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
@@ -209,8 +258,11 @@ async fn connection(
         }
     }
     if first[0] != TLS_HANDSHAKE {
+        // An idle keep-alive connection must not keep the table it was routed
+        // by (after a few catalog changes, every old table would stay alive).
+        drop((table, pinned));
         return serve_http(
-            proxy,
+            &proxy,
             TokioIo::new(stream),
             Arc::new(info(false, None)),
             watcher,
@@ -232,7 +284,12 @@ async fn connection(
             }
         };
     if acme {
-        return acme_validation(&proxy, Prefixed::new(hello, stream), header_timeout).await;
+        return Box::pin(acme_validation(
+            &proxy,
+            Prefixed::new(hello, stream),
+            header_timeout,
+        ))
+        .await;
     }
     let name = sni.clone().or_else(|| proxy.cfg.default_hostname.clone());
     let routed = pinned.or_else(|| name.as_deref().and_then(|n| table.app(n)).and_then(on_port));
@@ -242,14 +299,14 @@ async fn connection(
         && !route.tls
         && !route.http
     {
-        return tcp::pipe(
+        return Box::pin(tcp::pipe(
             proxy.clone(),
             stream,
             table,
             app.clone(),
             route.clone(),
             info(true, sni),
-        )
+        ))
         .await;
     }
     let raw = matches!(&routed, Some((_, r)) if r.tls && !r.http);
@@ -276,11 +333,20 @@ async fn connection(
         }
     };
     metrics::counter!("skein_proxy_tls_handshakes_total", "result" => "ok").increment(1);
-    match routed {
-        Some((app, route)) if raw => {
-            tcp::pipe(proxy, tls, table, app, route, info(true, sni)).await
+    match routed.filter(|_| raw) {
+        Some((app, route)) => {
+            Box::pin(tcp::pipe(proxy, tls, table, app, route, info(true, sni))).await
         }
-        _ => serve_http(proxy, TokioIo::new(tls), Arc::new(info(true, sni)), watcher).await,
+        None => {
+            drop(table);
+            serve_http(
+                &proxy,
+                TokioIo::new(tls),
+                Arc::new(info(true, sni)),
+                watcher,
+            )
+            .await
+        }
     }
 }
 
@@ -328,15 +394,28 @@ pub(crate) fn http_server(cfg: &crate::ProxyConfig) -> auto::Builder<TokioExecut
     b
 }
 
-async fn serve_http<I>(proxy: Arc<Proxy>, io: TokioIo<I>, info: Arc<ConnInfo>, watcher: Watcher)
+/// Serves HTTP on `io` until the client or a drain ends it. Not an `async fn`:
+/// the connection is built here and only it is awaited, so the future an idle
+/// connection keeps is hyper's connection and nothing stored beside it (an
+/// `async fn` would also keep its moved-out arguments).
+fn serve_http<I>(
+    proxy: &Arc<Proxy>,
+    io: TokioIo<I>,
+    info: Arc<ConnInfo>,
+    watcher: Watcher,
+) -> impl std::future::Future<Output = ()> + Send + use<I>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let b = http_server(&proxy.cfg);
     let p = proxy.clone();
     let svc = service_fn(move |req| handle(p.clone(), info.clone(), req));
-    let conn = b.serve_connection_with_upgrades(io, svc);
-    if let Err(e) = watcher.watch(conn.into_owned()).await {
-        tracing::debug!(error = %e, "client connection ended with an error");
-    }
+    let conn = http_server(&proxy.cfg)
+        .serve_connection_with_upgrades(io, svc)
+        .into_owned();
+    // A combinator, not an `async` block: a block would keep `conn` twice.
+    futures_util::FutureExt::map(watcher.watch(conn), |r| {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "client connection ended with an error");
+        }
+    })
 }

@@ -21,6 +21,8 @@ struct Host {
     iface: String,
     go: bool,
     admin: u16,
+    /// Where its daemon pins its eBPF links (on the test's bpf filesystem).
+    pins: PathBuf,
     daemon: Option<Child>,
     wg_go: Option<Child>,
 }
@@ -60,6 +62,7 @@ enabled = true
 interface = "{iface}"
 device = "{device}"
 uapi_dir = "{uapi_dir}"
+pin_dir = "{pins}"
 
 [log]
 format = "json"
@@ -70,6 +73,7 @@ level = "info"
             dir = self.dir.display(),
             catalog = catalog.display(),
             iface = self.iface,
+            pins = self.pins.display(),
         )
     }
 
@@ -134,6 +138,28 @@ level = "info"
             let _ = c.kill();
             panic!("h{} did not stop on SIGTERM:\n{}", self.n, self.log());
         }
+    }
+
+    /// The daemon dies without a chance to clean up (a crash, the OOM killer).
+    fn kill(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The TCX programs attached to `dev` on this host, as the kernel lists
+    /// them (`ingress guard`); none when `dev` does not exist.
+    fn tcx(&self, dev: &str) -> Vec<String> {
+        let (ns, dev) = (self.ns.name().to_owned(), dev.to_owned());
+        std::thread::spawn(move || {
+            skein_testkit::enter_netns(&ns);
+            skein_ebpf::tcx_programs(&dev)
+                .map(|l| l.into_iter().map(|(d, p)| format!("{d} {p}")).collect())
+                .unwrap_or_default()
+        })
+        .join()
+        .unwrap()
     }
 
     fn log(&self) -> String {
@@ -264,6 +290,10 @@ fn three_hosts_isolate_networks_and_carry_only_wireguard() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let pid = std::process::id() % 100_000;
+    // The daemons run under `ip netns exec`, which gives each its own /sys: a
+    // bpf filesystem mounted here, in the test's mount namespace, is the one
+    // they all see, and it outlives a daemon that dies (what pinning is for).
+    let bpffs = BpfFs::mount(&tmp.path().join("bpf"));
 
     // underlay: a bridge in its own namespace, one veth per host
     let ul = Netns::new("ul");
@@ -289,6 +319,7 @@ fn three_hosts_isolate_networks_and_carry_only_wireguard() {
             },
             go,
             admin: 9300 + u16::from(n),
+            pins: bpffs.0.join(format!("h{n}")),
             daemon: None,
             wg_go: None,
         });
@@ -464,9 +495,49 @@ fn three_hosts_isolate_networks_and_carry_only_wireguard() {
     );
     assert!(a1.ns.ping(a1.addr, a3.addr), "h1 -> h3 unaffected");
 
+    // A daemon that dies without stopping leaves its guards in force (fail
+    // closed): h2's routes outlive it, so without the guard beta would reach
+    // alpha through h2 itself.
+    assert_eq!(hosts[1].tcx("vm2").len(), 1, "{:?}", hosts[1].tcx("vm2"));
+    hosts[1].kill();
+    assert!(
+        !b2.ns.ping(b2.addr, a2.addr),
+        "beta reached alpha on h2 after h2's daemon died"
+    );
+    assert!(
+        hosts[1].tcx("vm4").iter().any(|l| l.contains("guard")),
+        "b2's guard outlives its daemon: {:?}",
+        hosts[1].tcx("vm4")
+    );
+    assert!(
+        hosts[1].pins.join("guard@vm4").exists(),
+        "the guard's link is pinned"
+    );
+    // The next daemon takes over: its own guard on each machine, the dead
+    // daemon's gone (one program per interface, not two), traffic flows.
+    hosts[1].start();
+    wait(
+        Duration::from_secs(10),
+        || hosts[1].tcx("vm2").len() == 1 && hosts[1].tcx("vm4").len() == 1,
+        "one guard per machine after the restart",
+    );
+    assert!(hosts[1].log().contains("did not stop cleanly"));
+    assert!(!b2.ns.ping(b2.addr, a2.addr), "beta must not reach alpha");
+    keys[1] = Some(hosts[1].key());
+    std::fs::write(&cat_path, catalog(&keys)).unwrap();
+    assert!(ping_eventually(&a1, a2.addr), "h1 -> h2 after the restart");
+
     // a clean stop leaves nothing behind
     for h in &mut hosts {
         h.stop();
+    }
+    for h in &hosts {
+        assert!(!h.pins.exists(), "h{} left its pin directory", h.n);
+        // no program left on any interface (the kernel's own list, so a
+        // pinned link of the killed daemon would show too)
+        for dev in ["vm1", "vm2", "vm3", "vm4", "vm5", h.iface.as_str()] {
+            assert!(h.tcx(dev).is_empty(), "h{} {dev}: {:?}", h.n, h.tcx(dev));
+        }
     }
     for h in &hosts {
         let routes = h.ns.run(&["ip", "-6", "route", "show"]);
@@ -495,14 +566,26 @@ fn three_hosts_isolate_networks_and_carry_only_wireguard() {
             assert!(!h.ns.run(&["ip", "link", "show", &h.iface]).status.success());
         }
     }
-    let progs = Command::new("bpftool").args(["prog", "show"]).output();
-    if let Ok(p) = progs {
-        let p = String::from_utf8_lossy(&p.stdout);
-        assert!(
-            !p.contains(" name guard ")
-                && !p.contains(" name mesh_in ")
-                && !p.contains(" name mesh_out "),
-            "eBPF programs left loaded:\n{p}"
-        );
+}
+
+/// A bpf filesystem mounted for one test, unmounted (lazily) when dropped.
+struct BpfFs(PathBuf);
+
+impl BpfFs {
+    fn mount(at: &Path) -> BpfFs {
+        std::fs::create_dir_all(at).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(at)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mount -t bpf: {out:?}");
+        BpfFs(at.to_owned())
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
