@@ -194,7 +194,7 @@ pub async fn accept_loop(
     proxy: Arc<Proxy>,
     listener: TcpListener,
     stop: tokio::sync::watch::Receiver<bool>,
-    graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
+    drain: tokio_util::sync::CancellationToken,
 ) {
     let max = proxy.cfg.backhaul.max_connections;
     let names = crate::listener::Accepting {
@@ -202,34 +202,48 @@ pub async fn accept_loop(
         active: "skein_proxy_backhaul_connections_active",
         span: "backhaul",
     };
-    crate::listener::accept(proxy, listener, max, stop, graceful, names, |p, s, _, w| {
-        serve(p, s, w)
+    crate::listener::accept(proxy, listener, max, stop, drain, names, |p, s, _, d| {
+        serve(p, s, d)
     })
     .await
 }
 
-async fn serve(
-    proxy: Arc<Proxy>,
-    stream: TcpStream,
-    watcher: hyper_util::server::graceful::Watcher,
-) {
+/// One edge's connection: h2c (requests multiplexed) or HTTP/1.1 (an upgrade:
+/// a websocket or a raw TCP stream), told apart by the h2 preface.
+async fn serve(proxy: Arc<Proxy>, stream: TcpStream, drain: tokio_util::sync::CancellationToken) {
+    use crate::listener::{Drained, Speaks};
     let cfg = &proxy.cfg;
-    let mut b = crate::listener::http_server(cfg);
-    // The edge's forwarding headers and the target ride on top of a client's.
-    b.http1().max_headers(cfg.max_headers + HEADERS.len() + 8);
-    // Edges multiplex many clients' requests on one connection: a stream cap
-    // well above a client's, flow-control windows sized for a WAN.
-    b.http2()
-        .max_concurrent_streams(cfg.h2_max_streams.saturating_mul(100))
-        .initial_stream_window_size(1 << 20)
-        .initial_connection_window_size(16 << 20);
+    let speaks =
+        match tokio::time::timeout(cfg.header_timeout, crate::listener::h2c_preface(&stream)).await
+        {
+            Ok(Ok(true)) => Speaks::H2,
+            Ok(Ok(false)) => Speaks::H1,
+            _ => return,
+        };
     let p = proxy.clone();
     let svc = service_fn(move |req| {
         let p = p.clone();
         async move { Ok::<_, Infallible>(handle(p, req).await) }
     });
-    let conn = b.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-    if let Err(e) = watcher.watch(conn.into_owned()).await {
+    let io = TokioIo::new(stream);
+    let conn = match speaks {
+        Speaks::H1 => {
+            let mut b = crate::listener::h1_server(cfg);
+            // The edge's forwarding headers and the target ride on top of a client's.
+            b.max_headers(cfg.max_headers + HEADERS.len() + 8);
+            futures_util::future::Either::Left(b.serve_connection(io, svc).with_upgrades())
+        }
+        Speaks::H2 => {
+            let mut b = crate::listener::h2_server(cfg);
+            // Edges multiplex many clients' requests on one connection: a stream
+            // cap well above a client's, flow-control windows sized for a WAN.
+            b.max_concurrent_streams(cfg.h2_max_streams.saturating_mul(100))
+                .initial_stream_window_size(1 << 20)
+                .initial_connection_window_size(16 << 20);
+            futures_util::future::Either::Right(b.serve_connection(io, svc))
+        }
+    };
+    if let Err(e) = Drained::new(conn, drain).await {
         tracing::debug!(error = %e, "backhaul connection ended with an error");
     }
 }

@@ -387,7 +387,7 @@ impl Proxy {
             Err(e) => return tracing::error!(error = %e, "cannot build a proxy runtime"),
         };
         rt.block_on(async move {
-            let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
+            let drain_signal = tokio_util::sync::CancellationToken::new();
             let mut loops = tokio::task::JoinSet::new();
             for s in sockets {
                 let port = match s.kind {
@@ -400,7 +400,7 @@ impl Proxy {
                             self.clone(),
                             l,
                             stop.clone(),
-                            graceful.clone(),
+                            drain_signal.clone(),
                         ));
                     }
                     Ok(l) => {
@@ -409,7 +409,7 @@ impl Proxy {
                             l,
                             port,
                             stop.clone(),
-                            graceful.clone(),
+                            drain_signal.clone(),
                         ));
                     }
                     Err(e) => {
@@ -417,14 +417,16 @@ impl Proxy {
                     }
                 }
             }
-            while loops.join_next().await.is_some() {}
-            let Ok(graceful) = Arc::try_unwrap(graceful) else {
-                return tracing::warn!("proxy drain: listeners still hold the tracker");
-            };
-            if tokio::time::timeout(drain, graceful.shutdown())
-                .await
-                .is_err()
-            {
+            // The loops stop accepting at `stop`; from then on connections are
+            // asked to finish, and the loops end when theirs have, or the
+            // deadline closes what is left (the runtime drops their tasks).
+            let mut stop = stop;
+            if !loops.is_empty() {
+                listener::stopped(&mut stop).await;
+            }
+            drain_signal.cancel();
+            let drained = async { while loops.join_next().await.is_some() {} };
+            if tokio::time::timeout(drain, drained).await.is_err() {
                 tracing::warn!("proxy drain deadline passed; closing what is left");
             }
         });

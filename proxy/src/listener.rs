@@ -1,20 +1,30 @@
 //! Client connections: accept (bounded), tell TLS from plaintext by the first
 //! byte, terminate TLS with the certificate the SNI names, then serve HTTP/1.1 or
-//! h2 with hyper under the configured limits.
+//! h2 with hyper under the configured limits. Which protocol is known before
+//! hyper sees a byte: ALPN says it under TLS, a peek at the h2 preface says it in
+//! plaintext (nothing is read ahead into a buffer that would have to be handed
+//! back, and no buffer grows for it).
+//!
+//! Draining: when the proxy stops, every accept loop stops accepting, every HTTP
+//! connection is asked to finish (HTTP/1.1 closes after the response in flight,
+//! h2 sends GOAWAY and finishes its streams), and each loop waits until all of
+//! its connections have ended (all its permits are back); the proxy bounds that
+//! wait by its drain deadline.
 
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::future::Either;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::Watcher;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::LazyConfigAcceptor;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::Proxy;
@@ -27,16 +37,16 @@ const TLS_HANDSHAKE: u8 = 0x16;
 
 pub use skein_catalog::store::stopped;
 
-/// Accepts on `listener` until `stop` says so; connections are tracked by
-/// `graceful` so a shutdown can wait for them. `port`: the catalog port the
-/// listener stands for; None for a steered socket, whose connections each
-/// carry the address and port the client asked for.
+/// Accepts on `listener` until `stop` says so, then waits for its connections,
+/// which `drain` asks to finish. `port`: the catalog port the listener stands
+/// for; None for a steered socket, whose connections each carry the address
+/// and port the client asked for.
 pub async fn accept_loop(
     proxy: Arc<Proxy>,
     listener: TcpListener,
     port: Option<u16>,
     stop: tokio::sync::watch::Receiver<bool>,
-    graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
+    drain: CancellationToken,
 ) {
     let max = proxy.cfg.max_connections;
     let labels = Accepting {
@@ -49,7 +59,7 @@ pub async fn accept_loop(
         listener,
         max,
         stop,
-        graceful,
+        drain,
         labels,
         move |p, s, peer, w| connection(p, s, peer, port, w),
     )
@@ -68,20 +78,21 @@ pub(crate) struct Accepting {
 
 /// The accept loop every listener shares: at most `max` connections at once
 /// (more wait in the backlog), accept errors counted and paced, each
-/// connection served by `serve` in its own task and span, tracked by
-/// `graceful`.
+/// connection served by `serve` in its own task and span. After `stop` it
+/// returns once every connection it accepted has ended (`drain` asks them to).
 pub(crate) async fn accept<F, Fut>(
     proxy: Arc<Proxy>,
     listener: TcpListener,
     max: usize,
     mut stop: tokio::sync::watch::Receiver<bool>,
-    graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
+    drain: CancellationToken,
     names: Accepting,
     serve: F,
 ) where
-    F: Fn(Arc<Proxy>, TcpStream, std::net::SocketAddr, Watcher) -> Fut,
+    F: Fn(Arc<Proxy>, TcpStream, std::net::SocketAddr, CancellationToken) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let max = max.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
     let permits = Arc::new(Semaphore::new(max));
     loop {
         let permit = tokio::select! {
@@ -104,12 +115,18 @@ pub(crate) async fn accept<F, Fut>(
         metrics::counter!(names.total).increment(1);
         let span = tracing::debug_span!("accepted", kind = names.span, client = %peer);
         let open = Open::new(metrics::gauge!(names.active), permit);
-        let work = serve(proxy.clone(), stream, peer, graceful.watcher());
+        let work = serve(proxy.clone(), stream, peer, drain.clone());
         // The connection's future is the task: wrapping it in an `async` block
         // would store it twice (the block's capture and its awaitee), doubling
         // what every open connection costs.
         tokio::spawn(Guarded { work, _open: open }.instrument(span));
     }
+    drop(listener);
+    // Every connection holds a permit until it ends: all of them back means
+    // all of this listener's connections are done.
+    let _ = permits
+        .acquire_many(u32::try_from(max).unwrap_or(u32::MAX))
+        .await;
 }
 
 /// One open connection: counted in the gauge and holding its permit until
@@ -199,7 +216,7 @@ async fn connection(
     mut stream: TcpStream,
     peer: std::net::SocketAddr,
     port: Option<u16>,
-    watcher: Watcher,
+    drain: CancellationToken,
 ) {
     let header_timeout = proxy.cfg.header_timeout;
     let local = stream.local_addr().unwrap_or(peer);
@@ -261,13 +278,18 @@ async fn connection(
         // An idle keep-alive connection must not keep the table it was routed
         // by (after a few catalog changes, every old table would stay alive).
         drop((table, pinned));
-        return serve_http(
-            &proxy,
-            TokioIo::new(stream),
-            Arc::new(info(false, None)),
-            watcher,
-        )
-        .await;
+        let speaks = match tokio::time::timeout(header_timeout, h2c_preface(&stream)).await {
+            Ok(Ok(true)) => Speaks::H2,
+            Ok(Ok(false)) => Speaks::H1,
+            Ok(Err(_)) => return,
+            Err(_) => {
+                metrics::counter!("skein_proxy_client_timeouts_total", "phase" => "preface")
+                    .increment(1);
+                return;
+            }
+        };
+        let info = Arc::new(info(false, None));
+        return serve_http(&proxy, stream, info, drain, speaks).await;
     }
     let (hello, sni, acme) =
         match tokio::time::timeout(header_timeout, read_client_hello(&mut stream)).await {
@@ -339,13 +361,13 @@ async fn connection(
         }
         None => {
             drop(table);
-            serve_http(
-                &proxy,
-                TokioIo::new(tls),
-                Arc::new(info(true, sni)),
-                watcher,
-            )
-            .await
+            // ALPN decided; a client that offered none speaks HTTP/1.1.
+            let speaks = match tls.get_ref().1.alpn_protocol() {
+                Some(b"h2") => Speaks::H2,
+                _ => Speaks::H1,
+            };
+            let info = Arc::new(info(true, sni));
+            serve_http(&proxy, tls, info, drain, speaks).await
         }
     }
 }
@@ -370,19 +392,54 @@ where
     }
 }
 
-/// hyper's server (HTTP/1.1 and h2) under the configured limits: header size,
-/// count and read timeout (slowloris), streams per connection, rapid-reset
-/// caps, keep-alive pings. Every listener serves HTTP with this.
-pub(crate) fn http_server(cfg: &crate::ProxyConfig) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
+/// The h2 connection preface (RFC 9113 section 3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// True if the client opened with the h2 preface (h2c with prior knowledge),
+/// false at the first byte that differs (or at EOF). Peeks, so hyper reads
+/// everything itself; a preface that arrives in pieces is peeked again after
+/// a millisecond (rare: it is one segment from every real client).
+pub(crate) async fn h2c_preface(stream: &TcpStream) -> io::Result<bool> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = stream.peek(&mut buf).await?;
+        if n == 0 || buf[..n] != H2_PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(true);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Which HTTP a connection speaks, decided before hyper reads a byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Speaks {
+    /// HTTP/1.1 (and 1.0), with upgrades.
+    H1,
+    /// h2 (ALPN `h2`, or h2c with prior knowledge).
+    H2,
+}
+
+/// hyper's HTTP/1.1 server under the configured limits: header size, count
+/// and read timeout (slowloris). Every listener serves HTTP/1.1 with this.
+pub(crate) fn h1_server(cfg: &crate::ProxyConfig) -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
         .header_read_timeout(cfg.header_timeout)
         .max_buf_size(cfg.max_header_bytes.max(8192))
         .max_headers(cfg.max_headers)
         .keep_alive(true);
-    b.http2()
-        .timer(TokioTimer::new())
+    b
+}
+
+/// hyper's h2 server under the configured limits: streams per connection,
+/// header list size, rapid-reset caps, keep-alive pings. Every listener
+/// serves h2 with this.
+pub(crate) fn h2_server(cfg: &crate::ProxyConfig) -> http2::Builder<TokioExecutor> {
+    let mut b = http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
         .max_concurrent_streams(cfg.h2_max_streams)
         .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
         // Rapid reset (CVE-2023-44487): a client that cancels streams faster
@@ -394,26 +451,112 @@ pub(crate) fn http_server(cfg: &crate::ProxyConfig) -> auto::Builder<TokioExecut
     b
 }
 
+/// A hyper connection that can be asked to finish what it is doing and end.
+pub(crate) trait Graceful: std::future::Future {
+    /// HTTP/1.1: close after the response in flight (at once when idle);
+    /// h2: GOAWAY, then finish the open streams.
+    fn finish(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S, B> Graceful for http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn finish(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, B, E> Graceful for http2::Connection<I, S, E>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn finish(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<A: Graceful, B: Graceful<Output = A::Output>> Graceful for Either<A, B> {
+    fn finish(self: std::pin::Pin<&mut Self>) {
+        match self.as_pin_mut() {
+            Either::Left(a) => a.finish(),
+            Either::Right(b) => b.finish(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection served to its end, asked to finish when the drain begins.
+    pub(crate) struct Drained<C> {
+        #[pin]
+        conn: C,
+        #[pin]
+        drain: tokio_util::sync::WaitForCancellationFutureOwned,
+        asked: bool,
+    }
+}
+
+impl<C: Graceful> Drained<C> {
+    pub(crate) fn new(conn: C, drain: CancellationToken) -> Self {
+        Drained {
+            conn,
+            drain: drain.cancelled_owned(),
+            asked: false,
+        }
+    }
+}
+
+impl<C: Graceful> std::future::Future for Drained<C> {
+    type Output = C::Output;
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<C::Output> {
+        let mut this = self.project();
+        if !*this.asked && this.drain.as_mut().poll(cx).is_ready() {
+            *this.asked = true;
+            this.conn.as_mut().finish();
+        }
+        this.conn.poll(cx)
+    }
+}
+
 /// Serves HTTP on `io` until the client or a drain ends it. Not an `async fn`:
 /// the connection is built here and only it is awaited, so the future an idle
 /// connection keeps is hyper's connection and nothing stored beside it (an
 /// `async fn` would also keep its moved-out arguments).
 fn serve_http<I>(
     proxy: &Arc<Proxy>,
-    io: TokioIo<I>,
+    io: I,
     info: Arc<ConnInfo>,
-    watcher: Watcher,
+    drain: CancellationToken,
+    speaks: Speaks,
 ) -> impl std::future::Future<Output = ()> + Send + use<I>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let p = proxy.clone();
     let svc = service_fn(move |req| handle(p.clone(), info.clone(), req));
-    let conn = http_server(&proxy.cfg)
-        .serve_connection_with_upgrades(io, svc)
-        .into_owned();
+    let io = TokioIo::new(io);
+    let conn = match speaks {
+        Speaks::H1 => Either::Left(
+            h1_server(&proxy.cfg)
+                .serve_connection(io, svc)
+                .with_upgrades(),
+        ),
+        Speaks::H2 => Either::Right(h2_server(&proxy.cfg).serve_connection(io, svc)),
+    };
     // A combinator, not an `async` block: a block would keep `conn` twice.
-    futures_util::FutureExt::map(watcher.watch(conn), |r| {
+    futures_util::FutureExt::map(Drained::new(conn, drain), |r| {
         if let Err(e) = r {
             tracing::debug!(error = %e, "client connection ended with an error");
         }

@@ -1623,3 +1623,114 @@ async fn a_refusal_with_nowhere_else_to_go_reaches_the_client() {
     );
     assert_eq!(hold.await.unwrap().0, StatusCode::OK);
 }
+
+/// A client stream whose first write stops after `first` bytes and whose next
+/// one waits `pause`: the h2 preface arrives in two pieces.
+struct SlowStart {
+    inner: TcpStream,
+    first: usize,
+    pause: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    sent: usize,
+}
+
+impl tokio::io::AsyncRead for SlowStart {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for SlowStart {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.sent >= self.first
+            && let Some(p) = self.pause.as_mut()
+        {
+            std::task::ready!(p.as_mut().poll(cx));
+            self.pause = None;
+        }
+        let cap = if self.sent < self.first {
+            (self.first - self.sent).min(buf.len())
+        } else {
+            buf.len()
+        };
+        let n = std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_write(cx, &buf[..cap]))?;
+        self.sent += n;
+        std::task::Poll::Ready(Ok(n))
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test]
+async fn h2c_with_prior_knowledge_is_served_and_drained_with_its_request_in_flight() {
+    let (a, _) = backend("ams1").await;
+    let h = Harness::start(&[("ams1", "ams", a)], 20, 25, |_| {}).await;
+    // The preface in two pieces, 150 ms apart: still h2, not HTTP/1.1.
+    let tcp = TcpStream::connect(h.plain).await.unwrap();
+    let io = SlowStart {
+        inner: tcp,
+        first: 10,
+        pause: Some(Box::pin(tokio::time::sleep(Duration::from_millis(150)))),
+        sent: 0,
+    };
+    let (mut tx, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let get = |path: &str| {
+        Request::builder()
+            .uri(format!("http://app.example.com{path}"))
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
+    let resp = tx.send_request(get("/")).await.unwrap();
+    assert_eq!(resp.version(), hyper::Version::HTTP_2);
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(machine_of(&String::from_utf8_lossy(&body)), "ams1");
+
+    // A stop while a request is under way on the connection: that request
+    // finishes, the connection is closed (GOAWAY), the proxy is done in time.
+    let slow = tx.send_request(get("/?sleep=600"));
+    let slow = tokio::spawn(slow);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    h.stop.send(true).unwrap();
+    let served = h.served.lock().unwrap().take().unwrap();
+    let resp = slow
+        .await
+        .unwrap()
+        .expect("the request in flight is answered");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(machine_of(&String::from_utf8_lossy(&body)), "ams1");
+    tokio::time::timeout(Duration::from_secs(5), served)
+        .await
+        .expect("drained in time")
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("the proxy closed the h2 connection");
+    assert!(ended.is_ok());
+    assert!(
+        tx.send_request(get("/")).await.is_err(),
+        "served after the drain"
+    );
+}
