@@ -375,6 +375,16 @@ pub fn build_at(
         if let Some(f) = e.rec.flycast {
             flycast(&mut p, format!("{}.flycast", e.path()), f, net);
         }
+        for (i, other) in e.rec.flycast_from.iter().enumerate() {
+            let path = format!("{}.flycast_from[{i}]", e.path());
+            if e.rec.flycast.is_none() {
+                p.add(path, "the app has no flycast address to share");
+            } else if !networks.contains_key(other) {
+                p.add(path, format!("unknown network {other:?}"));
+            } else if *other == e.rec.network {
+                p.add(path, "the app's own network reaches it anyway");
+            }
+        }
     }
 
     // Machines: known app, host and region; addresses consistent and unique.

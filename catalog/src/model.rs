@@ -134,6 +134,13 @@ pub struct App {
     /// Its private proxied address, `fdaa:<net>:0:1::<n>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flycast: Option<Ipv6Addr>,
+    /// Other networks (by name) whose machines may reach the flycast address
+    /// too: their guards let them through to it (and to nothing else of this
+    /// network), the proxy on their host serves them, and `<app>.flycast`
+    /// resolves in their view. A shared service (a database, a queue) offered
+    /// to another organization without joining the networks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flycast_from: Vec<String>,
     /// Services: which public ports lead to which internal port, and how.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<Service>,

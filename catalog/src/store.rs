@@ -411,6 +411,8 @@ impl Touched {
             for c in [old, new] {
                 if let Some(app) = c.apps.get(a) {
                     t.networks.insert(app.network.clone());
+                    // they resolve its flycast name too
+                    t.networks.extend(app.flycast_from.iter().cloned());
                 }
             }
         }

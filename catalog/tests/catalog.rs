@@ -79,6 +79,7 @@ fn invalid_documents_are_rejected_whole_with_paths_and_the_old_catalog_stays() {
     });
     doc.machines.push(doc.machines[0].clone());
     doc.apps[0].flycast = Some("fdaa:0:19:0:1::5".parse().unwrap());
+    doc.apps[0].flycast_from = vec!["nowhere".into()];
     doc.machines[1].address = Some("fdaa:0:99:a7b:7e:0:7:0".parse().unwrap());
     doc.networks.push(Network {
         id: NetId(0x18),
@@ -90,6 +91,7 @@ fn invalid_documents_are_rejected_whole_with_paths_and_the_old_catalog_stays() {
     let expect = [
         "networks[1].id: 0:18 is also the id of networks[0]",
         "apps[0].flycast: fdaa:0:19:0:1::5 is outside network \"acme\" (fdaa:0:18::/48)",
+        "apps[0].flycast_from[0]: unknown network \"nowhere\"",
         "machines[2].app: unknown app \"nope\"",
         "machines[3]: duplicate machine \"m1\", first at machines[0]",
         "machines[1].address: fdaa:0:99:a7b:7e:0:7:0 is outside the app's network fdaa:0:18::/48",

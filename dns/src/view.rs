@@ -361,6 +361,13 @@ impl Views {
                 machines_of.entry(m.app.as_str()).or_default().push(m);
             }
         }
+        // Apps of other networks whose flycast address a network may reach.
+        let mut shared_of: FxHashMap<&str, Vec<&App>> = FxHashMap::default();
+        for app in cat.apps.values().filter(|a| a.flycast.is_some()) {
+            for n in app.flycast_from.iter().filter(|n| rebuild(n)) {
+                shared_of.entry(n.as_str()).or_default().push(app);
+            }
+        }
         let mut k8s_of: FxHashMap<&str, Vec<&K8sService>> = FxHashMap::default();
         for s in cat.k8s_services.values().filter(|s| rebuild(&s.network)) {
             k8s_of.entry(s.network.as_str()).or_default().push(s);
@@ -386,6 +393,7 @@ impl Views {
                 Arc::new(View::of_network(
                     cat,
                     apps_of.get(n.name.as_str()).unwrap_or(&none),
+                    shared_of.get(n.name.as_str()).unwrap_or(&none),
                     &machines_of,
                     k8s_of
                         .get(n.name.as_str())
@@ -418,11 +426,13 @@ impl Views {
 
 impl View {
     /// One network's names: its apps and their machines under `.internal` and
-    /// `.flycast`, its Kubernetes services under their cluster domain, and
-    /// the reverse names of its addresses.
+    /// `.flycast` (and the `.flycast` names other networks' apps share with
+    /// it), its Kubernetes services under their cluster domain, and the
+    /// reverse names of its addresses.
     fn of_network(
         cat: &Catalog,
         apps: &[&App],
+        shared: &[&App],
         machines_of: &FxHashMap<&str, Vec<&Machine>>,
         k8s: &[&K8sService],
         ttl: u32,
@@ -432,6 +442,16 @@ impl View {
         v.add_zone("flycast", ttl);
         v.add_cluster_zone("cluster.local", ttl);
         v.add_zone(REVERSE_ZONE, ttl);
+        for app in shared {
+            if let Some(f) = app.flycast {
+                v.add(
+                    &format!("{}.flycast", app.name),
+                    rtype::AAAA,
+                    ttl,
+                    &f.octets(),
+                );
+            }
+        }
         let mut app_names = Vec::with_capacity(apps.len());
         for app in apps {
             app_names.push(app.name.clone());

@@ -338,6 +338,31 @@ async fn each_network_sees_only_its_own_names() {
         ResponseCode::NXDomain
     );
     assert_eq!(aaaa(&answer(from_other, "db.internal.")).len(), 1);
+    assert_eq!(
+        answer(from_other, "web.flycast.").metadata.response_code,
+        ResponseCode::NXDomain
+    );
+    // acme shares web's flycast address with `other`: that one name (and
+    // nothing else of acme) appears in other's view, live.
+    let mut doc: Document = parse_toml(CATALOG).unwrap();
+    doc.apps[0].flycast_from = vec!["other".into()];
+    s.store.replace(Source::File, doc).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while aaaa(&answer(from_other, "web.flycast.")).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the shared flycast name never showed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        aaaa(&answer(from_other, "web.flycast.")),
+        ["fdaa:0:18:0:1::5"]
+    );
+    assert_eq!(
+        answer(from_other, "web.internal.").metadata.response_code,
+        ResponseCode::NXDomain
+    );
     let from_acme = "fdaa:0:18:0:3:0:1:0";
     assert_eq!(
         answer(from_acme, "db.internal.").metadata.response_code,

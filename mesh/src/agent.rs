@@ -184,6 +184,9 @@ pub struct Desired {
     pub machines: BTreeMap<String, WantMachine>,
     /// The networks of those machines (their flycast ranges are taken in here).
     pub networks: BTreeSet<NetId>,
+    /// Flycast addresses of other networks that one of those networks may
+    /// reach (an app's `flycast_from`): `(asker's network, address)`.
+    pub shared_flycast: BTreeSet<(NetId, SixPn)>,
     /// Hosts whose WireGuard key does not parse.
     pub bad_keys: Vec<String>,
 }
@@ -252,6 +255,18 @@ pub fn desired(cat: &skein_catalog::Catalog, me: HostId, own: &Key, rewrite: boo
             },
         );
     }
+    for app in cat.apps.values() {
+        let Some(f) = app.flycast.and_then(|f| SixPn::try_from(f).ok()) else {
+            continue;
+        };
+        for name in &app.flycast_from {
+            if let Some(n) = cat.networks.get(name)
+                && d.networks.contains(&n.id)
+            {
+                d.shared_flycast.insert((n.id, f));
+            }
+        }
+    }
     d
 }
 
@@ -281,6 +296,9 @@ pub struct Agent {
     /// Networks with a machine here: their gateway address is on `lo`
     /// (and their flycast range routed there, with `local_services`).
     networks: BTreeSet<NetId>,
+    /// Other networks' flycast addresses a local network may reach: allowed
+    /// in the guard's map and taken in on `lo` (the proxy here serves them).
+    shared: BTreeSet<(NetId, SixPn)>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -455,6 +473,7 @@ impl Agent {
             forwarding_was: forwarding_was.map(|was| (was, remembered)),
             lo,
             networks: BTreeSet::new(),
+            shared: BTreeSet::new(),
         })
     }
 
@@ -501,6 +520,7 @@ impl Agent {
         // Networks before machines: a machine's route names its network's
         // gateway address as its source, which must exist first.
         self.sync_networks(want.networks, me.id).await;
+        self.sync_shared(want.shared_flycast).await;
         self.sync_machines(want.machines).await;
         self.export_counters();
     }
@@ -532,6 +552,52 @@ impl Agent {
                 }
             }
             self.networks.insert(net);
+        }
+    }
+
+    async fn sync_shared(&mut self, want: BTreeSet<(NetId, SixPn)>) {
+        let gone: Vec<(NetId, SixPn)> = self.shared.difference(&want).copied().collect();
+        for pair in gone {
+            self.unshare(pair).await;
+        }
+        for (net, f) in want {
+            if self.shared.contains(&(net, f)) {
+                continue;
+            }
+            if self.cfg.local_services
+                && !self.shared.iter().any(|(_, g)| *g == f)
+                && let Err(e) = self
+                    .nl
+                    .add_local_route(Ipv6Addr::from(f).into(), 128, self.lo)
+                    .await
+            {
+                warn!(error = %e, %f, "taking a shared flycast address in");
+                continue;
+            }
+            if let Some(d) = &mut self.datapath
+                && let Err(e) = d.allow_flycast(net.0, f)
+            {
+                warn!(error = %e, %f, "allowing a shared flycast address");
+                continue;
+            }
+            info!(network = %net, address = %f, "another network's flycast address is open to this one");
+            self.shared.insert((net, f));
+        }
+    }
+
+    async fn unshare(&mut self, (net, f): (NetId, SixPn)) {
+        self.shared.remove(&(net, f));
+        if let Some(d) = &mut self.datapath {
+            d.disallow_flycast(net.0, f);
+        }
+        if self.cfg.local_services
+            && !self.shared.iter().any(|(_, g)| *g == f)
+            && let Err(e) = self
+                .nl
+                .del_local_route(Ipv6Addr::from(f).into(), 128, self.lo)
+                .await
+        {
+            warn!(error = %e, %f, "removing a shared flycast address");
         }
     }
 
@@ -712,6 +778,9 @@ impl Agent {
             self.remove_machine(&id, &w, index).await;
         }
         let _ = self.nl.del_route(SIXPN.0, SIXPN.1, self.mesh_index).await;
+        for pair in self.shared.clone() {
+            self.unshare(pair).await;
+        }
         if let Some(h) = self.host {
             for net in std::mem::take(&mut self.networks) {
                 self.drop_network(net, h).await;
@@ -785,4 +854,63 @@ pub fn attached(agent: &Agent) -> BTreeSet<String> {
         .as_ref()
         .map(|d| d.attached().into_iter().map(|(i, _)| i).collect())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn catalog(flycast_from: &str) -> skein_catalog::Catalog {
+        let text = format!(
+            r#"
+regions = [{{ code = "ams" }}]
+networks = [{{ id = "0:18", name = "alpha" }}, {{ id = "0:19", name = "beta" }}, {{ id = "0:20", name = "gamma" }}]
+hosts = [{{ id = "0:2", name = "h2", region = "ams", underlay = "fd00::2" }},
+         {{ id = "0:3", name = "h3", region = "ams", underlay = "fd00::3" }}]
+[[apps]]
+name = "db"
+network = "alpha"
+flycast = "fdaa:0:18:0:1::7"
+flycast_from = [{flycast_from}]
+[[apps]]
+name = "b"
+network = "beta"
+[[machines]]
+id = "b1"
+app = "b"
+region = "ams"
+host = "0:2"
+state = "started"
+address = "fdaa:0:19:0:2:0:1:0"
+interface = "vb1"
+"#
+        );
+        let store = skein_catalog::Store::new();
+        store
+            .replace(
+                skein_catalog::Source::File,
+                skein_catalog::error::parse_toml(&text).unwrap(),
+            )
+            .unwrap();
+        store.snapshot().catalog.clone()
+    }
+
+    #[test]
+    fn a_shared_flycast_address_is_opened_where_an_asking_network_has_a_machine() {
+        let own = Key::generate();
+        let f = SixPn::try_from("fdaa:0:18:0:1::7".parse::<Ipv6Addr>().unwrap()).unwrap();
+        // beta has a machine on h2: h2 opens db's address to beta
+        let d = desired(&catalog(r#""beta", "gamma""#), HostId(2), &own, true);
+        assert_eq!(
+            d.shared_flycast.into_iter().collect::<Vec<_>>(),
+            [(NetId(0x19), f)]
+        );
+        // nothing of beta on h3: nothing to open there
+        let d = desired(&catalog(r#""beta""#), HostId(3), &own, true);
+        assert!(d.shared_flycast.is_empty());
+        // not shared: not opened
+        let d = desired(&catalog(""), HostId(2), &own, true);
+        assert!(d.shared_flycast.is_empty());
+    }
 }

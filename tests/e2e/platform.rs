@@ -24,6 +24,8 @@ use crate::support::{Machine, machine, wait};
 
 /// The anycast address both edges serve.
 const ANYCAST: &str = "2001:db8:a::10";
+/// App web's flycast address, which alpha shares with beta (`flycast_from`).
+const WEB_FLYCAST: &str = "fdaa:0:18:0:1::20";
 /// The ClusterIP of Service default/web: a flycast address of network alpha.
 const CLUSTER_IP: &str = "fdaa:0:18:0:1::10";
 
@@ -223,10 +225,12 @@ wireguard = {{ public_key = "{k2}" }}
 name = "web"
 network = "alpha"
 hostnames = ["web.example.com"]
+flycast = "{WEB_FLYCAST}"
+flycast_from = ["beta"]
 tls = {{ allow_self_signed = true }}
 [[apps.services]]
 internal_port = 8080
-ports = [{{ port = 443, handlers = ["tls", "http"] }}]
+ports = [{{ port = 443, handlers = ["tls", "http"] }}, {{ port = 80, handlers = ["http"] }}]
 
 [[apps]]
 name = "pods"
@@ -418,18 +422,14 @@ fn a_client_reaches_the_nearest_machine_through_either_edge_and_pods_reach_servi
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     };
     assert_eq!(dig(&pod_a, "web.default.svc.cluster.local"), CLUSTER_IP);
-    let curl_in = |m: &Machine| {
-        let out = m.ns.run(&[
-            "curl",
-            "-sS",
-            "--max-time",
-            "3",
-            &format!("http://[{CLUSTER_IP}]/"),
-        ]);
+    let curl_to = |m: &Machine, ip: &str| {
+        let out =
+            m.ns.run(&["curl", "-sS", "--max-time", "3", &format!("http://[{ip}]/")]);
         out.status
             .success()
             .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
     };
+    let curl_in = |m: &Machine| curl_to(m, CLUSTER_IP);
     let seen = curl_in(&pod_a);
     assert!(
         matches!(seen.as_deref(), Some("webams" | "webiad")),
@@ -455,6 +455,20 @@ fn a_client_reaches_the_nearest_machine_through_either_edge_and_pods_reach_servi
         Duration::from_secs(5),
         || dropped(&nodes[2]) > before,
         "the guard counting pod-b's attempt",
+    );
+    // ...except what alpha shares with beta: web's flycast address, by name
+    // and by address, served by the proxy on pod-b's own host.
+    assert_eq!(dig(&pod_b, "web.flycast"), WEB_FLYCAST);
+    let seen = curl_to(&pod_b, WEB_FLYCAST);
+    assert!(
+        matches!(seen.as_deref(), Some("webams" | "webiad")),
+        "{seen:?}\n{}",
+        logs(&nodes)
+    );
+    assert_eq!(
+        curl_in(&pod_b),
+        None,
+        "sharing web's address shares nothing else"
     );
 
     // The ams machine stops (its server goes, then the catalog says so) while

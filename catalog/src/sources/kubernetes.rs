@@ -628,6 +628,7 @@ pub fn exposed(
         network: cfg.network.clone(),
         hostnames,
         flycast: None,
+        flycast_from: Vec::new(),
         services: vec![ServiceDef {
             protocol: Protocol::Tcp,
             internal_port,
