@@ -107,6 +107,11 @@ async fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             let cfg = config::Config::load(&config)
                 .map_err(|e| anyhow::anyhow!("{}:\n{e}", config.display()))?;
             telemetry::init_logs(&cfg.log);
+            if !cfg.process.transparent_huge_pages
+                && let Err(e) = nix::sys::prctl::set_thp_disable(true)
+            {
+                tracing::warn!(error = %e, "could not turn transparent huge pages off");
+            }
             daemon::start(cfg, None).await?.until_signal().await?;
             Ok(ExitCode::SUCCESS)
         }
