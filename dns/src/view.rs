@@ -442,7 +442,8 @@ impl View {
         v.add_zone("flycast", ttl);
         v.add_cluster_zone("cluster.local", ttl);
         v.add_zone(REVERSE_ZONE, ttl);
-        for app in shared {
+        // `<app>.flycast`: its own apps', and those other networks share with it.
+        for app in apps.iter().chain(shared) {
             if let Some(f) = app.flycast {
                 v.add(
                     &format!("{}.flycast", app.name),
@@ -455,14 +456,6 @@ impl View {
         let mut app_names = Vec::with_capacity(apps.len());
         for app in apps {
             app_names.push(app.name.clone());
-            if let Some(f) = app.flycast {
-                v.add(
-                    &format!("{}.flycast", app.name),
-                    rtype::AAAA,
-                    ttl,
-                    &f.octets(),
-                );
-            }
             let machines: &[&Machine] = machines_of
                 .get(app.name.as_str())
                 .map(Vec::as_slice)
