@@ -57,6 +57,7 @@ device = "$2"
 interface = "$3"
 uapi_dir = "${4:-/var/run/wireguard}"
 ebpf = ${EBPF:-true}
+ebpf_stats = ${EBPF_STATS:-false}
 [log]
 format = "json"
 level = "warn"
@@ -105,6 +106,18 @@ interface = "vm2"
 TOML
 }
 
+# CPU time all cores spent busy so far, in ms (USER_HZ 100).
+cpu_busy_ms() { awk '/^cpu /{print ($2+$3+$4+$7+$8)*10}' /proc/stat; }
+# Sum over both hosts of a metric from each daemon's /metrics.
+metric_sum() {
+  local t=0 v
+  for i in 1 2; do
+    v=$(ip netns exec bm$i curl -s http://127.0.0.1:9400/metrics | awk -v m="$1" '$1 ~ "^"m {s+=$2} END{printf "%d", s}')
+    t=$((t + v))
+  done
+  echo "$t"
+}
+
 iperf() { # label name
   ip netns exec bmm2 iperf3 -s -1 -B fdaa:0:18:0:3:0:1:0 >/dev/null 2>&1 &
   local server=$!
@@ -112,7 +125,23 @@ iperf() { # label name
   for _ in $(seq 20); do ip netns exec bmm1 ping -6 -c1 -W1 fdaa:0:18:0:3:0:1:0 >/dev/null 2>&1 && break; done
   ROUND_N=$((ROUND_N + 1))
   local json="$OUT/$2-$ROUND_N.json"
+  local ns0 runs0 busy0
+  if [ -n "${COST:-}" ]; then
+    sleep 2.5 # the daemons publish their counters every 2 s
+    ns0=$(metric_sum skein_ebpf_run_nanoseconds_total); runs0=$(metric_sum skein_ebpf_runs_total)
+    busy0=$(cpu_busy_ms)
+  fi
   ip netns exec bmm1 iperf3 -c fdaa:0:18:0:3:0:1:0 -t "$T" -J > "$json" || true
+  if [ -n "${COST:-}" ]; then
+    local busy=$(( $(cpu_busy_ms) - busy0 ))
+    sleep 2.5
+    local ns=$(( $(metric_sum skein_ebpf_run_nanoseconds_total) - ns0 ))
+    local runs=$(( $(metric_sum skein_ebpf_runs_total) - runs0 ))
+    # What the programs took against all the CPU the machine spent during the
+    # transfer (both cores, every process and softirq): the programs' cost,
+    # without comparing two noisy throughputs.
+    python3 -c 'import sys; ns,runs,busy=map(int,sys.argv[1:]); print("eBPF programs: %d runs, %.0f ns per run, %.2f%% of the CPU the transfer used" % (runs, ns/max(runs,1), 100.0*ns/1e6/max(busy,1)))' "$ns" "$runs" "$busy"
+  fi
   local g
   g=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("%.2f" % (d["end"]["sum_received"]["bits_per_second"]/1e9))' "$json" 2>/dev/null || echo failed)
   printf '%-44s %6s Gbit/s\n' "$1" "$g"
@@ -157,6 +186,9 @@ for _ in $(seq "${REPEAT:-1}"); do
   run_mesh uapi "wireguard-go + skein eBPF" wireguard-go
   EBPF=false run_mesh skein "skein device, no eBPF" skein-no-ebpf
 done
+# What the programs cost, timed by the kernel (a run of its own: the timing
+# adds two clock reads per program run, so it is kept out of the comparison).
+EBPF_STATS=true COST=1 run_mesh skein "skein device + eBPF, programs timed" skein-ebpf-timed
 # Into the bench reports (table, page, history) when skein-bench is given.
 if [ -n "${SKEIN_BENCH:-}" ]; then
   "$SKEIN_BENCH" import-iperf3 --scenario mesh-iperf3 "${RUNS[@]}" \

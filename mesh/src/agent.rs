@@ -89,6 +89,11 @@ pub struct MeshConfig {
     /// operator routes them.
     #[serde(default = "yes")]
     pub local_services: bool,
+    /// Have the kernel time every run of the eBPF programs, published as
+    /// `skein_ebpf_run_nanoseconds_total` and `skein_ebpf_runs_total`: what they
+    /// cost (two clock reads per run; for measuring, off by default).
+    #[serde(default)]
+    pub ebpf_stats: bool,
     /// Pin the eBPF links on a bpf filesystem so that a daemon that dies
     /// without stopping leaves the guards in force (fail closed); the next
     /// daemon replaces them. Off: the guards go with the process.
@@ -133,6 +138,7 @@ impl Default for MeshConfig {
             ebpf: true,
             persistent_keepalive: 0,
             local_services: true,
+            ebpf_stats: false,
             fail_closed: true,
             pin_dir: default_pin_dir(),
         }
@@ -445,6 +451,9 @@ impl Agent {
                         "an earlier daemon did not stop cleanly; its guards stay in force until replaced"
                     );
                 }
+            }
+            if cfg.ebpf_stats {
+                d.time_runs()?;
             }
             d.attach_mesh(&cfg.interface)?;
             Some(d)
@@ -762,6 +771,13 @@ impl Agent {
                 }
             }
             Err(e) => warn!(error = %e, "reading eBPF counters"),
+        }
+        if self.cfg.ebpf_stats {
+            for (program, time, runs) in d.run_stats() {
+                metrics::counter!("skein_ebpf_run_nanoseconds_total", "program" => program)
+                    .absolute(u64::try_from(time.as_nanos()).unwrap_or(u64::MAX));
+                metrics::counter!("skein_ebpf_runs_total", "program" => program).absolute(runs);
+            }
         }
     }
 
