@@ -739,14 +739,25 @@ impl Agent {
             .add_route(net, 112, index, Some(src.into()))
             .await
             .map_err(|e| e.to_string())?;
+        // And a /128 for the machine's own address: it is the first address of
+        // its /112, which Linux takes for the subnet-router anycast address
+        // (RFC 4291 2.6.1) of a connected /112 route and so never sends an ICMP
+        // error to. Without it the machine gets no Packet Too Big when what it
+        // sends does not fit the mesh, and its large packets vanish.
+        self.nl
+            .add_route(w.address.into(), 128, index, Some(src.into()))
+            .await
+            .map_err(|e| e.to_string())?;
         info!(machine = %id, interface = %w.interface, address = %w.address, "machine joined the mesh");
         Ok(index)
     }
 
     async fn remove_machine(&mut self, id: &str, w: &WantMachine, index: u32) {
         let net = Ipv6Addr::from(skein_sixpn::policy::machine_key(&w.address.octets()));
-        if let Err(e) = self.nl.del_route(net, 112, index).await {
-            warn!(machine = %id, error = %e, "removing the machine's route");
+        for (dst, len) in [(Ipv6Addr::from(w.address), 128), (net, 112)] {
+            if let Err(e) = self.nl.del_route(dst, len, index).await {
+                warn!(machine = %id, error = %e, "removing the machine's route");
+            }
         }
         if let Err(e) = self.nl.del_address(index, GATEWAY).await {
             warn!(machine = %id, error = %e, "removing the gateway address");

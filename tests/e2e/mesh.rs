@@ -398,6 +398,37 @@ fn three_hosts_isolate_networks_and_carry_only_wireguard() {
         || hosts[0].ebpf_counter("guard", "spoofed_source") > 0,
         "the spoofed-source counter",
     );
+    // A machine whose link MTU is larger than the mesh's (the machines here
+    // keep veth's 1500) is told so by its host (Packet Too Big), learns the
+    // path MTU and gets through; without the message its large packets vanish.
+    let big = |pmtu: &str| {
+        let out = a1.ns.run(&[
+            "ping", "-6", "-n", "-c", "1", "-W", "2", "-s", "1452", "-M", pmtu, "-I", a1.addr,
+            a2.addr,
+        ]);
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (_, told) = big("do");
+    assert!(
+        told.contains("mtu=1420"),
+        "no Packet Too Big reached the machine:\n{told}"
+    );
+    // a2 (MTU 1500 as well) learns it from its own host with the first
+    // answer, which does not fit the mesh; from then on both ends fragment.
+    let _ = big("want");
+    let (ok, out) = big("want");
+    assert!(
+        ok,
+        "a 1500-byte ping after both ends learned the path MTU:\n{out}"
+    );
+
     // a host that sends into another network's machine is stopped on arrival
     assert!(!hosts[1].ns.ping("fdaa:0:0:0:3::1", a1.addr));
     wait(
