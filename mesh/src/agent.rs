@@ -35,6 +35,7 @@ use tracing::{info, warn};
 
 use crate::{
     Device, DeviceConfig, Key,
+    control::{Control, ControlError},
     netlink::Netlink,
     uapi::{self, DeviceUpdate, PeerUpdate, Prefix},
 };
@@ -43,8 +44,13 @@ use crate::{
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceKind {
-    /// skein's own userspace device, created by the daemon.
+    /// The kernel's where this kernel has WireGuard, else skein's own.
     #[default]
+    Auto,
+    /// The kernel's WireGuard interface, created by the daemon and configured
+    /// with `wg` (wireguard-tools); an error where the kernel has none.
+    Kernel,
+    /// skein's own userspace device, created by the daemon.
     Skein,
     /// A device someone else runs that serves the UAPI socket (wireguard-go,
     /// boringtun-cli); the agent only configures it.
@@ -287,7 +293,7 @@ pub struct Agent {
     host_name: String,
     key: Key,
     device: Option<Device>,
-    uapi: PathBuf,
+    control: Control,
     nl: Netlink,
     mesh_index: u32,
     datapath: Option<Datapath>,
@@ -331,9 +337,9 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
-    /// The UAPI.
+    /// Configuring the device.
     #[error(transparent)]
-    Uapi(#[from] uapi::ClientError),
+    Control(#[from] ControlError),
     /// Netlink.
     #[error(transparent)]
     Netlink(#[from] crate::netlink::NetlinkError),
@@ -373,8 +379,31 @@ impl Agent {
         state_dir: &Path,
     ) -> Result<Agent, StartError> {
         let key = crate::key::load_or_create(&key_file(cfg, state_dir))?;
-        let (device, uapi_path) = match cfg.device {
-            DeviceKind::Skein => {
+        let nl = Netlink::connect().map_err(|source| StartError::Device {
+            interface: cfg.interface.clone(),
+            source,
+        })?;
+        let kernel = match cfg.device {
+            DeviceKind::Kernel => {
+                nl.add_wireguard(&cfg.interface).await?;
+                true
+            }
+            DeviceKind::Auto => match nl.add_wireguard(&cfg.interface).await {
+                Ok(()) => true,
+                Err(e) => {
+                    info!(reason = %e, "no WireGuard in this kernel: skein's userspace device");
+                    false
+                }
+            },
+            DeviceKind::Skein | DeviceKind::Uapi => false,
+        };
+        let (device, control) = match cfg.device {
+            _ if kernel => (None, Control::Kernel(cfg.interface.clone())),
+            DeviceKind::Uapi => (
+                None,
+                Control::Uapi(uapi::socket_path(&cfg.uapi_dir, &cfg.interface)),
+            ),
+            _ => {
                 let dc = DeviceConfig {
                     name: cfg.interface.clone(),
                     listen_port: cfg.listen_port,
@@ -385,21 +414,16 @@ impl Agent {
                     source,
                 })?;
                 let p = d.uapi_path().to_owned();
-                (Some(d), p)
+                (Some(d), Control::Uapi(p))
             }
-            DeviceKind::Uapi => (None, uapi::socket_path(&cfg.uapi_dir, &cfg.interface)),
         };
         let update = DeviceUpdate {
             private_key: Some(Some(key)),
             listen_port: Some(cfg.listen_port),
             ..Default::default()
         };
-        let p = uapi_path.clone();
-        blocking(move || uapi::set(&p, &update)).await?;
-        let nl = Netlink::connect().map_err(|source| StartError::Device {
-            interface: cfg.interface.clone(),
-            source,
-        })?;
+        let c = control.clone();
+        blocking(move || c.set(&update)).await?;
         let Some(mesh_index) = nl.index(&cfg.interface).await? else {
             return Err(StartError::Other(format!(
                 "mesh interface {} does not exist",
@@ -472,7 +496,7 @@ impl Agent {
             host_name: host_name.to_owned(),
             key,
             device,
-            uapi: uapi_path,
+            control,
             nl,
             mesh_index,
             datapath,
@@ -491,9 +515,9 @@ impl Agent {
         self.key.public()
     }
 
-    /// The UAPI socket of the device.
-    pub fn uapi_path(&self) -> &Path {
-        &self.uapi
+    /// Where the device's configuration goes.
+    pub fn control(&self) -> &Control {
+        &self.control
     }
 
     /// Brings peers, routes and maps in step with `snap`. Work that cannot be done
@@ -665,8 +689,8 @@ impl Agent {
             return;
         }
         let n = update.peers.len();
-        let path = self.uapi.clone();
-        match blocking(move || uapi::set(&path, &update)).await {
+        let c = self.control.clone();
+        match blocking(move || c.set(&update)).await {
             Ok(()) => {
                 info!(changed = n, peers = want.len(), "mesh peers updated");
                 metrics::gauge!("skein_mesh_peers").set(want.len() as f64);
@@ -842,9 +866,15 @@ impl Agent {
                     p.remove = true;
                     update.peers.push(p);
                 }
-                let path = self.uapi.clone();
-                if let Err(e) = blocking(move || uapi::set(&path, &update)).await {
+                let c = self.control.clone();
+                if let Err(e) = blocking(move || c.set(&update)).await {
                     warn!(error = %e, "removing peers from the mesh device");
+                }
+                // a kernel interface is ours: it goes, peers and all
+                if let Control::Kernel(name) = &self.control
+                    && let Err(e) = self.nl.del_link(name).await
+                {
+                    warn!(error = %e, "removing the kernel WireGuard interface");
                 }
             }
         }

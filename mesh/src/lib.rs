@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod batch;
+pub mod control;
 pub mod device;
 pub mod key;
 pub mod netlink;

@@ -57,6 +57,51 @@ impl Netlink {
         }
     }
 
+    /// Creates a kernel WireGuard interface `name`. Fails (EOPNOTSUPP, or
+    /// "unknown device type") on a kernel without WireGuard: see
+    /// [`Netlink::kernel_wireguard`].
+    pub async fn add_wireguard(&self, name: &str) -> Result<()> {
+        match self
+            .handle
+            .link()
+            .add(rtnetlink::LinkWireguard::new(name).build())
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == libc::EEXIST => Ok(()),
+            Err(source) => Err(NetlinkError {
+                what: format!("add wireguard link {name}"),
+                source,
+            }),
+        }
+    }
+
+    /// Deletes interface `name` if it exists.
+    pub async fn del_link(&self, name: &str) -> Result<()> {
+        let Some(index) = self.index(name).await? else {
+            return Ok(());
+        };
+        match self.handle.link().del(index).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == libc::ENODEV => Ok(()),
+            Err(source) => Err(NetlinkError {
+                what: format!("delete link {name}"),
+                source,
+            }),
+        }
+    }
+
+    /// True if this kernel can make WireGuard interfaces: a probe interface is
+    /// created and deleted at once.
+    pub async fn kernel_wireguard(&self, probe: &str) -> bool {
+        if self.add_wireguard(probe).await.is_err() {
+            return false;
+        }
+        let _ = self.del_link(probe).await;
+        true
+    }
+
     /// Brings the link up (setting its MTU if given).
     pub async fn up(&self, index: u32, mtu: Option<u32>) -> Result<()> {
         let mut b = LinkUnspec::new_with_index(index).up();

@@ -390,6 +390,13 @@ fn a_client_reaches_the_nearest_machine_through_either_edge_and_pods_reach_servi
             .collect::<Vec<_>>()
             .join("\n")
     };
+    // The mesh device is the default's choice: the kernel's WireGuard where the
+    // kernel has it, else skein's own (this kernel has none).
+    let kernel_wg = std::path::Path::new("/sys/module/wireguard").exists();
+    for node in &nodes {
+        let fell_back = node.log().contains("no WireGuard in this kernel");
+        assert_eq!(fell_back, !kernel_wg, "{}", logs(&nodes));
+    }
 
     // Through the ams edge: the ams machine, across the mesh through w1's proxy.
     wait(
