@@ -7,14 +7,14 @@
 //! instead, and [`Datapath::load`] answers [`Error::NotBuilt`]. The decisions the
 //! programs make are `skein_sixpn::policy`, tested on the host.
 //!
-//! Attachments use TCX links (Linux 6.6 and later). When the [`Datapath`] is
-//! dropped (an orderly stop) every program is detached and no qdisc or filter is
-//! left behind. With [`Datapath::pin_links`] the links are also pinned on a bpf
+//! Attachments use TCX links (Linux 6.6 and later). [`Datapath::detach_all`] (an
+//! orderly stop) detaches every program and leaves no qdisc or filter behind. With [`Datapath::pin_links`] the links are also pinned on a bpf
 //! filesystem, so a daemon that dies without stopping (a crash, SIGKILL, OOM)
 //! leaves its guards in force: the machines stay unable to spoof or to reach
 //! another network until the next daemon replaces each link with its own (new
 //! link first, then the old one goes: never a moment unguarded) and retires the
-//! ones no machine wants any more ([`Datapath::retire_stale`]). It fails closed.
+//! ones no machine wants any more ([`Datapath::retire_stale`]). It fails closed:
+//! only [`Datapath::detach_all`], an orderly stop, takes pinned links away.
 //! On older kernels aya falls back to netlink `cls_bpf` filters, which are not
 //! pinned and which [`Datapath`] removes on detach and on drop.
 
@@ -552,7 +552,8 @@ impl Datapath {
             .collect()
     }
 
-    /// Detaches everything (also done on drop).
+    /// Detaches everything, unpins it and removes the pin directory: an
+    /// orderly stop (on drop too, unless the links are pinned).
     pub fn detach_all(&mut self) {
         let keys: Vec<_> = self.links.keys().cloned().collect();
         for (iface, a) in keys {
@@ -562,17 +563,23 @@ impl Datapath {
                 self.detach(&iface, a);
             }
         }
+        // an earlier daemon's links too, and the pin directory (when empty)
+        self.retire_stale(|_| false);
+        if let Some(p) = &self.pins {
+            let _ = std::fs::remove_dir(&p.dir);
+        }
     }
 }
 
 impl Drop for Datapath {
-    /// An orderly stop: everything detached, the earlier daemon's links too,
-    /// and the pin directory removed (when empty).
+    /// Without pinning, the links would go with the process anyway: they go
+    /// now. With pinning, a datapath dropped without [`Datapath::detach_all`]
+    /// (a start that failed halfway, a panic) leaves its pinned links in force,
+    /// as a crash would: the machines stay guarded until the next daemon takes
+    /// over. Only an orderly stop calls `detach_all`.
     fn drop(&mut self) {
-        self.detach_all();
-        self.retire_stale(|_| false);
-        if let Some(p) = &self.pins {
-            let _ = std::fs::remove_dir(&p.dir);
+        if self.pins.is_none() {
+            self.detach_all();
         }
     }
 }

@@ -103,3 +103,118 @@ fn guard_drops_spoofed_and_foreign_packets_and_counts_them() {
     assert!(d.attached().is_empty());
     assert!(vm.ping(spoof, "fdaa:0:18:0:3:0:1:0"));
 }
+
+/// The bpf filesystem the test pins in, mounted in its own directory and
+/// unmounted (lazily) at the end.
+struct BpfFs(std::path::PathBuf);
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn pinned_guards_outlive_a_datapath_that_did_not_stop_and_the_next_one_takes_over() {
+    let test = "pinned_guards_outlive_a_datapath_that_did_not_stop_and_the_next_one_takes_over";
+    if !skein_testkit::is_root() {
+        require_root(test);
+        return;
+    }
+    let host = Netns::new("ph");
+    let vm = Netns::new("pm");
+    veth(&host, "vm1", &vm, "eth0");
+    let me: SixPn = "fdaa:0:18:0:2:0:7:0".parse().unwrap();
+    vm.ip("addr add fdaa:0:18:0:2:0:7:0/128 dev eth0 nodad");
+    vm.ip("route add fdaa::/16 via fe80::1 dev eth0");
+    host.ip("addr add fe80::1/64 dev vm1 nodad");
+    host.ip("route add fdaa:0:18:0:2:0:7:0/112 dev vm1");
+    host.ip("addr add fdaa:0:19:0:3:0:1:0/128 dev lo"); // another network
+    let own = "fdaa:0:18:0:2:0:7:0";
+    assert!(vm.ping(own, "fdaa:0:19:0:3:0:1:0"), "open before any guard");
+
+    let fs = BpfFs(skein_testkit::temp_dir("bpffs"));
+    std::fs::create_dir_all(&fs.0).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "bpf", "bpf"])
+        .arg(&fs.0)
+        .status()
+        .unwrap();
+    assert!(mounted.success());
+    let pins = fs.0.join("host");
+    let in_host = |f: &(dyn Fn() -> Option<Vec<String>> + Sync)| {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                host.enter();
+                f()
+            })
+            .join()
+            .unwrap()
+        })
+    };
+    let programs = || {
+        in_host(&|| {
+            Some(
+                skein_ebpf::tcx_programs("vm1")
+                    .unwrap()
+                    .into_iter()
+                    .map(|(d, p)| format!("{d} {p}"))
+                    .collect(),
+            )
+        })
+        .unwrap()
+    };
+
+    // A datapath pins its guard, then goes without stopping (a start that
+    // failed, a panic): the guard stays, pinned.
+    let adopted = std::thread::scope(|s| {
+        s.spawn(|| {
+            host.enter();
+            let mut d = datapath(test)?;
+            let adopted = d.pin_links(&pins).unwrap();
+            d.attach_guard("vm1", me).unwrap();
+            drop(d);
+            Some(adopted)
+        })
+        .join()
+        .unwrap()
+    });
+    let Some(adopted) = adopted else { return };
+    assert_eq!(adopted, 0);
+    assert_eq!(programs(), ["ingress guard"]);
+    assert!(pins.join("guard@vm1").exists());
+    assert!(
+        !vm.ping(own, "fdaa:0:19:0:3:0:1:0"),
+        "the pinned guard still drops"
+    );
+
+    // The next one adopts it, replaces it with its own (one guard, not two),
+    // and an orderly stop takes everything away.
+    let d = std::thread::scope(|s| {
+        s.spawn(|| {
+            host.enter();
+            let mut d = datapath(test).unwrap();
+            assert_eq!(d.pin_links(&pins).unwrap(), 1);
+            assert_eq!(d.stale_links(), 1);
+            d.attach_guard("vm1", me).unwrap();
+            assert_eq!(d.stale_links(), 0);
+            d
+        })
+        .join()
+        .unwrap()
+    });
+    assert_eq!(programs(), ["ingress guard"]);
+    assert!(!vm.ping(own, "fdaa:0:19:0:3:0:1:0"));
+    let mut d = d;
+    d.detach_all();
+    assert!(programs().is_empty());
+    assert!(!pins.exists(), "the pin directory is removed");
+    assert!(
+        vm.ping(own, "fdaa:0:19:0:3:0:1:0"),
+        "open again after a stop"
+    );
+}

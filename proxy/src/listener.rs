@@ -61,7 +61,7 @@ pub async fn accept_loop(
         stop,
         drain,
         labels,
-        move |p, s, peer, w| connection(p, s, peer, port, w),
+        move |p, s, peer, d| connection(p, s, peer, port, d),
     )
     .await
 }
