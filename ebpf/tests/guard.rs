@@ -23,6 +23,26 @@ fn datapath(test: &str) -> Option<Datapath> {
     }
 }
 
+/// The machine's address.
+const OWN: &str = "fdaa:0:18:0:2:0:7:0";
+/// An address of another network, on the host's `lo`.
+const OTHER_NETWORK: &str = "fdaa:0:19:0:3:0:1:0";
+
+/// A host and a machine behind it on veth (`vm1` on the host, `eth0` in the
+/// machine): the machine at [`OWN`], routing 6PN to its gateway `fe80::1`; the
+/// host routing the machine's `/112` back and holding [`OTHER_NETWORK`].
+fn machine_behind_host(tag: &str) -> (Netns, Netns) {
+    let host = Netns::new(&format!("{tag}h"));
+    let vm = Netns::new(&format!("{tag}m"));
+    veth(&host, "vm1", &vm, "eth0");
+    vm.ip(&format!("addr add {OWN}/128 dev eth0 nodad"));
+    vm.ip("route add fdaa::/16 via fe80::1 dev eth0");
+    host.ip("addr add fe80::1/64 dev vm1 nodad");
+    host.ip(&format!("route add {OWN}/112 dev vm1"));
+    host.ip(&format!("addr add {OTHER_NETWORK}/128 dev lo"));
+    (host, vm)
+}
+
 fn count(d: &Datapath, r: Reason) -> u64 {
     d.counters()
         .unwrap()
@@ -38,28 +58,20 @@ fn guard_drops_spoofed_and_foreign_packets_and_counts_them() {
         require_root("guard_drops_spoofed_and_foreign_packets_and_counts_them");
         return;
     }
-    let host = Netns::new("gh");
-    let vm = Netns::new("gm");
-    veth(&host, "vm1", &vm, "eth0");
-    let me: SixPn = "fdaa:0:18:0:2:0:7:0".parse().unwrap();
-    // the machine: its address, a second one it is not allowed to use, a route home
-    vm.ip("addr add fdaa:0:18:0:2:0:7:0/128 dev eth0 nodad");
+    let (host, vm) = machine_behind_host("g");
+    let me: SixPn = OWN.parse().unwrap();
+    // a second address the machine is not allowed to use
     vm.ip("addr add fdaa:0:18:0:2:0:8:0/128 dev eth0 nodad");
-    vm.ip("route add fdaa::/16 via fe80::1 dev eth0");
-    // the host: link-local gateway, route to the machine, addresses to ping
-    host.ip("addr add fe80::1/64 dev vm1 nodad");
-    host.ip("route add fdaa:0:18:0:2:0:7:0/112 dev vm1");
     host.ip("route add fdaa:0:18:0:2:0:8:0/112 dev vm1");
     host.ip("addr add fdaa:0:18:0:3:0:1:0/128 dev lo"); // same network, other host
-    host.ip("addr add fdaa:0:19:0:3:0:1:0/128 dev lo"); // another network
     host.ip("addr add fdaa::3/128 dev lo"); // the resolver
 
-    let own = "fdaa:0:18:0:2:0:7:0";
+    let own = OWN;
     let spoof = "fdaa:0:18:0:2:0:8:0";
     // without the guard everything gets through
     assert!(vm.ping(own, "fdaa:0:18:0:3:0:1:0"));
     assert!(vm.ping(spoof, "fdaa:0:18:0:3:0:1:0"));
-    assert!(vm.ping(own, "fdaa:0:19:0:3:0:1:0"));
+    assert!(vm.ping(own, OTHER_NETWORK));
 
     let test = "guard_drops_spoofed_and_foreign_packets_and_counts_them";
     let h = std::thread::scope(|s| {
@@ -82,7 +94,7 @@ fn guard_drops_spoofed_and_foreign_packets_and_counts_them() {
         "a spoofed source must be dropped"
     );
     assert!(
-        !vm.ping(own, "fdaa:0:19:0:3:0:1:0"),
+        !vm.ping(own, OTHER_NETWORK),
         "another network must be dropped"
     );
     assert!(count(&d, Reason::GuardPass) >= 2);
@@ -104,20 +116,6 @@ fn guard_drops_spoofed_and_foreign_packets_and_counts_them() {
     assert!(vm.ping(spoof, "fdaa:0:18:0:3:0:1:0"));
 }
 
-/// The bpf filesystem the test pins in, mounted in its own directory and
-/// unmounted (lazily) at the end.
-struct BpfFs(std::path::PathBuf);
-
-impl Drop for BpfFs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 fn pinned_guards_outlive_a_datapath_that_did_not_stop_and_the_next_one_takes_over() {
     let test = "pinned_guards_outlive_a_datapath_that_did_not_stop_and_the_next_one_takes_over";
@@ -125,27 +123,13 @@ fn pinned_guards_outlive_a_datapath_that_did_not_stop_and_the_next_one_takes_ove
         require_root(test);
         return;
     }
-    let host = Netns::new("ph");
-    let vm = Netns::new("pm");
-    veth(&host, "vm1", &vm, "eth0");
-    let me: SixPn = "fdaa:0:18:0:2:0:7:0".parse().unwrap();
-    vm.ip("addr add fdaa:0:18:0:2:0:7:0/128 dev eth0 nodad");
-    vm.ip("route add fdaa::/16 via fe80::1 dev eth0");
-    host.ip("addr add fe80::1/64 dev vm1 nodad");
-    host.ip("route add fdaa:0:18:0:2:0:7:0/112 dev vm1");
-    host.ip("addr add fdaa:0:19:0:3:0:1:0/128 dev lo"); // another network
-    let own = "fdaa:0:18:0:2:0:7:0";
-    assert!(vm.ping(own, "fdaa:0:19:0:3:0:1:0"), "open before any guard");
+    let (host, vm) = machine_behind_host("p");
+    let me: SixPn = OWN.parse().unwrap();
+    let own = OWN;
+    assert!(vm.ping(own, OTHER_NETWORK), "open before any guard");
 
-    let fs = BpfFs(skein_testkit::temp_dir("bpffs"));
-    std::fs::create_dir_all(&fs.0).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "bpf", "bpf"])
-        .arg(&fs.0)
-        .status()
-        .unwrap();
-    assert!(mounted.success());
-    let pins = fs.0.join("host");
+    let fs = skein_testkit::BpfFs::mount("guard-bpf");
+    let pins = fs.path().join("host");
     let in_host = |f: &(dyn Fn() -> Option<Vec<String>> + Sync)| {
         std::thread::scope(|s| {
             s.spawn(|| {
@@ -187,10 +171,7 @@ fn pinned_guards_outlive_a_datapath_that_did_not_stop_and_the_next_one_takes_ove
     assert_eq!(adopted, 0);
     assert_eq!(programs(), ["ingress guard"]);
     assert!(pins.join("guard@vm1").exists());
-    assert!(
-        !vm.ping(own, "fdaa:0:19:0:3:0:1:0"),
-        "the pinned guard still drops"
-    );
+    assert!(!vm.ping(own, OTHER_NETWORK), "the pinned guard still drops");
 
     // The next one adopts it, replaces it with its own (one guard, not two),
     // and an orderly stop takes everything away.
@@ -208,13 +189,10 @@ fn pinned_guards_outlive_a_datapath_that_did_not_stop_and_the_next_one_takes_ove
         .unwrap()
     });
     assert_eq!(programs(), ["ingress guard"]);
-    assert!(!vm.ping(own, "fdaa:0:19:0:3:0:1:0"));
+    assert!(!vm.ping(own, OTHER_NETWORK));
     let mut d = d;
     d.detach_all();
     assert!(programs().is_empty());
     assert!(!pins.exists(), "the pin directory is removed");
-    assert!(
-        vm.ping(own, "fdaa:0:19:0:3:0:1:0"),
-        "open again after a stop"
-    );
+    assert!(vm.ping(own, OTHER_NETWORK), "open again after a stop");
 }

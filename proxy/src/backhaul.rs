@@ -213,13 +213,9 @@ pub async fn accept_loop(
 async fn serve(proxy: Arc<Proxy>, stream: TcpStream, drain: tokio_util::sync::CancellationToken) {
     use crate::listener::{Drained, Speaks};
     let cfg = &proxy.cfg;
-    let speaks =
-        match tokio::time::timeout(cfg.header_timeout, crate::listener::h2c_preface(&stream)).await
-        {
-            Ok(Ok(true)) => Speaks::H2,
-            Ok(Ok(false)) => Speaks::H1,
-            _ => return,
-        };
+    let Some(speaks) = crate::listener::plaintext_speaks(&stream, cfg.header_timeout).await else {
+        return;
+    };
     let p = proxy.clone();
     let svc = service_fn(move |req| {
         let p = p.clone();

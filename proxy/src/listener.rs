@@ -278,15 +278,8 @@ async fn connection(
         // An idle keep-alive connection must not keep the table it was routed
         // by (after a few catalog changes, every old table would stay alive).
         drop((table, pinned));
-        let speaks = match tokio::time::timeout(header_timeout, h2c_preface(&stream)).await {
-            Ok(Ok(true)) => Speaks::H2,
-            Ok(Ok(false)) => Speaks::H1,
-            Ok(Err(_)) => return,
-            Err(_) => {
-                metrics::counter!("skein_proxy_client_timeouts_total", "phase" => "preface")
-                    .increment(1);
-                return;
-            }
+        let Some(speaks) = plaintext_speaks(&stream, header_timeout).await else {
+            return;
         };
         let info = Arc::new(info(false, None));
         return serve_http(&proxy, stream, info, drain, speaks).await;
@@ -395,11 +388,27 @@ where
 /// The h2 connection preface (RFC 9113 section 3.4).
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// True if the client opened with the h2 preface (h2c with prior knowledge),
-/// false at the first byte that differs (or at EOF). Peeks, so hyper reads
-/// everything itself; a preface that arrives in pieces is peeked again after
-/// a millisecond (rare: it is one segment from every real client).
-pub(crate) async fn h2c_preface(stream: &TcpStream) -> io::Result<bool> {
+/// What a plaintext connection speaks: h2 if it opens with the h2 preface (h2c
+/// with prior knowledge), HTTP/1.1 at the first byte that differs (or at EOF).
+/// None when the socket fails or nothing decides within `timeout` (counted).
+pub(crate) async fn plaintext_speaks(stream: &TcpStream, timeout: Duration) -> Option<Speaks> {
+    match tokio::time::timeout(timeout, h2c_preface(stream)).await {
+        Ok(Ok(true)) => Some(Speaks::H2),
+        Ok(Ok(false)) => Some(Speaks::H1),
+        Ok(Err(_)) => None,
+        Err(_) => {
+            metrics::counter!("skein_proxy_client_timeouts_total", "phase" => "preface")
+                .increment(1);
+            None
+        }
+    }
+}
+
+/// True if the stream opens with the h2 preface, false at the first byte that
+/// differs (or at EOF). Peeks, so hyper reads everything itself; a preface
+/// that arrives in pieces is peeked again after a millisecond (rare: it is
+/// one segment from every real client).
+async fn h2c_preface(stream: &TcpStream) -> io::Result<bool> {
     let mut buf = [0u8; H2_PREFACE.len()];
     loop {
         let n = stream.peek(&mut buf).await?;

@@ -223,3 +223,40 @@ pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
     a.ip(&format!("link set {a_if} up"));
     b.ip(&format!("link set {b_if} up"));
 }
+
+/// A bpf filesystem mounted for one test (on a fresh temporary directory, in
+/// the test's own mount namespace, which `ip netns exec` children see too):
+/// pins there outlive the process that made them, as on /sys/fs/bpf.
+/// Unmounted (lazily) and removed when dropped.
+#[derive(Debug)]
+pub struct BpfFs(std::path::PathBuf);
+
+impl BpfFs {
+    /// Mounts one; panics if it cannot.
+    pub fn mount(what: &str) -> BpfFs {
+        let at = temp_dir(what);
+        let out = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&at)
+            .output()
+            .unwrap_or_else(|e| panic!("mount: {e}"));
+        assert!(
+            out.status.success(),
+            "mount -t bpf {}: {out:?}",
+            at.display()
+        );
+        BpfFs(at)
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

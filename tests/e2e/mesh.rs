@@ -293,7 +293,7 @@ fn three_hosts_isolate_networks_and_carry_only_wireguard() {
     // The daemons run under `ip netns exec`, which gives each its own /sys: a
     // bpf filesystem mounted here, in the test's mount namespace, is the one
     // they all see, and it outlives a daemon that dies (what pinning is for).
-    let bpffs = BpfFs::mount(&tmp.path().join("bpf"));
+    let bpffs = skein_testkit::BpfFs::mount("mesh-bpf");
 
     // underlay: a bridge in its own namespace, one veth per host
     let ul = Netns::new("ul");
@@ -319,7 +319,7 @@ fn three_hosts_isolate_networks_and_carry_only_wireguard() {
             },
             go,
             admin: 9300 + u16::from(n),
-            pins: bpffs.0.join(format!("h{n}")),
+            pins: bpffs.path().join(format!("h{n}")),
             daemon: None,
             wg_go: None,
         });
@@ -596,27 +596,5 @@ fn three_hosts_isolate_networks_and_carry_only_wireguard() {
         } else {
             assert!(!h.ns.run(&["ip", "link", "show", &h.iface]).status.success());
         }
-    }
-}
-
-/// A bpf filesystem mounted for one test, unmounted (lazily) when dropped.
-struct BpfFs(PathBuf);
-
-impl BpfFs {
-    fn mount(at: &Path) -> BpfFs {
-        std::fs::create_dir_all(at).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "bpf", "bpf"])
-            .arg(at)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "mount -t bpf: {out:?}");
-        BpfFs(at.to_owned())
-    }
-}
-
-impl Drop for BpfFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
