@@ -116,6 +116,22 @@ impl Default for DnsConfig {
 const BATCH: usize = 32;
 
 /// A nix socket address as a std one.
+/// Answers leave with the don't-fragment bit and ignore learned path MTUs
+/// (`IP_PMTUDISC_PROBE`), as DNS Flag Day 2020 asks of servers: an answer
+/// never exceeds [`wire::MAX_UDP`] (1232 bytes, inside IPv6's minimum MTU), so
+/// it never needs fragments, a spoofed ICMP "fragmentation needed" cannot
+/// make it fragment, and the kernel skips the IPv4 identification hash.
+fn dont_fragment(s: &socket2::Socket, a: SocketAddr) -> std::io::Result<()> {
+    use rustix::net::sockopt;
+    match a {
+        SocketAddr::V4(_) => sockopt::set_ip_mtu_discover(s, sockopt::Ipv4PathMtuDiscovery::PROBE)?,
+        SocketAddr::V6(_) => {
+            sockopt::set_ipv6_mtu_discover(s, sockopt::Ipv6PathMtuDiscovery::PROBE)?
+        }
+    }
+    Ok(())
+}
+
 fn to_std(a: &nix::sys::socket::SockaddrStorage) -> Option<SocketAddr> {
     a.as_sockaddr_in()
         .map(|v4| SocketAddr::V4((*v4).into()))
@@ -351,6 +367,7 @@ impl Dns {
             let udp_socket = |a: SocketAddr| -> std::io::Result<UdpSocket> {
                 let s = Socket::new(Domain::for_address(a), Type::DGRAM, Some(Protocol::UDP))?;
                 s.set_reuse_port(true)?;
+                dont_fragment(&s, a)?;
                 s.bind(&a.into())?;
                 s.set_read_timeout(Some(Duration::from_millis(200)))?;
                 Ok(s.into())
@@ -569,3 +586,35 @@ impl Dns {
 }
 
 use skein_catalog::store::stopped;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustix::net::sockopt;
+
+    #[test]
+    fn udp_answers_leave_unfragmented_on_both_families() {
+        let dns = Dns::new(DnsConfig {
+            listen: vec!["127.0.0.1:0".parse().unwrap(), "[::1]:0".parse().unwrap()],
+            threads: Some(2),
+            ..DnsConfig::default()
+        });
+        let bound = dns.bind().unwrap();
+        assert_eq!(bound.len(), 2);
+        for b in &bound {
+            assert_eq!(b.udp.len(), 2, "one socket per thread");
+            for s in &b.udp {
+                match b.local {
+                    SocketAddr::V4(_) => assert_eq!(
+                        sockopt::ip_mtu_discover(s).unwrap(),
+                        sockopt::Ipv4PathMtuDiscovery::PROBE
+                    ),
+                    SocketAddr::V6(_) => assert_eq!(
+                        sockopt::ipv6_mtu_discover(s).unwrap(),
+                        sockopt::Ipv6PathMtuDiscovery::PROBE
+                    ),
+                }
+            }
+        }
+    }
+}
