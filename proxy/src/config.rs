@@ -47,6 +47,13 @@ pub struct ProxyConfig {
     /// request's headers, so `header_timeout` closes it.
     #[serde(default = "d_idle", with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// An HTTP/1.1 client connection that has moved no byte for this long,
+    /// with no request in flight, rests: hyper's buffers and state are freed
+    /// and the connection waits for its next byte holding only its socket and
+    /// TLS state (checked at this interval, backing off to 2 s while busy).
+    /// `0s` keeps every connection's buffers for its whole life.
+    #[serde(default = "d_rest_after", with = "humantime_serde")]
+    pub rest_after: Duration,
     /// Most bytes of request headers.
     #[serde(default = "d_header_bytes")]
     pub max_header_bytes: usize,
@@ -227,6 +234,9 @@ fn d_header_timeout() -> Duration {
 fn d_idle() -> Duration {
     Duration::from_secs(60)
 }
+fn d_rest_after() -> Duration {
+    Duration::from_millis(100)
+}
 fn d_header_bytes() -> usize {
     64 << 10
 }
@@ -271,6 +281,7 @@ impl Default for ProxyConfig {
             max_connections: d_max_conns(),
             header_timeout: d_header_timeout(),
             idle_timeout: d_idle(),
+            rest_after: d_rest_after(),
             max_header_bytes: d_header_bytes(),
             max_headers: d_headers(),
             max_request_body_bytes: d_body(),

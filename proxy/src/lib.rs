@@ -22,6 +22,7 @@ pub mod http;
 pub mod listener;
 pub mod load;
 pub mod proxy_proto;
+mod rest;
 pub mod table;
 pub mod tcp;
 pub mod tls;
@@ -86,6 +87,8 @@ pub struct Proxy {
     pub metrics: http::RequestMetrics,
     /// ACME challenge answers served on the listeners.
     pub challenges: Arc<acme::Challenges>,
+    /// Client connections resting (idle HTTP/1.1, buffers given back).
+    resting: rest::Resting,
     http_tls: Arc<ServerConfig>,
     raw_tls: Arc<ServerConfig>,
     acme_tls: Arc<ServerConfig>,
@@ -126,6 +129,13 @@ impl Bound {
 }
 
 impl Proxy {
+    /// Client connections resting now: idle HTTP/1.1 keep-alive connections
+    /// that gave their buffers back (`rest_after`) and wait for their next
+    /// request (also the gauge `skein_proxy_client_connections_resting`).
+    pub fn connections_resting(&self) -> usize {
+        self.resting.now()
+    }
+
     /// A proxy for an edge in `region`, with empty tables.
     pub fn new(cfg: ProxyConfig, region: impl Into<String>) -> Result<Arc<Proxy>, ProxyError> {
         Self::with_challenges(cfg, region, Arc::new(acme::Challenges::default()))
@@ -182,6 +192,7 @@ impl Proxy {
             cfg,
             metrics: http::RequestMetrics::new(),
             challenges,
+            resting: rest::Resting::new(),
             http_tls,
             raw_tls,
             acme_tls,

@@ -334,8 +334,11 @@ async fn connection(
         let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream).await?;
         start.into_stream(config).await
     };
-    let tls = match tokio::time::timeout(header_timeout, handshake).await {
-        Ok(Ok(tls)) => tls,
+    // The handshake's state is boxed and the stream it makes too: the task of
+    // an open connection then holds a pointer, not rustls's connection (1.2
+    // KB) in each of the places the task's layout keeps one.
+    let tls = match tokio::time::timeout(header_timeout, Box::pin(handshake)).await {
+        Ok(Ok(tls)) => Box::new(tls),
         Ok(Err(e)) => {
             metrics::counter!("skein_proxy_tls_handshakes_total", "result" => "failed")
                 .increment(1);
@@ -551,8 +554,18 @@ fn serve_http<I>(
     speaks: Speaks,
 ) -> impl std::future::Future<Output = ()> + Send + use<I>
 where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + crate::rest::Readable + Unpin + Send + Sync + 'static,
 {
+    if speaks == Speaks::H1 && !proxy.cfg.rest_after.is_zero() {
+        let rest_after = proxy.cfg.rest_after;
+        return Either::Left(crate::rest::serve(
+            proxy.clone(),
+            io,
+            info,
+            drain,
+            rest_after,
+        ));
+    }
     let p = proxy.clone();
     let svc = service_fn(move |req| handle(p.clone(), info.clone(), req));
     let io = TokioIo::new(io);
@@ -565,9 +578,14 @@ where
         Speaks::H2 => Either::Right(h2_server(&proxy.cfg).serve_connection(io, svc)),
     };
     // A combinator, not an `async` block: a block would keep `conn` twice.
-    futures_util::FutureExt::map(Drained::new(conn, drain), |r| {
-        if let Err(e) = r {
-            tracing::debug!(error = %e, "client connection ended with an error");
-        }
-    })
+    // Boxed, so the task of a resting HTTP/1.1 connection is not sized for
+    // an h2 connection.
+    Either::Right(Box::pin(futures_util::FutureExt::map(
+        Drained::new(conn, drain),
+        |r| {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "client connection ended with an error");
+            }
+        },
+    )))
 }

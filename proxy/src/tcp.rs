@@ -33,6 +33,21 @@ impl<S> Prefixed<S> {
     pub fn new(prefix: Bytes, inner: S) -> Self {
         Prefixed { prefix, inner }
     }
+
+    /// Bytes of the prefix are still to be read.
+    pub fn has_prefix(&self) -> bool {
+        self.prefix.has_remaining()
+    }
+
+    /// The stream after the prefix.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    /// The prefix not yet read, and the stream.
+    pub fn into_parts(self) -> (Bytes, S) {
+        (self.prefix, self.inner)
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {

@@ -1375,6 +1375,181 @@ async fn an_idle_keep_alive_client_is_closed() {
     );
 }
 
+/// Waits up to 3 s for `ok`.
+async fn eventually(what: &str, ok: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Reads one HTTP/1.1 response with a Content-Length body.
+async fn read_response<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&out[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().unwrap())
+                .unwrap_or(0);
+            if out.len() >= end + 4 + len {
+                return String::from_utf8_lossy(&out[..end + 4 + len]).into_owned();
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+            .await
+            .expect("response in time")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed mid-response: {}",
+            String::from_utf8_lossy(&out)
+        );
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_rest_and_keep_serving() {
+    let (a, hits) = backend("ams1").await;
+    let h = Harness::start(&[("ams1", "ams", a)], 20, 25, |c| {
+        c.rest_after = Duration::from_millis(30);
+        c.header_timeout = Duration::from_millis(1500);
+    })
+    .await;
+    // A kept-alive HTTPS/1.1 connection goes quiet: it rests.
+    let tls = h
+        .tls_stream("app.example.com", &[b"http/1.1"])
+        .await
+        .unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    let client = tokio::spawn(conn);
+    let get = |q: &str| {
+        Request::builder()
+            .uri(format!("/{q}"))
+            .header("host", "app.example.com")
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
+    let resp = tx.send_request(get("")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.into_body().collect().await.unwrap();
+    eventually("the idle connection to rest", || {
+        h.proxy.connections_resting() == 1
+    })
+    .await;
+    // The same connection serves the next requests, one of them slower than
+    // `rest_after`: a request in flight never makes its connection rest.
+    for q in ["", "?sleep=300", ""] {
+        tx.ready().await.expect("the connection is still open");
+        let resp = tx.send_request(get(q)).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{q}");
+        assert!(
+            resp.headers().get("connection").is_none(),
+            "keep-alive lost on {q}"
+        );
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(machine_of(&String::from_utf8_lossy(&body)), "ams1");
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 4);
+    eventually("the connection to rest again", || {
+        h.proxy.connections_resting() == 1
+    })
+    .await;
+
+    // A request head that arrives in two parts, the connection resting in
+    // between, and two pipelined requests after a rest.
+    let mut raw = h
+        .tls_stream("app.example.com", &[b"http/1.1"])
+        .await
+        .unwrap();
+    raw.write_all(b"GET /?one HTTP/1.1\r\nHost: app.exa")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    raw.write_all(b"mple.com\r\n\r\n").await.unwrap();
+    let r = read_response(&mut raw).await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(r.contains("/?one"), "{r}");
+    eventually("both connections to rest", || {
+        h.proxy.connections_resting() == 2
+    })
+    .await;
+    raw.write_all(b"GET /?two HTTP/1.1\r\nHost: app.example.com\r\n\r\nGET /?three HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+        .await
+        .unwrap();
+    let (two, three) = (read_response(&mut raw).await, read_response(&mut raw).await);
+    assert!(
+        two.starts_with("HTTP/1.1 200") && two.contains("/?two"),
+        "{two}"
+    );
+    assert!(
+        three.starts_with("HTTP/1.1 200") && three.contains("/?three"),
+        "{three}"
+    );
+
+    // Part of a head, then silence: closed at the header timeout, resting or
+    // not.
+    eventually("both connections to rest", || {
+        h.proxy.connections_resting() == 2
+    })
+    .await;
+    let quiet = Instant::now();
+    raw.write_all(b"GET / HTTP/1.1\r\nHost: app").await.unwrap();
+    let mut buf = [0u8; 64];
+    let r = tokio::time::timeout(Duration::from_secs(5), raw.read(&mut buf)).await;
+    assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "not closed: {r:?}");
+    let took = quiet.elapsed();
+    assert!(
+        took < Duration::from_millis(2500),
+        "a slow head outlived the header timeout: {took:?}"
+    );
+
+    // The first connection, resting past the header timeout, was closed as
+    // any idle keep-alive connection is.
+    tokio::time::timeout(Duration::from_secs(2), client)
+        .await
+        .expect("the idle connection was closed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(h.proxy.connections_resting(), 0);
+
+    // A drain closes resting connections at once.
+    let tls = h
+        .tls_stream("app.example.com", &[b"http/1.1"])
+        .await
+        .unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    let client = tokio::spawn(conn);
+    let resp = tx.send_request(get("")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.into_body().collect().await.unwrap();
+    eventually("the connection to rest", || {
+        h.proxy.connections_resting() == 1
+    })
+    .await;
+    h.stop.send(true).unwrap();
+    let served = h.served.lock().unwrap().take().unwrap();
+    tokio::time::timeout(Duration::from_millis(800), served)
+        .await
+        .expect("drained in time")
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(1), client)
+        .await
+        .expect("the client saw its connection end")
+        .unwrap()
+        .unwrap();
+    assert_eq!(h.proxy.connections_resting(), 0);
+}
+
 #[tokio::test]
 async fn a_certificate_change_parses_only_that_certificate() {
     let (a, _) = backend("ams1").await;

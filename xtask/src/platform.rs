@@ -7,7 +7,8 @@
 //! runs) goes to target/bench-report/. `SKEIN_APPS=one` gives skein one app
 //! with every hostname (one upstream pool, as the peers have) instead of
 //! 1,000 apps with a machine each; `SCENARIOS="keepalive h2"` picks scenarios;
-//! `REPEAT=3` runs each three times, interleaved, and reports the median run.
+//! `REPEAT=3` runs each three times, interleaved, and reports the median run;
+//! `SKEIN_PROXY="<key> = <value>"` adds settings to skein's `[proxy]`.
 
 use std::path::Path;
 use std::process::{Child, Command};
@@ -122,7 +123,9 @@ pub fn bench_platform() -> anyhow::Result<()> {
     std::fs::write(work.join("haproxy.pem"), format!("{cert}{key}"))?;
     let one_app = std::env::var("SKEIN_APPS").is_ok_and(|v| v == "one");
     std::fs::write(work.join("catalog.toml"), catalog(&cert, &key, one_app))?;
-    std::fs::write(work.join("skein.toml"), SKEIN)?;
+    // `SKEIN_PROXY="rest_after = '0s'"`: extra `[proxy]` settings, to compare.
+    let extra = std::env::var("SKEIN_PROXY").unwrap_or_default();
+    std::fs::write(work.join("skein.toml"), format!("{SKEIN}{extra}\n"))?;
     std::fs::write(
         work.join("backend.conf"),
         backend_conf(&work, "127.0.0.1:8080"),
