@@ -152,11 +152,11 @@ pub async fn open_tcp(
 ) -> Result<TokioIo<hyper::upgrade::Upgraded>, OpenError> {
     let stream = dial(via, connect_timeout).await?;
     let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
+    tokio::spawn(futures_util::FutureExt::map(conn.with_upgrades(), |r| {
+        if let Err(e) = r {
             tracing::debug!(error = %e, "backhaul tcp stream ended");
         }
-    });
+    }));
     let mut req = Request::new(Empty::<Bytes>::new());
     let h = req.headers_mut();
     h.insert(header::HOST, HeaderValue::from_static("backhaul"));

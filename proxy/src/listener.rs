@@ -285,7 +285,9 @@ async fn connection(
         return serve_http(&proxy, stream, info, drain, speaks).await;
     }
     let (hello, sni, acme) =
-        match tokio::time::timeout(header_timeout, read_client_hello(&mut stream)).await {
+        // Boxed: rustls's acceptor (a whole connection state) must not size
+        // the task every open connection keeps.
+        match tokio::time::timeout(header_timeout, Box::pin(read_client_hello(&mut stream))).await {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => {
                 metrics::counter!("skein_proxy_tls_handshakes_total", "result" => "bad_hello")

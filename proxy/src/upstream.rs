@@ -110,11 +110,14 @@ impl Upstreams {
                 }
                 let io = self.connect(addr).await?;
                 let (sender, conn) = http1::handshake(io).await?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.with_upgrades().await {
+                // A combinator, not an `async move` block: the block would keep
+                // `conn` and the future made of it, twice the connection's size
+                // for every pooled connection.
+                tokio::spawn(futures_util::FutureExt::map(conn.with_upgrades(), |r| {
+                    if let Err(e) = r {
                         tracing::debug!(error = %e, "upstream connection ended");
                     }
-                });
+                }));
                 metrics::counter!("skein_proxy_upstream_connects_total", "proto" => "h1")
                     .increment(1);
                 Ok((Sender::H1(sender), false))
@@ -129,11 +132,11 @@ impl Upstreams {
                 }
                 let io = self.connect(addr).await?;
                 let (sender, conn) = http2::handshake(TokioExecutor::new(), io).await?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                tokio::spawn(futures_util::FutureExt::map(conn, |r| {
+                    if let Err(e) = r {
                         tracing::debug!(error = %e, "upstream h2 connection ended");
                     }
-                });
+                }));
                 metrics::counter!("skein_proxy_upstream_connects_total", "proto" => "h2c")
                     .increment(1);
                 self.h2
