@@ -14,8 +14,9 @@
 //! keep-alive connection throughout.
 //!
 //! Idleness is checked by a timer that backs off while the connection stays
-//! busy (`rest_after`, doubling to 2 s), so a busy connection costs one timer
-//! event every two seconds, a connection with a request a second about two.
+//! busy (`rest_after`, then doubling up to 2 s after two busy checks), so a
+//! busy connection costs one timer event every two seconds, a connection with
+//! a request a second two (it rests `rest_after` to twice that after it).
 //! The header timeout keeps its meaning across a rest: a client that sends
 //! nothing, or part of a request head, is closed `header_timeout` after it
 //! went quiet, however often it rests.
@@ -315,8 +316,16 @@ pub(crate) async fn serve<I>(
         drop(ahead);
         let deadline = quiet_since + proxy.cfg.header_timeout;
         let rests = Rests::new(&proxy);
+        let mut first = Bytes::new();
         let woke = tokio::select! {
-            r = watched.inner.readable() => r.is_ok(),
+            r = first_bytes(&mut watched) => match r {
+                Ok(b) if !b.is_empty() => {
+                    first = b;
+                    true
+                }
+                // The client closed (or failed): hyper is not built for it.
+                _ => false,
+            },
             _ = drain.cancelled() => false,
             _ = tokio::time::sleep_until(deadline) => {
                 metrics::counter!("skein_proxy_client_timeouts_total", "phase" => "idle").increment(1);
@@ -334,8 +343,22 @@ pub(crate) async fn serve<I>(
             .await;
             return;
         }
-        stream = Prefixed::new(Bytes::new(), watched);
+        stream = Prefixed::new(first, watched);
     }
+}
+
+/// Waits for the client's next bytes without a buffer, then reads what came
+/// into a small one that hyper is handed first: a client that only closes
+/// (FIN, close_notify) is let go without building a hyper connection (and its
+/// buffers) to read the end of it, which matters when many leave at once.
+async fn first_bytes<I>(s: &mut Watched<I>) -> io::Result<Bytes>
+where
+    I: AsyncRead + Readable + Unpin,
+{
+    s.inner.readable().await?;
+    let mut b = BytesMut::with_capacity(1024);
+    tokio::io::AsyncReadExt::read_buf(s, &mut b).await?;
+    Ok(b.freeze())
 }
 
 /// Bytes read but not yet used, copied out: what hyper hands back is a view
@@ -404,6 +427,7 @@ where
     let mut every = rest_after;
     let mut seen = pulse.moved.load(Ordering::Relaxed);
     let mut moving_at = Instant::now();
+    let mut busy_ticks = 0u32;
     let tick = tokio::time::sleep(every);
     tokio::pin!(tick);
     let mut asked = false;
@@ -447,11 +471,17 @@ where
                     Pin::new(&mut conn).graceful_shutdown();
                     asked = true;
                 } else {
+                    // One busy tick (the request that woke the connection)
+                    // checks again as soon; a connection busy for longer is
+                    // checked less and less often.
                     if moved != seen {
                         moving_at = now;
+                        busy_ticks += 1;
                     }
                     seen = moved;
-                    every = (every * 2).min(MAX_CHECK);
+                    if busy_ticks > 1 {
+                        every = (every * 2).min(MAX_CHECK);
+                    }
                     let mut next = now + every;
                     if no_head_yet {
                         next = next.min(header_deadline);
