@@ -373,6 +373,21 @@ impl Harness {
             .map_err(|e| format!("handshake: {e}"))
     }
 
+    /// A kept-alive HTTPS/1.1 connection with `sni` and the task driving it.
+    async fn h1_client(
+        &self,
+        sni: &str,
+    ) -> (
+        hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+        tokio::task::JoinHandle<hyper::Result<()>>,
+    ) {
+        let tls = self.tls_stream(sni, &[b"http/1.1"]).await.unwrap();
+        let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        (tx, tokio::spawn(conn))
+    }
+
     /// One request over a fresh TLS connection with `sni`; returns status,
     /// headers and body, and the negotiated ALPN.
     async fn https(
@@ -1422,14 +1437,7 @@ async fn idle_keep_alive_connections_rest_and_keep_serving() {
     })
     .await;
     // A kept-alive HTTPS/1.1 connection goes quiet: it rests.
-    let tls = h
-        .tls_stream("app.example.com", &[b"http/1.1"])
-        .await
-        .unwrap();
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    let client = tokio::spawn(conn);
+    let (mut tx, client) = h.h1_client("app.example.com").await;
     let get = |q: &str| {
         Request::builder()
             .uri(format!("/{q}"))
@@ -1521,14 +1529,7 @@ async fn idle_keep_alive_connections_rest_and_keep_serving() {
     assert_eq!(h.proxy.connections_resting(), 0);
 
     // A drain closes resting connections at once.
-    let tls = h
-        .tls_stream("app.example.com", &[b"http/1.1"])
-        .await
-        .unwrap();
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    let client = tokio::spawn(conn);
+    let (mut tx, client) = h.h1_client("app.example.com").await;
     let resp = tx.send_request(get("")).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     resp.into_body().collect().await.unwrap();
