@@ -115,7 +115,6 @@ impl Default for DnsConfig {
 /// Most UDP queries read (and answers sent) per system call.
 const BATCH: usize = 32;
 
-/// A nix socket address as a std one.
 /// Answers leave with the don't-fragment bit and ignore learned path MTUs
 /// (`IP_PMTUDISC_PROBE`), as DNS Flag Day 2020 asks of servers: an answer
 /// never exceeds [`wire::MAX_UDP`] (1232 bytes, inside IPv6's minimum MTU), so
@@ -132,6 +131,7 @@ fn dont_fragment(s: &socket2::Socket, a: SocketAddr) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A nix socket address as a std one.
 fn to_std(a: &nix::sys::socket::SockaddrStorage) -> Option<SocketAddr> {
     a.as_sockaddr_in()
         .map(|v4| SocketAddr::V4((*v4).into()))

@@ -559,14 +559,7 @@ where
     I: AsyncRead + AsyncWrite + crate::rest::Readable + Unpin + Send + Sync + 'static,
 {
     if speaks == Speaks::H1 && !proxy.cfg.rest_after.is_zero() {
-        let rest_after = proxy.cfg.rest_after;
-        return Either::Left(crate::rest::serve(
-            proxy.clone(),
-            io,
-            info,
-            drain,
-            rest_after,
-        ));
+        return Either::Left(crate::rest::serve(proxy.clone(), io, info, drain));
     }
     let p = proxy.clone();
     let svc = service_fn(move |req| handle(p.clone(), info.clone(), req));

@@ -206,7 +206,7 @@ impl<S: AsyncWrite> AsyncWrite for Watched<S> {
 pin_project_lite::pin_project! {
     /// A response body that counts its request as in flight until it has been
     /// written out (hyper drops a body once its last frame is sent) or dropped.
-    pub(crate) struct Counted {
+    struct Counted {
         #[pin]
         body: ProxyBody,
         done: Done,
@@ -249,7 +249,7 @@ enum Ended<S> {
 }
 
 /// Serves HTTP/1.1 on `io` until the client or a drain ends it, resting the
-/// connection whenever it has been idle for `rest_after`. `io` is stored in
+/// connection whenever it has been idle for `[proxy] rest_after`. `io` is stored in
 /// the task a few times over (the layout of `async` state does not share a
 /// moved value's slot): a TLS stream comes boxed.
 pub(crate) async fn serve<I>(
@@ -257,7 +257,6 @@ pub(crate) async fn serve<I>(
     io: I,
     info: Arc<ConnInfo>,
     drain: CancellationToken,
-    rest_after: Duration,
 ) where
     I: AsyncRead + AsyncWrite + Readable + Unpin + Send + Sync + 'static,
 {
@@ -286,7 +285,6 @@ pub(crate) async fn serve<I>(
                 info: info.clone(),
                 pulse: pulse.clone(),
                 drain: drain.clone(),
-                rest_after,
                 wake,
             },
             stream,
@@ -392,7 +390,6 @@ struct At {
     info: Arc<ConnInfo>,
     pulse: Arc<Pulse>,
     drain: CancellationToken,
-    rest_after: Duration,
     wake: Wake,
 }
 
@@ -406,7 +403,6 @@ where
         info,
         pulse,
         drain,
-        rest_after,
         wake,
     } = at;
     let (p, i, pl) = (proxy.clone(), info.clone(), pulse.clone());
@@ -424,6 +420,7 @@ where
         .serve_connection(TokioIo::new(stream), svc)
         .with_upgrades();
     let header_deadline = wake.quiet_since + proxy.cfg.header_timeout;
+    let rest_after = proxy.cfg.rest_after;
     let mut every = rest_after;
     let mut seen = pulse.moved.load(Ordering::Relaxed);
     let mut moving_at = Instant::now();
@@ -448,6 +445,9 @@ where
                     None => Ended::Done,
                 };
             }
+            // The drain `listener::Drained` gives other connections, done
+            // here: a rest needs the connection itself (`into_parts`), which
+            // `Drained` would hold pinned.
             _ = drain.cancelled(), if !asked => {
                 asked = true;
                 Pin::new(&mut conn).graceful_shutdown();
