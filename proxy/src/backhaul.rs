@@ -39,26 +39,32 @@ use crate::table::{AppRoute, Backend};
 use crate::upstream::{BoxError, ConnectError, ProxyBody, dial};
 
 /// The app the request is for.
-pub const APP: &str = "skein-backhaul-app";
+pub const APP: HeaderName = HeaderName::from_static("skein-backhaul-app");
 /// The service's port on the machine.
-pub const PORT: &str = "skein-backhaul-port";
+pub const PORT: HeaderName = HeaderName::from_static("skein-backhaul-port");
 /// The machine the edge chose.
-pub const MACHINE: &str = "skein-backhaul-machine";
+pub const MACHINE: HeaderName = HeaderName::from_static("skein-backhaul-machine");
 /// Raw TCP: the client's address as the edge saw it.
-pub const CLIENT: &str = "skein-backhaul-client";
+pub const CLIENT: HeaderName = HeaderName::from_static("skein-backhaul-client");
 /// Raw TCP: the edge address the client connected to.
-pub const LOCAL: &str = "skein-backhaul-local";
+pub const LOCAL: HeaderName = HeaderName::from_static("skein-backhaul-local");
 /// Raw TCP: the PROXY protocol version the machine wants (`1` or `2`).
-pub const PROXY_PROTO: &str = "skein-backhaul-proxy-proto";
+pub const PROXY_PROTO: HeaderName = HeaderName::from_static("skein-backhaul-proxy-proto");
 /// On a worker's answer: it did not deliver, and why (`capacity`,
 /// `unavailable`, `connect_failed`, `not_here`, `bad_target`). Nothing
 /// reached the machine; the edge may send the request elsewhere.
-pub const REFUSED: &str = "skein-backhaul-refused";
+pub const REFUSED: HeaderName = HeaderName::from_static("skein-backhaul-refused");
 /// The upgrade token of a raw TCP stream.
 pub const TCP_UPGRADE: &str = "skein-tcp";
 
-/// Every backhaul header; an edge removes them from what clients send.
-pub const HEADERS: [&str; 7] = [APP, PORT, MACHINE, CLIENT, LOCAL, PROXY_PROTO, REFUSED];
+/// Every backhaul header.
+pub const HEADERS: [HeaderName; 7] = [APP, PORT, MACHINE, CLIENT, LOCAL, PROXY_PROTO, REFUSED];
+
+/// True for every backhaul header (all of [`HEADERS`] begin so); an edge
+/// removes them from what clients send.
+pub fn is_header(name: &str) -> bool {
+    name.starts_with("skein-backhaul-")
+}
 
 /// The machine a backhauled request is for (borrowed: from the edge's
 /// route, or from the worker's request headers; nothing is copied).
@@ -75,7 +81,7 @@ pub struct Target<'a> {
 impl<'a> Target<'a> {
     /// Reads the target from a request's headers.
     pub fn from_headers(h: &'a HeaderMap) -> Option<Target<'a>> {
-        let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok());
+        let get = |n: HeaderName| h.get(n).and_then(|v| v.to_str().ok());
         Some(Target {
             app: get(APP)?,
             port: get(PORT)?.parse().ok()?,
@@ -94,9 +100,14 @@ impl<'a> Target<'a> {
     }
 }
 
-/// Removes every backhaul header.
+/// Removes every backhaul header (nothing is hashed when there is none).
 pub fn strip(h: &mut HeaderMap) {
-    for n in HEADERS {
+    let found: Vec<HeaderName> = h
+        .keys()
+        .filter(|n| is_header(n.as_str()))
+        .cloned()
+        .collect();
+    for n in found {
         h.remove(n);
     }
 }
@@ -105,10 +116,7 @@ pub fn strip(h: &mut HeaderMap) {
 /// answer, marked [`REFUSED`] so the edge knows it may go elsewhere.
 fn refuse(status: StatusCode, why: &'static str) -> Response<ProxyBody> {
     metrics::counter!("skein_proxy_backhaul_refused_total", "reason" => why).increment(1);
-    let mark = (
-        HeaderName::from_static(REFUSED),
-        HeaderValue::from_static(why),
-    );
+    let mark = (REFUSED, HeaderValue::from_static(why));
     local(status, why, Some(mark))
 }
 
@@ -329,7 +337,7 @@ async fn tcp(
     slot: crate::load::Slot,
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    let addr_of = |n: &str| {
+    let addr_of = |n: HeaderName| {
         req.headers()
             .get(n)
             .and_then(|v| v.to_str().ok())

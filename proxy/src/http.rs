@@ -28,19 +28,22 @@ use crate::table::{AppRoute, Backend, PortRoute, normalize_host};
 use crate::upstream::{BoxError, ConnectError, Proto, ProxyBody, Sender};
 
 /// The client's real address, set by the proxy; a client's own is removed.
-pub const CLIENT_IP: &str = "skein-client-ip";
+pub const CLIENT_IP: HeaderName = HeaderName::from_static("skein-client-ip");
 /// The edge's region.
-pub const REGION: &str = "skein-region";
+pub const REGION: HeaderName = HeaderName::from_static("skein-region");
 /// The request id.
-pub const REQUEST_ID: &str = "skein-request-id";
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("skein-request-id");
 /// Why the proxy answered itself.
-pub const ERROR: &str = "skein-error";
+pub const ERROR: HeaderName = HeaderName::from_static("skein-error");
 /// The machine that answered.
-pub const MACHINE: &str = "skein-machine";
+pub const MACHINE: HeaderName = HeaderName::from_static("skein-machine");
 /// Client hint: prefer machines closest to this region.
-pub const PREFER_REGION: &str = "skein-prefer-region";
+pub const PREFER_REGION: HeaderName = HeaderName::from_static("skein-prefer-region");
 /// Client hint: only this machine.
-pub const FORCE_MACHINE: &str = "skein-force-machine";
+pub const FORCE_MACHINE: HeaderName = HeaderName::from_static("skein-force-machine");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
 
 /// What the handler knows about the client connection.
 #[derive(Debug, Clone)]
@@ -57,6 +60,34 @@ pub struct ConnInfo {
     pub sni: Option<String>,
     /// The flycast address the client connected to: it names the app.
     pub flycast: Option<std::net::Ipv6Addr>,
+    /// The client's address and the port as header values, made once per
+    /// connection rather than formatted for every request.
+    forwarded: (HeaderValue, HeaderValue),
+}
+
+impl ConnInfo {
+    /// What the handler knows about a connection from `client` to `local`.
+    pub fn new(
+        client: SocketAddr,
+        local: SocketAddr,
+        port: u16,
+        tls: bool,
+        sni: Option<String>,
+        flycast: Option<std::net::Ipv6Addr>,
+    ) -> ConnInfo {
+        let ip = client.ip().to_canonical().to_string();
+        let ip = HeaderValue::from_maybe_shared(Bytes::from(ip))
+            .unwrap_or(HeaderValue::from_static("unknown"));
+        ConnInfo {
+            client,
+            local,
+            port,
+            tls,
+            sni,
+            flycast,
+            forwarded: (ip, HeaderValue::from(port)),
+        }
+    }
 }
 
 pub(crate) fn local(
@@ -81,45 +112,67 @@ pub(crate) fn local(
 }
 
 /// Headers that describe one hop and are never forwarded (RFC 9110 7.6.1).
-const HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRANSFER_ENCODING,
-];
+fn hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
 
-fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Headers named by Connection are hop-by-hop too.
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        h.remove(n);
+/// The platform's own request headers: set by the proxy, never taken from a
+/// client (a client could forge its address or steer another's request).
+fn platform_request_header(name: &str) -> bool {
+    name.strip_prefix("skein-").is_some_and(|rest| {
+        matches!(
+            rest,
+            "client-ip" | "region" | "request-id" | "prefer-region" | "force-machine" | "machine"
+        ) || backhaul::is_header(name)
+    })
+}
+
+/// Removes the hop-by-hop headers (those above and the ones `Connection`
+/// names) and the ones `also` picks, keeping `te: trailers` (gRPC needs it;
+/// RFC 9113 8.2.2 allows it on h2). One pass over the headers, and nothing
+/// hashed unless something goes: most messages carry none of them.
+fn strip(h: &mut HeaderMap, also: fn(&str) -> bool) {
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    let mut te_trailers = false;
+    for (name, value) in h.iter() {
+        let n = name.as_str();
+        if n == "connection" {
+            let listed = value.to_str().ok().into_iter().flat_map(|v| v.split(','));
+            doomed.extend(listed.filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok()));
+        } else if n == "te" {
+            te_trailers |= value.as_bytes().eq_ignore_ascii_case(b"trailers");
+        }
+        if hop_by_hop(n) || also(n) {
+            doomed.push(name.clone());
+        }
     }
-    // `te: trailers` is the one TE value that crosses (gRPC needs it; RFC 9113
-    // 8.2.2 allows it on h2).
-    let te_trailers = h
-        .get(header::TE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for n in &HOP_BY_HOP {
+    for n in &doomed {
         h.remove(n);
     }
     if te_trailers {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
     }
-    h.remove(header::UPGRADE);
+}
+
+/// Removes what only concerns one hop.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    strip(h, |_| false);
 }
 
 static REQUEST_COUNTER: AtomicU64 = AtomicU64::new(0);
 
-/// A request id unique in this process and unlikely to repeat across them.
+/// A request id unique in this process and unlikely to repeat across them:
+/// 24 hex digits, a keyed hash of a counter and the counter's low bits.
 fn request_id() -> HeaderValue {
     use std::hash::{BuildHasher, Hasher};
     static SEED: std::sync::OnceLock<std::collections::hash_map::RandomState> =
@@ -127,8 +180,12 @@ fn request_id() -> HeaderValue {
     let n = REQUEST_COUNTER.fetch_add(1, Ordering::Relaxed);
     let mut h = SEED.get_or_init(Default::default).build_hasher();
     h.write_u64(n);
-    let v = format!("{:016x}{:08x}", h.finish(), n as u32);
-    HeaderValue::from_str(&v).unwrap_or(HeaderValue::from_static("0"))
+    let v = (u128::from(h.finish()) << 32) | u128::from(n as u32);
+    let mut out = [0u8; 24];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = b"0123456789abcdef"[((v >> (4 * (23 - i))) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("0"))
 }
 
 /// Handles one request from a client connection.
@@ -138,7 +195,7 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
-    let resp = route(&proxy, &conn, req).await;
+    let resp = route(&proxy, &conn, req, started).await;
     let class = usize::from(resp.status().as_u16() / 100).clamp(1, 5) - 1;
     proxy.metrics.requests[class].increment(1);
     proxy
@@ -208,7 +265,12 @@ fn host_of(req: &Request<Incoming>, conn: &ConnInfo) -> Option<String> {
     Some(normalize_host(&raw))
 }
 
-async fn route(proxy: &Arc<Proxy>, conn: &ConnInfo, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn route(
+    proxy: &Arc<Proxy>,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+    started: Instant,
+) -> Response<ProxyBody> {
     let Some(host) = host_of(&req, conn) else {
         return local(StatusCode::BAD_REQUEST, "no_host", None);
     };
@@ -284,7 +346,6 @@ async fn route(proxy: &Arc<Proxy>, conn: &ConnInfo, req: Request<Incoming>) -> R
     }
     // Boxed: the forwarding state machine is large, and hyper moves the
     // handler future into a task per request (per stream on h2).
-    let started = Instant::now();
     let resp = Box::pin(forward(proxy, conn, &table, &app, &port, host, req)).await;
     let m = &app.metrics;
     m.requests[usize::from(resp.status().as_u16() / 100).clamp(1, 5) - 1].increment(1);
@@ -434,24 +495,29 @@ pub(crate) fn fit(parts: &mut http::request::Parts, proto: Proto, host: &str) {
         Proto::H1 => Version::HTTP_11,
         Proto::H2c => Version::HTTP_2,
     };
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .to_string();
-    parts.uri = match proto {
-        Proto::H1 => Uri::try_from(pq.as_str()).unwrap_or_else(|_| Uri::from_static("/")),
-        Proto::H2c => Uri::builder()
-            .scheme("http")
-            .authority(host)
-            .path_and_query(pq.as_str())
-            .build()
-            .unwrap_or_else(|_| Uri::from_static("/")),
-    };
+    // An HTTP/1.1 client's request is already in origin form with its Host:
+    // left as it is (the common case costs nothing).
+    let origin_form = parts.uri.scheme().is_none() && parts.uri.authority().is_none();
+    if !(proto == Proto::H1 && origin_form) {
+        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let uri = match proto {
+            Proto::H1 => Uri::try_from(pq).ok(),
+            Proto::H2c => Uri::builder()
+                .scheme("http")
+                .authority(host)
+                .path_and_query(pq)
+                .build()
+                .ok(),
+        };
+        parts.uri = uri.unwrap_or_else(|| Uri::from_static("/"));
+    }
     match proto {
         Proto::H1 => {
-            if let Ok(v) = HeaderValue::from_str(host) {
+            let same = parts
+                .headers
+                .get(header::HOST)
+                .is_some_and(|v| v.as_bytes() == host.as_bytes());
+            if !same && let Ok(v) = HeaderValue::from_str(host) {
                 parts.headers.insert(header::HOST, v);
             }
         }
@@ -476,7 +542,7 @@ async fn forward(
     let upgrade = upgrade_protocol(req.headers());
     let mut client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    let hint = |name: &str| {
+    let hint = |name: HeaderName| {
         parts
             .headers
             .get(name)
@@ -484,7 +550,7 @@ async fn forward(
             .map(str::to_string)
     };
     let (prefer, mut force) = (hint(PREFER_REGION), hint(FORCE_MACHINE));
-    prepare_headers(&mut parts.headers, proxy, conn, &host);
+    prepare_headers(&mut parts.headers, proxy, conn);
     if let Some(p) = &upgrade {
         parts
             .headers
@@ -719,38 +785,29 @@ pub fn connect_failed(proxy: &Proxy, backend: &Backend, e: &ConnectError) {
     tracing::warn!(machine = %backend.machine, addr = %backend.addr, error = %e, "connect failed; machine ejected");
 }
 
-fn prepare_headers(h: &mut HeaderMap, proxy: &Proxy, conn: &ConnInfo, _host: &str) {
-    strip_hop_by_hop(h);
-    for n in [
-        CLIENT_IP,
-        REGION,
-        REQUEST_ID,
-        PREFER_REGION,
-        FORCE_MACHINE,
-        MACHINE,
-    ] {
-        h.remove(n);
-    }
-    backhaul::strip(h);
-    let ip = conn.client.ip().to_canonical().to_string();
-    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip.clone(),
+fn prepare_headers(h: &mut HeaderMap, proxy: &Proxy, conn: &ConnInfo) {
+    strip(h, platform_request_header);
+    let (ip, port) = &conn.forwarded;
+    let xff = match h.get(X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
+        Some(prev) => {
+            let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
+            v.extend_from_slice(prev);
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(ip.as_bytes());
+            HeaderValue::from_bytes(&v).ok()
+        }
+        None => Some(ip.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        h.insert("x-forwarded-for", v);
+    if let Some(v) = xff {
+        h.insert(X_FORWARDED_FOR, v);
     }
     h.insert(
-        "x-forwarded-proto",
+        X_FORWARDED_PROTO,
         HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
     );
-    h.insert("x-forwarded-port", HeaderValue::from(conn.port));
-    if let Ok(v) = HeaderValue::from_str(&ip) {
-        h.insert(CLIENT_IP, v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&proxy.at.region) {
-        h.insert(REGION, v);
-    }
+    h.insert(X_FORWARDED_PORT, port.clone());
+    h.insert(CLIENT_IP, ip.clone());
+    h.insert(REGION, proxy.region_header.clone());
     h.insert(REQUEST_ID, request_id());
 }
 
@@ -978,4 +1035,75 @@ pub struct RequestLimits {
     pub queue_timeout: Duration,
     /// Most requests waiting per service.
     pub queue_depth: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn a_clients_hop_and_platform_headers_are_removed_and_the_rest_kept() {
+        let mut h = headers(&[
+            ("host", "a.example"),
+            ("connection", "keep-alive, X-Trace-Hop"),
+            ("connection", "close"),
+            ("keep-alive", "timeout=5"),
+            ("x-trace-hop", "1"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-authorization", "Basic eA=="),
+            ("skein-client-ip", "6.6.6.6"),
+            ("skein-backhaul-machine", "m1"),
+            ("skein-force-machine", "m2"),
+            ("skein-trace", "app's own"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("accept", "*/*"),
+        ]);
+        strip(&mut h, platform_request_header);
+        let mut left: Vec<String> = h
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or("?")))
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "accept: */*",
+                "host: a.example",
+                "skein-trace: app's own",
+                "te: trailers",
+                "x-forwarded-for: 10.0.0.1",
+            ]
+        );
+    }
+
+    #[test]
+    fn te_other_than_trailers_does_not_cross_and_responses_keep_platform_headers() {
+        let mut h = headers(&[
+            ("te", "gzip"),
+            ("upgrade", "websocket"),
+            ("skein-machine", "m1"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["skein-machine"], "m1");
+    }
+
+    #[test]
+    fn request_ids_are_24_hex_digits_and_differ() {
+        let (a, b) = (request_id(), request_id());
+        for id in [&a, &b] {
+            assert_eq!(id.len(), 24);
+            assert!(id.as_bytes().iter().all(u8::is_ascii_hexdigit), "{id:?}");
+        }
+        assert_ne!(a, b);
+    }
 }

@@ -92,6 +92,8 @@ pub struct Proxy {
     http_tls: Arc<ServerConfig>,
     raw_tls: Arc<ServerConfig>,
     acme_tls: Arc<ServerConfig>,
+    /// This edge's region as the header value every request carries.
+    region_header: ::http::HeaderValue,
 }
 
 /// What a bound listener is for.
@@ -167,6 +169,7 @@ impl Proxy {
         let http_tls = certs.server_config(&[b"h2", b"http/1.1"], &resumption)?;
         let raw_tls = certs.server_config(&[], &resumption)?;
         let acme_tls = acme_server_config(&challenges)?;
+        let region: String = region.into();
         Ok(Arc::new(Proxy {
             routes,
             last: std::sync::Mutex::new(None),
@@ -184,8 +187,10 @@ impl Proxy {
                 queue_timeout: cfg.queue_timeout,
                 queue_depth: cfg.queue_depth,
             },
+            region_header: ::http::HeaderValue::from_str(&region)
+                .unwrap_or(::http::HeaderValue::from_static("unknown")),
             at: table::Locality {
-                region: region.into(),
+                region,
                 host,
                 backhaul: cfg.backhaul.enabled.then(|| cfg.backhaul.clone()),
             },

@@ -227,14 +227,7 @@ async fn connection(
         std::net::IpAddr::V6(a) if skein_catalog::sixpn::policy::is_flycast(&a.octets()) => Some(a),
         _ => None,
     };
-    let info = |tls: bool, sni: Option<String>| ConnInfo {
-        client: peer,
-        local,
-        port,
-        tls,
-        sni,
-        flycast,
-    };
+    let info = |tls: bool, sni: Option<String>| ConnInfo::new(peer, local, port, tls, sni, flycast);
     let table = proxy.routes.load_full();
     let on_port = |app: &Arc<AppRoute>| Some((app.clone(), app.ports.get(&port)?.clone()));
     let pinned = match flycast {
