@@ -17,6 +17,7 @@
 //! refused when none are configured. PTR and nearest-N are still to come.
 
 pub mod forward;
+pub mod names;
 pub mod view;
 pub mod wire;
 
@@ -287,7 +288,7 @@ impl Dns {
                     &q,
                     rcode::NOERROR,
                     true,
-                    Body::Answer(&r),
+                    Body::Answer(r.answer()),
                     limit,
                 );
                 self.counters.by_rcode[usize::from(rcode::NOERROR)].increment(1);

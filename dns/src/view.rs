@@ -11,7 +11,8 @@ use skein_catalog::model::{App, K8sProtocol, K8sService, K8sServiceKind, Machine
 use skein_catalog::sixpn::SixPn;
 use skein_catalog::{Catalog, Snapshot, Touched};
 
-use crate::wire::{Records, encode_name, rtype, wire_name};
+use crate::names::{Entry, NameTable};
+use crate::wire::{Answer, Records, encode_name, rtype, wire_name};
 
 /// A zone this server is the authority for, in one view.
 #[derive(Debug, Clone)]
@@ -22,16 +23,10 @@ pub struct Zone {
     pub soa: Vec<u8>,
 }
 
-#[derive(Debug, Default, Clone)]
-struct Entry {
-    types: Vec<(u16, Records)>,
-    cname: Option<Records>,
-}
-
 /// What a view says about a question.
 pub enum Lookup<'a> {
     /// Records of the asked type (or a CNAME).
-    Answer(&'a Records),
+    Answer(Answer<'a>),
     /// The name exists, not with this type.
     NoData(&'a Zone),
     /// The name does not exist in a zone we serve.
@@ -43,7 +38,10 @@ pub enum Lookup<'a> {
 /// One network's names.
 #[derive(Debug, Default)]
 pub struct View {
+    /// Names while the view is built; [`View::freeze`] moves them to `table`.
     names: FxHashMap<Vec<u8>, Entry>,
+    /// Names as questions find them.
+    table: NameTable,
     zones: Vec<Zone>,
     /// For `top<N>.nearest.of.<app>.internal`: per app, its machines' AAAA
     /// records sorted by round-trip time from each region (and unsorted under
@@ -56,6 +54,10 @@ const AAAA_RECORD: usize = 2 + 2 + 2 + 4 + 2 + 16;
 
 /// `top<N>.nearest.of.<app>.internal` in lowercased wire form: (N, app).
 pub fn parse_nearest(qname: &[u8]) -> Option<(usize, &str)> {
+    // Every AAAA question comes here: the rest only for a first label `top…`.
+    if qname.get(1..4) != Some(b"top".as_slice()) {
+        return None;
+    }
     let mut labels = Vec::with_capacity(6);
     let mut i = 0;
     while i < qname.len() {
@@ -92,14 +94,14 @@ impl View {
 
     /// Answers a question (`qname` lowercased wire form).
     pub fn lookup(&self, qname: &[u8], qtype: u16) -> Lookup<'_> {
-        match self.names.get(qname) {
+        match self.table.get(qname) {
             Some(e) => {
                 // A CNAME answers every type, its own included.
-                if let Some(c) = &e.cname {
+                if let Some(c) = e.cname() {
                     return Lookup::Answer(c);
                 }
-                match e.types.iter().find(|(t, _)| *t == qtype) {
-                    Some((_, r)) => Lookup::Answer(r),
+                match e.get(qtype) {
+                    Some(r) => Lookup::Answer(r),
                     None => match self.zone_of(qname) {
                         Some(z) => Lookup::NoData(z),
                         None => Lookup::NotOurs,
@@ -216,14 +218,26 @@ impl View {
         }
     }
 
+    /// Lays the names out for answering (every view is frozen before use).
+    fn freeze(&mut self) {
+        let (table, skipped) = NameTable::build(std::mem::take(&mut self.names));
+        if skipped > 0 {
+            tracing::error!(
+                skipped,
+                "names too long for a DNS answer table were left out"
+            );
+        }
+        self.table = table;
+    }
+
     /// Number of names.
     pub fn len(&self) -> usize {
-        self.names.len()
+        self.table.len()
     }
 
     /// True if it has no names.
     pub fn is_empty(&self) -> bool {
-        self.names.is_empty()
+        self.table.is_empty()
     }
 }
 
@@ -412,9 +426,11 @@ impl Views {
         empty.add_zone("flycast", ttl);
         empty.add_cluster_zone("cluster.local", ttl);
         empty.add_zone(REVERSE_ZONE, ttl);
+        empty.freeze();
         if default_network.is_none() || out.default.zones.is_empty() {
             out.default = Arc::new(View {
-                names: empty.names.clone(),
+                names: FxHashMap::default(),
+                table: empty.table.clone(),
                 zones: empty.zones.clone(),
                 nearest: FxHashMap::default(),
             });
@@ -583,6 +599,7 @@ impl View {
             }
         }
         v.fill_empty_non_terminals();
+        v.freeze();
         v
     }
 }

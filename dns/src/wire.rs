@@ -218,10 +218,29 @@ impl Records {
     }
 }
 
+impl Records {
+    /// The records as an answer.
+    pub fn answer(&self) -> Answer<'_> {
+        Answer {
+            count: self.count,
+            bytes: &self.bytes,
+        }
+    }
+}
+
+/// Records to answer with, borrowed from wherever they are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answer<'a> {
+    /// How many records.
+    pub count: u16,
+    /// Their bytes (see [`Records`]).
+    pub bytes: &'a [u8],
+}
+
 /// What a response holds besides the question.
 pub enum Body<'a> {
     /// Answers.
-    Answer(&'a Records),
+    Answer(Answer<'a>),
     /// No answer; the zone's SOA record in the authority section. `apex_len` is
     /// the apex name's wire length (a suffix of the question name); `soa` is the
     /// SOA's TTL, type, class and RDATA, without the owner.
@@ -274,7 +293,7 @@ pub fn write_response(
     out.extend_from_slice(question);
     if !truncated {
         match body {
-            Body::Answer(r) => out.extend_from_slice(&r.bytes),
+            Body::Answer(r) => out.extend_from_slice(r.bytes),
             Body::Negative { apex_len, soa } => {
                 let offset = 12 + q.qname_len.saturating_sub(apex_len);
                 out.extend_from_slice(&(0xc000 | offset as u16).to_be_bytes());
@@ -380,7 +399,7 @@ mod tests {
             &q,
             rcode::NOERROR,
             true,
-            Body::Answer(&r),
+            Body::Answer(r.answer()),
             q.udp_limit(),
         );
         assert_eq!(out[2] & 0x02, 0x02, "TC set");
@@ -392,7 +411,7 @@ mod tests {
             &q,
             rcode::NOERROR,
             true,
-            Body::Answer(&r),
+            Body::Answer(r.answer()),
             65535,
         );
         assert_eq!(out[2] & 0x02, 0);
