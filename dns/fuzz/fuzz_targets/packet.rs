@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
         Ok(q) => {
             let mut r = Records::default();
             r.push(rtype::AAAA, 5, &[0xfd; 16]);
-            write_response(&mut out, data, &q, rcode::NOERROR, true, Body::Answer(&r), q.udp_limit());
+            write_response(&mut out, data, &q, rcode::NOERROR, true, Body::Answer(r.answer()), q.udp_limit());
             let soa = [0u8, 6, 0, 1, 0, 0, 0, 5, 0, 0];
             write_response(&mut out, data, &q, rcode::NXDOMAIN, true, Body::Negative { apex_len: q.qname_len, soa: &soa }, 512);
         }
