@@ -34,19 +34,20 @@ pub struct NameTable {
     slots: Box<[u64]>,
     /// High bits of the hash pick the first slot: `64 - log2(slots)`.
     shift: u32,
+    /// Seeded at random for each table: names chosen to collide (a customer
+    /// names its services) cannot be worked out in advance to pile up into
+    /// one long probe run.
+    seed: foldhash::fast::RandomState,
     arena: Vec<u8>,
     len: usize,
 }
 
-fn hash(key: &[u8]) -> u64 {
-    use std::hash::Hasher;
-    let mut h = rustc_hash::FxHasher::default();
-    h.write(key);
-    // Fx mixes weakly into the high bits that pick the slot: spread them.
-    h.finish().wrapping_mul(0x9e37_79b9_7f4a_7c15)
-}
-
 impl NameTable {
+    fn hash(&self, key: &[u8]) -> u64 {
+        use std::hash::BuildHasher;
+        self.seed.hash_one(key)
+    }
+
     /// Lays out `names` (wire-form lowercased keys). Names too long to be
     /// DNS names, or past an arena of 4 GiB, are left out and counted in the
     /// returned number.
@@ -55,6 +56,7 @@ impl NameTable {
         let mut t = NameTable {
             slots: vec![0u64; want].into_boxed_slice(),
             shift: 64 - want.trailing_zeros(),
+            seed: foldhash::fast::RandomState::default(),
             arena: Vec::new(),
             len: 0,
         };
@@ -88,7 +90,7 @@ impl NameTable {
             blob.extend_from_slice(&r.bytes);
         }
         u32::try_from(self.arena.len() + blob.len()).ok()?;
-        let h = hash(key);
+        let h = self.hash(key);
         let mask = self.slots.len() - 1;
         let mut i = (h >> self.shift) as usize;
         while self.slots[i] != 0 {
@@ -105,7 +107,7 @@ impl NameTable {
         if self.len == 0 {
             return None;
         }
-        let h = hash(key);
+        let h = self.hash(key);
         let tag = h << 32;
         let mask = self.slots.len() - 1;
         let mut i = (h >> self.shift) as usize;
