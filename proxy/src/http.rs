@@ -251,18 +251,14 @@ impl Default for RequestMetrics {
 }
 
 fn host_of(req: &Request<Incoming>, conn: &ConnInfo) -> Option<String> {
-    let raw = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
-        .or_else(|| conn.sni.clone())?;
-    Some(normalize_host(&raw))
+    let raw = match req.uri().authority() {
+        Some(a) => a.as_str(),
+        None => match req.headers().get(header::HOST).map(HeaderValue::to_str) {
+            Some(Ok(h)) => h,
+            _ => conn.sni.as_deref()?,
+        },
+    };
+    Some(normalize_host(raw))
 }
 
 async fn route(
@@ -501,7 +497,19 @@ pub(crate) fn fit(parts: &mut http::request::Parts, proto: Proto, host: &str) {
     if !(proto == Proto::H1 && origin_form) {
         let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let uri = match proto {
-            Proto::H1 => Uri::try_from(pq).ok(),
+            // The path as it is (no parse, no copy): only scheme and
+            // authority go.
+            Proto::H1 => {
+                let mut origin = http::uri::Parts::default();
+                origin.path_and_query = Some(
+                    parts
+                        .uri
+                        .path_and_query()
+                        .cloned()
+                        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+                );
+                Uri::from_parts(origin).ok()
+            }
             Proto::H2c => Uri::builder()
                 .scheme("http")
                 .authority(host)
@@ -1095,6 +1103,35 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert_eq!(h["skein-machine"], "m1");
+    }
+
+    fn parts(uri: &str, host: Option<&'static str>) -> http::request::Parts {
+        let mut b = Request::builder().uri(uri);
+        if let Some(h) = host {
+            b = b.header("host", h);
+        }
+        b.body(()).map(|r| r.into_parts().0).expect("a request")
+    }
+
+    #[test]
+    fn requests_are_fitted_to_the_machines_protocol() {
+        // From h2 (absolute form, no Host) to an HTTP/1.1 machine.
+        let mut p = parts("https://a.example/x/y?q=1", None);
+        fit(&mut p, Proto::H1, "a.example");
+        assert_eq!(p.uri.to_string(), "/x/y?q=1");
+        assert_eq!(p.headers["host"], "a.example");
+        assert_eq!(p.version, Version::HTTP_11);
+        // HTTP/1.1 in origin form keeps its path; Host is the routed name.
+        let mut p = parts("/x?q=2", Some("A.Example:443"));
+        fit(&mut p, Proto::H1, "a.example");
+        assert_eq!(p.uri.to_string(), "/x?q=2");
+        assert_eq!(p.headers["host"], "a.example");
+        // To h2c: scheme and authority, no Host.
+        let mut p = parts("/x?q=3", Some("a.example"));
+        fit(&mut p, Proto::H2c, "a.example");
+        assert_eq!(p.uri.to_string(), "http://a.example/x?q=3");
+        assert!(!p.headers.contains_key("host"));
+        assert_eq!(p.version, Version::HTTP_2);
     }
 
     #[test]
