@@ -129,12 +129,16 @@ fn hop_by_hop(name: &str) -> bool {
 /// The platform's own request headers: set by the proxy, never taken from a
 /// client (a client could forge its address or steer another's request).
 fn platform_request_header(name: &str) -> bool {
-    name.strip_prefix("skein-").is_some_and(|rest| {
-        matches!(
-            rest,
-            "client-ip" | "region" | "request-id" | "prefer-region" | "force-machine" | "machine"
-        ) || backhaul::is_header(name)
-    })
+    const OWN: [HeaderName; 6] = [
+        CLIENT_IP,
+        REGION,
+        REQUEST_ID,
+        PREFER_REGION,
+        FORCE_MACHINE,
+        MACHINE,
+    ];
+    name.starts_with("skein-")
+        && (OWN.iter().any(|h| h.as_str() == name) || backhaul::is_header(name))
 }
 
 /// Removes the hop-by-hop headers (those above and the ones `Connection`
@@ -1076,6 +1080,15 @@ mod tests {
             ("accept", "*/*"),
         ]);
         strip(&mut h, platform_request_header);
+        for name in backhaul::HEADERS
+            .iter()
+            .chain(&[CLIENT_IP, REGION, REQUEST_ID, MACHINE])
+        {
+            assert!(
+                platform_request_header(name.as_str()),
+                "{name} must not cross"
+            );
+        }
         let mut left: Vec<String> = h
             .iter()
             .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or("?")))
