@@ -4,6 +4,8 @@
 //! - [`wire`]: strict query parsing and response writing (no allocation per query).
 //! - [`view`]: per-network views built from a catalog snapshot, answers
 //!   pre-encoded; the asker's source address picks its view.
+//! - [`names`]: a view's names frozen for answering (an index that stays in
+//!   cache, one arena holding each name's key and records together).
 //! - [`Dns`]: UDP served by one blocking thread per core on SO_REUSEPORT
 //!   sockets (a query is a hash lookup and a copy), TCP on the async runtime.
 //!
@@ -14,7 +16,9 @@
 //! `<hostname>.<svc>…` for headless endpoints, CNAME for ExternalName, SRV for
 //! named ports, `dns-version.<zone>` TXT). Other names go to the upstreams
 //! ([`forward`]: cache, negative cache, SERVFAIL on timeout, rate limit), or are
-//! refused when none are configured. PTR and nearest-N are still to come.
+//! refused when none are configured. PTR under `ip6.arpa` answers ClusterIPs
+//! and machines (every pod is one); `top<N>.nearest.of.<app>.internal` the N
+//! machines nearest the asker's region.
 
 pub mod forward;
 pub mod names;

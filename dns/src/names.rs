@@ -71,34 +71,43 @@ impl NameTable {
     }
 
     fn insert(&mut self, key: &[u8], e: &Entry) -> Option<()> {
-        let off = u32::try_from(self.arena.len()).ok()?.checked_add(1)?;
-        let klen = u16::try_from(key.len()).ok()?;
-        let types = u8::try_from(e.types.len()).ok()?;
-        let mut blob = Vec::with_capacity(key.len() + 4);
-        blob.extend_from_slice(&klen.to_le_bytes());
-        blob.extend_from_slice(key);
-        blob.push(u8::from(e.cname.is_some()));
-        blob.push(types);
-        let cname = e.cname.as_ref().map(|r| (rtype::CNAME, r));
-        for (t, r) in cname
-            .into_iter()
-            .chain(e.types.iter().map(|(t, r)| (*t, r)))
-        {
-            blob.extend_from_slice(&t.to_le_bytes());
-            blob.extend_from_slice(&r.count.to_le_bytes());
-            blob.extend_from_slice(&u32::try_from(r.bytes.len()).ok()?.to_le_bytes());
-            blob.extend_from_slice(&r.bytes);
+        let start = self.arena.len();
+        let laid = self.lay_out(key, e);
+        // The arena's end must stay addressable by a slot's 32-bit offset.
+        if laid.is_none() || u32::try_from(self.arena.len()).is_err() {
+            self.arena.truncate(start);
+            return None;
         }
-        u32::try_from(self.arena.len() + blob.len()).ok()?;
+        let off = u64::from(u32::try_from(start).ok()?) + 1;
         let h = self.hash(key);
         let mask = self.slots.len() - 1;
         let mut i = (h >> self.shift) as usize;
         while self.slots[i] != 0 {
             i = (i + 1) & mask;
         }
-        self.slots[i] = (h << 32) | u64::from(off);
-        self.arena.extend_from_slice(&blob);
+        self.slots[i] = (h << 32) | off;
         self.len += 1;
+        Some(())
+    }
+
+    /// Appends one name's key and records to the arena (None: a field does
+    /// not fit its width; the caller drops what was appended).
+    fn lay_out(&mut self, key: &[u8], e: &Entry) -> Option<()> {
+        let a = &mut self.arena;
+        a.extend_from_slice(&u16::try_from(key.len()).ok()?.to_le_bytes());
+        a.extend_from_slice(key);
+        a.push(u8::from(e.cname.is_some()));
+        a.push(u8::try_from(e.types.len()).ok()?);
+        let cname = e.cname.as_ref().map(|r| (rtype::CNAME, r));
+        for (t, r) in cname
+            .into_iter()
+            .chain(e.types.iter().map(|(t, r)| (*t, r)))
+        {
+            a.extend_from_slice(&t.to_le_bytes());
+            a.extend_from_slice(&r.count.to_le_bytes());
+            a.extend_from_slice(&u32::try_from(r.bytes.len()).ok()?.to_le_bytes());
+            a.extend_from_slice(&r.bytes);
+        }
         Some(())
     }
 

@@ -216,9 +216,7 @@ impl Records {
         self.bytes.extend_from_slice(rdata);
         self.count += 1;
     }
-}
 
-impl Records {
     /// The records as an answer.
     pub fn answer(&self) -> Answer<'_> {
         Answer {
