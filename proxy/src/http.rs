@@ -146,7 +146,8 @@ fn platform_request_header(name: &str) -> bool {
 /// RFC 9113 8.2.2 allows it on h2). One pass over the headers, and nothing
 /// hashed unless something goes: most messages carry none of them.
 fn strip(h: &mut HeaderMap, also: fn(&str) -> bool) {
-    let mut doomed: Vec<HeaderName> = Vec::new();
+    // Usually `connection` and what it names, if anything: kept on the stack.
+    let mut doomed: smallvec::SmallVec<[HeaderName; 4]> = smallvec::SmallVec::new();
     let mut te_trailers = false;
     for (name, value) in h.iter() {
         let n = name.as_str();
