@@ -304,7 +304,11 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<P
     );
     // One more try when a pooled connection turns out closed.
     for _ in 0..2 {
-        let sender = match proxy.upstreams.get(backend.addr, proto).await {
+        let sender = match proxy
+            .upstreams
+            .get(backend.addr, proto, upgrade.is_some())
+            .await
+        {
             Ok((s, _)) => s,
             Err(e) => {
                 connect_failed(&proxy, backend, &e);

@@ -17,7 +17,6 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1;
 use skein_catalog::model::BackendProtocol;
 
 use crate::Proxy;
@@ -193,21 +192,39 @@ fn request_id() -> HeaderValue {
     HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("0"))
 }
 
-/// Handles one request from a client connection.
-pub async fn handle(
+/// Handles one request that hyper read from a client connection.
+pub async fn handle_hyper(
     proxy: Arc<Proxy>,
     conn: Arc<ConnInfo>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    handle(proxy, conn, req.map(|b| b.map_err(BoxError::from).boxed())).await
+}
+
+/// Handles one request from a client connection.
+pub async fn handle(
+    proxy: Arc<Proxy>,
+    conn: Arc<ConnInfo>,
+    req: Request<ProxyBody>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    Ok(serve_request(&proxy, &conn, req).await)
+}
+
+/// Answers one request from a client connection.
+pub(crate) async fn serve_request(
+    proxy: &Arc<Proxy>,
+    conn: &ConnInfo,
+    req: Request<ProxyBody>,
+) -> Response<ProxyBody> {
     let started = Instant::now();
-    let resp = route(&proxy, &conn, req, started).await;
+    let resp = route(proxy, conn, req, started).await;
     let class = usize::from(resp.status().as_u16() / 100).clamp(1, 5) - 1;
     proxy.metrics.requests[class].increment(1);
     proxy
         .metrics
         .duration
         .record(started.elapsed().as_secs_f64());
-    Ok(resp)
+    resp
 }
 
 /// Per-app metric handles, resolved when the route table is built.
@@ -255,7 +272,7 @@ impl Default for RequestMetrics {
     }
 }
 
-fn host_of(req: &Request<Incoming>, conn: &ConnInfo) -> Option<String> {
+fn host_of(req: &Request<ProxyBody>, conn: &ConnInfo) -> Option<String> {
     let raw = match req.uri().authority() {
         Some(a) => a.as_str(),
         None => match req.headers().get(header::HOST).map(HeaderValue::to_str) {
@@ -269,7 +286,7 @@ fn host_of(req: &Request<Incoming>, conn: &ConnInfo) -> Option<String> {
 async fn route(
     proxy: &Arc<Proxy>,
     conn: &ConnInfo,
-    req: Request<Incoming>,
+    req: Request<ProxyBody>,
     started: Instant,
 ) -> Response<ProxyBody> {
     let Some(host) = host_of(&req, conn) else {
@@ -402,7 +419,7 @@ impl Replay {
 async fn hold_small_body(
     proxy: &Proxy,
     parts: &http::request::Parts,
-    body: Incoming,
+    body: ProxyBody,
 ) -> Result<(ProxyBody, Option<Bytes>), Response<ProxyBody>> {
     if body.is_end_stream() {
         return Ok((
@@ -445,12 +462,12 @@ async fn hold_small_body(
 
 /// A streamed body that fails once it passes `limit` bytes; the request is then
 /// refused (413) as the client's fault.
-fn limited(body: Incoming, limit: u64) -> ProxyBody {
+fn limited(body: ProxyBody, limit: u64) -> ProxyBody {
     http_body_util::Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)).boxed()
 }
 
 /// True if a send failed because the request body passed its limit.
-fn over_limit(e: &hyper::Error) -> bool {
+fn over_limit(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
         if err.is::<http_body_util::LengthLimitError>() {
@@ -548,7 +565,7 @@ async fn forward(
     app: &Arc<AppRoute>,
     port: &PortRoute,
     host: String,
-    mut req: Request<Incoming>,
+    mut req: Request<ProxyBody>,
 ) -> Response<ProxyBody> {
     // A protocol upgrade (websocket): the connection becomes a byte tunnel
     // once the machine answers 101.
@@ -571,7 +588,7 @@ async fn forward(
         parts.headers.insert(header::UPGRADE, p.clone());
     }
     let (body, replay_body) = if upgrade.is_some() {
-        (body.map_err(BoxError::from).boxed(), None)
+        (body, None)
     } else {
         match hold_small_body(proxy, &parts, body).await {
             Ok(x) => x,
@@ -708,7 +725,7 @@ async fn attempt(
             Some(via) => (via, Proto::H2c),
             None => (backend.addr, machine_proto(svc, to.upgrade)),
         };
-        let sender = match proxy.upstreams.get(addr, proto).await {
+        let sender = match proxy.upstreams.get(addr, proto, to.upgrade).await {
             Ok((s, _reused)) => s,
             Err(e) => {
                 connect_failed(proxy, backend, &e);
@@ -845,69 +862,79 @@ pub(crate) async fn send(
     client_upgrade: &mut Option<hyper::upgrade::OnUpgrade>,
 ) -> Result<Response<ProxyBody>, SendFailure> {
     let timeout = proxy.limits.response_timeout;
-    let (result, pooled) = match sender {
-        Sender::H1(mut s) => {
-            let r = tokio::time::timeout(timeout, s.try_send_request(req)).await;
-            match r {
-                Err(_) => {
-                    return Err(SendFailure::Failed(local(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "upstream_timeout",
-                        None,
-                    )));
+    let timed_out =
+        || SendFailure::Failed(local(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", None));
+    let result = match sender {
+        Sender::H1(c) => {
+            let sent = c.send(req, &proxy.upstreams, addr);
+            return match tokio::time::timeout(timeout, sent).await {
+                Err(_) => Err(timed_out()),
+                Ok(Ok(resp)) => Ok(answer(backend, resp, slot)),
+                Ok(Err(crate::h1::Failure::NotSent(req))) => Err(SendFailure::NotSent(*req, slot)),
+                Ok(Err(crate::h1::Failure::Body(e))) => {
+                    Err(SendFailure::Failed(body_failed(backend, &*e)))
                 }
+                Ok(Err(crate::h1::Failure::Machine(e))) => {
+                    Err(SendFailure::Failed(upstream_failed(backend, &e)))
+                }
+            };
+        }
+        Sender::Upgrade(mut s) => {
+            match tokio::time::timeout(timeout, s.try_send_request(req)).await {
+                Err(_) => return Err(timed_out()),
                 Ok(Err(mut e)) => match e.take_message() {
                     Some(req) => return Err(SendFailure::NotSent(req, slot)),
-                    None => (Err(e.into_error()), None),
+                    None => Err(e.into_error()),
                 },
-                Ok(Ok(resp)) => (Ok(resp), Some(s)),
+                Ok(Ok(resp)) => Ok(resp),
             }
         }
         Sender::H2(mut s) => match tokio::time::timeout(timeout, s.send_request(req)).await {
-            Err(_) => {
-                return Err(SendFailure::Failed(local(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream_timeout",
-                    None,
-                )));
-            }
-            Ok(r) => (r, None),
+            Err(_) => return Err(timed_out()),
+            Ok(r) => r,
         },
     };
     let resp = match result {
         Ok(r) => r,
-        // The client's own body broke (a bad chunk, a reset): its fault, not
-        // the machine's, and the connection cannot be trusted any more.
-        Err(e) if over_limit(&e) => {
-            return Err(SendFailure::Failed(local(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                Some(close()),
-            )));
-        }
-        Err(e) if e.is_user() => {
-            tracing::debug!(machine = %backend.machine, error = %e, "client body failed");
-            return Err(SendFailure::Failed(local(
-                StatusCode::BAD_REQUEST,
-                "bad_request_body",
-                Some(close()),
-            )));
-        }
-        Err(e) => {
-            metrics::counter!("skein_proxy_upstream_errors_total").increment(1);
-            tracing::warn!(machine = %backend.machine, error = %e, "upstream request failed");
-            return Err(SendFailure::Failed(local(
-                StatusCode::BAD_GATEWAY,
-                "upstream_error",
-                None,
-            )));
-        }
+        Err(e) if e.is_user() => return Err(SendFailure::Failed(body_failed(backend, &e))),
+        Err(e) => return Err(SendFailure::Failed(upstream_failed(backend, &e))),
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client) = client_upgrade.take()
     {
         return Ok(tunnel(backend, resp, client, slot));
     }
+    Ok(answer(
+        backend,
+        resp.map(|b| b.map_err(BoxError::from).boxed()),
+        slot,
+    ))
+}
+
+/// The client's own body broke (over its limit, a bad chunk, a reset): its
+/// fault, not the machine's, and the connection cannot be trusted any more.
+fn body_failed(backend: &Backend, e: &(dyn std::error::Error + 'static)) -> Response<ProxyBody> {
+    if over_limit(e) {
+        return local(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            Some(close()),
+        );
+    }
+    tracing::debug!(machine = %backend.machine, error = %e, "client body failed");
+    local(StatusCode::BAD_REQUEST, "bad_request_body", Some(close()))
+}
+
+fn upstream_failed(backend: &Backend, e: &dyn std::fmt::Display) -> Response<ProxyBody> {
+    metrics::counter!("skein_proxy_upstream_errors_total").increment(1);
+    tracing::warn!(machine = %backend.machine, error = %e, "upstream request failed");
+    local(StatusCode::BAD_GATEWAY, "upstream_error", None)
+}
+
+/// The machine's answer as the client gets it: without what concerns one hop,
+/// with `Via` and the machine's name, holding the machine's slot until its
+/// body has ended.
+fn answer(backend: &Backend, resp: Response<ProxyBody>, slot: Slot) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts
@@ -919,12 +946,8 @@ pub(crate) async fn send(
     let tracked = Tracked {
         inner: body,
         slot: Some(slot),
-        pool: pooled.map(|s| (proxy.clone(), addr, s)),
     };
-    Ok(Response::from_parts(
-        parts,
-        tracked.map_err(BoxError::from).boxed(),
-    ))
+    Response::from_parts(parts, tracked.boxed())
 }
 
 /// The protocol a request asks to upgrade to (`Connection: upgrade` with an
@@ -981,46 +1004,24 @@ fn tunnel(
     )
 }
 
-/// The machine's answer on its way to the client: holds the machine's slot, and
-/// returns the connection to the pool when the body has been read to its end.
+/// The machine's answer on its way to the client: holds the machine's slot
+/// until the body has ended (or is dropped).
 struct Tracked {
-    inner: Incoming,
+    inner: ProxyBody,
     slot: Option<Slot>,
-    pool: Option<(Arc<Proxy>, SocketAddr, http1::SendRequest<ProxyBody>)>,
-}
-
-impl Tracked {
-    fn finish(&mut self, clean: bool) {
-        self.slot.take();
-        if let Some((proxy, addr, sender)) = self.pool.take()
-            && clean
-        {
-            proxy.upstreams.put_back(addr, sender);
-        }
-    }
-}
-
-impl Drop for Tracked {
-    fn drop(&mut self) {
-        // A body that was complete before anyone polled it (HEAD, 204, empty).
-        let clean = self.inner.is_end_stream();
-        self.finish(clean);
-    }
 }
 
 impl Body for Tracked {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
-        match &r {
-            Poll::Ready(None) => self.finish(true),
-            Poll::Ready(Some(Err(_))) => self.finish(false),
-            _ => {}
+        if matches!(r, Poll::Ready(None | Some(Err(_)))) {
+            self.slot.take();
         }
         r
     }

@@ -7,6 +7,7 @@
 //! - [`balance`]: the choice of a machine (pure, tested without sockets).
 //! - [`tls`]: the certificate store and resolver.
 //! - [`upstream`]: connections to machines (pooled HTTP/1.1, shared h2c).
+//! - [`h1`]: skein's own HTTP/1.1 client connection.
 //! - [`http`]: the request path: route, headers, queue, retry, stream back.
 //! - [`listener`]: accept, TLS or plaintext, hyper under limits.
 //!
@@ -17,6 +18,7 @@ pub mod acme;
 pub mod backhaul;
 pub mod balance;
 pub mod config;
+pub mod h1;
 pub mod health;
 pub mod http;
 pub mod listener;

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::Proxy;
-use crate::http::{ConnInfo, handle};
+use crate::http::{ConnInfo, handle_hyper};
 use crate::table::{AppRoute, normalize_host};
 use crate::tcp::{self, Prefixed};
 
@@ -551,20 +551,12 @@ fn serve_http<I>(
 where
     I: AsyncRead + AsyncWrite + crate::rest::Readable + Unpin + Send + Sync + 'static,
 {
-    if speaks == Speaks::H1 && !proxy.cfg.rest_after.is_zero() {
+    if speaks == Speaks::H1 {
         return Either::Left(crate::rest::serve(proxy.clone(), io, info, drain));
     }
     let p = proxy.clone();
-    let svc = service_fn(move |req| handle(p.clone(), info.clone(), req));
-    let io = TokioIo::new(io);
-    let conn = match speaks {
-        Speaks::H1 => Either::Left(
-            h1_server(&proxy.cfg)
-                .serve_connection(io, svc)
-                .with_upgrades(),
-        ),
-        Speaks::H2 => Either::Right(h2_server(&proxy.cfg).serve_connection(io, svc)),
-    };
+    let svc = service_fn(move |req| handle_hyper(p.clone(), info.clone(), req));
+    let conn = h2_server(&proxy.cfg).serve_connection(TokioIo::new(io), svc);
     // A combinator, not an `async` block: a block would keep `conn` twice.
     // Boxed, so the task of a resting HTTP/1.1 connection is not sized for
     // an h2 connection.

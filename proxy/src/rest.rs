@@ -29,16 +29,18 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use http::{Method, StatusCode};
 use hyper::body::{Body, Frame, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::Proxy;
-use crate::http::{ConnInfo, handle};
+use crate::h1::{self, Next};
+use crate::http::{ConnInfo, handle_hyper, local, serve_request};
 use crate::tcp::Prefixed;
 use crate::upstream::ProxyBody;
 
@@ -248,10 +250,13 @@ enum Ended<S> {
     Rest(Prefixed<Watched<S>>, Bytes, Instant),
 }
 
-/// Serves HTTP/1.1 on `io` until the client or a drain ends it, resting the
-/// connection whenever it has been idle for `[proxy] rest_after`. `io` is stored in
-/// the task a few times over (the layout of `async` state does not share a
-/// moved value's slot): a TLS stream comes boxed.
+/// Serves HTTP/1.1 on `io` until the client or a drain ends it. Requests
+/// without a body or an upgrade (most of them) are read and answered here
+/// ([`own`]); the first that is not, and what follows it on the connection,
+/// is served by hyper until that connection rests (`[proxy] rest_after`),
+/// when it comes back here. `io` is stored in the task a few times over (the
+/// layout of `async` state does not share a moved value's slot): a TLS stream
+/// comes boxed.
 pub(crate) async fn serve<I>(
     proxy: Arc<Proxy>,
     io: I,
@@ -261,102 +266,180 @@ pub(crate) async fn serve<I>(
     I: AsyncRead + AsyncWrite + Readable + Unpin + Send + Sync + 'static,
 {
     let pulse = Arc::new(Pulse::default());
-    let mut stream = Prefixed::new(
-        Bytes::new(),
-        Watched {
-            inner: io,
-            pulse: pulse.clone(),
-        },
-    );
+    let mut watched = Watched {
+        inner: io,
+        pulse: pulse.clone(),
+    };
+    let mut ahead = BytesMut::new();
     // Until a request head is read, the header timeout runs from here.
     let mut quiet_since = Instant::now();
-    let mut started_at_wake = 0;
-    let mut carried = false;
     loop {
+        // Boxed: the request path's state lives on the heap only while a
+        // request is being served.
+        let mine = Box::pin(own(&proxy, &info, &mut watched, ahead, quiet_since, &drain));
+        let Some((read, quiet)) = mine.await else {
+            return;
+        };
         let wake = Wake {
-            quiet_since,
-            started: started_at_wake,
-            carried,
+            quiet_since: quiet,
+            started: pulse.started.load(Ordering::Relaxed),
+            carried: true,
+        };
+        let at = At {
+            proxy: proxy.clone(),
+            info: info.clone(),
+            pulse: pulse.clone(),
+            drain: drain.clone(),
+            wake,
         };
         // Boxed: hyper's connection lives on the heap only while awake.
-        let (s, ahead, quiet) = match Box::pin(awake(
-            At {
-                proxy: proxy.clone(),
-                info: info.clone(),
-                pulse: pulse.clone(),
-                drain: drain.clone(),
-                wake,
-            },
-            stream,
-        ))
-        .await
-        {
+        match Box::pin(awake(at, Prefixed::new(read.freeze(), watched))).await {
             Ended::Done => return,
-            Ended::Rest(s, ahead, quiet) => (s, ahead, quiet),
-        };
-        pulse.resting.store(false, Ordering::Relaxed);
-        let (prefix, mut watched) = s.into_parts();
-        let ahead = join(prefix, ahead);
-        // The header timeout counts from when the client went quiet, whether
-        // it then sends nothing or part of a head, however often it rests.
-        let started = pulse.started.load(Ordering::Relaxed);
-        if started != started_at_wake {
-            quiet_since = quiet;
-            started_at_wake = started;
+            Ended::Rest(s, more, quiet) => {
+                pulse.resting.store(false, Ordering::Relaxed);
+                let (prefix, w) = s.into_parts();
+                watched = w;
+                ahead = BytesMut::from(&join(prefix, more)[..]);
+                quiet_since = quiet;
+            }
         }
-        carried = !ahead.is_empty();
-        if carried && !drain.is_cancelled() {
-            // Part of a request head had arrived: carry on at once, and do
-            // not rest again before that request starts.
-            stream = Prefixed::new(ahead, watched);
-            continue;
+    }
+}
+
+/// Serves requests without a body or an upgrade on the connection itself:
+/// skein's own HTTP/1.1 ([`crate::h1`]), no per-connection buffer or parser
+/// state between requests (a connection waiting for its next request holds
+/// its socket and TLS state only: it rests at once). Returns the bytes read so
+/// far when a request is hyper's (with when the client went quiet before it),
+/// None when the connection has ended.
+async fn own<I>(
+    proxy: &Arc<Proxy>,
+    info: &Arc<ConnInfo>,
+    s: &mut Watched<I>,
+    mut buf: BytesMut,
+    mut quiet_since: Instant,
+    drain: &CancellationToken,
+) -> Option<(BytesMut, Instant)>
+where
+    I: AsyncRead + AsyncWrite + Readable + Unpin + Send,
+{
+    let cfg = &proxy.cfg;
+    loop {
+        if buf.is_empty() {
+            buf = rest(proxy, s, buf, quiet_since, drain).await?;
         }
-        drop(ahead);
-        let deadline = quiet_since + proxy.cfg.header_timeout;
-        let rests = Rests::new(&proxy);
-        let mut first = Bytes::new();
-        let woke = tokio::select! {
-            r = first_bytes(&mut watched) => match r {
-                Ok(b) if !b.is_empty() => {
-                    first = b;
-                    true
+        let plain = loop {
+            match h1::parse_request(&mut buf, cfg.max_headers) {
+                Next::Plain(p) => break p,
+                Next::Hyper => return Some((buf, quiet_since)),
+                Next::Invalid(code) => {
+                    let refused = local(StatusCode::BAD_REQUEST, code, None);
+                    let _ = h1::write_response(s, refused, false, true).await;
+                    close(s).await;
+                    return None;
                 }
-                // The client closed (or failed): hyper is not built for it.
-                _ => false,
-            },
-            _ = drain.cancelled() => false,
-            _ = tokio::time::sleep_until(deadline) => {
-                metrics::counter!("skein_proxy_client_timeouts_total", "phase" => "idle").increment(1);
-                false
+                Next::Partial if buf.len() >= cfg.max_header_bytes => {
+                    // hyper answers 431 as it does for any head too large.
+                    return Some((buf, quiet_since));
+                }
+                Next::Partial => {
+                    if buf.capacity() - buf.len() < 1024 {
+                        buf.reserve(4096);
+                    }
+                    let deadline = quiet_since + cfg.header_timeout;
+                    match tokio::time::timeout_at(deadline, s.read_buf(&mut buf)).await {
+                        Err(_) => {
+                            metrics::counter!("skein_proxy_client_timeouts_total", "phase" => "header")
+                                .increment(1);
+                            close(s).await;
+                            return None;
+                        }
+                        Ok(Ok(0) | Err(_)) => return None,
+                        Ok(Ok(_)) => {}
+                    }
+                }
             }
         };
-        drop(rests);
-        if !woke {
-            // Closed as hyper closes an idle connection (TLS close_notify,
-            // then FIN), without waiting long on a client that reads nothing.
-            let _ = tokio::time::timeout(
-                Duration::from_secs(1),
-                tokio::io::AsyncWriteExt::shutdown(&mut watched),
-            )
-            .await;
-            return;
+        let head_only = plain.req.method() == Method::HEAD;
+        let resp = Box::pin(serve_request(proxy, info, plain.req)).await;
+        let close_after = plain.close || drain.is_cancelled();
+        match h1::write_response(s, resp, head_only, close_after).await {
+            Ok(true) => {}
+            Ok(false) => {
+                close(s).await;
+                return None;
+            }
+            Err(_) => return None,
         }
-        stream = Prefixed::new(first, watched);
+        quiet_since = Instant::now();
     }
+}
+
+/// The client's next bytes: what has come already, read into `buf` (the
+/// next request of a client that does not wait; plaintext rustls read with
+/// the last handshake flight or record, which the socket no longer shows),
+/// else waited for holding no buffer, within the header timeout (a keep-alive
+/// connection's idle timeout) and until a drain. None when the client closed
+/// or the wait ended (the connection is then closed).
+async fn rest<I>(
+    proxy: &Arc<Proxy>,
+    s: &mut Watched<I>,
+    mut buf: BytesMut,
+    quiet_since: Instant,
+    drain: &CancellationToken,
+) -> Option<BytesMut>
+where
+    I: AsyncRead + AsyncWrite + Readable + Unpin,
+{
+    // No system call when the socket has shown nothing since the last read.
+    buf.reserve(2048);
+    match futures_util::FutureExt::now_or_never(s.read_buf(&mut buf)) {
+        Some(Ok(n)) if n > 0 => return Some(buf),
+        Some(_) => return None,
+        None => drop(buf),
+    }
+    let rests = Rests::new(proxy);
+    let deadline = quiet_since + proxy.cfg.header_timeout;
+    let woke = tokio::select! {
+        r = first_bytes(s) => match r {
+            Ok(b) if !b.is_empty() => Some(b),
+            _ => None,
+        },
+        _ = drain.cancelled() => None,
+        _ = tokio::time::sleep_until(deadline) => {
+            metrics::counter!("skein_proxy_client_timeouts_total", "phase" => "idle").increment(1);
+            None
+        }
+    };
+    drop(rests);
+    if woke.is_none() {
+        close(s).await;
+    }
+    woke
+}
+
+/// Closes as hyper closes an idle connection (TLS close_notify, then FIN),
+/// without waiting long on a client that reads nothing.
+async fn close<I: AsyncWrite + Unpin>(s: &mut Watched<I>) {
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        tokio::io::AsyncWriteExt::shutdown(s),
+    )
+    .await;
 }
 
 /// Waits for the client's next bytes without a buffer, then reads what came
 /// into a small one that hyper is handed first: a client that only closes
 /// (FIN, close_notify) is let go without building a hyper connection (and its
 /// buffers) to read the end of it, which matters when many leave at once.
-async fn first_bytes<I>(s: &mut Watched<I>) -> io::Result<Bytes>
+async fn first_bytes<I>(s: &mut Watched<I>) -> io::Result<BytesMut>
 where
     I: AsyncRead + Readable + Unpin,
 {
     s.inner.readable().await?;
-    let mut b = BytesMut::with_capacity(1024);
-    tokio::io::AsyncReadExt::read_buf(s, &mut b).await?;
-    Ok(b.freeze())
+    let mut b = BytesMut::with_capacity(2048);
+    s.read_buf(&mut b).await?;
+    Ok(b)
 }
 
 /// Bytes read but not yet used, copied out: what hyper hands back is a view
@@ -410,7 +493,7 @@ where
         pl.in_flight.fetch_add(1, Ordering::Relaxed);
         pl.started.fetch_add(1, Ordering::Relaxed);
         let done = Done(pl.clone());
-        let answer = handle(p.clone(), i.clone(), req);
+        let answer = handle_hyper(p.clone(), i.clone(), req);
         async move {
             let resp = answer.await?;
             Ok::<_, std::convert::Infallible>(resp.map(|body| Counted { body, done }))
@@ -427,7 +510,8 @@ where
     let mut busy_ticks = 0u32;
     let tick = tokio::time::sleep(every);
     tokio::pin!(tick);
-    let mut asked = false;
+    // `rest_after = 0s`: a connection hyper serves keeps its buffers.
+    let mut asked = rest_after.is_zero();
     loop {
         tokio::select! {
             biased;

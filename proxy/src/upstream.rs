@@ -1,6 +1,8 @@
-//! Connections to machines: HTTP/1.1 connections pooled per address (one request
-//! at a time each, back in the pool once ready), one shared h2c connection per
-//! address for services that ask for it. Connecting is separate from sending, so a
+//! Connections to machines: HTTP/1.1 connections ([`crate::h1`], skein's own)
+//! pooled per address (one request at a time each, back in the pool once the
+//! response has been read), one shared h2c connection per address for services
+//! that ask for it, and a fresh hyper HTTP/1.1 connection for a request that
+//! upgrades (it never comes back). Connecting is separate from sending, so a
 //! refused or timed-out connect is known before any byte of the request has
 //! gone, and the request can be retried elsewhere untouched.
 
@@ -33,7 +35,9 @@ pub enum Proto {
 /// A connection ready to send one request.
 pub enum Sender {
     /// HTTP/1.1.
-    H1(http1::SendRequest<ProxyBody>),
+    H1(crate::h1::Conn),
+    /// HTTP/1.1 through hyper, for an upgrade.
+    Upgrade(http1::SendRequest<ProxyBody>),
     /// h2c.
     H2(http2::SendRequest<ProxyBody>),
 }
@@ -63,7 +67,7 @@ pub async fn dial(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, Conn
 }
 
 struct Idle {
-    sender: http1::SendRequest<ProxyBody>,
+    conn: crate::h1::Conn,
     since: Instant,
 }
 
@@ -95,19 +99,27 @@ impl Upstreams {
         }
     }
 
-    /// A connection to `addr`: a pooled one if any is ready, else a new one.
-    /// Returns whether it was reused (a reused one may have been closed by the
-    /// peer in the meantime; the caller retries such a send).
+    /// A connection to `addr`: a pooled one if any is alive, else a new one;
+    /// a new hyper one for an `upgrade`. Returns whether it was reused (a
+    /// reused one may have been closed by the peer in the meantime; the caller
+    /// retries such a send).
     pub async fn get(
         &self,
         addr: SocketAddr,
         proto: Proto,
+        upgrade: bool,
     ) -> Result<(Sender, bool), ConnectError> {
         match proto {
-            Proto::H1 => {
-                if let Some(s) = self.take_idle(addr) {
-                    return Ok((Sender::H1(s), true));
+            Proto::H1 if !upgrade => {
+                if let Some(c) = self.take_idle(addr) {
+                    return Ok((Sender::H1(c), true));
                 }
+                let io = dial(addr, self.limits.connect_timeout).await?;
+                metrics::counter!("skein_proxy_upstream_connects_total", "proto" => "h1")
+                    .increment(1);
+                Ok((Sender::H1(crate::h1::Conn::new(io)), false))
+            }
+            Proto::H1 => {
                 let io = self.connect(addr).await?;
                 let (sender, conn) = http1::handshake(io).await?;
                 // A combinator, not an `async move` block: the block would keep
@@ -118,9 +130,9 @@ impl Upstreams {
                         tracing::debug!(error = %e, "upstream connection ended");
                     }
                 }));
-                metrics::counter!("skein_proxy_upstream_connects_total", "proto" => "h1")
+                metrics::counter!("skein_proxy_upstream_connects_total", "proto" => "h1-upgrade")
                     .increment(1);
-                Ok((Sender::H1(sender), false))
+                Ok((Sender::Upgrade(sender), false))
             }
             Proto::H2c => {
                 let existing = {
@@ -177,12 +189,13 @@ impl Upstreams {
         }
     }
 
-    fn take_idle(&self, addr: SocketAddr) -> Option<http1::SendRequest<ProxyBody>> {
+    fn take_idle(&self, addr: SocketAddr) -> Option<crate::h1::Conn> {
         let mut m = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = m.get_mut(&addr)?;
-        while let Some(i) = list.pop() {
-            if i.since.elapsed() < self.limits.idle_timeout && i.sender.is_ready() {
-                return Some(i.sender);
+        while let Some(mut i) = list.pop() {
+            if i.since.elapsed() < self.limits.idle_timeout && i.conn.alive() {
+                i.conn.reused = true;
+                return Some(i.conn);
             }
         }
         None
@@ -192,36 +205,15 @@ impl Upstreams {
         Ok(TokioIo::new(dial(addr, self.limits.connect_timeout).await?))
     }
 
-    /// Returns an HTTP/1.1 connection to the pool once it can take another
-    /// request (when its response has been read to the end). Usually it is
-    /// ready at once; otherwise a small task waits for it.
-    pub fn put_back(
-        self: &std::sync::Arc<Self>,
-        addr: SocketAddr,
-        mut sender: http1::SendRequest<ProxyBody>,
-    ) {
-        if sender.is_ready() {
-            return self.push_idle(addr, sender);
-        }
-        let me = self.clone();
-        tokio::spawn(async move {
-            if tokio::time::timeout(Duration::from_secs(5), sender.ready())
-                .await
-                .is_ok()
-                && !sender.is_closed()
-            {
-                me.push_idle(addr, sender);
-            }
-        });
-    }
-
-    fn push_idle(&self, addr: SocketAddr, sender: http1::SendRequest<ProxyBody>) {
+    /// Keeps an HTTP/1.1 connection whose last response has been read to its
+    /// end for the next request to `addr`.
+    pub(crate) fn push_idle(&self, addr: SocketAddr, conn: crate::h1::Conn) {
         let mut m = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = m.entry(addr).or_default();
         // Stale entries are dropped when taken; the bound keeps the list short.
         if list.len() < self.limits.max_idle_per_backend {
             list.push(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }

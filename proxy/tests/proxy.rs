@@ -1910,3 +1910,82 @@ async fn h2c_with_prior_knowledge_is_served_and_drained_with_its_request_in_flig
         "served after the drain"
     );
 }
+
+#[tokio::test]
+async fn requests_are_served_whether_they_ride_the_handshake_or_carry_bodies() {
+    let (a, hits) = backend("ams1").await;
+    let h = Harness::start(&[("ams1", "ams", a)], 20, 25, |_| {}).await;
+    // The request goes out with the client's last handshake flight (rustls
+    // sends what was written before the handshake ended right after its
+    // Finished): the proxy reads it along with the handshake, and must not
+    // wait on the socket for bytes it already has.
+    let config = h.pki.client(&[b"http/1.1"]);
+    let addr = h.tls;
+    let text = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let name = ServerName::try_from("app.example.com").unwrap();
+        let mut conn = rustls::ClientConnection::new(config, name).unwrap();
+        conn.writer()
+            .write_all(
+                b"GET /?first HTTP/1.1\r\nHost: app.example.com\r\nConnection: close\r\n\r\n",
+            )
+            .unwrap();
+        let sock = std::net::TcpStream::connect(addr).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, sock);
+        let mut out = Vec::new();
+        let _ = tls.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+    assert!(
+        text.contains("/?first") && text.contains("connection: close"),
+        "{text}"
+    );
+
+    // On one connection: requests skein reads itself, one with a body (hyper
+    // reads it), more after it, and more again once the connection has rested.
+    let mut raw = h
+        .tls_stream("app.example.com", &[b"http/1.1"])
+        .await
+        .unwrap();
+    let steps: [(&str, &str); 4] = [
+        ("GET /?a HTTP/1.1\r\nHost: app.example.com\r\n\r\n", "/?a"),
+        (
+            "POST /?b HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 5\r\n\r\nhello",
+            "/?b",
+        ),
+        ("GET /?c HTTP/1.1\r\nHost: app.example.com\r\n\r\n", "/?c"),
+        ("HEAD /?d HTTP/1.1\r\nHost: app.example.com\r\n\r\n", ""),
+    ];
+    for (req, path) in steps {
+        raw.write_all(req.as_bytes()).await.unwrap();
+        let r = if req.starts_with("HEAD") {
+            // A length, and no body.
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut b = [0u8; 1];
+                assert_eq!(raw.read(&mut b).await.unwrap(), 1, "closed");
+                head.push(b[0]);
+            }
+            String::from_utf8_lossy(&head).into_owned()
+        } else {
+            read_response(&mut raw).await
+        };
+        assert!(r.starts_with("HTTP/1.1 200"), "{req}: {r}");
+        assert!(r.contains(path), "{req}: {r}");
+        assert!(!r.contains("connection: close"), "{req}: {r}");
+    }
+    eventually("the connection to rest", || {
+        h.proxy.connections_resting() == 1
+    })
+    .await;
+    raw.write_all(b"GET /?e HTTP/1.1\r\nHost: app.example.com\r\n\r\n")
+        .await
+        .unwrap();
+    let r = read_response(&mut raw).await;
+    assert!(r.starts_with("HTTP/1.1 200") && r.contains("/?e"), "{r}");
+    assert_eq!(hits.load(Ordering::SeqCst), 6);
+}
