@@ -47,11 +47,13 @@ pub struct ProxyConfig {
     /// request's headers, so `header_timeout` closes it.
     #[serde(default = "d_idle", with = "humantime_serde")]
     pub idle_timeout: Duration,
-    /// An HTTP/1.1 client connection that has moved no byte for this long,
-    /// with no request in flight, rests: hyper's buffers and state are freed
-    /// and the connection waits for its next byte holding only its socket and
-    /// TLS state (checked at this interval, backing off to 2 s while busy).
-    /// `0s` keeps every connection's buffers for its whole life.
+    /// An HTTP/1.1 client connection that hyper serves (from a request with a
+    /// body or an upgrade on; skein serves the others itself and holds no
+    /// buffer between them) and that has moved no byte for this long, with no
+    /// request in flight, rests: hyper's buffers and state are freed and the
+    /// connection waits for its next byte holding only its socket and TLS
+    /// state (checked at this interval, backing off to 2 s while busy). `0s`
+    /// keeps such a connection with hyper, and its buffers, for its whole life.
     #[serde(default = "d_rest_after", with = "humantime_serde")]
     pub rest_after: Duration,
     /// Most bytes of request headers.

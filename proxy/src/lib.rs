@@ -134,8 +134,8 @@ impl Bound {
 
 impl Proxy {
     /// Client connections resting now: idle HTTP/1.1 keep-alive connections
-    /// that gave their buffers back (`rest_after`) and wait for their next
-    /// request (also the gauge `skein_proxy_client_connections_resting`).
+    /// that hold no buffer and wait for their next request (also the gauge
+    /// `skein_proxy_client_connections_resting`).
     pub fn connections_resting(&self) -> usize {
         self.resting.now()
     }

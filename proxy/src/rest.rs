@@ -1,5 +1,11 @@
-//! Resting HTTP/1.1 connections: an idle keep-alive client connection gives
-//! its buffers back.
+//! HTTP/1.1 client connections, and resting: an idle keep-alive client
+//! connection gives its buffers back.
+//!
+//! A connection is served by skein's own HTTP/1.1 ([`crate::h1`]) while its
+//! requests have no body and upgrade nothing: between them it holds no
+//! buffer (it rests at once). A request it cannot take, and what follows, is
+//! served by hyper until hyper's connection rests, as below, and the
+//! connection comes back.
 //!
 //! hyper keeps a connection's read and write buffers (8 KiB each once used),
 //! its parser state and a header timer for as long as the connection lives,
