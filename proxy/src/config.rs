@@ -43,8 +43,7 @@ pub struct ProxyConfig {
     #[serde(default = "d_header_timeout", with = "humantime_serde")]
     pub header_timeout: Duration,
     /// h2: how often an idle client connection is pinged (and closed if the
-    /// ping goes unanswered). An idle HTTP/1.1 connection waits for its next
-    /// request's headers, so `header_timeout` closes it.
+    /// ping goes unanswered). HTTP/1.1: see `keepalive_timeout`.
     #[serde(default = "d_idle", with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// An HTTP/1.1 client connection that hyper serves (from a request with a
@@ -56,6 +55,11 @@ pub struct ProxyConfig {
     /// keeps such a connection with hyper, and its buffers, for its whole life.
     #[serde(default = "d_rest_after", with = "humantime_serde")]
     pub rest_after: Duration,
+    /// An HTTP/1.1 keep-alive connection with no request for this long after
+    /// its last response is closed (its next head, once begun, has
+    /// `header_timeout`).
+    #[serde(default = "d_keepalive", with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
     /// Most bytes of request headers.
     #[serde(default = "d_header_bytes")]
     pub max_header_bytes: usize,
@@ -236,6 +240,10 @@ fn d_header_timeout() -> Duration {
 fn d_idle() -> Duration {
     Duration::from_secs(60)
 }
+fn d_keepalive() -> Duration {
+    Duration::from_secs(60)
+}
+
 fn d_rest_after() -> Duration {
     Duration::from_millis(100)
 }
@@ -284,6 +292,7 @@ impl Default for ProxyConfig {
             header_timeout: d_header_timeout(),
             idle_timeout: d_idle(),
             rest_after: d_rest_after(),
+            keepalive_timeout: d_keepalive(),
             max_header_bytes: d_header_bytes(),
             max_headers: d_headers(),
             max_request_body_bytes: d_body(),

@@ -23,9 +23,10 @@
 //! busy (`rest_after`, then doubling up to 2 s after two busy checks), so a
 //! busy connection costs one timer event every two seconds, a connection with
 //! a request a second two (it rests `rest_after` to twice that after it).
-//! The header timeout keeps its meaning across a rest: a client that sends
-//! nothing, or part of a request head, is closed `header_timeout` after it
-//! went quiet, however often it rests.
+//! A connection with no request for `keepalive_timeout` after its last
+//! response is closed; a request head, once begun, must be whole within
+//! `header_timeout` (a new connection's first, within `header_timeout` of the
+//! accept), however often the connection rests.
 
 use std::io;
 use std::pin::Pin;
@@ -277,17 +278,22 @@ pub(crate) async fn serve<I>(
         pulse: pulse.clone(),
     };
     let mut ahead = BytesMut::new();
-    // Until a request head is read, the header timeout runs from here.
-    let mut quiet_since = Instant::now();
+    // The TLS handshake (done) and the first request head: within the header
+    // timeout of the accept (roughly: from here).
+    let opened = Instant::now() + proxy.cfg.header_timeout;
+    let mut by = By {
+        first_byte: opened,
+        head: Some(opened),
+    };
     loop {
         // Boxed: the request path's state lives on the heap only while a
         // request is being served.
-        let mine = Box::pin(own(&proxy, &info, &mut watched, ahead, quiet_since, &drain));
-        let Some((read, quiet)) = mine.await else {
+        let mine = Box::pin(own(&proxy, &info, &mut watched, ahead, by, &drain));
+        let Some((read, head_since)) = mine.await else {
             return;
         };
         let wake = Wake {
-            quiet_since: quiet,
+            quiet_since: head_since,
             started: pulse.started.load(Ordering::Relaxed),
             carried: true,
         };
@@ -306,24 +312,38 @@ pub(crate) async fn serve<I>(
                 let (prefix, w) = s.into_parts();
                 watched = w;
                 ahead = BytesMut::from(&join(prefix, more)[..]);
-                quiet_since = quiet;
+                // Part of a head hyper had read is finished here, by the
+                // header timeout after its bytes last moved.
+                by = By {
+                    first_byte: quiet + proxy.cfg.keepalive_timeout,
+                    head: (!ahead.is_empty()).then(|| quiet + proxy.cfg.header_timeout),
+                };
             }
         }
     }
+}
+
+/// Deadlines of the next request: its first byte (the keep-alive timeout
+/// after a response), and its whole head (the header timeout after its first
+/// byte, unless set earlier).
+#[derive(Clone, Copy)]
+struct By {
+    first_byte: Instant,
+    head: Option<Instant>,
 }
 
 /// Serves requests without a body or an upgrade on the connection itself:
 /// skein's own HTTP/1.1 ([`crate::h1`]), no per-connection buffer or parser
 /// state between requests (a connection waiting for its next request holds
 /// its socket and TLS state only: it rests at once). Returns the bytes read so
-/// far when a request is hyper's (with when the client went quiet before it),
-/// None when the connection has ended.
+/// far when a request is hyper's (with when its head began), None when the
+/// connection has ended.
 async fn own<I>(
     proxy: &Arc<Proxy>,
     info: &Arc<ConnInfo>,
     s: &mut Watched<I>,
     mut buf: BytesMut,
-    mut quiet_since: Instant,
+    mut by: By,
     drain: &CancellationToken,
 ) -> Option<(BytesMut, Instant)>
 where
@@ -332,12 +352,14 @@ where
     let cfg = &proxy.cfg;
     loop {
         if buf.is_empty() {
-            buf = rest(proxy, s, buf, quiet_since, drain).await?;
+            buf = rest(proxy, s, buf, by.first_byte, drain).await?;
         }
+        let head_since = Instant::now();
+        let head_by = by.head.unwrap_or(head_since + cfg.header_timeout);
         let plain = loop {
             match h1::parse_request(&mut buf, cfg.max_headers) {
                 Next::Plain(p) => break p,
-                Next::Hyper => return Some((buf, quiet_since)),
+                Next::Hyper => return Some((buf, head_since)),
                 Next::Invalid(code) => {
                     let refused = local(StatusCode::BAD_REQUEST, code, None);
                     let _ = h1::write_response(s, refused, false, true).await;
@@ -346,14 +368,13 @@ where
                 }
                 Next::Partial if buf.len() >= cfg.max_header_bytes => {
                     // hyper answers 431 as it does for any head too large.
-                    return Some((buf, quiet_since));
+                    return Some((buf, head_since));
                 }
                 Next::Partial => {
                     if buf.capacity() - buf.len() < 1024 {
                         buf.reserve(4096);
                     }
-                    let deadline = quiet_since + cfg.header_timeout;
-                    match tokio::time::timeout_at(deadline, s.read_buf(&mut buf)).await {
+                    match tokio::time::timeout_at(head_by, s.read_buf(&mut buf)).await {
                         Err(_) => {
                             metrics::counter!("skein_proxy_client_timeouts_total", "phase" => "header")
                                 .increment(1);
@@ -377,21 +398,26 @@ where
             }
             Err(_) => return None,
         }
-        quiet_since = Instant::now();
+        let now = Instant::now();
+        by = By {
+            first_byte: now + cfg.keepalive_timeout,
+            head: None,
+        };
     }
 }
 
 /// The client's next bytes: what has come already, read into `buf` (the
 /// next request of a client that does not wait; plaintext rustls read with
 /// the last handshake flight or record, which the socket no longer shows),
-/// else waited for holding no buffer, within the header timeout (a keep-alive
-/// connection's idle timeout) and until a drain. None when the client closed
-/// or the wait ended (the connection is then closed).
+/// else waited for holding no buffer until `deadline` (the keep-alive
+/// timeout, or the header timeout of a new connection) and until a drain.
+/// None when the client closed or the wait ended (the connection is then
+/// closed).
 async fn rest<I>(
     proxy: &Arc<Proxy>,
     s: &mut Watched<I>,
     mut buf: BytesMut,
-    quiet_since: Instant,
+    deadline: Instant,
     drain: &CancellationToken,
 ) -> Option<BytesMut>
 where
@@ -405,7 +431,6 @@ where
         None => drop(buf),
     }
     let rests = Rests::new(proxy);
-    let deadline = quiet_since + proxy.cfg.header_timeout;
     let woke = tokio::select! {
         r = first_bytes(s) => match r {
             Ok(b) if !b.is_empty() => Some(b),

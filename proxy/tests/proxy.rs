@@ -1365,8 +1365,9 @@ async fn shutdown_stops_accepting_and_lets_in_flight_requests_finish() {
 #[tokio::test]
 async fn an_idle_keep_alive_client_is_closed() {
     let (a, _) = backend("ams1").await;
+    // The keep-alive timeout, not the (default, 10 s) header timeout.
     let h = Harness::start(&[("ams1", "ams", a)], 20, 25, |c| {
-        c.header_timeout = Duration::from_millis(300)
+        c.keepalive_timeout = Duration::from_millis(300)
     })
     .await;
     let mut s = TcpStream::connect(h.plain).await.unwrap();
@@ -1434,6 +1435,7 @@ async fn idle_keep_alive_connections_rest_and_keep_serving() {
     let h = Harness::start(&[("ams1", "ams", a)], 20, 25, |c| {
         c.rest_after = Duration::from_millis(30);
         c.header_timeout = Duration::from_millis(1500);
+        c.keepalive_timeout = Duration::from_millis(1500);
     })
     .await;
     // A kept-alive HTTPS/1.1 connection goes quiet: it rests.
@@ -1519,8 +1521,8 @@ async fn idle_keep_alive_connections_rest_and_keep_serving() {
         "a slow head outlived the header timeout: {took:?}"
     );
 
-    // The first connection, resting past the header timeout, was closed as
-    // any idle keep-alive connection is.
+    // The first connection, resting past the keep-alive timeout, was closed
+    // as any idle keep-alive connection is.
     tokio::time::timeout(Duration::from_secs(2), client)
         .await
         .expect("the idle connection was closed")

@@ -85,6 +85,7 @@ level = "warn"
 enabled = true
 threads = 1
 max_connections = 20000
+keepalive_timeout = "120s"  # as nginx's and HAProxy's here
 listeners = [{ bind = "127.0.0.1:9443", port = 443 }]
 "#;
 
