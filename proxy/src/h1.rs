@@ -431,9 +431,9 @@ pub(crate) struct Plain {
 /// Reads a request head at the start of `buf` (see [`Next`]). Header values
 /// and the target are views of the head's bytes (no copy).
 pub(crate) fn parse_request(buf: &mut BytesMut, max_headers: usize) -> Next {
-    let mut slots = [httparse::EMPTY_HEADER; OWN_HEADERS];
-    let mut r = httparse::Request::new(&mut slots);
-    let len = match r.parse(buf) {
+    let mut slots = [const { std::mem::MaybeUninit::uninit() }; OWN_HEADERS];
+    let mut r = httparse::Request::new(&mut []);
+    let len = match r.parse_with_uninit_headers(buf, &mut slots) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Next::Partial,
         Err(_) => return Next::Hyper,
@@ -667,9 +667,12 @@ struct Parsed {
 /// None if more bytes are needed. Header values are views of the head's bytes
 /// (no copy).
 fn parse_head(buf: &mut BytesMut) -> io::Result<Option<Parsed>> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut r = httparse::Response::new(&mut slots);
-    let len = match r.parse(buf) {
+    // Uninitialized: zeroing a hundred slots per response is not free.
+    let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut r = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut r, buf, &mut slots);
+    let len = match parsed {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(bad("too many response headers")),
