@@ -773,11 +773,14 @@ impl MachineBody {
     /// carry another request (nothing left over, the machine keeps it open).
     fn finish(&mut self, clean: bool) {
         self.framing = Framing::Done;
-        if let Some(conn) = self.conn.take()
+        if let Some(mut conn) = self.conn.take()
             && clean
             && self.keep_alive
             && conn.buf.is_empty()
         {
+            // An idle connection holds its socket only: an edge keeps some
+            // for every machine it reaches.
+            conn.buf = BytesMut::new();
             self.pool.push_idle(self.addr, conn);
         }
     }

@@ -350,9 +350,12 @@ where
     I: AsyncRead + AsyncWrite + Readable + Unpin + Send,
 {
     let cfg = &proxy.cfg;
+    // Registered with the token once, not at every rest.
+    let drained = drain.cancelled();
+    tokio::pin!(drained);
     loop {
         if buf.is_empty() {
-            buf = rest(proxy, s, buf, by.first_byte, drain).await?;
+            buf = rest(proxy, s, buf, by.first_byte, drained.as_mut()).await?;
         }
         let head_since = Instant::now();
         let head_by = by.head.unwrap_or(head_since + cfg.header_timeout);
@@ -418,7 +421,7 @@ async fn rest<I>(
     s: &mut Watched<I>,
     mut buf: BytesMut,
     deadline: Instant,
-    drain: &CancellationToken,
+    drained: Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
 ) -> Option<BytesMut>
 where
     I: AsyncRead + AsyncWrite + Readable + Unpin,
@@ -436,7 +439,7 @@ where
             Ok(b) if !b.is_empty() => Some(b),
             _ => None,
         },
-        _ = drain.cancelled() => None,
+        _ = drained => None,
         _ = tokio::time::sleep_until(deadline) => {
             metrics::counter!("skein_proxy_client_timeouts_total", "phase" => "idle").increment(1);
             None

@@ -766,6 +766,29 @@ async fn a_slowloris_client_is_cut_off_at_the_header_timeout() {
 }
 
 #[tokio::test]
+async fn a_kept_alive_connection_waits_its_keepalive_timeout_and_a_head_has_the_header_timeout() {
+    let (a, _) = backend("ams1").await;
+    let h = Harness::start(&[("ams1", "ams", a)], 20, 25, |c| {
+        c.header_timeout = Duration::from_millis(400);
+        c.keepalive_timeout = Duration::from_secs(3);
+    })
+    .await;
+    let mut s = TcpStream::connect(h.plain).await.unwrap();
+    let get = b"GET / HTTP/1.1\r\nHost: app.example.com\r\n\r\n";
+    s.write_all(get).await.unwrap();
+    assert!(read_response(&mut s).await.starts_with("HTTP/1.1 200"));
+    // Quiet for longer than the header timeout, well within the keep-alive
+    // one: the connection is still there, and the next head, sent in two
+    // parts, has the header timeout from its first byte.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    s.write_all(&get[..20]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    s.write_all(&get[20..]).await.unwrap();
+    let r = read_response(&mut s).await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+}
+
+#[tokio::test]
 async fn plain_http_on_a_tls_port_is_refused() {
     let (a, _) = backend("ams1").await;
     let h = Harness::start(&[("ams1", "ams", a)], 20, 25, |_| {}).await;
