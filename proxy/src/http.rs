@@ -940,8 +940,8 @@ fn answer(backend: &Backend, resp: Response<ProxyBody>, slot: Slot) -> Response<
     parts
         .headers
         .append(header::VIA, HeaderValue::from_static("1.1 skein"));
-    if let Ok(v) = HeaderValue::from_str(&backend.machine) {
-        parts.headers.insert(MACHINE, v);
+    if let Some(v) = &backend.machine_header {
+        parts.headers.insert(MACHINE, v.clone());
     }
     let tracked = Tracked {
         inner: body,

@@ -16,6 +16,9 @@ use crate::load::{Loads, MachineLoad, ServiceQueue};
 pub struct Backend {
     /// Machine id.
     pub machine: Arc<str>,
+    /// The same as a header value (`skein-machine` on its responses), made
+    /// once per table rather than per response; None if the id cannot be one.
+    pub machine_header: Option<http::HeaderValue>,
     /// Its region.
     pub region: Arc<str>,
     /// The machine's own address (its endpoint or 6PN address and port).
@@ -512,6 +515,7 @@ impl Build<'_> {
                 };
                 Some(Backend {
                     machine: Arc::from(m.id.as_str()),
+                    machine_header: http::HeaderValue::from_str(&m.id).ok(),
                     region: Arc::from(m.region.as_str()),
                     addr,
                     via: self.at.via(self.cat, m),
