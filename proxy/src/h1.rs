@@ -535,6 +535,7 @@ pub(crate) async fn write_response<W: AsyncWrite + Unpin>(
     out.extend_from_slice(b"\r\n");
     let mut keep = !close;
     let mut dated = false;
+    let mut sized = false;
     for (k, v) in &parts.headers {
         if k == header::CONNECTION {
             keep &= !v
@@ -543,8 +544,14 @@ pub(crate) async fn write_response<W: AsyncWrite + Unpin>(
                 .any(|t| trim(t).eq_ignore_ascii_case(b"close"));
             continue;
         }
-        if k == header::TRANSFER_ENCODING || (k == header::CONTENT_LENGTH && !no_body) {
+        if k == header::TRANSFER_ENCODING {
             continue;
+        }
+        if k == header::CONTENT_LENGTH {
+            if !no_body {
+                continue;
+            }
+            sized = true;
         }
         dated |= k == header::DATE;
         put_header(out, k, v);
@@ -556,6 +563,20 @@ pub(crate) async fn write_response<W: AsyncWrite + Unpin>(
     }
     if !keep {
         out.extend_from_slice(b"connection: close\r\n");
+    }
+    // HEAD: the length a GET would have had, when the answer knows it (the
+    // proxy's own answers); a machine's is passed on as it gave it.
+    let bodiless = status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    if head_only
+        && !sized
+        && !bodiless
+        && let Some(n) = body.size_hint().exact()
+    {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa(n, &mut [0u8; 20]));
+        out.extend_from_slice(b"\r\n");
     }
     let chunked = !no_body && put_framing(&body, out);
     out.extend_from_slice(b"\r\n");
@@ -1508,6 +1529,11 @@ mod tests {
         .await;
         assert!(
             t.contains("content-length: 10\r\n") && t.ends_with("\r\n\r\n"),
+            "{t}"
+        );
+        let (t, _) = written(response(404, &[], full("skein: no_app\n")), true, false).await;
+        assert!(
+            t.contains("content-length: 14\r\n") && t.ends_with("\r\n\r\n"),
             "{t}"
         );
         for status in [204, 304] {

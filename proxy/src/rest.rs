@@ -323,6 +323,14 @@ pub(crate) async fn serve<I>(
     }
 }
 
+/// What a rest waits for besides the client's bytes: its deadline, the drain,
+/// and the connection's idle timer.
+struct Waits<'a, 'd> {
+    until: Instant,
+    drained: Pin<&'a mut tokio_util::sync::WaitForCancellationFuture<'d>>,
+    idle: Pin<&'a mut tokio::time::Sleep>,
+}
+
 /// Deadlines of the next request: its first byte (the keep-alive timeout
 /// after a response), and its whole head (the header timeout after its first
 /// byte, unless set earlier).
@@ -350,12 +358,22 @@ where
     I: AsyncRead + AsyncWrite + Readable + Unpin + Send,
 {
     let cfg = &proxy.cfg;
-    // Registered with the token once, not at every rest.
+    // Registered with the token once, not at every rest; and one idle timer,
+    // moved only when it would fire late (a later deadline is found when it
+    // fires): a busy connection does not take a timer in and out of the wheel
+    // per request.
     let drained = drain.cancelled();
     tokio::pin!(drained);
+    let idle = tokio::time::sleep_until(by.first_byte);
+    tokio::pin!(idle);
     loop {
         if buf.is_empty() {
-            buf = rest(proxy, s, buf, by.first_byte, drained.as_mut()).await?;
+            let waits = Waits {
+                until: by.first_byte,
+                drained: drained.as_mut(),
+                idle: idle.as_mut(),
+            };
+            buf = rest(proxy, s, buf, waits).await?;
         }
         let head_since = Instant::now();
         let head_by = by.head.unwrap_or(head_since + cfg.header_timeout);
@@ -420,8 +438,7 @@ async fn rest<I>(
     proxy: &Arc<Proxy>,
     s: &mut Watched<I>,
     mut buf: BytesMut,
-    deadline: Instant,
-    drained: Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
+    waits: Waits<'_, '_>,
 ) -> Option<BytesMut>
 where
     I: AsyncRead + AsyncWrite + Readable + Unpin,
@@ -433,16 +450,30 @@ where
         Some(_) => return None,
         None => drop(buf),
     }
+    let Waits {
+        until,
+        mut drained,
+        mut idle,
+    } = waits;
+    if idle.deadline() > until {
+        idle.as_mut().reset(until);
+    }
     let rests = Rests::new(proxy);
-    let woke = tokio::select! {
-        r = first_bytes(s) => match r {
-            Ok(b) if !b.is_empty() => Some(b),
-            _ => None,
-        },
-        _ = drained => None,
-        _ = tokio::time::sleep_until(deadline) => {
-            metrics::counter!("skein_proxy_client_timeouts_total", "phase" => "idle").increment(1);
-            None
+    let woke = loop {
+        tokio::select! {
+            r = first_bytes(s) => break match r {
+                Ok(b) if !b.is_empty() => Some(b),
+                _ => None,
+            },
+            _ = drained.as_mut() => break None,
+            _ = idle.as_mut() => {
+                if Instant::now() < until {
+                    idle.as_mut().reset(until);
+                    continue;
+                }
+                metrics::counter!("skein_proxy_client_timeouts_total", "phase" => "idle").increment(1);
+                break None;
+            }
         }
     };
     drop(rests);
