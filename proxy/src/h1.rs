@@ -1087,6 +1087,18 @@ mod tests {
         panic!("never: {what}");
     }
 
+    /// A body of unknown length: `chunks`, then one trailer.
+    fn streamed(chunks: &[&'static [u8]], trailer: (&'static str, &'static str)) -> ProxyBody {
+        let mut trailers = HeaderMap::new();
+        trailers.insert(trailer.0, HeaderValue::from_static(trailer.1));
+        let mut frames: Vec<Result<Frame<Bytes>, BoxError>> = chunks
+            .iter()
+            .map(|c| Ok(Frame::data(Bytes::from_static(c))))
+            .collect();
+        frames.push(Ok(Frame::trailers(trailers)));
+        BodyExt::boxed(StreamBody::new(futures_util::stream::iter(frames)))
+    }
+
     fn pool() -> Arc<Upstreams> {
         Arc::new(Upstreams::new(UpstreamLimits {
             connect_timeout: Duration::from_secs(2),
@@ -1242,49 +1254,29 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_body_without_length_ends_with_the_connection_which_is_not_kept() {
-        let (addr, seen) = machine(
-            vec![(b"\r\n\r\n", b"HTTP/1.1 200 OK\r\nx: y\r\n\r\nall of it")],
-            true,
-        )
-        .await;
-        let pool = pool();
-        let (_, body, _) = exchange(&pool, addr, get("GET", "/", empty()))
-            .await
-            .expect("answered");
-        assert_eq!(body.expect("body").to_bytes(), "all of it");
-        let (_, reused) = pool.get(addr, Proto::H1, false).await.expect("conn");
-        assert!(!reused);
-        until("a second connection", || {
-            seen.accepts.load(Ordering::SeqCst) == 2
-        })
-        .await;
-    }
-
-    #[tokio::test]
-    async fn a_pooled_connection_the_machine_has_closed_is_not_used_again() {
-        let (addr, seen) = machine(
-            vec![(
-                b"\r\n\r\n",
-                b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nx",
-            )],
-            true,
-        )
-        .await;
-        let pool = pool();
-        let (_, body, _) = exchange(&pool, addr, get("GET", "/", empty()))
-            .await
-            .expect("answered");
-        assert_eq!(body.expect("body").to_bytes(), "x");
-        // The machine closed it after answering (without saying so); the
-        // reactor learns of the FIN while the runtime waits.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let (_, reused) = pool.get(addr, Proto::H1, false).await.expect("conn");
-        assert!(!reused, "the closed connection was handed out");
-        until("a second connection", || {
-            seen.accepts.load(Ordering::SeqCst) == 2
-        })
-        .await;
+    async fn a_connection_the_machine_ends_is_not_used_again() {
+        let cases: [(&'static [u8], &str, u64); 2] = [
+            // No length: the body ends with the connection.
+            (b"HTTP/1.1 200 OK\r\nx: y\r\n\r\nall of it", "all of it", 0),
+            // A length, then a close the response did not announce; the
+            // reactor learns of the FIN while the runtime waits.
+            (b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nx", "x", 50),
+        ];
+        for (answer, want, wait) in cases {
+            let (addr, seen) = machine(vec![(b"\r\n\r\n", answer)], true).await;
+            let pool = pool();
+            let (_, body, _) = exchange(&pool, addr, get("GET", "/", empty()))
+                .await
+                .expect("answered");
+            assert_eq!(body.expect("body").to_bytes(), want);
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            let (_, reused) = pool.get(addr, Proto::H1, false).await.expect("conn");
+            assert!(!reused, "an ended connection was handed out ({want})");
+            until("a second connection", || {
+                seen.accepts.load(Ordering::SeqCst) == 2
+            })
+            .await;
+        }
     }
 
     #[tokio::test]
@@ -1341,14 +1333,7 @@ mod tests {
             .await
             .expect("answered");
         assert!(body.is_ok());
-        let mut trailers = HeaderMap::new();
-        trailers.insert("x-t", HeaderValue::from_static("1"));
-        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
-            Ok(Frame::data(Bytes::from_static(b"abcd"))),
-            Ok(Frame::data(Bytes::from_static(b"ef"))),
-            Ok(Frame::trailers(trailers)),
-        ];
-        let streamed = StreamBody::new(futures_util::stream::iter(frames)).boxed();
+        let streamed = streamed(&[b"abcd", b"ef"], ("x-t", "1"));
         let (_, body, _) = exchange(&pool, addr, get("PUT", "/b", streamed))
             .await
             .expect("answered");
@@ -1500,14 +1485,7 @@ mod tests {
         assert!(t.ends_with("GMT\r\ncontent-length: 5\r\n\r\nhello"), "{t}");
         assert!(keep);
         // Unknown length: chunked, trailers after the last chunk.
-        let mut trailers = HeaderMap::new();
-        trailers.insert("grpc-status", HeaderValue::from_static("0"));
-        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
-            Ok(Frame::data(Bytes::from_static(b"abc"))),
-            Ok(Frame::data(Bytes::from_static(b"0123456789abcdefg"))),
-            Ok(Frame::trailers(trailers)),
-        ];
-        let streamed = StreamBody::new(futures_util::stream::iter(frames)).boxed();
+        let streamed = streamed(&[b"abc", b"0123456789abcdefg"], ("grpc-status", "0"));
         let (t, _) = written(
             response(200, &[("date", "Tue, 01 Dec 2026 00:00:00 GMT")], streamed),
             false,
