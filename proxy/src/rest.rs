@@ -575,8 +575,10 @@ where
     let mut busy_ticks = 0u32;
     let tick = tokio::time::sleep(every);
     tokio::pin!(tick);
-    // `rest_after = 0s`: a connection hyper serves keeps its buffers.
-    let mut asked = rest_after.is_zero();
+    // `rest_after = 0s`: a connection hyper serves keeps its buffers (no
+    // idleness checks; a drain still ends it).
+    let checks = !rest_after.is_zero();
+    let mut asked = false;
     loop {
         tokio::select! {
             biased;
@@ -601,7 +603,7 @@ where
                 asked = true;
                 Pin::new(&mut conn).graceful_shutdown();
             }
-            _ = &mut tick, if !asked => {
+            _ = &mut tick, if !asked && checks => {
                 let now = Instant::now();
                 let moved = pulse.moved.load(Ordering::Relaxed);
                 let no_head_yet = pulse.started.load(Ordering::Relaxed) == wake.started;

@@ -2014,3 +2014,36 @@ async fn requests_are_served_whether_they_ride_the_handshake_or_carry_bodies() {
     assert!(r.starts_with("HTTP/1.1 200") && r.contains("/?e"), "{r}");
     assert_eq!(hits.load(Ordering::SeqCst), 6);
 }
+
+#[tokio::test]
+async fn a_drain_ends_a_connection_hyper_serves_even_with_resting_off() {
+    let (a, _) = backend("ams1").await;
+    let h = Harness::start(&[("ams1", "ams", a)], 20, 25, |c| {
+        c.rest_after = Duration::ZERO;
+    })
+    .await;
+    // A request with a body: hyper serves it, and the connection stays with
+    // hyper (it never rests).
+    let mut raw = h
+        .tls_stream("app.example.com", &[b"http/1.1"])
+        .await
+        .unwrap();
+    raw.write_all(b"POST /?b HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 5\r\n\r\nhello")
+        .await
+        .unwrap();
+    let r = read_response(&mut raw).await;
+    assert!(r.starts_with("HTTP/1.1 200") && r.contains("/?b"), "{r}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(h.proxy.connections_resting(), 0, "resting is off");
+    h.stop.send(true).unwrap();
+    let served = h.served.lock().unwrap().take().unwrap();
+    tokio::time::timeout(Duration::from_millis(800), served)
+        .await
+        .expect("drained in time")
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(1), raw.read(&mut buf))
+        .await
+        .expect("the connection ended");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+}
