@@ -1,15 +1,18 @@
-//! skein's own HTTP/1.1 client connection to a machine.
+//! skein's own HTTP/1.1: the connection to a machine, and the client side's
+//! plain requests.
 //!
-//! hyper's client runs every connection as a task of its own and hands each
-//! request to it over a channel, with a oneshot for the answer: two task
-//! wake-ups and three allocations per request before a byte moves, on top of
-//! its dispatcher. A proxy's connection to a machine carries one request at a
-//! time and is driven by the request that holds it, so here it is just the
-//! socket: the request task writes the head (and a body that is already
-//! whole, in the same write), reads the response head into the connection's
-//! buffer, and the response body reads the rest straight from the socket as
-//! the client takes it. Once the body has ended cleanly the connection goes
-//! back to the pool itself.
+//! **To machines** ([`Conn`]). hyper's client runs every connection as a task
+//! of its own and hands each request to it over a channel, with a oneshot for
+//! the answer: two task wake-ups and three allocations per request before a
+//! byte moves, on top of its dispatcher. A proxy's connection to a machine
+//! carries one request at a time and is driven by the request that holds it,
+//! so here it is just the socket: the request task writes the head (and a body
+//! that is already whole, in the same write), reads the response head into the
+//! connection's buffer, and the response body reads the rest straight from the
+//! socket as the client takes it. Once the body has ended cleanly the
+//! connection goes back to the pool itself. The request body is written whole
+//! before the response is read: a machine that answers early and closes on an
+//! upload fails it with a 502 rather than passing its early answer on.
 //!
 //! What it reads follows RFC 9112: interim (1xx) responses are skipped; the
 //! body is empty for HEAD, 204 and 304, chunked when the last transfer coding
@@ -17,6 +20,11 @@
 //! no length is given, else `Content-Length` (several that differ, or one that
 //! is not a number, make the response an error, as a smuggling attempt would).
 //! Upgrades (websockets, backhauled TCP) stay on hyper's client.
+//!
+//! **From clients** (`parse_request`, `write_response`). A request with no
+//! body and nothing to upgrade is read here and its response written straight
+//! back; anything else is left, byte for byte, to hyper's server
+//! (`crate::rest` drives the connection).
 
 use std::io;
 use std::net::SocketAddr;
