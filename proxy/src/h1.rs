@@ -495,7 +495,9 @@ pub(crate) fn parse_request(buf: &mut BytesMut, max_headers: usize) -> Next {
     else {
         return Next::Invalid("bad_request_target");
     };
-    let mut headers = HeaderMap::with_capacity(at.len());
+    // Room for what the proxy adds (the forwarded headers, client address,
+    // region, request id): no growing the map per request.
+    let mut headers = HeaderMap::with_capacity(at.len() + 8);
     for (n, nl, v, vl) in at {
         let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(&head[n..n + nl]),
@@ -723,7 +725,8 @@ fn parse_head(buf: &mut BytesMut) -> io::Result<Option<Parsed>> {
         ));
     }
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(at.len());
+    // Room for `Via` and the machine's name.
+    let mut headers = HeaderMap::with_capacity(at.len() + 2);
     let mut keep_alive = version == 1;
     let mut length: Option<u64> = None;
     let mut coded: Option<bool> = None;
