@@ -1414,6 +1414,16 @@ async fn an_idle_keep_alive_client_is_closed() {
     );
 }
 
+/// Stops the proxy and waits (up to 800 ms) for its connections to be drained.
+async fn drained_in_time(h: &Harness) {
+    h.stop.send(true).unwrap();
+    let served = h.served.lock().unwrap().take().unwrap();
+    tokio::time::timeout(Duration::from_millis(800), served)
+        .await
+        .expect("drained in time")
+        .unwrap();
+}
+
 /// Waits up to 3 s for `ok`.
 async fn eventually(what: &str, ok: impl Fn() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(3);
@@ -1562,12 +1572,7 @@ async fn idle_keep_alive_connections_rest_and_keep_serving() {
         h.proxy.connections_resting() == 1
     })
     .await;
-    h.stop.send(true).unwrap();
-    let served = h.served.lock().unwrap().take().unwrap();
-    tokio::time::timeout(Duration::from_millis(800), served)
-        .await
-        .expect("drained in time")
-        .unwrap();
+    drained_in_time(&h).await;
     tokio::time::timeout(Duration::from_secs(1), client)
         .await
         .expect("the client saw its connection end")
@@ -2035,12 +2040,7 @@ async fn a_drain_ends_a_connection_hyper_serves_even_with_resting_off() {
     assert!(r.starts_with("HTTP/1.1 200") && r.contains("/?b"), "{r}");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(h.proxy.connections_resting(), 0, "resting is off");
-    h.stop.send(true).unwrap();
-    let served = h.served.lock().unwrap().take().unwrap();
-    tokio::time::timeout(Duration::from_millis(800), served)
-        .await
-        .expect("drained in time")
-        .unwrap();
+    drained_in_time(&h).await;
     let mut buf = [0u8; 64];
     let n = tokio::time::timeout(Duration::from_secs(1), raw.read(&mut buf))
         .await
