@@ -169,9 +169,7 @@ impl Conn {
                     }
                     continue;
                 }
-                let no_body = head_only
-                    || status == StatusCode::NO_CONTENT
-                    || status == StatusCode::NOT_MODIFIED;
+                let no_body = head_only || bodiless(status);
                 let framing = if no_body { Framing::Done } else { framing };
                 // A body that ends with the connection leaves nothing to keep.
                 let keep_alive = keep_alive && framing != Framing::Close;
@@ -364,9 +362,7 @@ impl Writer {
 fn put_framing(body: &ProxyBody, out: &mut Vec<u8>) -> bool {
     match body.size_hint().exact() {
         Some(n) => {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa(n, &mut [0u8; 20]));
-            out.extend_from_slice(b"\r\n");
+            put_length(out, n);
             false
         }
         None => {
@@ -457,7 +453,7 @@ pub(crate) fn parse_request(buf: &mut BytesMut, max_headers: usize) -> Next {
     };
     let base = buf.as_ptr() as usize;
     let at_target = (target.as_ptr() as usize - base, target.len());
-    let mut at: smallvec::SmallVec<[(usize, usize, usize, usize); 24]> = smallvec::SmallVec::new();
+    let mut at = Spans::new();
     let (mut hosts, mut close) = (0, false);
     for h in r.headers.iter() {
         let name = h.name.as_bytes();
@@ -472,7 +468,7 @@ pub(crate) fn parse_request(buf: &mut BytesMut, max_headers: usize) -> Next {
         } else if is(&header::HOST) {
             hosts += 1;
         } else if is(&header::CONNECTION) {
-            for t in h.value.split(|b| *b == b',').map(trim) {
+            for t in tokens(h.value) {
                 if t.eq_ignore_ascii_case(b"close") {
                     close = true;
                 } else if t.eq_ignore_ascii_case(b"upgrade") {
@@ -480,12 +476,7 @@ pub(crate) fn parse_request(buf: &mut BytesMut, max_headers: usize) -> Next {
                 }
             }
         }
-        at.push((
-            h.name.as_ptr() as usize - base,
-            h.name.len(),
-            h.value.as_ptr() as usize - base,
-            h.value.len(),
-        ));
+        at.push(span(base, h));
     }
     if hosts != 1 {
         return Next::Hyper;
@@ -498,11 +489,8 @@ pub(crate) fn parse_request(buf: &mut BytesMut, max_headers: usize) -> Next {
     // Room for what the proxy adds (the forwarded headers, client address,
     // region, request id): no growing the map per request.
     let mut headers = HeaderMap::with_capacity(at.len() + 8);
-    for (n, nl, v, vl) in at {
-        let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(&head[n..n + nl]),
-            HeaderValue::from_maybe_shared(head.slice(v..v + vl)),
-        ) else {
+    for at in at {
+        let Some((name, value)) = cut(&head, at) else {
             return Next::Invalid("bad_request_header");
         };
         headers.append(name, value);
@@ -532,10 +520,7 @@ pub(crate) async fn write_response<W: AsyncWrite + Unpin>(
 ) -> io::Result<bool> {
     let (parts, mut body) = resp.into_parts();
     let status = parts.status;
-    let no_body = head_only
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
+    let no_body = head_only || bodiless(status);
     let mut w = Writer::new(256 + parts.headers.len() * 40);
     let out = &mut w.out;
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -548,10 +533,7 @@ pub(crate) async fn write_response<W: AsyncWrite + Unpin>(
     let mut sized = false;
     for (k, v) in &parts.headers {
         if k == header::CONNECTION {
-            keep &= !v
-                .as_bytes()
-                .split(|b| *b == b',')
-                .any(|t| trim(t).eq_ignore_ascii_case(b"close"));
+            keep &= !tokens(v.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"close"));
             continue;
         }
         if k == header::TRANSFER_ENCODING {
@@ -576,17 +558,12 @@ pub(crate) async fn write_response<W: AsyncWrite + Unpin>(
     }
     // HEAD: the length a GET would have had, when the answer knows it (the
     // proxy's own answers); a machine's is passed on as it gave it.
-    let bodiless = status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
     if head_only
         && !sized
-        && !bodiless
+        && !bodiless(status)
         && let Some(n) = body.size_hint().exact()
     {
-        out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(itoa(n, &mut [0u8; 20]));
-        out.extend_from_slice(b"\r\n");
+        put_length(out, n);
     }
     let chunked = !no_body && put_framing(&body, out);
     out.extend_from_slice(b"\r\n");
@@ -713,27 +690,16 @@ fn parse_head(buf: &mut BytesMut) -> io::Result<Option<Parsed>> {
         return Err(bad("malformed response head"));
     };
     let status = StatusCode::from_u16(code).map_err(|_| bad("bad status code"))?;
-    // Where each header sits in the head, to cut it from the frozen bytes.
     let base = buf.as_ptr() as usize;
-    let mut at: smallvec::SmallVec<[(usize, usize, usize, usize); 24]> = smallvec::SmallVec::new();
-    for h in r.headers.iter() {
-        at.push((
-            h.name.as_ptr() as usize - base,
-            h.name.len(),
-            h.value.as_ptr() as usize - base,
-            h.value.len(),
-        ));
-    }
+    let at: Spans = r.headers.iter().map(|h| span(base, h)).collect();
     let head = buf.split_to(len).freeze();
     // Room for `Via` and the machine's name.
     let mut headers = HeaderMap::with_capacity(at.len() + 2);
     let mut keep_alive = version == 1;
     let mut length: Option<u64> = None;
     let mut coded: Option<bool> = None;
-    for (n, nl, v, vl) in at {
-        let name = HeaderName::from_bytes(&head[n..n + nl]).map_err(|_| bad("bad header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
-            .map_err(|_| bad("bad header value"))?;
+    for at in at {
+        let (name, value) = cut(&head, at).ok_or_else(|| bad("bad header"))?;
         if name == header::CONTENT_LENGTH {
             let n = std::str::from_utf8(value.as_bytes())
                 .ok()
@@ -750,9 +716,9 @@ fn parse_head(buf: &mut BytesMut) -> io::Result<Option<Parsed>> {
                 .rsplit(|b| *b == b',')
                 .next()
                 .unwrap_or(b"");
-            coded = Some(trim(last).eq_ignore_ascii_case(b"chunked"));
+            coded = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         } else if name == header::CONNECTION {
-            for t in value.as_bytes().split(|b| *b == b',').map(trim) {
+            for t in tokens(value.as_bytes()) {
                 if t.eq_ignore_ascii_case(b"close") {
                     keep_alive = false;
                 } else if t.eq_ignore_ascii_case(b"keep-alive") && version == 0 {
@@ -780,8 +746,46 @@ fn parse_head(buf: &mut BytesMut) -> io::Result<Option<Parsed>> {
     }))
 }
 
-fn trim(b: &[u8]) -> &[u8] {
-    b.trim_ascii()
+/// Where one header sits in a head (name and value: start, length), to cut
+/// it from the head's bytes once they are frozen.
+type Span = (usize, usize, usize, usize);
+type Spans = smallvec::SmallVec<[Span; 24]>;
+
+fn span(base: usize, h: &httparse::Header<'_>) -> Span {
+    (
+        h.name.as_ptr() as usize - base,
+        h.name.len(),
+        h.value.as_ptr() as usize - base,
+        h.value.len(),
+    )
+}
+
+/// The header at `at` in `head`: the name parsed, the value a view of the
+/// head's bytes (no copy). None if `http` refuses either.
+fn cut(head: &Bytes, (n, nl, v, vl): Span) -> Option<(HeaderName, HeaderValue)> {
+    let name = HeaderName::from_bytes(&head[n..n + nl]).ok()?;
+    let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl)).ok()?;
+    Some((name, value))
+}
+
+/// The comma-separated tokens of a header value (`Connection`), trimmed.
+fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+    v.split(|b| *b == b',').map(<[u8]>::trim_ascii)
+}
+
+/// A status whose response has no body whatever its headers say (RFC 9112
+/// section 6.3): 1xx, 204, 304.
+fn bodiless(status: StatusCode) -> bool {
+    status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+}
+
+/// Writes `content-length: n`.
+fn put_length(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(itoa(n, &mut [0u8; 20]));
+    out.extend_from_slice(b"\r\n");
 }
 
 /// A response body read straight from the machine's connection.
@@ -929,7 +933,7 @@ fn chunk_size(line: &[u8]) -> io::Result<u64> {
     let digits = line
         .split(|b| *b == b';')
         .next()
-        .map(trim)
+        .map(<[u8]>::trim_ascii)
         .unwrap_or_default();
     if digits.is_empty() || digits.len() > 16 {
         return Err(bad("bad chunk size"));

@@ -198,15 +198,7 @@ pub async fn handle_hyper(
     conn: Arc<ConnInfo>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    handle(proxy, conn, req.map(|b| b.map_err(BoxError::from).boxed())).await
-}
-
-/// Handles one request from a client connection.
-pub async fn handle(
-    proxy: Arc<Proxy>,
-    conn: Arc<ConnInfo>,
-    req: Request<ProxyBody>,
-) -> Result<Response<ProxyBody>, Infallible> {
+    let req = req.map(|b| b.map_err(BoxError::from).boxed());
     Ok(serve_request(&proxy, &conn, req).await)
 }
 

@@ -295,7 +295,6 @@ pub(crate) async fn serve<I>(
         let wake = Wake {
             quiet_since: head_since,
             started: pulse.started.load(Ordering::Relaxed),
-            carried: true,
         };
         let at = At {
             proxy: proxy.clone(),
@@ -525,10 +524,10 @@ struct Wake {
     /// When the client last went quiet before a request head: the header
     /// timeout counts from here until the next request starts.
     quiet_since: Instant,
-    /// Requests started before this wake.
+    /// Requests started before this wake. A wake always begins with the head
+    /// (whole or in part) of the request skein handed over: it does not rest
+    /// before that request starts.
     started: u32,
-    /// The wake began with part of a request head hyper had read.
-    carried: bool,
 }
 
 /// What one wake of a connection works with (owned: the future is `Send`
@@ -615,7 +614,7 @@ where
                 }
                 if moved == seen
                     && pulse.in_flight.load(Ordering::Relaxed) == 0
-                    && !(wake.carried && no_head_yet)
+                    && !no_head_yet
                 {
                     pulse.resting.store(true, Ordering::Relaxed);
                     metrics::counter!("skein_proxy_client_rests_total").increment(1);
