@@ -36,6 +36,9 @@ pub struct Running {
     hup: Arc<Notify>,
     tasks: JoinSet<()>,
     drain: std::time::Duration,
+    /// The serving threads (the proxy's, and the mesh's data path): stopped
+    /// last, once every plane has drained.
+    workers: Option<skein_proxy::Workers>,
 }
 
 /// Starts everything `cfg` asks for. `builtin` is a document compiled into the
@@ -161,17 +164,37 @@ pub async fn start(cfg: Config, builtin: Option<Document>) -> anyhow::Result<Run
         tasks.spawn(source.run(stop.subscribe()));
     }
 
+    // The serving threads, one single-threaded runtime each: the proxy
+    // serves on them, and skein's userspace WireGuard runs its data path on
+    // the first, so what the proxy sends over the mesh crosses no thread.
+    let workers = if cfg.proxy.enabled {
+        let n = skein_catalog::serving_threads(cfg.proxy.threads);
+        Some(
+            skein_proxy::Workers::start(n, "skein-worker")
+                .context("starting the serving threads")?,
+        )
+    } else {
+        None
+    };
+    // The mesh stops after the proxy has drained: requests in flight to
+    // other hosts' machines cross it until they end.
+    let (mesh_stop, mesh_stop_rx) = watch::channel(false);
+
     // The mesh first: it puts the host's local addresses (the resolver,
     // the mesh address) in place before the proxy and DNS bind them.
     if cfg.mesh.enabled {
         let name = cfg.host.name.clone().unwrap_or_default();
-        let agent = skein_mesh::Agent::start(&cfg.mesh, &name, &cfg.state.dir)
+        let datapath = match &workers {
+            Some(w) => w.handles()[0].clone(),
+            None => tokio::runtime::Handle::current(),
+        };
+        let agent = skein_mesh::Agent::start(&cfg.mesh, &name, &cfg.state.dir, &datapath)
             .await
             .context("starting the mesh")?;
         tasks.spawn(skein_mesh::agent::run(
             agent,
             store.subscribe(),
-            stop.subscribe(),
+            mesh_stop_rx,
         ));
     }
 
@@ -193,10 +216,21 @@ pub async fn start(cfg: Config, builtin: Option<Document>) -> anyhow::Result<Run
         listening.extend(bound.iter().map(|b| b.local));
         tasks.spawn(proxy.clone().follow(store.subscribe(), stop.subscribe()));
         tasks.spawn(skein_proxy::health::run(proxy.clone(), stop.subscribe()));
-        let serve = proxy.serve(bound, stop.subscribe(), cfg.shutdown.drain_timeout);
+        let handles = workers
+            .as_ref()
+            .map(|w| w.handles().to_vec())
+            .unwrap_or_default();
+        let (stop_rx, drain) = (stop.subscribe(), cfg.shutdown.drain_timeout);
         tasks.spawn(async move {
-            serve.await;
+            proxy.serve_on(&handles, bound, stop_rx, drain).await;
             let _ = drained_tx.send(());
+            let _ = mesh_stop.send(true);
+        });
+    } else {
+        let mut stop_rx = stop.subscribe();
+        tasks.spawn(async move {
+            skein_catalog::store::stopped(&mut stop_rx).await;
+            let _ = mesh_stop.send(true);
         });
     }
 
@@ -285,6 +319,7 @@ pub async fn start(cfg: Config, builtin: Option<Document>) -> anyhow::Result<Run
         hup,
         tasks,
         drain: cfg.shutdown.drain_timeout,
+        workers,
     })
 }
 
@@ -318,6 +353,9 @@ impl Running {
         {
             tracing::warn!("drain deadline passed");
         }
+        // What is still open on the serving threads ends with them.
+        self.tasks.abort_all();
+        drop(self.workers.take());
         tracing::info!("stopped");
     }
 }

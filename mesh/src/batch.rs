@@ -53,6 +53,17 @@ impl Outbox {
         self.spans.is_empty()
     }
 
+    /// How many datagrams wait.
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    /// Forgets what waits.
+    pub fn clear(&mut self) {
+        self.spans.clear();
+        self.to.clear();
+    }
+
     /// The buffer the next datagram is written into.
     pub fn next_buf(&mut self) -> &mut [u8] {
         let i = self.spans.len().min(BATCH - 1);
@@ -79,8 +90,11 @@ impl Outbox {
         &self.bufs[i][s..s + n]
     }
 
-    /// Sends everything; returns how many datagrams could not be sent.
-    pub fn flush(&mut self, sock: &UdpSocket) -> usize {
+    /// Sends what waits. Datagrams the kernel refuses are dropped and counted
+    /// in [`Flush::failed`]; when the socket's buffer is full (a non-blocking
+    /// socket says `WouldBlock`) the rest stays, in order, for the next flush
+    /// once the socket is writable again.
+    pub fn flush(&mut self, sock: &UdpSocket) -> Flush {
         let mut failed = 0;
         let mut i = 0;
         let n = self.spans.len();
@@ -106,6 +120,9 @@ impl Outbox {
                         i = j;
                         continue;
                     }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return self.blocked(i, failed);
+                    }
                     Err(e) if is_gso_refusal(&e) => {
                         tracing::debug!(error = %e, "UDP GSO refused; sending datagrams one by one");
                         self.gso = false;
@@ -119,12 +136,31 @@ impl Outbox {
             }
             // The rest without GSO, one sendmmsg for what is left.
             let end = if self.gso { i + 1 } else { n };
-            failed += self.send_many(sock, i, end);
-            i = end;
+            let (done, lost, blocked) = self.send_many(sock, i, end);
+            failed += lost;
+            i += done;
+            if blocked {
+                return self.blocked(i, failed);
+            }
         }
         self.spans.clear();
         self.to.clear();
-        failed
+        Flush {
+            failed,
+            blocked: false,
+        }
+    }
+
+    /// Keeps the datagrams from `first` on (moved to the front, buffers and
+    /// all) for the next flush.
+    fn blocked(&mut self, first: usize, failed: usize) -> Flush {
+        self.bufs.rotate_left(first);
+        self.spans.drain(..first);
+        self.to.drain(..first);
+        Flush {
+            failed,
+            blocked: true,
+        }
     }
 
     /// The datagrams `from..to` as an I/O vector (on the stack: a flush
@@ -175,8 +211,10 @@ impl Outbox {
         Ok(())
     }
 
-    /// One `sendmmsg` (repeated while the kernel takes part of it).
-    fn send_many(&self, sock: &UdpSocket, from: usize, to: usize) -> usize {
+    /// One `sendmmsg` (repeated while the kernel takes part of it): how many
+    /// datagrams it got past (sent or dropped), how many it dropped, and
+    /// whether it stopped at a full socket buffer.
+    fn send_many(&self, sock: &UdpSocket, from: usize, to: usize) -> (usize, usize, bool) {
         let mut iov = self.iovecs(from, to);
         let count = to - from;
         // SAFETY: a zeroed mmsghdr is valid; the pointers set below outlive the call.
@@ -202,16 +240,27 @@ impl Outbox {
                     0,
                 )
             };
-            if rc <= 0 {
+            if rc > 0 {
+                sent += rc as usize;
+            } else if rc < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock {
+                return (sent, failed, true);
+            } else {
                 // Skip the one that failed and go on.
                 failed += 1;
                 sent += 1;
-            } else {
-                sent += rc as usize;
             }
         }
-        failed
+        (sent, failed, false)
     }
+}
+
+/// What a [`Outbox::flush`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flush {
+    /// Datagrams the kernel refused (dropped).
+    pub failed: usize,
+    /// The socket's buffer filled: what is left waits in the outbox.
+    pub blocked: bool,
 }
 
 fn is_gso_refusal(e: &io::Error) -> bool {
@@ -241,8 +290,9 @@ impl Inbox {
         }
     }
 
-    /// Waits (up to the socket's read timeout) for a datagram, then takes
-    /// every one waiting, up to [`BATCH`]; returns how many.
+    /// Takes every datagram waiting, up to [`BATCH`]; returns how many. On a
+    /// blocking socket it waits (up to its read timeout) for the first; on a
+    /// non-blocking one, none waiting is `WouldBlock`.
     pub fn recv(&mut self, sock: &UdpSocket) -> io::Result<usize> {
         // On the stack: a receive allocates nothing.
         // SAFETY: iovec and mmsghdr are plain data; all-zero is valid, and

@@ -31,7 +31,7 @@ impl Tun {
             .read(true)
             .write(true)
             // Non-blocking: the device drains the queue until it is empty,
-            // and waits in `readable` only then.
+            // and waits on the runtime's reactor only then.
             .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
             .open("/dev/net/tun")?;
         // SAFETY: ifreq is plain old data; all-zero is a valid value.
@@ -56,11 +56,6 @@ impl Tun {
         &self.name
     }
 
-    /// Waits up to `timeout` for a packet; false on timeout.
-    pub fn readable(&self, timeout: std::time::Duration) -> io::Result<bool> {
-        readable(&self.file, timeout)
-    }
-
     /// Reads one packet; `WouldBlock` when none is queued.
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         use std::io::Read as _;
@@ -72,6 +67,25 @@ impl Tun {
         use std::io::Write as _;
         (&self.file).write(packet)
     }
+}
+
+impl std::os::fd::AsRawFd for Tun {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+/// A descriptor owned for its whole life by the value: what may be registered
+/// with the runtime's reactor.
+pub(crate) trait OwnedFd: std::os::fd::AsRawFd {}
+impl OwnedFd for Tun {}
+impl OwnedFd for std::net::UdpSocket {}
+
+/// Registers `inner` with the current runtime's reactor.
+pub(crate) fn register<T: OwnedFd>(inner: T) -> io::Result<tokio::io::unix::AsyncFd<T>> {
+    // SAFETY: a `Tun` and a `UdpSocket` own their descriptor from creation to
+    // drop and always return that same one.
+    Ok(unsafe { tokio::io::unix::AsyncFd::register(inner) }?)
 }
 
 /// Waits up to `timeout` for `fd` to become readable; false on timeout.

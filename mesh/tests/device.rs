@@ -20,15 +20,19 @@ fn underlay() -> (Netns, Netns) {
     (a, b)
 }
 
-fn device_in(ns: &Netns, name: &str, port: u16) -> Device {
+/// The device's data paths run on `rt`, as they do on the daemon's runtime.
+fn device_in(rt: &tokio::runtime::Runtime, ns: &Netns, name: &str, port: u16) -> Device {
     std::thread::scope(|s| {
         s.spawn(|| {
             ns.enter();
-            Device::create(&DeviceConfig {
-                name: name.into(),
-                listen_port: port,
-                uapi_dir: uapi::SOCKET_DIR.into(),
-            })
+            Device::create(
+                &DeviceConfig {
+                    name: name.into(),
+                    listen_port: port,
+                    uapi_dir: uapi::SOCKET_DIR.into(),
+                },
+                rt.handle(),
+            )
             .unwrap()
         })
         .join()
@@ -72,8 +76,9 @@ fn two_devices_carry_ipv6_and_wg_show_reads_them() {
     let (ka, kb) = (Key::generate(), Key::generate());
     let ia = format!("skwa{}", std::process::id() % 10000);
     let ib = format!("skwb{}", std::process::id() % 10000);
-    let da = device_in(&a, &ia, 51820);
-    let db = device_in(&b, &ib, 51820);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let da = device_in(&rt, &a, &ia, 51820);
+    let db = device_in(&rt, &b, &ib, 51820);
     configure(
         da.uapi_path(),
         ka,
@@ -127,6 +132,25 @@ fn two_devices_carry_ipv6_and_wg_show_reads_them() {
     );
     assert!(peer[5].parse::<u64>().unwrap() > 0, "rx bytes");
 
+    // a moves to another port: it sends and receives on the new socket, and b,
+    // told nothing, follows it (roaming) once a's packets come from there
+    uapi::set(
+        da.uapi_path(),
+        &DeviceUpdate {
+            listen_port: Some(51830),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(da.listen_port(), 51830);
+    assert!(a.ping("fd10::1", "fd10::2"), "through a's new port");
+    let b_sees = uapi::get(db.uapi_path()).unwrap();
+    assert_eq!(
+        b_sees.peers[0].endpoint,
+        Some("[fd00:77::1]:51830".parse().unwrap())
+    );
+    assert!(b.ping("fd10::2", "fd10::1"), "and b to a's new port");
+
     // the inner address must be one the peer is allowed to use: narrow b's view
     // of a, and a's packets from fd10::1 are refused
     let mut p = PeerUpdate::new(ka.public());
@@ -156,8 +180,13 @@ fn two_devices_carry_ipv6_and_wg_show_reads_them() {
     assert!(uapi::get(da.uapi_path()).unwrap().peers.is_empty());
     drop(da);
     drop(db);
-    // the interfaces went with the devices
-    assert!(!a.run(&["ip", "link", "show", &ia]).status.success());
+    // the interfaces went with the devices (once the runtime has dropped
+    // their stopped tasks)
+    let gone = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        !a.run(&["ip", "link", "show", &ia]).status.success()
+    });
+    assert!(gone, "{ia} is removed");
     assert!(!Path::new(&format!("/var/run/wireguard/{ia}.sock")).exists());
 }
 
@@ -170,7 +199,8 @@ fn interoperates_with_wireguard_go() {
     let (ka, kb) = (Key::generate(), Key::generate());
     let ia = format!("skia{}", std::process::id() % 10000);
     let ib = format!("skib{}", std::process::id() % 10000);
-    let da = device_in(&a, &ia, 51820);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let da = device_in(&rt, &a, &ia, 51820);
     // wireguard-go in b, foreground, its UAPI socket in the shared /var/run/wireguard
     let mut go = b
         .command("wireguard-go")

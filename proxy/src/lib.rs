@@ -29,6 +29,7 @@ pub mod table;
 pub mod tcp;
 pub mod tls;
 pub mod upstream;
+pub mod workers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -41,6 +42,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use config::{ListenerConfig, ProxyConfig};
+pub use workers::Workers;
 
 use crate::http::RequestLimits;
 use crate::load::Loads;
@@ -339,16 +341,32 @@ impl Proxy {
     }
 
     /// Serves bound listeners until `stop`, then drains open connections for up
-    /// to `drain`. Each thread runs its own single-threaded runtime with its own
-    /// sockets, as nginx runs its workers: a connection and the tasks it spawns
-    /// stay on one core, with no work stealing and no cross-thread wakeups.
+    /// to `drain`, on [`Proxy::threads`] serving threads of its own.
     pub async fn serve(
         self: Arc<Self>,
         bound: Vec<Bound>,
         stop: watch::Receiver<bool>,
         drain: Duration,
     ) {
-        let threads = self.threads();
+        match Workers::start(self.threads(), "skein-proxy") {
+            Ok(w) => self.serve_on(w.handles(), bound, stop, drain).await,
+            Err(e) => tracing::error!(error = %e, "cannot start the proxy's threads"),
+        }
+    }
+
+    /// [`Proxy::serve`] on `workers` (single-threaded runtimes, each on its
+    /// own thread: [`Workers`]), which may carry other planes' tasks too.
+    /// Each takes its share of the listeners' SO_REUSEPORT sockets, as nginx
+    /// runs its workers: a connection and the tasks it spawns stay on one
+    /// thread, with no work stealing and no cross-thread wakeups.
+    pub async fn serve_on(
+        self: Arc<Self>,
+        workers: &[tokio::runtime::Handle],
+        bound: Vec<Bound>,
+        stop: watch::Receiver<bool>,
+        drain: Duration,
+    ) {
+        let threads = workers.len().max(1);
         let mut per_thread: Vec<Vec<Socket>> = (0..threads).map(|_| Vec::new()).collect();
         for b in bound {
             match b.kind {
@@ -370,84 +388,66 @@ impl Proxy {
                 });
             }
         }
-        // Each thread says when it has drained (a dropped sender says it too).
-        let mut done = Vec::new();
-        for (i, sockets) in per_thread.into_iter().enumerate() {
-            let (me, stop) = (self.clone(), stop.clone());
-            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-            let spawned = std::thread::Builder::new()
-                .name(format!("skein-proxy-{i}"))
-                .spawn(move || {
-                    me.thread_main(sockets, stop, drain);
-                    let _ = tx.send(());
-                });
-            match spawned {
-                Ok(_) => done.push(rx),
-                Err(e) => tracing::error!(error = %e, "cannot start a proxy thread"),
-            }
-        }
-        for rx in done {
-            let _ = rx.await;
+        let serving: Vec<_> = workers
+            .iter()
+            .zip(per_thread)
+            .map(|(rt, sockets)| rt.spawn(self.clone().serve_thread(sockets, stop.clone(), drain)))
+            .collect();
+        for s in serving {
+            let _ = s.await;
         }
     }
 
-    fn thread_main(
+    /// One thread's share: its listeners' accept loops, then their drain.
+    async fn serve_thread(
         self: Arc<Self>,
         sockets: Vec<Socket>,
         stop: watch::Receiver<bool>,
         drain: Duration,
     ) {
-        let rt = match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt,
-            Err(e) => return tracing::error!(error = %e, "cannot build a proxy runtime"),
-        };
-        rt.block_on(async move {
-            let drain_signal = tokio_util::sync::CancellationToken::new();
-            let mut loops = tokio::task::JoinSet::new();
-            for s in sockets {
-                let port = match s.kind {
-                    BoundKind::Public { port } => Some(port),
-                    _ => None,
-                };
-                match TcpListener::from_std(s.socket) {
-                    Ok(l) if s.kind == BoundKind::Backhaul => {
-                        loops.spawn(backhaul::accept_loop(
-                            self.clone(),
-                            l,
-                            stop.clone(),
-                            drain_signal.clone(),
-                        ));
-                    }
-                    Ok(l) => {
-                        loops.spawn(listener::accept_loop(
-                            self.clone(),
-                            l,
-                            port,
-                            stop.clone(),
-                            drain_signal.clone(),
-                        ));
-                    }
-                    Err(e) => {
-                        tracing::error!(addr = %s.local, error = %e, "cannot register a listener")
-                    }
+        let drain_signal = tokio_util::sync::CancellationToken::new();
+        let mut loops = tokio::task::JoinSet::new();
+        for s in sockets {
+            let port = match s.kind {
+                BoundKind::Public { port } => Some(port),
+                _ => None,
+            };
+            match TcpListener::from_std(s.socket) {
+                Ok(l) if s.kind == BoundKind::Backhaul => {
+                    loops.spawn(backhaul::accept_loop(
+                        self.clone(),
+                        l,
+                        stop.clone(),
+                        drain_signal.clone(),
+                    ));
+                }
+                Ok(l) => {
+                    loops.spawn(listener::accept_loop(
+                        self.clone(),
+                        l,
+                        port,
+                        stop.clone(),
+                        drain_signal.clone(),
+                    ));
+                }
+                Err(e) => {
+                    tracing::error!(addr = %s.local, error = %e, "cannot register a listener")
                 }
             }
-            // The loops stop accepting at `stop`; from then on connections are
-            // asked to finish, and the loops end when theirs have, or the
-            // deadline closes what is left (the runtime drops their tasks).
-            let mut stop = stop;
-            if !loops.is_empty() {
-                listener::stopped(&mut stop).await;
-            }
-            drain_signal.cancel();
-            let drained = async { while loops.join_next().await.is_some() {} };
-            if tokio::time::timeout(drain, drained).await.is_err() {
-                tracing::warn!("proxy drain deadline passed; closing what is left");
-            }
-        });
+        }
+        // The loops stop accepting at `stop`; from then on connections are
+        // asked to finish, and the loops end when theirs have, or the
+        // deadline closes what is left (dropping their tasks).
+        let mut stop = stop;
+        if !loops.is_empty() {
+            listener::stopped(&mut stop).await;
+        }
+        drain_signal.cancel();
+        let drained = async { while loops.join_next().await.is_some() {} };
+        if tokio::time::timeout(drain, drained).await.is_err() {
+            tracing::warn!("proxy drain deadline passed; closing what is left");
+            loops.abort_all();
+        }
     }
 }
 
