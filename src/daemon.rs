@@ -166,7 +166,8 @@ pub async fn start(cfg: Config, builtin: Option<Document>) -> anyhow::Result<Run
 
     // The serving threads, one single-threaded runtime each: the proxy
     // serves on them, and skein's userspace WireGuard runs its data path on
-    // the first, so what the proxy sends over the mesh crosses no thread.
+    // them (a TUN queue each), so what the proxy sends over the mesh is
+    // encrypted by an awake thread rather than a woken one.
     let workers = if cfg.proxy.enabled {
         let n = skein_catalog::serving_threads(cfg.proxy.threads);
         Some(
@@ -184,9 +185,11 @@ pub async fn start(cfg: Config, builtin: Option<Document>) -> anyhow::Result<Run
     // the mesh address) in place before the proxy and DNS bind them.
     if cfg.mesh.enabled {
         let name = cfg.host.name.clone().unwrap_or_default();
+        // A TUN queue per serving thread; with no proxy, as many on the
+        // main runtime, whose threads share them.
         let datapath = match &workers {
-            Some(w) => w.handles()[0].clone(),
-            None => tokio::runtime::Handle::current(),
+            Some(w) => w.handles().to_vec(),
+            None => vec![tokio::runtime::Handle::current(); skein_catalog::serving_threads(None)],
         };
         let agent = skein_mesh::Agent::start(&cfg.mesh, &name, &cfg.state.dir, &datapath)
             .await

@@ -25,7 +25,7 @@ pub struct Steering {
 /// The announcement: the steered prefixes as routes in the speaker's table on
 /// a TUN device this process owns (closed with it, so a crash withdraws too).
 struct Announced {
-    _device: skein_mesh::tun::Tun,
+    _device: Vec<skein_mesh::tun::Tun>,
     index: u32,
     table: u32,
 }
@@ -75,7 +75,7 @@ impl Steering {
     /// Puts the anycast prefixes in the speaker's table: this edge serves.
     async fn announce(&mut self, cfg: &skein_proxy::config::AnnounceConfig) -> anyhow::Result<()> {
         let what = "proxy.steer.announce";
-        let device = skein_mesh::tun::Tun::create(&cfg.interface)
+        let device = skein_mesh::tun::Tun::create(&cfg.interface, 1)
             .with_context(|| format!("{what}: creating {}", cfg.interface))?;
         let index = self
             .nl

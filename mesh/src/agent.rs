@@ -373,14 +373,14 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 impl Agent {
     /// Brings the mesh device up (creating it unless `device = "uapi"`), gives it its
     /// key, routes 6PN into it and attaches the rewrite.
-    /// skein's own device runs its data path on `datapath` (the serving
-    /// thread the proxy runs on, so the two hand packets over without waking
-    /// another thread).
+    /// skein's own device runs its data path on `datapath`, a TUN queue and
+    /// a socket per runtime (the serving threads the proxy runs on, so the
+    /// two hand packets over without waking another thread).
     pub async fn start(
         cfg: &MeshConfig,
         host_name: &str,
         state_dir: &Path,
-        datapath: &tokio::runtime::Handle,
+        datapath: &[tokio::runtime::Handle],
     ) -> Result<Agent, StartError> {
         let key = crate::key::load_or_create(&key_file(cfg, state_dir))?;
         let nl = Netlink::connect().map_err(|source| StartError::Device {

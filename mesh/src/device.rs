@@ -2,11 +2,14 @@
 //! (`boringtun::noise`) driven by our own I/O loops, a TUN interface, one UDP
 //! socket, and the standard UAPI socket so `wg show` works against it.
 //!
-//! The two data paths are tasks on the tokio runtime the device is given (the
-//! daemon's, which the proxy serves on): `tun` (packets from the kernel: route by
-//! AllowedIPs, encrypt, send) and `udp` (datagrams from peers: find the peer by
-//! receiver index or, for a handshake, by its static key; decrypt; cryptokey-route
-//! check; write to the TUN). A proxy's backhaul frame written to a mesh address is
+//! The two data paths are tasks on the tokio runtimes the device is given (the
+//! daemon's serving threads, which the proxy serves on), a pair per runtime, each
+//! pair with a TUN queue and a UDP socket of its own (`IFF_MULTI_QUEUE`,
+//! SO_REUSEPORT: the kernel spreads flows over the queues and peers over the
+//! sockets, so the crypto spreads over the threads): `tun` (packets from the
+//! kernel: route by AllowedIPs, encrypt, send) and `udp` (datagrams from peers:
+//! find the peer by receiver index or, for a handshake, by its static key;
+//! decrypt; cryptokey-route check; write to the TUN). A proxy's backhaul frame written to a mesh address is
 //! thus encrypted and sent by the thread that wrote it, when it next looks for
 //! work, and a datagram decrypted for the proxy is read by the same awake thread:
 //! with dedicated threads every crossing between proxy and mesh woke a sleeping
@@ -158,14 +161,21 @@ struct Table {
     routes: Routes,
 }
 
-struct Shared {
-    name: String,
+/// One data path: a TUN queue and an underlay socket, served by a pair of
+/// tasks on one runtime.
+struct Queue {
     tun: AsyncFd<Tun>,
-    /// The underlay socket, non-blocking, registered with the runtime; replaced
-    /// when UAPI moves the port (`rebound` tells the receiving task).
+    /// Non-blocking, registered with `runtime`; replaced when UAPI moves the
+    /// port (`rebound` tells the receiving task).
     udp: ArcSwap<AsyncFd<UdpSocket>>,
     rebound: Notify,
     runtime: Handle,
+}
+
+struct Shared {
+    name: String,
+    /// At least one; the first also sends what the slow paths send.
+    queues: Vec<Queue>,
     listen_port: AtomicU32,
     fwmark: AtomicU32,
     table: ArcSwap<Table>,
@@ -193,16 +203,25 @@ impl std::fmt::Debug for Device {
     }
 }
 
-/// The underlay socket on `port`, registered with `runtime`.
-fn bind(port: u16, runtime: &Handle) -> io::Result<AsyncFd<UdpSocket>> {
-    let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, None)?;
-    s.set_only_v6(false)?;
-    s.set_recv_buffer_size(4 << 20)?;
-    s.set_send_buffer_size(4 << 20)?;
-    s.set_nonblocking(true)?;
-    s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
-    let _in = runtime.enter();
-    crate::tun::register(s.into())
+/// One underlay socket per runtime on `port` (0: any; the rest join the port
+/// the first got), each registered with its runtime.
+fn bind(port: u16, runtimes: &[Handle]) -> io::Result<Vec<AsyncFd<UdpSocket>>> {
+    let mut out = Vec::new();
+    let mut port = port;
+    for rt in runtimes {
+        let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, None)?;
+        s.set_only_v6(false)?;
+        s.set_reuse_port(runtimes.len() > 1)?;
+        s.set_recv_buffer_size(4 << 20)?;
+        s.set_send_buffer_size(4 << 20)?;
+        s.set_nonblocking(true)?;
+        s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+        let s: UdpSocket = s.into();
+        port = s.local_addr()?.port();
+        let _in = rt.enter();
+        out.push(crate::tun::register(s)?);
+    }
+    Ok(out)
 }
 
 /// The dual-stack socket wants IPv4 peers as v4-mapped IPv6 addresses.
@@ -231,22 +250,35 @@ fn dropped(reason: &'static str) {
 
 impl Device {
     /// Creates the TUN interface, binds the UDP port, serves the UAPI socket;
-    /// the data paths run as tasks on `runtime`. The device has no key and no
-    /// peers until configured through UAPI.
-    pub fn create(config: &DeviceConfig, runtime: &Handle) -> io::Result<Device> {
-        let tun = Tun::create(&config.name)?;
-        let tun = {
-            let _in = runtime.enter();
-            crate::tun::register(tun)?
-        };
-        let udp = bind(config.listen_port, runtime)?;
-        let port = udp.get_ref().local_addr()?.port();
+    /// the data paths run as tasks on `runtimes`, a TUN queue and a socket
+    /// for each (at least one: an empty list is an error). The device has no
+    /// key and no peers until configured through UAPI.
+    pub fn create(config: &DeviceConfig, runtimes: &[Handle]) -> io::Result<Device> {
+        if runtimes.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a WireGuard device needs a runtime for its data path",
+            ));
+        }
+        let tuns = Tun::create(&config.name, runtimes.len())?;
+        let udps = bind(config.listen_port, runtimes)?;
+        let port = udps[0].get_ref().local_addr()?.port();
+        let mut queues = Vec::new();
+        for ((tun, udp), rt) in tuns.into_iter().zip(udps).zip(runtimes) {
+            let tun = {
+                let _in = rt.enter();
+                crate::tun::register(tun)?
+            };
+            queues.push(Queue {
+                tun,
+                udp: ArcSwap::from_pointee(udp),
+                rebound: Notify::new(),
+                runtime: rt.clone(),
+            });
+        }
         let shared = Arc::new(Shared {
             name: config.name.clone(),
-            tun,
-            udp: ArcSwap::from_pointee(udp),
-            rebound: Notify::new(),
-            runtime: runtime.clone(),
+            queues,
             listen_port: AtomicU32::new(u32::from(port)),
             fwmark: AtomicU32::new(0),
             table: ArcSwap::from_pointee(Table::default()),
@@ -276,10 +308,11 @@ impl Device {
                 .name(format!("{}-{name}", config.name))
                 .spawn(f)
         };
-        let tasks = vec![
-            runtime.spawn(tun_task(shared.clone())),
-            runtime.spawn(udp_task(shared.clone())),
-        ];
+        let mut tasks = Vec::new();
+        for (i, q) in shared.queues.iter().enumerate() {
+            tasks.push(q.runtime.spawn(tun_task(shared.clone(), i)));
+            tasks.push(q.runtime.spawn(udp_task(shared.clone(), i)));
+        }
         let s = shared.clone();
         threads.push(spawn("timers", Box::new(move || timer_loop(&s)))?);
         let s = shared.clone();
@@ -333,19 +366,22 @@ impl Drop for Device {
     }
 }
 
-fn send(s: &Shared, to: SocketAddr, b: &[u8]) {
-    if let Err(e) = s.udp.load().get_ref().send_to(b, mapped(to)) {
+/// Sends one datagram (a handshake, a cookie, a keepalive) on `q`'s socket.
+fn send(q: &Queue, to: SocketAddr, b: &[u8]) {
+    if let Err(e) = q.udp.load().get_ref().send_to(b, mapped(to)) {
         debug!(%to, error = %e, "wireguard send failed");
         dropped("send_failed");
     }
 }
 
-/// Packets from the kernel: encrypted a batch at a time and sent together.
-async fn tun_task(s: Arc<Shared>) {
+/// Packets from the kernel on queue `i`: encrypted a batch at a time and sent
+/// together.
+async fn tun_task(s: Arc<Shared>, i: usize) {
+    let Some(q) = s.queues.get(i) else { return };
     let mut buf = vec![0u8; BUF];
     let mut outbox = Outbox::new(BUF + 32);
     loop {
-        let mut ready = match s.tun.readable().await {
+        let mut ready = match q.tun.readable().await {
             Ok(r) => r,
             Err(e) => {
                 warn!(error = %e, "tun poll failed");
@@ -371,7 +407,7 @@ async fn tun_task(s: Arc<Shared>) {
             }
         }
         drop(ready);
-        send_out(&s, &mut outbox).await;
+        send_out(q, &mut outbox).await;
         if !drained {
             // a full batch: let the runtime's other tasks (the proxy) run
             tokio::task::yield_now().await;
@@ -381,9 +417,9 @@ async fn tun_task(s: Arc<Shared>) {
 
 /// Sends what the outbox holds, waiting for room in the socket's buffer when
 /// it is full rather than dropping.
-async fn send_out(s: &Shared, outbox: &mut Outbox) {
+async fn send_out(q: &Queue, outbox: &mut Outbox) {
     while !outbox.is_empty() {
-        let sock = s.udp.load_full();
+        let sock = q.udp.load_full();
         let flushed = outbox.flush(sock.get_ref());
         for _ in 0..flushed.failed {
             dropped("send_failed");
@@ -437,16 +473,17 @@ fn encrypt(s: &Shared, packet: &[u8], outbox: &mut Outbox) {
     }
 }
 
-/// Datagrams from peers, a batch per system call.
-async fn udp_task(s: Arc<Shared>) {
+/// Datagrams from peers on queue `i`'s socket, a batch per system call.
+async fn udp_task(s: Arc<Shared>, i: usize) {
+    let Some(q) = s.queues.get(i) else { return };
     let mut inbox = Inbox::new(BUF);
     let mut out = vec![0u8; BUF];
     loop {
         // A permit taken here is one for a socket loaded below: at worst a
         // spurious reload.
-        let rebound = s.rebound.notified();
+        let rebound = q.rebound.notified();
         tokio::pin!(rebound);
-        let sock = s.udp.load_full();
+        let sock = q.udp.load_full();
         loop {
             let mut ready = tokio::select! {
                 r = sock.readable() => match r {
@@ -470,7 +507,7 @@ async fn udp_task(s: Arc<Shared>) {
             drop(ready);
             for i in 0..n {
                 if let Some((datagram, from)) = inbox.get(i) {
-                    receive(&s, datagram, unmapped(from), &mut out);
+                    receive(&s, q, datagram, unmapped(from), &mut out);
                 }
             }
             if n == crate::batch::BATCH {
@@ -480,8 +517,9 @@ async fn udp_task(s: Arc<Shared>) {
     }
 }
 
-/// Handles one datagram from the underlay: handshake, cookie or data.
-fn receive(s: &Shared, datagram: &[u8], from: SocketAddr, out: &mut [u8]) {
+/// Handles one datagram from the underlay that came in on `q`: handshake,
+/// cookie or data (written to `q`'s TUN queue).
+fn receive(s: &Shared, q: &Queue, datagram: &[u8], from: SocketAddr, out: &mut [u8]) {
     let table = s.table.load();
     let Some(id) = table.identity.as_ref() else {
         dropped("no_private_key");
@@ -491,7 +529,7 @@ fn receive(s: &Shared, datagram: &[u8], from: SocketAddr, out: &mut [u8]) {
     let packet = match id.limiter.verify_packet(Some(from.ip()), datagram, out) {
         Ok(p) => p,
         Err(TunnResult::WriteToNetwork(cookie)) => {
-            send(s, from, cookie);
+            send(q, from, cookie);
             return;
         }
         Err(_) => {
@@ -520,23 +558,23 @@ fn receive(s: &Shared, datagram: &[u8], from: SocketAddr, out: &mut [u8]) {
             return;
         }
         TunnResult::WriteToNetwork(b) => {
-            send(s, from, b);
+            send(q, from, b);
             // flush what waited for the handshake
             let mut more = vec![0u8; BUF];
             while let TunnResult::WriteToNetwork(b) = tunn.decapsulate(None, &[], &mut more) {
-                send(s, from, b);
+                send(q, from, b);
             }
         }
         TunnResult::WriteToTunnelV6(b, src) => {
             if peer.allows(IpAddr::V6(src)) {
-                let _ = s.tun.get_ref().send(b);
+                let _ = q.tun.get_ref().send(b);
             } else {
                 dropped("source_not_allowed");
             }
         }
         TunnResult::WriteToTunnelV4(b, src) => {
             if peer.allows(IpAddr::V4(src)) {
-                let _ = s.tun.get_ref().send(b);
+                let _ = q.tun.get_ref().send(b);
             } else {
                 dropped("source_not_allowed");
             }
@@ -567,8 +605,9 @@ fn timer_loop(s: &Shared) {
             let mut tunn = peer.tunn.lock();
             if let TunnResult::WriteToNetwork(b) = tunn.update_timers(&mut out)
                 && let Some(ep) = endpoint
+                && let Some(q) = s.queues.first()
             {
-                send(s, ep, b);
+                send(q, ep, b);
             }
         }
     }
@@ -664,24 +703,31 @@ fn apply(s: &Shared, u: &DeviceUpdate) -> Result<(), UapiError> {
     if let Some(port) = u.listen_port
         && u32::from(port) != s.listen_port.load(Ordering::Relaxed)
     {
-        let sock = bind(port, &s.runtime).map_err(|e| UapiError {
+        let runtimes: Vec<Handle> = s.queues.iter().map(|q| q.runtime.clone()).collect();
+        let socks = bind(port, &runtimes).map_err(|e| UapiError {
             errno: e.raw_os_error().unwrap_or(libc::EADDRINUSE),
             reason: format!("listen_port {port}: {e}"),
         })?;
-        let bound = sock
-            .get_ref()
-            .local_addr()
-            .map(|a| a.port())
-            .unwrap_or(port);
-        s.udp.store(Arc::new(sock));
-        s.rebound.notify_one();
+        let bound = socks
+            .first()
+            .and_then(|s| s.get_ref().local_addr().ok())
+            .map_or(port, |a| a.port());
+        let mark = s.fwmark.load(Ordering::Relaxed);
+        for (q, sock) in s.queues.iter().zip(socks) {
+            if mark != 0 {
+                let _ = socket2::SockRef::from(sock.get_ref()).set_mark(mark);
+            }
+            q.udp.store(Arc::new(sock));
+            q.rebound.notify_one();
+        }
         s.listen_port.store(u32::from(bound), Ordering::Relaxed);
     }
     if let Some(m) = u.fwmark {
         s.fwmark.store(m, Ordering::Relaxed);
-        let sock = s.udp.load();
-        let sock = socket2::SockRef::from(sock.get_ref());
-        let _ = sock.set_mark(m);
+        for q in &s.queues {
+            let sock = q.udp.load();
+            let _ = socket2::SockRef::from(sock.get_ref()).set_mark(m);
+        }
     }
     let key_changed = id.as_ref().map(|i| i.private) != old.identity.as_ref().map(|i| i.private);
     let mut peers: Vec<Arc<Peer>> = if u.replace_peers {

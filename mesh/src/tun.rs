@@ -1,6 +1,6 @@
-//! A Linux TUN device (L3, no packet-info header). The interface lives as long as
-//! the file descriptor: dropping the [`Tun`] removes it, so a stopped or crashed
-//! daemon leaves no device behind.
+//! A Linux TUN device (L3, no packet-info header), one or several queues. The
+//! interface lives as long as its file descriptors: dropping the [`Tun`]s
+//! removes it, so a stopped or crashed daemon leaves no device behind.
 #![allow(unsafe_code)]
 
 use std::{
@@ -10,6 +10,10 @@ use std::{
 };
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+/// `<linux/if_tun.h>`: one interface, several queues.
+const IFF_MULTI_QUEUE: libc::c_int = 0x0100;
+/// The kernel's limit (`MAX_TAP_QUEUES`).
+const MAX_QUEUES: usize = 256;
 
 /// An open TUN interface.
 #[derive(Debug)]
@@ -19,14 +23,30 @@ pub struct Tun {
 }
 
 impl Tun {
-    /// Creates (or attaches to) the TUN interface `name`.
-    pub fn create(name: &str) -> io::Result<Tun> {
+    /// Creates the TUN interface `name` with `queues` queues (one file
+    /// descriptor each; more than one: `IFF_MULTI_QUEUE`, and the kernel
+    /// spreads the flows it sends over them).
+    pub fn create(name: &str, queues: usize) -> io::Result<Vec<Tun>> {
         if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('/') {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("interface name {name:?}: 1 to 15 characters, no '/'"),
             ));
         }
+        if !(1..=MAX_QUEUES).contains(&queues) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{queues} queues: 1 to {MAX_QUEUES}"),
+            ));
+        }
+        let mut flags = libc::IFF_TUN | libc::IFF_NO_PI;
+        if queues > 1 {
+            flags |= IFF_MULTI_QUEUE;
+        }
+        (0..queues).map(|_| Tun::open(name, flags)).collect()
+    }
+
+    fn open(name: &str, flags: libc::c_int) -> io::Result<Tun> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -39,7 +59,7 @@ impl Tun {
         for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
             *d = s as libc::c_char;
         }
-        req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+        req.ifr_ifru.ifru_flags = flags as libc::c_short;
         // SAFETY: TUNSETIFF reads and writes one ifreq, which outlives the call.
         let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) };
         if rc < 0 {

@@ -20,8 +20,15 @@ fn underlay() -> (Netns, Netns) {
     (a, b)
 }
 
-/// The device's data paths run on `rt`, as they do on the daemon's runtime.
-fn device_in(rt: &tokio::runtime::Runtime, ns: &Netns, name: &str, port: u16) -> Device {
+/// The device's data paths run on `rt`, as they do on the daemon's serving
+/// threads: `queues` TUN queues and sockets.
+fn device_in(
+    rt: &tokio::runtime::Runtime,
+    queues: usize,
+    ns: &Netns,
+    name: &str,
+    port: u16,
+) -> Device {
     std::thread::scope(|s| {
         s.spawn(|| {
             ns.enter();
@@ -31,7 +38,7 @@ fn device_in(rt: &tokio::runtime::Runtime, ns: &Netns, name: &str, port: u16) ->
                     listen_port: port,
                     uapi_dir: uapi::SOCKET_DIR.into(),
                 },
-                rt.handle(),
+                &vec![rt.handle().clone(); queues],
             )
             .unwrap()
         })
@@ -77,8 +84,9 @@ fn two_devices_carry_ipv6_and_wg_show_reads_them() {
     let ia = format!("skwa{}", std::process::id() % 10000);
     let ib = format!("skwb{}", std::process::id() % 10000);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let da = device_in(&rt, &a, &ia, 51820);
-    let db = device_in(&rt, &b, &ib, 51820);
+    // a with two queues (IFF_MULTI_QUEUE, two sockets on one port), b with one
+    let da = device_in(&rt, 2, &a, &ia, 51820);
+    let db = device_in(&rt, 1, &b, &ib, 51820);
     configure(
         da.uapi_path(),
         ka,
@@ -100,6 +108,49 @@ fn two_devices_carry_ipv6_and_wg_show_reads_them() {
         "a reaches b through the tunnel"
     );
     assert!(b.ping("fd10::2", "fd10::1"), "and back");
+    // a's two queues: the kernel spreads flows over them, and each is
+    // served (32 flows from 32 ports: every datagram arrives)
+    assert_eq!(
+        a.run(&["ls", &format!("/sys/class/net/{ia}/queues")])
+            .stdout
+            .split(|c| c.is_ascii_whitespace())
+            .filter(|q| q.starts_with(b"tx-"))
+            .count(),
+        2,
+        "a has two TUN queues"
+    );
+    let got = std::thread::scope(|sc| {
+        let rx = sc
+            .spawn(|| {
+                b.enter();
+                let s = std::net::UdpSocket::bind("[fd10::2]:9999").unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                s
+            })
+            .join()
+            .unwrap();
+        sc.spawn(|| {
+            a.enter();
+            for k in 0..32u8 {
+                let s = std::net::UdpSocket::bind("[fd10::1]:0").unwrap();
+                s.send_to(&[k], "[fd10::2]:9999").unwrap();
+            }
+        })
+        .join()
+        .unwrap();
+        let mut got = std::collections::BTreeSet::new();
+        let mut buf = [0u8; 16];
+        while got.len() < 32 {
+            match rx.recv_from(&mut buf) {
+                Ok((1, _)) => {
+                    got.insert(buf[0]);
+                }
+                _ => break,
+            }
+        }
+        got
+    });
+    assert_eq!(got.len(), 32, "every flow arrived: {got:?}");
 
     // `wg show` (wireguard-tools) talks to our UAPI socket
     let out = Command::new("wg")
@@ -200,7 +251,7 @@ fn interoperates_with_wireguard_go() {
     let ia = format!("skia{}", std::process::id() % 10000);
     let ib = format!("skib{}", std::process::id() % 10000);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let da = device_in(&rt, &a, &ia, 51820);
+    let da = device_in(&rt, 1, &a, &ia, 51820);
     // wireguard-go in b, foreground, its UAPI socket in the shared /var/run/wireguard
     let mut go = b
         .command("wireguard-go")
