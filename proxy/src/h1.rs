@@ -56,7 +56,7 @@ const READ_BUF: usize = 8 * 1024;
 
 /// A connection to a machine, idle or carrying one request.
 pub struct Conn {
-    io: TcpStream,
+    pub(crate) io: TcpStream,
     buf: BytesMut,
     /// Taken from the pool: it may have been closed while it waited.
     pub(crate) reused: bool,
@@ -1115,11 +1115,14 @@ mod tests {
     }
 
     fn pool() -> Arc<Upstreams> {
-        Arc::new(Upstreams::new(UpstreamLimits {
-            connect_timeout: Duration::from_secs(2),
-            idle_timeout: Duration::from_secs(60),
-            max_idle_per_backend: 8,
-        }))
+        Arc::new(Upstreams::new(
+            UpstreamLimits {
+                connect_timeout: Duration::from_secs(2),
+                idle_timeout: Duration::from_secs(60),
+                max_idle_per_backend: 8,
+            },
+            1,
+        ))
     }
 
     fn empty() -> ProxyBody {

@@ -178,11 +178,14 @@ impl Proxy {
             routes,
             last: std::sync::Mutex::new(None),
             certs,
-            upstreams: Arc::new(Upstreams::new(UpstreamLimits {
-                connect_timeout: cfg.connect_timeout,
-                idle_timeout: cfg.upstream_idle_timeout,
-                max_idle_per_backend: cfg.upstream_max_idle,
-            })),
+            upstreams: Arc::new(Upstreams::new(
+                UpstreamLimits {
+                    connect_timeout: cfg.connect_timeout,
+                    idle_timeout: cfg.upstream_idle_timeout,
+                    max_idle_per_backend: cfg.upstream_max_idle,
+                },
+                skein_catalog::serving_threads(cfg.threads),
+            )),
             loads: Loads::default(),
             limits: RequestLimits {
                 response_timeout: cfg.response_timeout,

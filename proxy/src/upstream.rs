@@ -82,21 +82,36 @@ pub struct UpstreamLimits {
     pub max_idle_per_backend: usize,
 }
 
-/// The pool.
+/// The pool, one shard per serving thread: a thread reuses only connections
+/// it made, whose sockets are on its own reactor and whose h2 connection task
+/// runs on its own runtime. A connection shared across threads would have the
+/// reactor of one wake the task on another for every read (two thread wakes
+/// where none is needed), and an h2 connection would hand every request and
+/// every response between two threads.
 pub struct Upstreams {
     limits: UpstreamLimits,
+    shards: Box<[Shard]>,
+}
+
+#[derive(Default)]
+struct Shard {
     idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
     h2: Mutex<HashMap<SocketAddr, http2::SendRequest<ProxyBody>>>,
 }
 
 impl Upstreams {
-    /// An empty pool.
-    pub fn new(limits: UpstreamLimits) -> Self {
+    /// An empty pool for `threads` serving threads.
+    pub fn new(limits: UpstreamLimits, threads: usize) -> Self {
         Upstreams {
             limits,
-            idle: Mutex::new(HashMap::new()),
-            h2: Mutex::new(HashMap::new()),
+            shards: (0..threads.max(1)).map(|_| Shard::default()).collect(),
         }
+    }
+
+    /// The calling serving thread's shard (the first off the serving threads).
+    fn shard(&self) -> &Shard {
+        let i = crate::workers::index().unwrap_or(0) % self.shards.len();
+        &self.shards[i]
     }
 
     /// A connection to `addr`: a pooled one if any is alive, else a new one;
@@ -136,7 +151,7 @@ impl Upstreams {
             }
             Proto::H2c => {
                 let existing = {
-                    let m = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+                    let m = self.shard().h2.lock().unwrap_or_else(|e| e.into_inner());
                     m.get(&addr).filter(|s| !s.is_closed()).cloned()
                 };
                 if let Some(s) = existing {
@@ -151,7 +166,8 @@ impl Upstreams {
                 }));
                 metrics::counter!("skein_proxy_upstream_connects_total", "proto" => "h2c")
                     .increment(1);
-                self.h2
+                self.shard()
+                    .h2
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(addr, sender.clone());
@@ -163,14 +179,18 @@ impl Upstreams {
     /// Forgets connections to addresses no longer in `live` (machines that
     /// left the catalog), so the pool does not grow with machine churn.
     pub fn retain(&self, live: &std::collections::HashSet<SocketAddr>) {
-        self.idle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|a, _| live.contains(a));
-        self.h2
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|a, _| live.contains(a));
+        for shard in &self.shards {
+            shard
+                .idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|a, _| live.contains(a));
+            shard
+                .h2
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|a, _| live.contains(a));
+        }
     }
 
     /// Drops the pooled connections to addresses no route leads to any more.
@@ -178,19 +198,21 @@ impl Upstreams {
         if gone.is_empty() {
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        for a in gone {
-            idle.remove(a);
-        }
-        drop(idle);
-        let mut h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
-        for a in gone {
-            h2.remove(a);
+        for shard in &self.shards {
+            let mut idle = shard.idle.lock().unwrap_or_else(|e| e.into_inner());
+            for a in gone {
+                idle.remove(a);
+            }
+            drop(idle);
+            let mut h2 = shard.h2.lock().unwrap_or_else(|e| e.into_inner());
+            for a in gone {
+                h2.remove(a);
+            }
         }
     }
 
     fn take_idle(&self, addr: SocketAddr) -> Option<crate::h1::Conn> {
-        let mut m = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.shard().idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = m.get_mut(&addr)?;
         while let Some(mut i) = list.pop() {
             if i.since.elapsed() < self.limits.idle_timeout && i.conn.alive() {
@@ -208,7 +230,7 @@ impl Upstreams {
     /// Keeps an HTTP/1.1 connection whose last response has been read to its
     /// end for the next request to `addr`.
     pub(crate) fn push_idle(&self, addr: SocketAddr, conn: crate::h1::Conn) {
-        let mut m = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.shard().idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = m.entry(addr).or_default();
         // Stale entries are dropped when taken; the bound keeps the list short.
         if list.len() < self.limits.max_idle_per_backend {
@@ -217,5 +239,66 @@ impl Upstreams {
                 since: Instant::now(),
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    /// Runs `f` on serving thread `i` and waits for its answer.
+    fn on<T: Send + 'static>(
+        w: &crate::Workers,
+        i: usize,
+        f: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        w.handles()[i].spawn(async move {
+            let _ = tx.send(f.await);
+        });
+        rx.recv().unwrap()
+    }
+
+    #[test]
+    fn a_pooled_connection_is_reused_only_by_the_thread_that_made_it() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        // keep every accepted connection open
+        std::thread::spawn(move || {
+            let mut open = Vec::new();
+            for c in listener.incoming().flatten() {
+                open.push(c);
+            }
+        });
+        let w = crate::Workers::start(2, "skein-pool-test").unwrap();
+        let pool = std::sync::Arc::new(Upstreams::new(
+            UpstreamLimits {
+                connect_timeout: Duration::from_secs(2),
+                idle_timeout: Duration::from_secs(60),
+                max_idle_per_backend: 8,
+            },
+            2,
+        ));
+        let get = |i: usize| {
+            let pool = pool.clone();
+            on(&w, i, async move {
+                match pool.get(addr, Proto::H1, false).await.unwrap() {
+                    (Sender::H1(c), reused) => {
+                        let port = c.io.local_addr().unwrap().port();
+                        pool.push_idle(addr, c);
+                        (port, reused)
+                    }
+                    _ => unreachable!("an HTTP/1.1 sender"),
+                }
+            })
+        };
+        let (port0, reused) = get(0);
+        assert!(!reused, "the first is new");
+        let (port1, reused) = get(1);
+        assert!(!reused, "thread 1 does not take thread 0's connection");
+        assert_ne!(port0, port1);
+        assert_eq!(get(0), (port0, true), "thread 0 reuses its own");
+        assert_eq!(get(1), (port1, true), "and thread 1 its own");
     }
 }

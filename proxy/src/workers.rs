@@ -14,6 +14,17 @@ use std::{io, thread::JoinHandle};
 
 use tokio::{runtime::Handle, sync::oneshot};
 
+thread_local! {
+    /// Which serving thread this is.
+    static INDEX: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// The calling thread's place among its [`Workers`] (`None` off them): what
+/// per-thread state is indexed by.
+pub fn index() -> Option<usize> {
+    INDEX.with(std::cell::Cell::get)
+}
+
 /// Running serving threads; dropping them stops each runtime (dropping the
 /// tasks still on it) and joins its thread.
 pub struct Workers {
@@ -50,6 +61,7 @@ impl Workers {
                 std::thread::Builder::new()
                     .name(format!("{name}-{i}"))
                     .spawn(move || {
+                        INDEX.with(|c| c.set(Some(i)));
                         // A dropped sender ends it too.
                         let _ = rt.block_on(stopped);
                     })?,
@@ -87,14 +99,18 @@ mod tests {
         for h in w.handles() {
             let (tx, rx) = std::sync::mpsc::channel();
             h.spawn(async move {
-                let _ = tx.send(std::thread::current().name().map(str::to_owned));
+                let _ = tx.send((std::thread::current().name().map(str::to_owned), index()));
             });
             names.push(rx.recv().unwrap());
         }
         assert_eq!(
             names,
-            vec![Some("skein-test-0".into()), Some("skein-test-1".into())]
+            vec![
+                (Some("skein-test-0".into()), Some(0)),
+                (Some("skein-test-1".into()), Some(1))
+            ]
         );
+        assert_eq!(index(), None, "off the serving threads");
         // a task still waiting is dropped with its runtime
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         w.handles()[0].spawn(async move {
