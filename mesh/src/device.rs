@@ -9,11 +9,13 @@
 //! sockets, so the crypto spreads over the threads): `tun` (packets from the
 //! kernel: route by AllowedIPs, encrypt, send) and `udp` (datagrams from peers:
 //! find the peer by receiver index or, for a handshake, by its static key;
-//! decrypt; cryptokey-route check; write to the TUN). A proxy's backhaul frame written to a mesh address is
-//! thus encrypted and sent by the thread that wrote it, when it next looks for
-//! work, and a datagram decrypted for the proxy is read by the same awake thread:
-//! with dedicated threads every crossing between proxy and mesh woke a sleeping
-//! thread (50-80 us on a virtual machine), four per proxied request on each host.
+//! decrypt; cryptokey-route check; write to the TUN). A proxy's backhaul frame
+//! written to a mesh address is thus encrypted and sent by the thread that wrote
+//! it, when it next looks for work, and a datagram decrypted for the proxy is
+//! read by the same awake thread: with dedicated threads every crossing between
+//! proxy and mesh woke a sleeping thread, four per proxied request on each host
+//! (about 40 us off the median end-to-end request on this VM; see
+//! benches/results/e2e-2026-12-02.md).
 //! Two threads stay for the slow paths: `timers` (handshakes, keepalives,
 //! rate-limiter resets) and `uapi` (configuration).
 //! The data paths read an immutable [`Table`] through `ArcSwap` and lock only the

@@ -369,7 +369,10 @@ impl Proxy {
         stop: watch::Receiver<bool>,
         drain: Duration,
     ) {
-        let threads = workers.len().max(1);
+        if workers.is_empty() {
+            return tracing::error!("the proxy was given no serving threads");
+        }
+        let threads = workers.len();
         let mut per_thread: Vec<Vec<Socket>> = (0..threads).map(|_| Vec::new()).collect();
         for b in bound {
             match b.kind {
