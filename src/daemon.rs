@@ -177,9 +177,14 @@ pub async fn start(cfg: Config, builtin: Option<Document>) -> anyhow::Result<Run
     } else {
         None
     };
-    // The mesh stops after the proxy has drained: requests in flight to
-    // other hosts' machines cross it until they end.
-    let (mesh_stop, mesh_stop_rx) = watch::channel(false);
+    // With a proxy, the mesh stops after the proxy has drained: requests in
+    // flight to other hosts' machines cross it until they end.
+    let (mesh_stop, mesh_stop_rx) = if cfg.proxy.enabled {
+        let (tx, rx) = watch::channel(false);
+        (Some(tx), rx)
+    } else {
+        (None, stop.subscribe())
+    };
 
     // The mesh first: it puts the host's local addresses (the resolver,
     // the mesh address) in place before the proxy and DNS bind them.
@@ -227,13 +232,9 @@ pub async fn start(cfg: Config, builtin: Option<Document>) -> anyhow::Result<Run
         tasks.spawn(async move {
             proxy.serve_on(&handles, bound, stop_rx, drain).await;
             let _ = drained_tx.send(());
-            let _ = mesh_stop.send(true);
-        });
-    } else {
-        let mut stop_rx = stop.subscribe();
-        tasks.spawn(async move {
-            skein_catalog::store::stopped(&mut stop_rx).await;
-            let _ = mesh_stop.send(true);
+            if let Some(mesh) = mesh_stop {
+                let _ = mesh.send(true);
+            }
         });
     }
 

@@ -421,14 +421,15 @@ async fn tun_task(s: Arc<Shared>, i: usize) {
 /// it is full rather than dropping.
 async fn send_out(q: &Queue, outbox: &mut Outbox) {
     while !outbox.is_empty() {
-        let sock = q.udp.load_full();
-        let flushed = outbox.flush(sock.get_ref());
+        let flushed = outbox.flush(q.udp.load().get_ref());
         for _ in 0..flushed.failed {
             dropped("send_failed");
         }
         if !flushed.blocked {
             return;
         }
+        // Only a full buffer holds on to the socket (across the wait).
+        let sock = q.udp.load_full();
         match sock.writable().await {
             Ok(mut w) => w.clear_ready(),
             Err(_) => {

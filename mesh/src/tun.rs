@@ -95,14 +95,14 @@ impl std::os::fd::AsRawFd for Tun {
     }
 }
 
-/// A descriptor owned for its whole life by the value: what may be registered
-/// with the runtime's reactor.
-pub(crate) trait OwnedFd: std::os::fd::AsRawFd {}
-impl OwnedFd for Tun {}
-impl OwnedFd for std::net::UdpSocket {}
+/// A value that owns its descriptor for its whole life: what may be
+/// registered with the runtime's reactor.
+pub(crate) trait Registrable: std::os::fd::AsRawFd {}
+impl Registrable for Tun {}
+impl Registrable for std::net::UdpSocket {}
 
 /// Registers `inner` with the current runtime's reactor.
-pub(crate) fn register<T: OwnedFd>(inner: T) -> io::Result<tokio::io::unix::AsyncFd<T>> {
+pub(crate) fn register<T: Registrable>(inner: T) -> io::Result<tokio::io::unix::AsyncFd<T>> {
     // SAFETY: a `Tun` and a `UdpSocket` own their descriptor from creation to
     // drop and always return that same one.
     Ok(unsafe { tokio::io::unix::AsyncFd::register(inner) }?)
