@@ -318,14 +318,14 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<P
         let sent = crate::http::send(
             &proxy,
             backend,
-            backend.addr,
             sender,
             req,
             slot,
             &mut client_upgrade,
+            false,
         );
         match sent.await {
-            Ok(resp) | Err(SendFailure::Failed(resp)) => return resp,
+            Ok(crate::http::Sent { resp, .. }) | Err(SendFailure::Failed(resp)) => return resp,
             Err(SendFailure::NotSent(r, s)) => (req, slot) = (r, s),
         }
     }

@@ -110,13 +110,15 @@ impl Conn {
     /// Sends `req` (its URI in origin form, its Host set, hop-by-hop headers
     /// gone) and reads the response head. The body of the response reads the
     /// rest; it returns the connection to `pool` under `addr` when it has ended
-    /// and the connection can carry another request.
+    /// and the connection can carry another request. The request's head comes
+    /// back with the response (it was only written from): a replay sends it
+    /// again without a copy having been made for every request.
     pub async fn send(
         mut self,
         req: Request<ProxyBody>,
         pool: &Arc<Upstreams>,
         addr: SocketAddr,
-    ) -> Result<Response<ProxyBody>, Failure> {
+    ) -> Result<(Response<ProxyBody>, http::request::Parts), Failure> {
         let (parts, mut body) = req.into_parts();
         let head_only = parts.method == Method::HEAD;
         let mut w = Writer::new(256 + parts.headers.len() * 32);
@@ -142,7 +144,8 @@ impl Conn {
                 return Err(Failure::NotSent(Box::new(Request::from_parts(parts, body))));
             }
         }
-        self.response(head_only, pool, addr).await
+        let resp = self.response(head_only, pool, addr).await?;
+        Ok((resp, parts))
     }
 
     /// Reads the response head (skipping interim responses) and makes the
@@ -1162,7 +1165,7 @@ mod tests {
             return Err("not skein's own HTTP/1.1".into());
         };
         match conn.send(req, pool, addr).await {
-            Ok(resp) => {
+            Ok((resp, _head)) => {
                 let (parts, body) = resp.into_parts();
                 Ok((parts, body.collect().await, reused))
             }

@@ -189,7 +189,13 @@ fn request_id() -> HeaderValue {
     for (i, b) in out.iter_mut().enumerate() {
         *b = b"0123456789abcdef"[((v >> (4 * (23 - i))) & 0xf) as usize];
     }
-    HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("0"))
+    let mut id = HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("0"));
+    // Unique to one request: an h2 hop (the backhaul, an h2c machine) sends it
+    // as a literal never indexed. Indexed, every request would add one more
+    // entry to both ends' HPACK tables, evicting the headers that do repeat,
+    // and make each lookup walk a chain of dead request ids.
+    id.set_sensitive(true);
+    id
 }
 
 /// Handles one request that hyper read from a client connection.
@@ -587,7 +593,6 @@ async fn forward(
             Err(resp) => return resp,
         }
     };
-    let replay_parts = replay_body.as_ref().map(|_| parts.clone());
     let (mut app, mut service) = (app.clone(), port.service);
     let (mut only_region, mut not_machine): (Option<String>, Option<String>) = (None, None);
     let mut next = Request::from_parts(parts, body);
@@ -606,9 +611,9 @@ async fn forward(
             svc,
             host: &host,
             upgrade: upgrade.is_some(),
-            whole: replay_parts.as_ref().zip(replay_body.as_ref()),
+            whole: replay_body.as_ref(),
         };
-        let resp = attempt(
+        let Sent { resp, head } = attempt(
             proxy,
             table,
             &to,
@@ -624,7 +629,7 @@ async fn forward(
         let Some(replay) = directive.to_str().ok().and_then(Replay::parse) else {
             return local(StatusCode::BAD_GATEWAY, "replay_invalid", None);
         };
-        let (Some(rp), Some(rb)) = (&replay_parts, &replay_body) else {
+        let (Some(rp), Some(rb)) = (head, &replay_body) else {
             return local(StatusCode::BAD_GATEWAY, "replay_body_too_large", None);
         };
         if hop == MAX_REPLAYS {
@@ -654,8 +659,9 @@ async fn forward(
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
         }
+        // The head as it was last sent: each hop fits it again.
         next = Request::from_parts(
-            rp.clone(),
+            rp,
             Full::new(rb.clone())
                 .map_err(|never| match never {})
                 .boxed(),
@@ -670,16 +676,18 @@ struct To<'a> {
     svc: &'a crate::table::ServiceRoute,
     host: &'a str,
     upgrade: bool,
-    /// The request whole (head and buffered body), when it is small enough to
-    /// send again after a worker refused it.
-    whole: Option<(&'a http::request::Parts, &'a Bytes)>,
+    /// The request's body, when it is small enough to have been held whole:
+    /// then the request can be sent again (a worker refused it, a machine
+    /// asked for a replay), and each send gives its head back.
+    whole: Option<&'a Bytes>,
 }
 
 /// Sends a request to one machine of `to.svc`: choose, connect (retrying a
 /// refused connect on another machine), send, and answer. A machine on
 /// another host is reached through its host's proxy (the backhaul); if that
 /// proxy refuses (the machine is at its hard limit there, say), the request
-/// goes to another machine when it is still held whole.
+/// goes to another machine when it is still held whole. The head of the
+/// request comes back with the answer when the request is held whole.
 async fn attempt(
     proxy: &Arc<Proxy>,
     table: &crate::table::RouteTable,
@@ -688,8 +696,9 @@ async fn attempt(
     exclude: &[&str],
     req: Request<ProxyBody>,
     client_upgrade: &mut Option<hyper::upgrade::OnUpgrade>,
-) -> Response<ProxyBody> {
+) -> Sent {
     let svc = to.svc;
+    let only = |resp| Sent { resp, head: None };
     let mut pending = Some(req);
     let mut tried: Vec<Arc<str>> = Vec::new();
     // A worker's refusal (status, reason), answered when no other machine
@@ -704,10 +713,10 @@ async fn attempt(
             match acquire(svc, table, prefs, &skip, deadline, proxy.limits.queue_depth).await {
                 Ok(x) => x,
                 Err(r) => {
-                    return match refused {
+                    return only(match refused {
                         Some((status, why)) => local(status, why, None),
                         None => refusal(r, !tried.is_empty()),
-                    };
+                    });
                 }
             };
         // The hop: the machine itself, or its host's backhaul listener (h2,
@@ -723,14 +732,18 @@ async fn attempt(
                 connect_failed(proxy, backend, &e);
                 tried.push(backend.machine.clone());
                 if tried.len() > proxy.limits.retries as usize {
-                    return local(StatusCode::BAD_GATEWAY, "connect_failed", None);
+                    return only(local(StatusCode::BAD_GATEWAY, "connect_failed", None));
                 }
                 metrics::counter!("skein_proxy_retries_total", "reason" => "connect").increment(1);
                 continue;
             }
         };
         let Some(req) = pending.take() else {
-            return local(StatusCode::INTERNAL_SERVER_ERROR, "request_lost", None);
+            return only(local(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "request_lost",
+                None,
+            ));
         };
         let (mut p, b) = req.into_parts();
         fit(&mut p, proto, to.host);
@@ -744,10 +757,12 @@ async fn attempt(
             .write(&mut p.headers);
         }
         let req = Request::from_parts(p, b);
-        match send(proxy, backend, addr, sender, req, slot, client_upgrade).await {
-            Ok(resp) => {
+        let keep_head = to.whole.is_some();
+        let sent = send(proxy, backend, sender, req, slot, client_upgrade, keep_head);
+        match sent.await {
+            Ok(Sent { resp, head }) => {
                 let Some(why) = resp.headers().get(backhaul::REFUSED) else {
-                    return resp;
+                    return Sent { resp, head };
                 };
                 // The worker delivered nothing: its answer is dropped here
                 // (with the slot it held) and the request goes to another
@@ -761,14 +776,14 @@ async fn attempt(
                 let again = to
                     .whole
                     .filter(|_| tried.len() <= proxy.limits.retries as usize);
-                let Some((parts, body)) = again else {
-                    return local(status, why, None);
+                let Some((parts, body)) = head.zip(again) else {
+                    return only(local(status, why, None));
                 };
                 refused = Some((status, why));
                 metrics::counter!("skein_proxy_retries_total", "reason" => "backhaul_refused")
                     .increment(1);
                 pending = Some(Request::from_parts(
-                    parts.clone(),
+                    parts,
                     Full::new(body.clone())
                         .map_err(|never| match never {})
                         .boxed(),
@@ -783,7 +798,7 @@ async fn attempt(
                     .increment(1);
                 continue;
             }
-            Err(SendFailure::Failed(resp)) => return resp,
+            Err(SendFailure::Failed(resp)) => return only(resp),
         }
     }
 }
@@ -842,26 +857,43 @@ pub(crate) enum SendFailure {
     Failed(Response<ProxyBody>),
 }
 
-/// Sends `req` on `sender` (connected to `addr`: the machine, or the
-/// backhaul listener of its host) and streams the answer back holding `slot`.
+/// Sends `req` on `sender` (connected to the machine, or to the backhaul
+/// listener of its host) and streams the answer back holding `slot`.
+/// With `keep_head`, the request's head comes back with the answer, to send
+/// again (a replay, a worker's refusal): skein's own HTTP/1.1 gives it back
+/// as it wrote it; hyper takes the request whole, so a copy is made first.
 pub(crate) async fn send(
     proxy: &Arc<Proxy>,
     backend: &Backend,
-    addr: SocketAddr,
     sender: Sender,
     req: Request<ProxyBody>,
     slot: Slot,
     client_upgrade: &mut Option<hyper::upgrade::OnUpgrade>,
-) -> Result<Response<ProxyBody>, SendFailure> {
+    keep_head: bool,
+) -> Result<Sent, SendFailure> {
+    // Where the sender is connected (the pool's key).
+    let addr = backend.via.unwrap_or(backend.addr);
     let timeout = proxy.limits.response_timeout;
     let timed_out =
         || SendFailure::Failed(local(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", None));
+    let (req, head) = match &sender {
+        Sender::H1(_) => (req, None),
+        _ if !keep_head => (req, None),
+        _ => {
+            let (p, b) = req.into_parts();
+            let head = p.clone();
+            (Request::from_parts(p, b), Some(head))
+        }
+    };
     let result = match sender {
         Sender::H1(c) => {
             let sent = c.send(req, &proxy.upstreams, addr);
             return match tokio::time::timeout(timeout, sent).await {
                 Err(_) => Err(timed_out()),
-                Ok(Ok(resp)) => Ok(answer(backend, resp, slot)),
+                Ok(Ok((resp, head))) => Ok(Sent {
+                    resp: answer(backend, resp, slot),
+                    head: keep_head.then_some(head),
+                }),
                 Ok(Err(crate::h1::Failure::NotSent(req))) => Err(SendFailure::NotSent(*req, slot)),
                 Ok(Err(crate::h1::Failure::Body(e))) => {
                     Err(SendFailure::Failed(body_failed(backend, &*e)))
@@ -894,13 +926,26 @@ pub(crate) async fn send(
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client) = client_upgrade.take()
     {
-        return Ok(tunnel(backend, resp, client, slot));
+        return Ok(Sent {
+            resp: tunnel(backend, resp, client, slot),
+            head,
+        });
     }
-    Ok(answer(
-        backend,
-        resp.map(|b| b.map_err(BoxError::from).boxed()),
-        slot,
-    ))
+    Ok(Sent {
+        resp: answer(
+            backend,
+            resp.map(|b| b.map_err(BoxError::from).boxed()),
+            slot,
+        ),
+        head,
+    })
+}
+
+/// A machine's answer, and the head of the request it answers when the
+/// sender asked to keep it.
+pub(crate) struct Sent {
+    pub(crate) resp: Response<ProxyBody>,
+    pub(crate) head: Option<http::request::Parts>,
 }
 
 /// The client's own body broke (over its limit, a bad chunk, a reset): its
@@ -1149,5 +1194,6 @@ mod tests {
             assert!(id.as_bytes().iter().all(u8::is_ascii_hexdigit), "{id:?}");
         }
         assert_ne!(a, b);
+        assert!(a.is_sensitive(), "never indexed by HPACK");
     }
 }

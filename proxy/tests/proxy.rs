@@ -1755,6 +1755,69 @@ async fn an_edge_reaches_a_machine_on_another_host_through_that_hosts_proxy() {
     assert_eq!(read_lines(&mut s, 1).await, "raw bytes\n");
 }
 
+/// A replay sends the head as the last hop had it: written by skein's own
+/// HTTP/1.1 to a local machine, then sent over the backhaul's h2 (and the
+/// other way round), with the body along and the same request id.
+#[tokio::test]
+async fn a_replay_moves_between_a_local_machine_and_another_hosts() {
+    let (a, _) = backend("ams1").await;
+    let (i, _) = backend("iad1").await;
+    let pki = Arc::new(Pki::new());
+    let doc = catalog(&pki, &[("ams1", "ams", a), ("iad1", "iad", i)], 20, 25);
+    let hs = hosts(doc, pki, &[("h-ams", "ams"), ("h-iad", "iad")]).await;
+    let edge = &hs[0];
+    // ams1 is the edge's own machine; a client preferring iad gets iad1.
+    for (path, prefer, lands) in [
+        ("/from/ams1/region!iad", "ams", "iad1"),
+        ("/from/iad1/instance!ams1", "iad", "ams1"),
+    ] {
+        for h2 in [false, true] {
+            let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[b"http/1.1"] };
+            let tls = edge.tls_stream("app.example.com", alpn).await.unwrap();
+            let req = Request::post(path)
+                .header("host", "app.example.com")
+                .header("skein-prefer-region", prefer)
+                .body(Full::new(Bytes::from_static(b"the payload")))
+                .unwrap();
+            let resp = if h2 {
+                let (mut tx, conn) =
+                    hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                        .await
+                        .unwrap();
+                tokio::spawn(conn);
+                tx.send_request(req).await.unwrap()
+            } else {
+                let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                tx.send_request(req).await.unwrap()
+            };
+            assert_eq!(resp.status(), StatusCode::OK, "{path} h2={h2}");
+            assert!(!resp.headers().contains_key("skein-replay"));
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(
+                (
+                    v["machine"].as_str(),
+                    v["body"].as_str(),
+                    v["path"].as_str()
+                ),
+                (Some(lands), Some("the payload"), Some(path)),
+                "h2={h2}"
+            );
+            let got = v["headers"].as_object().unwrap();
+            assert_eq!(got["host"], "app.example.com", "h2={h2}");
+            assert_eq!(got["skein-region"], "ams", "the edge's region");
+            assert_eq!(got["skein-request-id"].as_str().map(str::len), Some(24));
+            assert!(
+                got.keys().all(|k| !k.starts_with("skein-backhaul")),
+                "no backhaul header reaches the machine: {got:?}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn the_worker_holds_a_machines_hard_limit_for_every_edge() {
     // iad1 takes one request at a time; ams1 is the way out.
