@@ -913,10 +913,22 @@ pub(crate) async fn send(
                 Ok(Ok(resp)) => Ok(resp),
             }
         }
-        Sender::H2(mut s) => match tokio::time::timeout(timeout, s.send_request(req)).await {
-            Err(_) => return Err(timed_out()),
-            Ok(r) => r,
-        },
+        Sender::H2(c) => {
+            return match tokio::time::timeout(timeout, c.send(req)).await {
+                Err(_) => Err(timed_out()),
+                Ok(Ok(resp)) => Ok(Sent {
+                    resp: answer(backend, resp, slot),
+                    head,
+                }),
+                Ok(Err(crate::mux::Failure::NotSent(req))) => Err(SendFailure::NotSent(req, slot)),
+                Ok(Err(crate::mux::Failure::Body(e))) => {
+                    Err(SendFailure::Failed(body_failed(backend, &*e)))
+                }
+                Ok(Err(crate::mux::Failure::Upstream(e))) => {
+                    Err(SendFailure::Failed(upstream_failed(backend, &e)))
+                }
+            };
+        }
     };
     let resp = match result {
         Ok(r) => r,

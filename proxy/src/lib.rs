@@ -8,6 +8,7 @@
 //! - [`tls`]: the certificate store and resolver.
 //! - [`upstream`]: connections to machines (pooled HTTP/1.1, shared h2c).
 //! - [`h1`]: skein's own HTTP/1.1 client connection.
+//! - [`mux`]: skein's h2c client connection (the backhaul, h2 machines).
 //! - [`http`]: the request path: route, headers, queue, retry, stream back.
 //! - [`listener`]: accept, TLS or plaintext, hyper under limits.
 //!
@@ -23,6 +24,7 @@ pub mod health;
 pub mod http;
 pub mod listener;
 pub mod load;
+pub mod mux;
 pub mod proxy_proto;
 mod rest;
 pub mod table;

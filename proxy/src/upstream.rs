@@ -1,7 +1,8 @@
 //! Connections to machines: HTTP/1.1 connections ([`crate::h1`], skein's own)
 //! pooled per address (one request at a time each, back in the pool once the
-//! response has been read), one shared h2c connection per address for services
-//! that ask for it, and a fresh hyper HTTP/1.1 connection for a request that
+//! response has been read), one shared h2c connection ([`crate::mux`]) per
+//! address for services that ask for it and for the backhaul, and a fresh
+//! hyper HTTP/1.1 connection for a request that
 //! upgrades (it never comes back). Connecting is separate from sending, so a
 //! refused or timed-out connect is known before any byte of the request has
 //! gone, and the request can be retried elsewhere untouched.
@@ -13,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 /// Any body error.
@@ -39,7 +40,7 @@ pub enum Sender {
     /// HTTP/1.1 through hyper, for an upgrade.
     Upgrade(http1::SendRequest<ProxyBody>),
     /// h2c.
-    H2(http2::SendRequest<ProxyBody>),
+    H2(crate::mux::Conn),
 }
 
 /// Why no connection could be had.
@@ -54,6 +55,9 @@ pub enum ConnectError {
     /// The HTTP handshake failed.
     #[error("handshake: {0}")]
     Handshake(#[from] hyper::Error),
+    /// The h2 handshake failed.
+    #[error("h2 handshake: {0}")]
+    H2(#[from] h2::Error),
 }
 
 /// A TCP connection to `addr` within `timeout`, Nagle off: how the proxy
@@ -96,7 +100,7 @@ pub struct Upstreams {
 #[derive(Default)]
 struct Shard {
     idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
-    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<ProxyBody>>>,
+    h2: Mutex<HashMap<SocketAddr, crate::mux::Conn>>,
 }
 
 impl Upstreams {
@@ -157,13 +161,8 @@ impl Upstreams {
                 if let Some(s) = existing {
                     return Ok((Sender::H2(s), true));
                 }
-                let io = self.connect(addr).await?;
-                let (sender, conn) = http2::handshake(TokioExecutor::new(), io).await?;
-                tokio::spawn(futures_util::FutureExt::map(conn, |r| {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "upstream h2 connection ended");
-                    }
-                }));
+                let io = dial(addr, self.limits.connect_timeout).await?;
+                let sender = crate::mux::Conn::handshake(io).await?;
                 metrics::counter!("skein_proxy_upstream_connects_total", "proto" => "h2c")
                     .increment(1);
                 self.shard()
