@@ -515,7 +515,14 @@ impl Build<'_> {
                 };
                 Some(Backend {
                     machine: Arc::from(m.id.as_str()),
-                    machine_header: http::HeaderValue::from_str(&m.id).ok(),
+                    machine_header: http::HeaderValue::from_str(&m.id).ok().map(|mut v| {
+                        // One value per machine: on h2, an HPACK literal never
+                        // indexed. Indexed, a proxy serving many apps would
+                        // insert a new one into each client connection's table
+                        // on most responses, evicting the headers that repeat.
+                        v.set_sensitive(true);
+                        v
+                    }),
                     region: Arc::from(m.region.as_str()),
                     addr,
                     via: self.at.via(self.cat, m),
@@ -677,8 +684,12 @@ mod tests {
             t1.app_by_name("a").unwrap(),
             t2.app_by_name("a").unwrap()
         ));
-        let a1 = t1.app_by_name("a").unwrap().services[0].backends[0].addr;
+        let b1 = &t1.app_by_name("a").unwrap().services[0].backends[0];
+        let a1 = b1.addr;
         assert_eq!(gone, Some(vec![a1]));
+        let named = b1.machine_header.as_ref().unwrap();
+        assert_eq!(named.as_bytes(), b1.machine.as_bytes());
+        assert!(named.is_sensitive(), "never indexed by HPACK");
         assert_eq!(
             backends(&t2),
             backends(&RouteTable::build(&s2, &Locality::region("ams"), &loads))
