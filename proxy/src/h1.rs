@@ -1123,6 +1123,7 @@ mod tests {
                 connect_timeout: Duration::from_secs(2),
                 idle_timeout: Duration::from_secs(60),
                 max_idle_per_backend: 8,
+                h2_keepalive: crate::mux::Keepalive::default(),
             },
             1,
         ))

@@ -185,6 +185,7 @@ impl Proxy {
                     connect_timeout: cfg.connect_timeout,
                     idle_timeout: cfg.upstream_idle_timeout,
                     max_idle_per_backend: cfg.upstream_max_idle,
+                    h2_keepalive: mux::Keepalive::default(),
                 },
                 skein_catalog::serving_threads(cfg.threads),
             )),

@@ -14,6 +14,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt as _;
@@ -46,11 +47,34 @@ pub enum Failure {
     Upstream(h2::Error),
 }
 
+/// How a connection checks that its peer is still there: a PING every
+/// `every`, and the connection is given up when its PONG has not come
+/// `within`. A host that vanished (powered off, cut off) sends no reset: the
+/// connection would otherwise look open until TCP gave up, minutes later,
+/// and every request sent on it would wait out its response timeout.
+#[derive(Debug, Clone, Copy)]
+pub struct Keepalive {
+    /// Time between two PINGs.
+    pub every: Duration,
+    /// Time a PONG may take.
+    pub within: Duration,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Keepalive {
+            every: Duration::from_secs(10),
+            within: Duration::from_secs(10),
+        }
+    }
+}
+
 impl Conn {
     /// Speaks h2 on `io` (the preface, then settings); the connection's
-    /// frames are read and written by a task on the caller's runtime.
-    pub async fn handshake(io: TcpStream) -> Result<Conn, h2::Error> {
-        let (tx, conn) = h2::client::Builder::new()
+    /// frames are read and written by a task on the caller's runtime, which
+    /// also pings the peer as `keepalive` says.
+    pub async fn handshake(io: TcpStream, keepalive: Keepalive) -> Result<Conn, h2::Error> {
+        let (tx, mut conn) = h2::client::Builder::new()
             .enable_push(false)
             // Windows sized so that one large response does not stall on a
             // link with a real round trip; the machine side bounds memory.
@@ -62,12 +86,22 @@ impl Conn {
             .await?;
         let closed = Arc::new(AtomicBool::new(false));
         let done = closed.clone();
-        tokio::spawn(conn.map(move |r| {
-            done.store(true, Ordering::Release);
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "upstream h2 connection ended");
+        let pings = conn.ping_pong();
+        tokio::spawn(async move {
+            tokio::select! {
+                r = &mut conn => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "upstream h2 connection ended");
+                    }
+                }
+                why = alive(pings, keepalive) => {
+                    // Dropping the connection fails its streams at once.
+                    metrics::counter!("skein_proxy_upstream_h2_dead_total").increment(1);
+                    tracing::warn!(reason = why, "upstream h2 peer stopped answering pings: connection dropped");
+                }
             }
-        }));
+            done.store(true, Ordering::Release);
+        });
         Ok(Conn { tx, closed })
     }
 
@@ -119,6 +153,21 @@ impl Conn {
                     body_failed.and_then(|f| f.lock().unwrap_or_else(|p| p.into_inner()).take());
                 Err(own.map_or(Failure::Upstream(e), Failure::Body))
             }
+        }
+    }
+}
+
+/// Pings the peer for as long as it answers; returns why it stopped.
+async fn alive(pings: Option<h2::PingPong>, keepalive: Keepalive) -> &'static str {
+    let Some(mut pings) = pings else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(keepalive.every).await;
+        match tokio::time::timeout(keepalive.within, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return "ping failed",
+            Err(_) => return "no pong in time",
         }
     }
 }
@@ -248,7 +297,6 @@ impl Body for Incoming {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-    use std::time::Duration;
 
     /// What the test server saw of one request.
     #[derive(Debug)]
@@ -363,9 +411,12 @@ mod tests {
     #[tokio::test]
     async fn a_body_larger_than_the_windows_streams_up_and_trailers_come_back() {
         let (addr, mut seen) = server().await;
-        let conn = Conn::handshake(TcpStream::connect(addr).await.unwrap())
-            .await
-            .unwrap();
+        let conn = Conn::handshake(
+            TcpStream::connect(addr).await.unwrap(),
+            Keepalive::default(),
+        )
+        .await
+        .unwrap();
         // 1.5 MiB: many times the server's windows (h2's 64 KiB defaults).
         let (body, sum) = streamed(24, false);
         let resp = conn.clone().send(request("/", body)).await.ok().unwrap();
@@ -398,9 +449,12 @@ mod tests {
     #[tokio::test]
     async fn a_failing_body_resets_its_stream_and_is_the_clients_fault() {
         let (addr, mut seen) = server().await;
-        let conn = Conn::handshake(TcpStream::connect(addr).await.unwrap())
-            .await
-            .unwrap();
+        let conn = Conn::handshake(
+            TcpStream::connect(addr).await.unwrap(),
+            Keepalive::default(),
+        )
+        .await
+        .unwrap();
         let (body, _) = streamed(4, true);
         match conn.clone().send(request("/", body)).await {
             Err(Failure::Body(e)) => assert_eq!(e.to_string(), "the client went away"),
@@ -414,12 +468,88 @@ mod tests {
         );
     }
 
+    /// A TCP relay to `to` that, once `frozen`, moves no more bytes either
+    /// way and keeps both sockets open: a host that vanished.
+    async fn relay(to: std::net::SocketAddr, frozen: Arc<AtomicBool>) -> std::net::SocketAddr {
+        async fn pump(
+            mut r: tokio::net::tcp::OwnedReadHalf,
+            mut w: tokio::net::tcp::OwnedWriteHalf,
+            frozen: Arc<AtomicBool>,
+        ) {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = match r.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if frozen.load(Ordering::SeqCst) {
+                    return std::future::pending().await;
+                }
+                if w.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (a, _) = l.accept().await.unwrap();
+                let b = TcpStream::connect(to).await.unwrap();
+                let ((ar, aw), (br, bw)) = (a.into_split(), b.into_split());
+                tokio::spawn(pump(ar, bw, frozen.clone()));
+                tokio::spawn(pump(br, aw, frozen.clone()));
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_stops_answering_pings_is_given_up_and_its_requests_fail() {
+        let (addr, mut seen) = server().await;
+        let frozen = Arc::new(AtomicBool::new(false));
+        let via = relay(addr, frozen.clone()).await;
+        let keepalive = Keepalive {
+            every: Duration::from_millis(100),
+            within: Duration::from_millis(300),
+        };
+        let conn = Conn::handshake(TcpStream::connect(via).await.unwrap(), keepalive)
+            .await
+            .unwrap();
+        let empty = || {
+            http_body_util::Empty::new()
+                .map_err(|never| match never {})
+                .boxed()
+        };
+        let resp = conn.clone().send(request("/", empty())).await.ok().unwrap();
+        resp.into_body().collect().await.unwrap();
+        assert!(matches!(seen.recv().await.unwrap(), Seen::Body(0, None)));
+        // Several pings answered: the connection stays.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(!conn.is_closed(), "a peer that answers is kept");
+        // Silence: a request sent into it fails once the pings go unanswered,
+        // not when TCP would give up, minutes later.
+        frozen.store(true, Ordering::SeqCst);
+        let sent = tokio::time::timeout(
+            Duration::from_secs(5),
+            conn.clone().send(request("/", empty())),
+        )
+        .await
+        .expect("the request ends with its connection");
+        assert!(matches!(sent, Err(Failure::Upstream(_))));
+        assert!(conn.is_closed(), "the pool makes a new one");
+    }
+
     #[tokio::test]
     async fn a_connection_that_said_goaway_gives_the_next_request_back_unsent() {
         let (addr, mut seen) = server().await;
-        let conn = Conn::handshake(TcpStream::connect(addr).await.unwrap())
-            .await
-            .unwrap();
+        let conn = Conn::handshake(
+            TcpStream::connect(addr).await.unwrap(),
+            Keepalive::default(),
+        )
+        .await
+        .unwrap();
         let empty = || {
             http_body_util::Empty::new()
                 .map_err(|never| match never {})

@@ -84,6 +84,8 @@ pub struct UpstreamLimits {
     pub idle_timeout: Duration,
     /// Most idle connections kept per address.
     pub max_idle_per_backend: usize,
+    /// How an h2 connection checks that its peer is still there.
+    pub h2_keepalive: crate::mux::Keepalive,
 }
 
 /// The pool, one shard per serving thread: a thread reuses only connections
@@ -162,7 +164,7 @@ impl Upstreams {
                     return Ok((Sender::H2(s), true));
                 }
                 let io = dial(addr, self.limits.connect_timeout).await?;
-                let sender = crate::mux::Conn::handshake(io).await?;
+                let sender = crate::mux::Conn::handshake(io, self.limits.h2_keepalive).await?;
                 metrics::counter!("skein_proxy_upstream_connects_total", "proto" => "h2c")
                     .increment(1);
                 self.shard()
@@ -276,6 +278,7 @@ mod tests {
                 connect_timeout: Duration::from_secs(2),
                 idle_timeout: Duration::from_secs(60),
                 max_idle_per_backend: 8,
+                h2_keepalive: crate::mux::Keepalive::default(),
             },
             2,
         ));
