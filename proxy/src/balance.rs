@@ -128,6 +128,27 @@ pub enum Refusal {
     QueueFull,
 }
 
+/// How long a request may wait in a service's queue, counted from the first
+/// time it has to: a request that never waits never reads the clock for it.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueDeadline {
+    wait: std::time::Duration,
+    at: Option<std::time::Instant>,
+}
+
+impl QueueDeadline {
+    /// At most `wait` in the queue, across every machine the request tries.
+    pub fn new(wait: std::time::Duration) -> Self {
+        QueueDeadline { wait, at: None }
+    }
+
+    fn at(&mut self) -> std::time::Instant {
+        *self
+            .at
+            .get_or_insert_with(|| std::time::Instant::now() + self.wait)
+    }
+}
+
 /// Chooses a machine, waiting in the service's bounded queue while all are at
 /// their hard limit, until `deadline`.
 pub async fn acquire<'a>(
@@ -135,7 +156,7 @@ pub async fn acquire<'a>(
     table: &RouteTable,
     prefs: Prefs<'_>,
     exclude: &[&str],
-    deadline: std::time::Instant,
+    deadline: &mut QueueDeadline,
     queue_depth: usize,
 ) -> Result<(&'a Backend, Slot), Refusal> {
     loop {
@@ -149,7 +170,8 @@ pub async fn acquire<'a>(
                 }
                 q.waiting.fetch_add(1, Ordering::Relaxed);
                 q.depth.increment(1.0);
-                let waited = tokio::time::timeout_at(deadline.into(), q.freed.notified()).await;
+                let until = deadline.at();
+                let waited = tokio::time::timeout_at(until.into(), q.freed.notified()).await;
                 q.waiting.fetch_sub(1, Ordering::Relaxed);
                 q.depth.decrement(1.0);
                 if waited.is_err() {

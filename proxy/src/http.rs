@@ -704,21 +704,29 @@ async fn attempt(
     // A worker's refusal (status, reason), answered when no other machine
     // is left.
     let mut refused: Option<(StatusCode, &'static str)> = None;
-    let deadline = Instant::now() + proxy.limits.queue_timeout;
+    let mut deadline = crate::balance::QueueDeadline::new(proxy.limits.queue_timeout);
     loop {
         // Choose a machine (waiting in the service's queue while all are full).
         let mut skip: Vec<&str> = tried.iter().map(|s| &**s).collect();
         skip.extend_from_slice(exclude);
-        let (backend, slot) =
-            match acquire(svc, table, prefs, &skip, deadline, proxy.limits.queue_depth).await {
-                Ok(x) => x,
-                Err(r) => {
-                    return only(match refused {
-                        Some((status, why)) => local(status, why, None),
-                        None => refusal(r, !tried.is_empty()),
-                    });
-                }
-            };
+        let (backend, slot) = match acquire(
+            svc,
+            table,
+            prefs,
+            &skip,
+            &mut deadline,
+            proxy.limits.queue_depth,
+        )
+        .await
+        {
+            Ok(x) => x,
+            Err(r) => {
+                return only(match refused {
+                    Some((status, why)) => local(status, why, None),
+                    None => refusal(r, !tried.is_empty()),
+                });
+            }
+        };
         // The hop: the machine itself, or its host's backhaul listener (h2,
         // multiplexed; HTTP/1.1 for an upgrade).
         let (addr, proto) = match backend.via {

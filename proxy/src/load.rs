@@ -79,7 +79,9 @@ impl MachineLoad {
 
     /// True while a recent failure keeps it out of rotation.
     pub fn is_ejected(&self) -> bool {
-        self.ejected_until_ms.load(Ordering::Relaxed) > now_ms(self.epoch)
+        // Never ejected (the usual case): no clock read.
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        until != 0 && until > now_ms(self.epoch)
     }
 
     /// Keeps it out of rotation for `d` (after a connect failure).

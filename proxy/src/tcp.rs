@@ -7,7 +7,6 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -113,7 +112,7 @@ pub async fn pipe<C>(
     let Some(svc) = app.services.get(port.service) else {
         return;
     };
-    let deadline = Instant::now() + proxy.limits.queue_timeout;
+    let mut deadline = crate::balance::QueueDeadline::new(proxy.limits.queue_timeout);
     let mut tried: Vec<Arc<str>> = Vec::new();
     let (mut upstream, _slot, machine) = loop {
         let exclude: Vec<&str> = tried.iter().map(|s| &**s).collect();
@@ -122,7 +121,7 @@ pub async fn pipe<C>(
             &table,
             Prefs::default(),
             &exclude,
-            deadline,
+            &mut deadline,
             proxy.limits.queue_depth,
         )
         .await
