@@ -369,6 +369,11 @@ mod tests {
         tx.send_trailers(tr).unwrap();
     }
 
+    async fn connect(addr: std::net::SocketAddr, keepalive: Keepalive) -> Conn {
+        let io = TcpStream::connect(addr).await.unwrap();
+        Conn::handshake(io, keepalive).await.unwrap()
+    }
+
     fn request(path: &str, body: ProxyBody) -> Request<ProxyBody> {
         Request::post(format!("http://machine{path}"))
             .body(body)
@@ -411,12 +416,7 @@ mod tests {
     #[tokio::test]
     async fn a_body_larger_than_the_windows_streams_up_and_trailers_come_back() {
         let (addr, mut seen) = server().await;
-        let conn = Conn::handshake(
-            TcpStream::connect(addr).await.unwrap(),
-            Keepalive::default(),
-        )
-        .await
-        .unwrap();
+        let conn = connect(addr, Keepalive::default()).await;
         // 1.5 MiB: many times the server's windows (h2's 64 KiB defaults).
         let (body, sum) = streamed(24, false);
         let resp = conn.clone().send(request("/", body)).await.ok().unwrap();
@@ -449,12 +449,7 @@ mod tests {
     #[tokio::test]
     async fn a_failing_body_resets_its_stream_and_is_the_clients_fault() {
         let (addr, mut seen) = server().await;
-        let conn = Conn::handshake(
-            TcpStream::connect(addr).await.unwrap(),
-            Keepalive::default(),
-        )
-        .await
-        .unwrap();
+        let conn = connect(addr, Keepalive::default()).await;
         let (body, _) = streamed(4, true);
         match conn.clone().send(request("/", body)).await {
             Err(Failure::Body(e)) => assert_eq!(e.to_string(), "the client went away"),
@@ -514,9 +509,7 @@ mod tests {
             every: Duration::from_millis(100),
             within: Duration::from_millis(300),
         };
-        let conn = Conn::handshake(TcpStream::connect(via).await.unwrap(), keepalive)
-            .await
-            .unwrap();
+        let conn = connect(via, keepalive).await;
         let empty = || {
             http_body_util::Empty::new()
                 .map_err(|never| match never {})
@@ -544,12 +537,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_that_said_goaway_gives_the_next_request_back_unsent() {
         let (addr, mut seen) = server().await;
-        let conn = Conn::handshake(
-            TcpStream::connect(addr).await.unwrap(),
-            Keepalive::default(),
-        )
-        .await
-        .unwrap();
+        let conn = connect(addr, Keepalive::default()).await;
         let empty = || {
             http_body_util::Empty::new()
                 .map_err(|never| match never {})
