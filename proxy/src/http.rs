@@ -168,6 +168,12 @@ fn strip(h: &mut HeaderMap, also: fn(&str) -> bool) {
     }
 }
 
+/// The length a message's head announces (`Content-Length`), if it announces
+/// a valid one.
+pub(crate) fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
 /// Removes what only concerns one hop.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
     strip(h, |_| false);
@@ -348,11 +354,7 @@ async fn route(
     }
     // Bodies over the limit: refused at once when announced, cut off when not.
     let limit = proxy.cfg.max_request_body_bytes;
-    let announced = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let announced = content_length(req.headers());
     if announced.is_some_and(|n| n > limit) {
         return local(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -425,12 +427,7 @@ async fn hold_small_body(
             Some(Bytes::new()),
         ));
     }
-    let len = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    match len {
+    match content_length(&parts.headers) {
         Some(n) if n <= REPLAY_BODY_MAX => {
             match tokio::time::timeout(proxy.cfg.header_timeout, body.collect()).await {
                 Ok(Ok(c)) => {
@@ -1218,5 +1215,15 @@ mod tests {
         }
         assert_ne!(a, b);
         assert!(a.is_sensitive(), "never indexed by HPACK");
+    }
+
+    #[test]
+    fn the_announced_length_is_read_from_content_length() {
+        let mut h = HeaderMap::new();
+        assert_eq!(content_length(&h), None);
+        h.insert(header::CONTENT_LENGTH, "1024".parse().unwrap());
+        assert_eq!(content_length(&h), Some(1024));
+        h.insert(header::CONTENT_LENGTH, "x".parse().unwrap());
+        assert_eq!(content_length(&h), None);
     }
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt as _;
-use http::{HeaderMap, Request, Response, header};
+use http::{Request, Response};
 use http_body_util::BodyExt as _;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::net::TcpStream;
@@ -138,7 +138,7 @@ impl Conn {
         };
         match response.await {
             Ok(resp) => {
-                let remaining = announced(resp.headers());
+                let remaining = crate::http::content_length(resp.headers());
                 Ok(resp.map(|recv| {
                     Incoming {
                         recv,
@@ -247,11 +247,6 @@ struct Incoming {
     remaining: Option<u64>,
 }
 
-/// The length a response head announces, if it announces one.
-fn announced(h: &HeaderMap) -> Option<u64> {
-    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
-}
-
 impl Body for Incoming {
     type Data = Bytes;
     type Error = BoxError;
@@ -297,6 +292,7 @@ impl Body for Incoming {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+    use http::HeaderMap;
 
     /// What the test server saw of one request.
     #[derive(Debug)]
@@ -563,15 +559,5 @@ mod tests {
             Err(Failure::NotSent(req)) => assert_eq!(req.uri().path(), "/again"),
             _ => panic!("the request should come back unsent"),
         }
-    }
-
-    #[test]
-    fn the_announced_length_is_read_from_content_length() {
-        let mut h = HeaderMap::new();
-        assert_eq!(announced(&h), None);
-        h.insert(header::CONTENT_LENGTH, "1024".parse().unwrap());
-        assert_eq!(announced(&h), Some(1024));
-        h.insert(header::CONTENT_LENGTH, "x".parse().unwrap());
-        assert_eq!(announced(&h), None);
     }
 }
