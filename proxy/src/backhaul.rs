@@ -26,7 +26,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty};
-use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
@@ -224,36 +223,41 @@ async fn serve(proxy: Arc<Proxy>, stream: TcpStream, drain: tokio_util::sync::Ca
     let Some(speaks) = crate::listener::plaintext_speaks(&stream, cfg.header_timeout).await else {
         return;
     };
+    if speaks == Speaks::H2 {
+        let limits = crate::mux::server::Limits::backhaul(cfg);
+        return crate::mux::server::serve(stream, limits, drain, Edge(proxy)).await;
+    }
     let p = proxy.clone();
-    let svc = service_fn(move |req| {
+    let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
         let p = p.clone();
-        async move { Ok::<_, Infallible>(handle(p, req).await) }
+        let req = req.map(|b| b.map_err(BoxError::from).boxed());
+        async move { Ok::<_, Infallible>(handle(&p, req).await) }
     });
-    let io = TokioIo::new(stream);
-    let conn = match speaks {
-        Speaks::H1 => {
-            let mut b = crate::listener::h1_server(cfg);
-            // The edge's forwarding headers and the target ride on top of a client's.
-            b.max_headers(cfg.max_headers + HEADERS.len() + 8);
-            futures_util::future::Either::Left(b.serve_connection(io, svc).with_upgrades())
-        }
-        Speaks::H2 => {
-            let mut b = crate::listener::h2_server(cfg);
-            // Edges multiplex many clients' requests on one connection: a stream
-            // cap well above a client's, flow-control windows sized for a WAN.
-            b.max_concurrent_streams(cfg.h2_max_streams.saturating_mul(100))
-                .initial_stream_window_size(1 << 20)
-                .initial_connection_window_size(16 << 20);
-            futures_util::future::Either::Right(b.serve_connection(io, svc))
-        }
-    };
+    let mut b = crate::listener::h1_server(cfg);
+    // The edge's forwarding headers and the target ride on top of a client's.
+    b.max_headers(cfg.max_headers + HEADERS.len() + 8);
+    let conn = b
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades();
     if let Err(e) = Drained::new(conn, drain).await {
         tracing::debug!(error = %e, "backhaul connection ended with an error");
     }
 }
 
+/// What answers an edge's multiplexed requests.
+struct Edge(Arc<Proxy>);
+
+impl crate::mux::server::Handler for Edge {
+    fn call(
+        &self,
+        req: Request<ProxyBody>,
+    ) -> impl std::future::Future<Output = Response<ProxyBody>> + Send + '_ {
+        handle(&self.0, req)
+    }
+}
+
 /// The worker's side of one backhauled request.
-pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<ProxyBody> {
+pub async fn handle(proxy: &Arc<Proxy>, mut req: Request<ProxyBody>) -> Response<ProxyBody> {
     let Some(target) = Target::from_headers(req.headers()) else {
         return refuse(StatusCode::BAD_REQUEST, "bad_target");
     };
@@ -290,7 +294,7 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<P
         .as_ref()
         .is_some_and(|u| u.as_bytes().eq_ignore_ascii_case(TCP_UPGRADE.as_bytes()))
     {
-        return tcp(&proxy, &app, backend, slot, req).await;
+        return tcp(proxy, &app, backend, slot, req).await;
     }
     let mut client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -298,10 +302,7 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<P
     let host = crate::http::host_in(&parts).unwrap_or_default();
     let proto = crate::http::machine_proto(svc, upgrade.is_some());
     crate::http::fit(&mut parts, proto, &host);
-    let (mut req, mut slot) = (
-        Request::from_parts(parts, body.map_err(BoxError::from).boxed()),
-        slot,
-    );
+    let (mut req, mut slot) = (Request::from_parts(parts, body), slot);
     // One more try when a pooled connection turns out closed.
     for _ in 0..2 {
         let sender = match proxy
@@ -311,12 +312,12 @@ pub async fn handle(proxy: Arc<Proxy>, mut req: Request<Incoming>) -> Response<P
         {
             Ok((s, _)) => s,
             Err(e) => {
-                connect_failed(&proxy, backend, &e);
+                connect_failed(proxy, backend, &e);
                 return refuse(StatusCode::BAD_GATEWAY, "connect_failed");
             }
         };
         let sent = crate::http::send(
-            &proxy,
+            proxy,
             backend,
             sender,
             req,
@@ -339,7 +340,7 @@ async fn tcp(
     app: &AppRoute,
     backend: &Backend,
     slot: crate::load::Slot,
-    mut req: Request<Incoming>,
+    mut req: Request<ProxyBody>,
 ) -> Response<ProxyBody> {
     let addr_of = |n: HeaderName| {
         req.headers()

@@ -598,23 +598,37 @@ pub(crate) async fn write_response<W: AsyncWrite + Unpin>(
     }
 }
 
-/// The current time as an HTTP date, formatted once a second per thread.
+/// Appends the current time as an HTTP date.
 fn now_http_date(out: &mut Vec<u8>) {
+    with_date(|d| out.extend_from_slice(d.as_bytes()));
+}
+
+/// The current time as a `Date` header's value (h2 responses).
+pub(crate) fn date_value() -> HeaderValue {
+    with_date(HeaderValue::clone)
+}
+
+/// Runs `f` on the current time as an HTTP date, formatted once a second
+/// per thread.
+fn with_date<T>(f: impl FnOnce(&HeaderValue) -> T) -> T {
     use std::cell::RefCell;
     thread_local! {
-        static DATE: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+        static DATE: RefCell<(u64, HeaderValue)> =
+            const { RefCell::new((u64::MAX, HeaderValue::from_static(""))) };
     }
     let now = std::time::SystemTime::now();
     let secs = now
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    DATE.with_borrow_mut(|(at, text)| {
+    DATE.with_borrow_mut(|(at, value)| {
         if *at != secs {
             *at = secs;
-            *text = httpdate::fmt_http_date(now);
+            if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(now)) {
+                *value = v;
+            }
         }
-        out.extend_from_slice(text.as_bytes());
-    });
+        f(value)
+    })
 }
 
 fn hex_len(n: usize, buf: &mut [u8; 16]) -> &[u8] {

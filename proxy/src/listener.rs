@@ -17,9 +17,8 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::future::Either;
-use hyper::server::conn::{http1, http2};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioTimer;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -28,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::Proxy;
-use crate::http::{ConnInfo, handle_hyper};
+use crate::http::ConnInfo;
 use crate::table::{AppRoute, normalize_host};
 use crate::tcp::{self, Prefixed};
 
@@ -441,23 +440,6 @@ pub(crate) fn h1_server(cfg: &crate::ProxyConfig) -> http1::Builder {
     b
 }
 
-/// hyper's h2 server under the configured limits: streams per connection,
-/// header list size, rapid-reset caps, keep-alive pings. Every listener
-/// serves h2 with this.
-pub(crate) fn h2_server(cfg: &crate::ProxyConfig) -> http2::Builder<TokioExecutor> {
-    let mut b = http2::Builder::new(TokioExecutor::new());
-    b.timer(TokioTimer::new())
-        .max_concurrent_streams(cfg.h2_max_streams)
-        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
-        // Rapid reset (CVE-2023-44487): a client that cancels streams faster
-        // than they are served is cut off.
-        .max_pending_accept_reset_streams(Some(64))
-        .max_local_error_reset_streams(Some(256))
-        .keep_alive_interval(Some(cfg.idle_timeout))
-        .keep_alive_timeout(Duration::from_secs(20));
-    b
-}
-
 /// A hyper connection that can be asked to finish what it is doing and end.
 pub(crate) trait Graceful: std::future::Future {
     /// HTTP/1.1: close after the response in flight (at once when idle);
@@ -475,29 +457,6 @@ where
 {
     fn finish(self: std::pin::Pin<&mut Self>) {
         self.graceful_shutdown();
-    }
-}
-
-impl<I, S, B, E> Graceful for http2::Connection<I, S, E>
-where
-    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin,
-    B: hyper::body::Body + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
-{
-    fn finish(self: std::pin::Pin<&mut Self>) {
-        self.graceful_shutdown();
-    }
-}
-
-impl<A: Graceful, B: Graceful<Output = A::Output>> Graceful for Either<A, B> {
-    fn finish(self: std::pin::Pin<&mut Self>) {
-        match self.as_pin_mut() {
-            Either::Left(a) => a.finish(),
-            Either::Right(b) => b.finish(),
-        }
     }
 }
 
@@ -554,18 +513,30 @@ where
     if speaks == Speaks::H1 {
         return Either::Left(crate::rest::serve(proxy.clone(), io, info, drain));
     }
-    let p = proxy.clone();
-    let svc = service_fn(move |req| handle_hyper(p.clone(), info.clone(), req));
-    let conn = h2_server(&proxy.cfg).serve_connection(TokioIo::new(io), svc);
-    // A combinator, not an `async` block: a block would keep `conn` twice.
+    let limits = crate::mux::server::Limits::clients(&proxy.cfg);
+    let clients = Clients {
+        proxy: proxy.clone(),
+        info,
+    };
     // Boxed, so the task of a resting HTTP/1.1 connection is not sized for
     // an h2 connection.
-    Either::Right(Box::pin(futures_util::FutureExt::map(
-        Drained::new(conn, drain),
-        |r| {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "client connection ended with an error");
-            }
-        },
+    Either::Right(Box::pin(crate::mux::server::serve(
+        io, limits, drain, clients,
     )))
+}
+
+/// What answers a client's h2 requests.
+struct Clients {
+    proxy: Arc<Proxy>,
+    info: Arc<ConnInfo>,
+}
+
+impl crate::mux::server::Handler for Clients {
+    fn call(
+        &self,
+        req: http::Request<crate::upstream::ProxyBody>,
+    ) -> impl std::future::Future<Output = http::Response<crate::upstream::ProxyBody>> + Send + '_
+    {
+        crate::http::serve_request(&self.proxy, &self.info, req)
+    }
 }

@@ -25,6 +25,8 @@ use tokio::net::TcpStream;
 
 use crate::upstream::{BoxError, ProxyBody};
 
+pub(crate) mod server;
+
 /// Largest response head (all headers, decoded) a peer may send.
 const MAX_HEADER_LIST: u32 = 64 * 1024;
 
@@ -128,7 +130,12 @@ impl Conn {
             None
         } else {
             let failed = Arc::new(std::sync::Mutex::new(None));
-            let mut pipe = Box::pin(pipe(body, stream, failed.clone()));
+            let kept = failed.clone();
+            let mut pipe = Box::pin(async move {
+                if let Some(e) = pipe(body, stream, h2::Reason::CANCEL).await {
+                    *kept.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                }
+            });
             // Most bodies are whole already (held for a replay): sent now,
             // with no task.
             if pipe.as_mut().now_or_never().is_none() {
@@ -139,14 +146,7 @@ impl Conn {
         match response.await {
             Ok(resp) => {
                 let remaining = crate::http::content_length(resp.headers());
-                Ok(resp.map(|recv| {
-                    Incoming {
-                        recv,
-                        data_done: false,
-                        remaining,
-                    }
-                    .boxed()
-                }))
+                Ok(resp.map(|recv| Incoming::new(recv, remaining).boxed()))
             }
             Err(e) => {
                 let own =
@@ -158,7 +158,7 @@ impl Conn {
 }
 
 /// Pings the peer for as long as it answers; returns why it stopped.
-async fn alive(pings: Option<h2::PingPong>, keepalive: Keepalive) -> &'static str {
+pub(crate) async fn alive(pings: Option<h2::PingPong>, keepalive: Keepalive) -> &'static str {
     let Some(mut pings) = pings else {
         return std::future::pending().await;
     };
@@ -172,16 +172,17 @@ async fn alive(pings: Option<h2::PingPong>, keepalive: Keepalive) -> &'static st
     }
 }
 
-/// Streams a request body into its h2 stream: frames as they come, each
-/// once the peer's window has room for at least a byte (h2 buffers the rest
-/// of a frame, bounded by `max_send_buffer_size`), then the trailers or the
-/// end. A body that fails resets the stream, its error kept in `failed`
-/// for the request's task.
-async fn pipe(
+/// Streams a body into its h2 stream (a request's to an upstream, a
+/// response's to a client): frames as they come, each once the peer's window
+/// has room for at least a byte (h2 buffers the rest of a frame, bounded by
+/// `max_send_buffer_size`), then the trailers or the end. A body that fails
+/// resets the stream with `on_error` and its error is returned; a stream the
+/// peer reset ends the pipe quietly.
+pub(crate) async fn pipe(
     mut body: ProxyBody,
     mut tx: h2::SendStream<Bytes>,
-    failed: Arc<std::sync::Mutex<Option<BoxError>>>,
-) {
+    on_error: h2::Reason,
+) -> Option<BoxError> {
     loop {
         tx.reserve_capacity(1);
         let room = poll_fn(|cx| {
@@ -196,7 +197,7 @@ async fn pipe(
         })
         .await;
         if !room {
-            return;
+            return None;
         }
         let frame = poll_fn(|cx| {
             if let Poll::Ready(reason) = tx.poll_reset(cx) {
@@ -208,15 +209,14 @@ async fn pipe(
         .await;
         let frame = match frame {
             // Reset by the peer.
-            None => return,
+            None => return None,
             Some(None) => {
                 let _ = tx.send_data(Bytes::new(), true);
-                return;
+                return None;
             }
             Some(Some(Err(e))) => {
-                tx.send_reset(h2::Reason::CANCEL);
-                *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-                return;
+                tx.send_reset(on_error);
+                return Some(e);
             }
             Some(Some(Ok(frame))) => frame,
         };
@@ -224,13 +224,13 @@ async fn pipe(
             Ok(data) => {
                 let eos = body.is_end_stream();
                 if tx.send_data(data, eos).is_err() || eos {
-                    return;
+                    return None;
                 }
             }
             Err(frame) => {
                 if let Ok(t) = frame.into_trailers() {
                     let _ = tx.send_trailers(t);
-                    return;
+                    return None;
                 }
                 // A frame kind http-body does not have yet: skipped.
             }
@@ -238,13 +238,25 @@ async fn pipe(
     }
 }
 
-/// A response body read from its h2 stream: each frame's bytes handed back
-/// to the peer's window as they are taken, then the trailers. Its length is
-/// what `Content-Length` said (the proxy's HTTP/1.1 side frames with it).
-struct Incoming {
+/// A body read from its h2 stream (an upstream's response, a client's
+/// request): each frame's bytes handed back to the peer's window as they are
+/// taken, then the trailers. Its length is what `Content-Length` said (the
+/// proxy's HTTP/1.1 side frames with it).
+pub(crate) struct Incoming {
     recv: h2::RecvStream,
     data_done: bool,
     remaining: Option<u64>,
+}
+
+impl Incoming {
+    /// The body arriving on `recv`, `remaining` bytes long if announced.
+    pub(crate) fn new(recv: h2::RecvStream, remaining: Option<u64>) -> Incoming {
+        Incoming {
+            recv,
+            data_done: false,
+            remaining,
+        }
+    }
 }
 
 impl Body for Incoming {
