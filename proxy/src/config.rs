@@ -42,8 +42,10 @@ pub struct ProxyConfig {
     /// Time a client has for its TLS handshake and request headers (slowloris).
     #[serde(default = "d_header_timeout", with = "humantime_serde")]
     pub header_timeout: Duration,
-    /// h2: how often an idle client connection is pinged (and closed if the
-    /// ping goes unanswered). HTTP/1.1: see `keepalive_timeout`.
+    /// h2: a client connection with no stream for this long is closed with
+    /// GOAWAY (checked at this interval, so within twice it), and every
+    /// connection is pinged this often (dropped when the pong takes over
+    /// 20 s). HTTP/1.1: see `keepalive_timeout`.
     #[serde(default = "d_idle", with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// An HTTP/1.1 client connection that hyper serves (from a request with a

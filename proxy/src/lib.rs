@@ -8,9 +8,10 @@
 //! - [`tls`]: the certificate store and resolver.
 //! - [`upstream`]: connections to machines (pooled HTTP/1.1, shared h2c).
 //! - [`h1`]: skein's own HTTP/1.1 client connection.
-//! - [`mux`]: skein's h2c client connection (the backhaul, h2 machines).
+//! - [`mux`]: skein's h2: the h2c client connection (the backhaul, h2
+//!   machines) and the server side (clients' h2, the backhaul listener).
 //! - [`http`]: the request path: route, headers, queue, retry, stream back.
-//! - [`listener`]: accept, TLS or plaintext, hyper under limits.
+//! - [`listener`]: accept, TLS or plaintext, HTTP/1.1 or h2 under limits.
 //!
 //! The hot path loads one `Arc` (the route table, the certificate table) and
 //! never takes a lock that a catalog update holds.
