@@ -307,6 +307,11 @@ impl Config {
             if self.proxy.max_header_bytes < 1024 {
                 bad("proxy.max_header_bytes", "must be at least 1024".into());
             }
+            if let Some(c) = &self.proxy.multiplexed_congestion
+                && let Err(why) = congestion_available(c)
+            {
+                bad("proxy.multiplexed_congestion", why);
+            }
             let b = &self.proxy.backhaul;
             if b.enabled && self.host.name.is_none() {
                 bad(
@@ -419,4 +424,27 @@ pub fn ensure_token(path: &Path) -> std::io::Result<String> {
     writeln!(f, "{token}")?;
     f.sync_all()?;
     Ok(token)
+}
+
+/// Whether `name` is a TCP congestion control this kernel has loaded (the
+/// list is read where the kernel publishes it; without it, the name's form
+/// alone is checked).
+fn congestion_available(name: &str) -> Result<(), String> {
+    if skein_proxy::upstream::Congestion::new(name).is_none() {
+        return Err(format!(
+            "{name:?} is not an algorithm name (1 to 15 letters, digits or '_')"
+        ));
+    }
+    let Ok(list) = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
+    else {
+        return Ok(());
+    };
+    if list.split_whitespace().any(|a| a == name) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not loaded in this kernel (available: {})",
+            list.trim()
+        ))
+    }
 }

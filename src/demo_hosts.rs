@@ -228,6 +228,10 @@ poll_interval = "200ms"
 enabled = true
 # three hosts share this machine's cores: one serving thread each
 threads = 1
+# the backhaul's h2 connection carries every client's requests: BBR (this
+# machine's default, without the fq qdisc) would pace it with a timer per
+# burst, which costs a VM exit; reno is built into every kernel
+multiplexed_congestion = "reno"
 [proxy.backhaul]
 enabled = true
 [proxy.steer]

@@ -157,7 +157,7 @@ pub async fn open_tcp(
     proxy_proto: Option<skein_catalog::model::ProxyProtoVersion>,
     connect_timeout: Duration,
 ) -> Result<TokioIo<hyper::upgrade::Upgraded>, OpenError> {
-    let stream = dial(via, connect_timeout).await?;
+    let stream = dial(via, connect_timeout, None).await?;
     let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(futures_util::FutureExt::map(conn.with_upgrades(), |r| {
         if let Err(e) = r {
@@ -354,7 +354,7 @@ async fn tcp(
         Some(b"2") => Some(skein_catalog::model::ProxyProtoVersion::V2),
         _ => None,
     };
-    let mut upstream = match dial(backend.addr, proxy.cfg.connect_timeout).await {
+    let mut upstream = match dial(backend.addr, proxy.cfg.connect_timeout, None).await {
         Ok(s) => s,
         Err(e) => {
             connect_failed(proxy, backend, &e);

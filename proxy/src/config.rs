@@ -98,6 +98,13 @@ pub struct ProxyConfig {
     /// Most idle upstream connections per machine.
     #[serde(default = "d_max_idle")]
     pub upstream_max_idle: usize,
+    /// TCP congestion control of multiplexed connections: the backhaul, both
+    /// the edge's and those its listener accepts, and h2c machines' (default:
+    /// the system's). One such connection carries many clients' requests at
+    /// a high rate; BBR paces it, and without the `fq` qdisc the kernel paces
+    /// with a timer per burst, costly where timers are (a virtual machine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multiplexed_congestion: Option<String>,
     /// How this proxy reaches machines on other hosts, and serves other
     /// edges' traffic for its own.
     #[serde(default)]
@@ -307,6 +314,7 @@ impl Default for ProxyConfig {
             queue_depth: d_queue_depth(),
             upstream_idle_timeout: d_idle(),
             upstream_max_idle: d_max_idle(),
+            multiplexed_congestion: None,
             backhaul: BackhaulConfig::default(),
             steer: SteerConfig::default(),
         }

@@ -1138,6 +1138,7 @@ mod tests {
                 idle_timeout: Duration::from_secs(60),
                 max_idle_per_backend: 8,
                 h2_keepalive: crate::mux::Keepalive::default(),
+                multiplexed_congestion: None,
             },
             1,
         ))

@@ -187,6 +187,10 @@ impl Proxy {
                     idle_timeout: cfg.upstream_idle_timeout,
                     max_idle_per_backend: cfg.upstream_max_idle,
                     h2_keepalive: mux::Keepalive::default(),
+                    multiplexed_congestion: cfg
+                        .multiplexed_congestion
+                        .as_deref()
+                        .and_then(upstream::Congestion::new),
                 },
                 skein_catalog::serving_threads(cfg.threads),
             )),
@@ -295,6 +299,13 @@ impl Proxy {
         }
         if let Some(addr) = self.backhaul_bind()? {
             let (sockets, local) = self.bind_one(addr, true)?;
+            // Accepted connections inherit the listener's congestion control.
+            if let Some(c) = self.upstreams.limits().multiplexed_congestion {
+                for s in &sockets {
+                    c.set(s)
+                        .map_err(|source| ProxyError::Bind { addr, source })?;
+                }
+            }
             out.push(Bound {
                 sockets,
                 kind: BoundKind::Backhaul,

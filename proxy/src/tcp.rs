@@ -158,7 +158,7 @@ pub async fn pipe<C>(
                 }
             }
         } else {
-            match dial(backend.addr, proxy.cfg.connect_timeout).await {
+            match dial(backend.addr, proxy.cfg.connect_timeout, None).await {
                 Ok(s) => break (Upstream::Direct(s), slot, backend.machine.clone()),
                 Err(e) => connect_failed(&proxy, backend, &e),
             }

@@ -60,14 +60,73 @@ pub enum ConnectError {
     H2(#[from] h2::Error),
 }
 
-/// A TCP connection to `addr` within `timeout`, Nagle off: how the proxy
-/// reaches every upstream (machines, and other hosts' backhaul listeners).
-pub async fn dial(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
-    let s = tokio::time::timeout(timeout, TcpStream::connect(addr))
+/// A TCP connection to `addr` within `timeout`, Nagle off, with the given
+/// congestion control (else the system's): how the proxy reaches every
+/// upstream (machines, and other hosts' backhaul listeners).
+pub async fn dial(
+    addr: SocketAddr,
+    timeout: Duration,
+    congestion: Option<Congestion>,
+) -> Result<TcpStream, ConnectError> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    if let Some(c) = congestion {
+        // Set before the SYN; a failure leaves the system's (counted).
+        if let Err(e) = c.set(&socket) {
+            metrics::counter!("skein_proxy_congestion_errors_total").increment(1);
+            tracing::debug!(error = %e, congestion = c.name(), "congestion control not set");
+        }
+    }
+    let s = tokio::time::timeout(timeout, socket.connect(addr))
         .await
         .map_err(|_| ConnectError::Timeout)??;
     let _ = s.set_nodelay(true);
     Ok(s)
+}
+
+/// A TCP congestion control algorithm's name (at most 15 bytes, the
+/// kernel's limit), small enough to copy.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Congestion {
+    name: [u8; 15],
+    len: u8,
+}
+
+impl Congestion {
+    /// The algorithm `name`; None if it cannot be one (empty, too long, not
+    /// letters, digits or `_`).
+    pub fn new(name: &str) -> Option<Congestion> {
+        let ok = !name.is_empty()
+            && name.len() <= 15
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !ok {
+            return None;
+        }
+        let mut c = Congestion {
+            name: [0; 15],
+            len: name.len() as u8,
+        };
+        c.name[..name.len()].copy_from_slice(name.as_bytes());
+        Some(c)
+    }
+
+    /// The name.
+    pub fn name(&self) -> &str {
+        std::str::from_utf8(&self.name[..usize::from(self.len)]).unwrap_or("")
+    }
+
+    /// Sets it on `socket` (a listener's is inherited by what it accepts).
+    pub fn set(&self, socket: &impl std::os::fd::AsFd) -> std::io::Result<()> {
+        socket2::SockRef::from(socket).set_tcp_congestion(&self.name[..usize::from(self.len)])
+    }
+}
+
+impl std::fmt::Debug for Congestion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 struct Idle {
@@ -86,6 +145,9 @@ pub struct UpstreamLimits {
     pub max_idle_per_backend: usize,
     /// How an h2 connection checks that its peer is still there.
     pub h2_keepalive: crate::mux::Keepalive,
+    /// Congestion control of h2c connections (multiplexed: the backhaul, h2c
+    /// machines); None: the system's.
+    pub multiplexed_congestion: Option<Congestion>,
 }
 
 /// The pool, one shard per serving thread: a thread reuses only connections
@@ -114,6 +176,11 @@ impl Upstreams {
         }
     }
 
+    /// The limits it was made with.
+    pub fn limits(&self) -> &UpstreamLimits {
+        &self.limits
+    }
+
     /// The calling serving thread's shard (the first off the serving threads).
     fn shard(&self) -> &Shard {
         let i = crate::workers::index().unwrap_or(0) % self.shards.len();
@@ -135,7 +202,7 @@ impl Upstreams {
                 if let Some(c) = self.take_idle(addr) {
                     return Ok((Sender::H1(c), true));
                 }
-                let io = dial(addr, self.limits.connect_timeout).await?;
+                let io = dial(addr, self.limits.connect_timeout, None).await?;
                 metrics::counter!("skein_proxy_upstream_connects_total", "proto" => "h1")
                     .increment(1);
                 Ok((Sender::H1(crate::h1::Conn::new(io)), false))
@@ -163,7 +230,8 @@ impl Upstreams {
                 if let Some(s) = existing {
                     return Ok((Sender::H2(s), true));
                 }
-                let io = dial(addr, self.limits.connect_timeout).await?;
+                let congestion = self.limits.multiplexed_congestion;
+                let io = dial(addr, self.limits.connect_timeout, congestion).await?;
                 let sender = crate::mux::Conn::handshake(io, self.limits.h2_keepalive).await?;
                 metrics::counter!("skein_proxy_upstream_connects_total", "proto" => "h2c")
                     .increment(1);
@@ -225,7 +293,9 @@ impl Upstreams {
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<TokioIo<TcpStream>, ConnectError> {
-        Ok(TokioIo::new(dial(addr, self.limits.connect_timeout).await?))
+        Ok(TokioIo::new(
+            dial(addr, self.limits.connect_timeout, None).await?,
+        ))
     }
 
     /// Keeps an HTTP/1.1 connection whose last response has been read to its
@@ -279,6 +349,7 @@ mod tests {
                 idle_timeout: Duration::from_secs(60),
                 max_idle_per_backend: 8,
                 h2_keepalive: crate::mux::Keepalive::default(),
+                multiplexed_congestion: None,
             },
             2,
         ));

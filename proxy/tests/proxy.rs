@@ -1643,6 +1643,16 @@ fn backhaul_port() -> u16 {
 /// Proxies sharing one catalog as the hosts `(name, region)`, each with the
 /// backhaul on, reached at its underlay (loopback here).
 async fn hosts(doc: Document, pki: Arc<Pki>, hosts: &[(&str, &str)]) -> Vec<Harness> {
+    hosts_with(doc, pki, hosts, |_| {}).await
+}
+
+/// [`hosts`], each proxy's configuration changed by `tweak` too.
+async fn hosts_with(
+    doc: Document,
+    pki: Arc<Pki>,
+    hosts: &[(&str, &str)],
+    tweak: impl Fn(&mut ProxyConfig),
+) -> Vec<Harness> {
     let store = Arc::new(Store::new());
     store.replace(Source::File, doc).unwrap();
     let port = backhaul_port();
@@ -1656,6 +1666,7 @@ async fn hosts(doc: Document, pki: Arc<Pki>, hosts: &[(&str, &str)]) -> Vec<Harn
                     via: skein_proxy::config::BackhaulVia::Underlay,
                     ..Default::default()
                 };
+                tweak(c);
             })
             .await,
         );
@@ -1753,6 +1764,45 @@ async fn an_edge_reaches_a_machine_on_another_host_through_that_hosts_proxy() {
     );
     s.write_all(b"raw bytes\n").await.unwrap();
     assert_eq!(read_lines(&mut s, 1).await, "raw bytes\n");
+}
+
+#[tokio::test]
+async fn the_backhauls_connection_uses_the_configured_congestion_control_at_both_ends() {
+    let (i, _) = backend("iad1").await;
+    let pki = Arc::new(Pki::new());
+    let doc = catalog_with(&pki, &[("iad1", "iad", i)], 20, 25, "");
+    // One the system does not use by default, so the test sees the setting.
+    let system = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control").unwrap();
+    let chosen = if system.trim() == "reno" {
+        "cubic"
+    } else {
+        "reno"
+    };
+    let hs = hosts_with(doc, pki, &[("h-ams", "ams"), ("h-iad", "iad")], |c| {
+        c.multiplexed_congestion = Some(chosen.to_string());
+    })
+    .await;
+    let (st, _, body) = hs[0]
+        .https("app.example.com", "/", &[], false)
+        .await
+        .unwrap();
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert_eq!(machine_of(&body), "iad1", "over the backhaul");
+    // Both ends of the backhaul's h2 connection: the edge's (dialled) and
+    // the worker's (accepted, inheriting its listener's).
+    let port = hs[0].proxy.cfg.backhaul.port;
+    let out = std::process::Command::new("ss")
+        .args(["-Htin", "state", "established"])
+        .arg(format!("( sport = :{port} or dport = :{port} )"))
+        .output()
+        .expect("ss (iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let algorithms: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with(char::is_whitespace))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(algorithms, [chosen, chosen], "{text}");
 }
 
 /// A replay sends the head as the last hop had it: written by skein's own

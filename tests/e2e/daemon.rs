@@ -247,6 +247,28 @@ fn check_config_names_fields_and_sets_the_exit_code() {
     assert!(err.contains("acme.retry_min"), "{err}");
     assert!(err.contains("acme.ownership.platform[0]"), "{err}");
     assert!(err.contains("acme.enabled: the proxy answers"), "{err}");
+    let proxy = |cc: &str| {
+        format!(
+            "[host]\nregion = \"ams\"\n[proxy]\nenabled = true\nmultiplexed_congestion = \"{cc}\"\n"
+        )
+    };
+    let (code, err) = check(&proxy("bbr; reno"));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("proxy.multiplexed_congestion: \"bbr; reno\" is not an algorithm name"),
+        "{err}"
+    );
+    let (code, err) = check(&proxy("nosuchalgo"));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(
+            "proxy.multiplexed_congestion: \"nosuchalgo\" is not loaded in this kernel (available: "
+        ),
+        "{err}"
+    );
+    // reno is built into every kernel.
+    let (_, err) = check(&proxy("reno"));
+    assert!(!err.contains("multiplexed_congestion"), "{err}");
 }
 
 #[test]
