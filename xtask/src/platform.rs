@@ -205,6 +205,7 @@ pub fn bench_platform() -> anyhow::Result<()> {
             "idle",
             "keepalive",
             "h2",
+            "h2-rate",
             "new-tls",
             "platform-mix",
             "platform-mix-churn",
