@@ -140,7 +140,12 @@ where
     let mut streams = FuturesUnordered::new();
     let (mut draining, mut cut) = (false, false);
     let (mut opened, mut opened_at_check, mut busy_at_check) = (0u64, 0u64, false);
-    let ended = poll_fn(|cx| {
+    let inline = std::sync::Arc::new(Inline::default());
+    let own = std::task::Waker::from(inline.clone());
+    let ended = poll_fn(|outer| {
+        inline.enter(outer.waker());
+        let cx = &mut std::task::Context::from_waker(&own);
+        let mut rounds = 0;
         loop {
             if !draining && drained.as_mut().poll(cx).is_ready() {
                 draining = true;
@@ -206,6 +211,8 @@ where
                 }
                 // Closed: every stream is done, or can no longer be answered.
                 Poll::Ready(None) => return Poll::Ready(None),
+                // Woken while polling (a stream queued a frame): again, here.
+                Poll::Pending if inline.leave(rounds < ROUNDS) => rounds += 1,
                 Poll::Pending => return Poll::Pending,
             }
         }
@@ -216,6 +223,82 @@ where
             reason = why,
             "h2 peer stopped answering pings: connection dropped"
         );
+    }
+}
+
+/// The connection task's waker as its streams and sockets see it. When a
+/// stream queues a frame, the h2 crate wakes the connection to write it; the
+/// streams are polled inside the connection's own poll, so that wake would
+/// come while the task runs and make the runtime poll it all once more
+/// (every timer, the drain, the streams, the connection), one extra poll per
+/// response. A wake that comes during the poll is instead noted and served
+/// by another round of the same poll; any other is passed on.
+#[derive(Default)]
+struct Inline {
+    state: std::sync::atomic::AtomicU8,
+    task: futures_util::task::AtomicWaker,
+}
+
+/// Rounds one poll may make for wakes that came during it. A resource out
+/// of tokio's cooperative budget wakes its task and says Pending until the
+/// task has yielded: rounds alone would spin on it.
+const ROUNDS: u32 = 4;
+/// Not being polled.
+const IDLE: u8 = 0;
+/// Being polled.
+const POLLING: u8 = 1;
+/// Being polled, and woken meanwhile.
+const WOKEN: u8 = 2;
+
+impl Inline {
+    /// A poll begins, on behalf of the task `outer` wakes.
+    fn enter(&self, outer: &std::task::Waker) {
+        self.task.register(outer);
+        self.state.store(POLLING, Ordering::SeqCst);
+    }
+
+    /// The poll would end: true if a wake came during it and `again` lets
+    /// the poll go on; false if it ends (a wake that came is passed to the
+    /// task then; later wakes go to it directly).
+    fn leave(&self, again: bool) -> bool {
+        let woken = self
+            .state
+            .compare_exchange(POLLING, IDLE, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err();
+        if woken && again {
+            self.state.store(POLLING, Ordering::SeqCst);
+            return true;
+        }
+        if woken {
+            self.state.store(IDLE, Ordering::SeqCst);
+            self.task.wake();
+        }
+        false
+    }
+}
+
+impl std::task::Wake for Inline {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &std::sync::Arc<Self>) {
+        let mut now = self.state.load(Ordering::SeqCst);
+        loop {
+            match now {
+                POLLING => match self.state.compare_exchange(
+                    POLLING,
+                    WOKEN,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                ) {
+                    Ok(_) => return,
+                    Err(seen) => now = seen,
+                },
+                WOKEN => return,
+                _ => return self.task.wake(),
+            }
+        }
     }
 }
 
