@@ -497,6 +497,38 @@ mod tests {
         String::from_utf8(out).unwrap()
     }
 
+    /// Counts the wakes of the task it stands for.
+    struct Count(AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_wake_during_the_poll_is_served_in_it_and_none_is_lost() {
+        let outer = Arc::new(Count(AtomicUsize::new(0)));
+        let task = std::task::Waker::from(outer.clone());
+        let inline = Arc::new(Inline::default());
+        let own = std::task::Waker::from(inline.clone());
+        // A wake while polling: another round, the task is not woken.
+        inline.enter(&task);
+        own.wake_by_ref();
+        own.wake_by_ref();
+        assert!(inline.leave(true), "one more round");
+        assert!(!inline.leave(true), "nothing came during that round");
+        assert_eq!(outer.0.load(Ordering::SeqCst), 0);
+        // A wake after the poll goes to the task.
+        own.wake_by_ref();
+        assert_eq!(outer.0.load(Ordering::SeqCst), 1);
+        // Out of rounds: a wake that came is passed on, not dropped.
+        inline.enter(&task);
+        own.wake_by_ref();
+        assert!(!inline.leave(false));
+        assert_eq!(outer.0.load(Ordering::SeqCst), 2, "the task polls again");
+    }
+
     #[tokio::test]
     async fn a_local_answer_goes_out_without_connection_headers_with_date_and_length() {
         let (addr, _) = server(limits(), CancellationToken::new()).await;
