@@ -175,7 +175,7 @@ pub(crate) fn content_length(h: &HeaderMap) -> Option<u64> {
 }
 
 /// Removes what only concerns one hop.
-fn strip_hop_by_hop(h: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
     strip(h, |_| false);
 }
 

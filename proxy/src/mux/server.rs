@@ -338,21 +338,11 @@ async fn stream<F>(
     }
 }
 
-/// A response head as h2 carries it: no connection-specific header (h2
-/// refuses them; a local answer may say `Connection: close`), a `Date`, and
-/// the body's length when it is known and was not given.
+/// A response head as h2 carries it: no hop-by-hop field (h2 refuses the
+/// connection-specific ones; a local answer may say `Connection: close`), a
+/// `Date`, and the body's length when it is known and was not given.
 fn fit_response(h: &mut HeaderMap, body: &ProxyBody) {
-    if h.keys().any(connection_specific) {
-        for name in [
-            header::CONNECTION,
-            header::TRANSFER_ENCODING,
-            header::UPGRADE,
-            header::HeaderName::from_static("keep-alive"),
-            header::HeaderName::from_static("proxy-connection"),
-        ] {
-            h.remove(name);
-        }
-    }
+    crate::http::strip_hop_by_hop(h);
     if !h.contains_key(header::DATE) {
         h.insert(header::DATE, crate::h1::date_value());
     }
@@ -362,14 +352,6 @@ fn fit_response(h: &mut HeaderMap, body: &ProxyBody) {
     {
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     }
-}
-
-fn connection_specific(name: &header::HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name.as_str() == "keep-alive"
-        || name.as_str() == "proxy-connection"
 }
 
 #[cfg(test)]
