@@ -25,6 +25,7 @@ use tokio::net::TcpStream;
 
 use crate::upstream::{BoxError, ProxyBody};
 
+pub(crate) mod hpack;
 pub(crate) mod server;
 
 /// Largest response head (all headers, decoded) a peer may send.

@@ -1,45 +1,106 @@
-//! The h2 server side: clients' h2 (ALPN `h2`, or h2c with prior knowledge)
-//! and other edges' backhaul, spoken with the `h2` crate directly.
+//! skein's h2 server (RFC 9113): clients' h2 (ALPN `h2`, or h2c with prior
+//! knowledge) and other edges' backhaul.
 //!
-//! One task per connection, and the connection's streams run inside it: the
-//! task reads frames, starts a handler for each new request, polls the
-//! handlers that were woken, and writes what they answered, all in one poll.
-//! Every serving thread runs its own single-threaded runtime, so a task per
-//! stream (what hyper's server spawns) would buy no parallelism: it would
-//! only add a spawn per request and a wake of the connection's task for every
-//! response. Bodies are piped by their stream, in the same task.
+//! One task per connection, and everything of the connection lives in it,
+//! owned, with no lock: the frame reader, HPACK's table, the windows, the
+//! streams, the write buffer. A poll reads what the socket has, decodes its
+//! frames, starts a handler for each new request, polls the streams that
+//! were woken (a handler's answer, a response body's next chunk) and writes
+//! what they made in one write. Every serving thread runs a single-threaded
+//! runtime, so a task per stream (hyper's way) buys no parallelism, and a
+//! stream store shared by handles behind a mutex (the `h2` crate's way) buys
+//! nothing here but its locking and a second copy of every frame.
 //!
-//! Limits, as for HTTP/1.1: streams per connection, header list size, the
-//! time a new connection has for its preface; rapid reset (CVE-2023-44487) is
-//! met twice: the `h2` crate cuts off a client whose streams are reset before
-//! they are accepted, or that makes the server reset too many, and a client
-//! that cancels most of the streams it opens is cut off here
-//! (`ENHANCE_YOUR_CALM`). A connection is pinged while it lives and dropped
-//! when its peer stops answering, closed with GOAWAY once idle for its idle
-//! time (client connections), and drained (GOAWAY, then its open streams
-//! finish) when the proxy stops.
+//! Each stream has a slot: its handler's future, boxed once per slot and
+//! reused by the streams that come after, a waker of its own (so a wake
+//! polls that stream alone), its windows and its response body. A request
+//! body is the one thing shared with the handler: a queue the connection
+//! fills and the handler drains, whose draining opens the peer's windows.
+//!
+//! Limits, as for HTTP/1.1: streams per connection, header list size (431),
+//! header block size (the CONTINUATION flood), the time a new connection has
+//! for its preface; a client that cancels most of the streams it opens
+//! (rapid reset, CVE-2023-44487) or makes this side reset too many of its
+//! streams is cut off with `ENHANCE_YOUR_CALM`; reading stops while the
+//! write buffer is full, so PING and SETTINGS floods wait on the flooder's
+//! own reading. A connection is pinged while it lives and dropped when its
+//! peer stops answering, closed with GOAWAY once idle for its idle time
+//! (client connections), and drained (GOAWAY, then its open streams finish)
+//! when the proxy stops.
 
+use std::collections::{HashMap, VecDeque};
 use std::future::{Future, poll_fn};
-use std::pin::pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::Poll;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::Bytes;
-use futures_util::StreamExt as _;
-use futures_util::stream::FuturesUnordered;
-use http::header::{self, HeaderMap, HeaderValue};
-use http::{Method, Request, Response};
+use bytes::{Buf as _, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Method, Request, Response, Uri, Version};
 use http_body_util::{BodyExt as _, Empty};
-use hyper::body::Body as _;
-use tokio::io::{AsyncRead, AsyncWrite};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio_util::sync::CancellationToken;
 
-use super::{Incoming, Keepalive, alive, pipe};
-use crate::upstream::ProxyBody;
+use super::Keepalive;
+use super::hpack::{self, Name};
+use crate::upstream::{BoxError, ProxyBody};
 
 /// Client-cancelled streams a connection may have before its share counts.
 const RESET_ALLOWANCE: u64 = 200;
+/// Streams this side may reset for the peer's errors before it is cut off.
+const LOCAL_RESETS: u64 = 256;
+/// Bytes waiting to be written past which no more is read or produced.
+const WRITE_HIGH: usize = 128 << 10;
+/// Bytes read in one round before the other work of the connection.
+const READ_BUDGET: usize = 256 << 10;
+/// Largest frame this side accepts (the protocol's default; not raised).
+const MAX_FRAME: usize = 16_384;
+/// HPACK table this side keeps for the peer (the protocol's default).
+const TABLE_SIZE: usize = 4096;
+/// The client's connection preface.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+// Frame types and flags (RFC 9113, 6).
+const DATA: u8 = 0;
+const HEADERS: u8 = 1;
+const PRIORITY: u8 = 2;
+const RST_STREAM: u8 = 3;
+const SETTINGS: u8 = 4;
+const PUSH_PROMISE: u8 = 5;
+const PING: u8 = 6;
+const GOAWAY: u8 = 7;
+const WINDOW_UPDATE: u8 = 8;
+const CONTINUATION: u8 = 9;
+const END_STREAM: u8 = 0x1;
+const ACK: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const PADDED: u8 = 0x8;
+const PRIORITY_FLAG: u8 = 0x20;
+
+/// An h2 error code (RFC 9113, 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Code(pub u32);
+
+impl Code {
+    pub(crate) const NO_ERROR: Code = Code(0);
+    pub(crate) const PROTOCOL_ERROR: Code = Code(1);
+    pub(crate) const INTERNAL_ERROR: Code = Code(2);
+    pub(crate) const FLOW_CONTROL_ERROR: Code = Code(3);
+    pub(crate) const STREAM_CLOSED: Code = Code(5);
+    pub(crate) const FRAME_SIZE_ERROR: Code = Code(6);
+    pub(crate) const REFUSED_STREAM: Code = Code(7);
+    pub(crate) const COMPRESSION_ERROR: Code = Code(9);
+    pub(crate) const ENHANCE_YOUR_CALM: Code = Code(0xb);
+}
+
+/// A connection error: the code for GOAWAY and why, for the logs and the
+/// metric.
+struct Fatal(Code, &'static str);
 
 /// What one server connection allows.
 #[derive(Debug, Clone, Copy)]
@@ -112,117 +173,1680 @@ where
     I: AsyncRead + AsyncWrite + Unpin,
     H: Handler + Sync,
 {
-    let mut b = h2::server::Builder::new();
-    b.max_concurrent_streams(limits.max_streams)
-        .max_header_list_size(limits.max_header_list)
-        .initial_window_size(limits.stream_window)
-        .initial_connection_window_size(limits.conn_window)
-        .max_send_buffer_size(400 << 10)
-        // Rapid reset: streams the client resets before they are accepted,
-        // and streams the server must reset for the client's errors.
-        .max_pending_accept_reset_streams(64)
-        .max_local_error_reset_streams(Some(256));
-    let mut conn = match tokio::time::timeout(limits.handshake_timeout, b.handshake(io)).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => return tracing::debug!(error = %e, "h2 handshake failed"),
+    let mut conn = Conn::new(io, limits);
+    match tokio::time::timeout(limits.handshake_timeout, conn.preface()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(why)) => {
+            metrics::counter!("skein_proxy_h2_errors_total", "reason" => why).increment(1);
+            return tracing::debug!(why, "h2 preface refused");
+        }
         Err(_) => {
             metrics::counter!("skein_proxy_client_timeouts_total", "phase" => "h2_preface")
                 .increment(1);
             return;
         }
-    };
-    let mut alive = pin!(alive(conn.ping_pong(), limits.keepalive));
-    let mut drained = pin!(drain.cancelled_owned());
-    let mut idle = limits.idle.map(|d| (Box::pin(tokio::time::sleep(d)), d));
-    // Streams the client cancelled before their answer (declared before the
-    // streams, which borrow it).
-    let resets = AtomicU64::new(0);
-    let mut streams = FuturesUnordered::new();
-    let (mut draining, mut cut) = (false, false);
-    let (mut opened, mut opened_at_check, mut busy_at_check) = (0u64, 0u64, false);
-    let inline = std::sync::Arc::new(Inline::default());
-    let own = std::task::Waker::from(inline.clone());
-    let ended = poll_fn(|outer| {
-        inline.enter(outer.waker());
-        let cx = &mut std::task::Context::from_waker(&own);
-        let mut rounds = 0;
-        loop {
-            if !draining && drained.as_mut().poll(cx).is_ready() {
-                draining = true;
-                conn.graceful_shutdown();
-            }
-            if let Poll::Ready(why) = alive.as_mut().poll(cx) {
-                metrics::counter!("skein_proxy_h2_dead_total").increment(1);
-                return Poll::Ready(Some(why));
-            }
-            // Answers first, so that what they wrote goes out below, in
-            // this same poll.
-            while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
-            if let Some((sleep, every)) = &mut idle
-                && !draining
-                && sleep.as_mut().poll(cx).is_ready()
-            {
-                // Idle: no stream now, none opened and none open at the
-                // last check.
-                let quiet = streams.is_empty() && opened == opened_at_check;
-                if quiet && !busy_at_check {
-                    metrics::counter!("skein_proxy_h2_idle_closed_total").increment(1);
-                    draining = true;
-                    conn.graceful_shutdown();
-                } else {
-                    opened_at_check = opened;
-                    busy_at_check = !streams.is_empty();
-                    sleep.as_mut().reset(tokio::time::Instant::now() + *every);
-                    continue;
-                }
-            }
-            let cancelled = resets.load(Ordering::Relaxed);
-            if !cut && cancelled > RESET_ALLOWANCE && cancelled * 2 > opened {
-                metrics::counter!("skein_proxy_h2_rapid_reset_total").increment(1);
-                tracing::info!(
-                    cancelled,
-                    opened,
-                    "h2 client cancels most of its streams: cut off"
-                );
-                // GOAWAY, written as the connection is driven below; the
-                // streams in flight are dropped with it.
-                cut = true;
-                conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
-            }
-            match conn.poll_accept(cx) {
-                Poll::Ready(Some(Ok((req, respond)))) => {
-                    opened += 1;
-                    let (parts, recv) = req.into_parts();
-                    let head = parts.method == Method::HEAD;
-                    let body = if recv.is_end_stream() {
-                        Empty::new().map_err(|never| match never {}).boxed()
-                    } else {
-                        Incoming::new(recv, crate::http::content_length(&parts.headers)).boxed()
-                    };
-                    let work = handler.call(Request::from_parts(parts, body));
-                    streams.push(stream(work, respond, head, &resets));
-                }
-                Poll::Ready(Some(Err(e))) => {
-                    if e.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) {
-                        metrics::counter!("skein_proxy_h2_rapid_reset_total").increment(1);
-                    }
-                    tracing::debug!(error = %e, "h2 connection ended with an error");
-                    return Poll::Ready(None);
-                }
-                // Closed: every stream is done, or can no longer be answered.
-                Poll::Ready(None) => return Poll::Ready(None),
-                // Woken while polling (a stream queued a frame): again, here.
-                Poll::Pending if inline.leave(rounds < ROUNDS) => rounds += 1,
-                Poll::Pending => return Poll::Pending,
-            }
+    }
+    let end = conn.run(drain, |req| handler.call(req)).await;
+    match end {
+        End::Done => {}
+        End::Dead(why) => {
+            metrics::counter!("skein_proxy_h2_dead_total").increment(1);
+            tracing::debug!(
+                reason = why,
+                "h2 peer stopped answering pings: connection dropped"
+            );
         }
+        End::Fatal(Fatal(code, why)) => {
+            metrics::counter!("skein_proxy_h2_errors_total", "reason" => why).increment(1);
+            tracing::debug!(code = code.0, why, "h2 connection error");
+        }
+    }
+    // What is left to write (a GOAWAY, the last answers), briefly: a peer
+    // that does not read loses it.
+    let Conn { mut io, out, .. } = conn;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        io.write_all(&out.buf[out.pos..]).await?;
+        io.shutdown().await
     })
     .await;
-    if let Some(why) = ended {
-        tracing::debug!(
-            reason = why,
-            "h2 peer stopped answering pings: connection dropped"
+}
+
+/// How a connection ended.
+enum End {
+    /// Closed by a GOAWAY (either side's) or the peer, with every stream done.
+    Done,
+    /// The peer stopped answering pings.
+    Dead(&'static str),
+    /// A connection error, told to the peer in a GOAWAY.
+    Fatal(Fatal),
+}
+
+/// The bytes waiting to be written.
+struct Out {
+    buf: Vec<u8>,
+    /// Written so far.
+    pos: usize,
+}
+
+impl Out {
+    fn backlog(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    fn head(&mut self, len: usize, kind: u8, flags: u8, id: u32) {
+        let len = len as u32;
+        self.buf
+            .extend_from_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags]);
+        self.buf
+            .extend_from_slice(&(id & 0x7fff_ffff).to_be_bytes());
+    }
+
+    fn rst(&mut self, id: u32, code: Code) {
+        self.head(4, RST_STREAM, 0, id);
+        self.buf.extend_from_slice(&code.0.to_be_bytes());
+    }
+
+    fn window_update(&mut self, id: u32, inc: u32) {
+        self.head(4, WINDOW_UPDATE, 0, id);
+        self.buf.extend_from_slice(&inc.to_be_bytes());
+    }
+
+    fn goaway(&mut self, last: u32, code: Code) {
+        self.head(8, GOAWAY, 0, 0);
+        self.buf.extend_from_slice(&last.to_be_bytes());
+        self.buf.extend_from_slice(&code.0.to_be_bytes());
+    }
+
+    fn data(&mut self, id: u32, chunk: &[u8], end: bool) {
+        self.head(chunk.len(), DATA, if end { END_STREAM } else { 0 }, id);
+        self.buf.extend_from_slice(chunk);
+    }
+
+    /// A header block as HEADERS, then CONTINUATION frames when it is larger
+    /// than the peer's frames.
+    fn headers(&mut self, id: u32, block: &[u8], end: bool, max_frame: usize) {
+        let mut chunks = block.chunks(max_frame.max(1)).peekable();
+        let first = chunks.next().unwrap_or(&[]);
+        let last = chunks.peek().is_none();
+        let flags = if end { END_STREAM } else { 0 } | if last { END_HEADERS } else { 0 };
+        self.head(first.len(), HEADERS, flags, id);
+        self.buf.extend_from_slice(first);
+        while let Some(c) = chunks.next() {
+            let flags = if chunks.peek().is_none() {
+                END_HEADERS
+            } else {
+                0
+            };
+            self.head(c.len(), CONTINUATION, flags, id);
+            self.buf.extend_from_slice(c);
+        }
+    }
+}
+
+/// A header block that CONTINUATION frames are still adding to.
+struct Partial {
+    id: u32,
+    end_stream: bool,
+    block: BytesMut,
+}
+
+/// A map keyed by stream id: ids are distinct integers, hashing them with
+/// SipHash would only cost time.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type ById = HashMap<u32, usize, BuildHasherDefault<IdHasher>>;
+
+/// One connection's state, all of it owned by its task.
+struct Conn<I> {
+    io: I,
+    limits: Limits,
+    rbuf: BytesMut,
+    out: Out,
+    /// A header block for reuse by every response.
+    block: Vec<u8>,
+    hpack: hpack::Decoder,
+    partial: Option<Partial>,
+    /// The peer's settings.
+    peer_frame: usize,
+    peer_window: i64,
+    /// What this side may still send on the connection.
+    send_window: i64,
+    /// What the peer may still send on the connection, and what its
+    /// handlers took that was not given back yet.
+    recv_window: i64,
+    recv_unacked: u32,
+    /// Highest stream id the peer opened.
+    last_id: u32,
+    /// A GOAWAY was sent with this last stream id: no stream above it starts.
+    goaway: Option<u32>,
+    peer_goaway: bool,
+    read_closed: bool,
+    /// Streams opened, cancelled by the client while their handler ran, and
+    /// reset by this side for the client's errors.
+    opened: u64,
+    cancelled: u64,
+    local_resets: u64,
+    /// Slots waiting for the connection window, or for the write buffer.
+    conn_blocked: Vec<usize>,
+    write_blocked: Vec<usize>,
+    /// Slots the connection itself wants polled.
+    ready: VecDeque<usize>,
+    active: usize,
+    by_id: ById,
+    /// The payload of the PING in flight, if one is.
+    ping: Option<u64>,
+    pings_sent: u64,
+    /// A PONG came since the timer was last armed.
+    pong: bool,
+    /// Reading stopped for the write buffer; a flush resumes it.
+    read_paused: bool,
+    /// Written and not yet flushed.
+    unflushed: bool,
+    wakes: Arc<Wakes>,
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
+    fn new(io: I, limits: Limits) -> Conn<I> {
+        Conn {
+            io,
+            limits,
+            rbuf: BytesMut::with_capacity(16 << 10),
+            out: Out {
+                buf: Vec::with_capacity(16 << 10),
+                pos: 0,
+            },
+            block: Vec::with_capacity(512),
+            hpack: hpack::Decoder::new(TABLE_SIZE),
+            partial: None,
+            peer_frame: MAX_FRAME,
+            peer_window: 65_535,
+            send_window: 65_535,
+            recv_window: i64::from(limits.conn_window.max(65_535)),
+            recv_unacked: 0,
+            last_id: 0,
+            goaway: None,
+            peer_goaway: false,
+            read_closed: false,
+            opened: 0,
+            cancelled: 0,
+            local_resets: 0,
+            conn_blocked: Vec::new(),
+            write_blocked: Vec::new(),
+            ready: VecDeque::new(),
+            active: 0,
+            by_id: ById::default(),
+            ping: None,
+            pings_sent: 0,
+            pong: false,
+            read_paused: false,
+            unflushed: false,
+            wakes: Arc::new(Wakes::default()),
+        }
+    }
+
+    /// This side's settings go out; the client's preface must come, then
+    /// its SETTINGS (left in the buffer for the first round to apply).
+    async fn preface(&mut self) -> Result<(), &'static str> {
+        let l = self.limits;
+        let settings: [(u16, u32); 4] = [
+            (0x3, l.max_streams),
+            (0x4, l.stream_window.min(0x7fff_ffff)),
+            (0x6, l.max_header_list),
+            // A server must not announce push (0x2); 0x8 is extended CONNECT,
+            // not offered.
+            (0x5, MAX_FRAME as u32),
+        ];
+        self.out.head(settings.len() * 6, SETTINGS, 0, 0);
+        for (id, v) in settings {
+            self.out.buf.extend_from_slice(&id.to_be_bytes());
+            self.out.buf.extend_from_slice(&v.to_be_bytes());
+        }
+        let extra = self.recv_window - 65_535;
+        if extra > 0 {
+            self.out.window_update(0, extra as u32);
+        }
+        self.io
+            .write_all(&self.out.buf)
+            .await
+            .map_err(|_| "write failed")?;
+        self.io.flush().await.map_err(|_| "write failed")?;
+        self.out.buf.clear();
+        while self.rbuf.len() < PREFACE.len() + 9 {
+            if self
+                .io
+                .read_buf(&mut self.rbuf)
+                .await
+                .map_err(|_| "read failed")?
+                == 0
+            {
+                return Err("closed before its preface");
+            }
+            let n = self.rbuf.len().min(PREFACE.len());
+            if self.rbuf[..n] != PREFACE[..n] {
+                return Err("not an h2 preface");
+            }
+        }
+        self.rbuf.advance(PREFACE.len());
+        if self.rbuf[3] != SETTINGS || self.rbuf[4] & ACK != 0 {
+            return Err("preface not followed by SETTINGS");
+        }
+        Ok(())
+    }
+
+    /// Runs the connection; `make` starts a handler.
+    async fn run<F>(
+        &mut self,
+        drain: CancellationToken,
+        make: impl Fn(Request<ProxyBody>) -> F,
+    ) -> End
+    where
+        F: Future<Output = Response<ProxyBody>>,
+    {
+        let wakes = self.wakes.clone();
+        let own = Waker::from(wakes.clone());
+        let mut slots: Vec<Slot<F>> = Vec::new();
+        let mut free: Vec<usize> = Vec::new();
+        let mut woken: Vec<usize> = Vec::new();
+        let mut drained = pin!(drain.cancelled_owned());
+        let keepalive = self.limits.keepalive;
+        let mut ping_timer = pin!(tokio::time::sleep(keepalive.every));
+        let mut idle = self
+            .limits
+            .idle
+            .map(|d| (Box::pin(tokio::time::sleep(d)), d));
+        let (mut opened_at_check, mut busy_at_check) = (0u64, false);
+        poll_fn(|outer| {
+            wakes.inline.enter(outer.waker());
+            let cx = &mut Context::from_waker(&own);
+            let mut rounds = 0;
+            loop {
+                if self.goaway.is_none() && drained.as_mut().poll(cx).is_ready() {
+                    self.go_away(Code::NO_ERROR);
+                }
+                if ping_timer.as_mut().poll(cx).is_ready() {
+                    if self.ping.is_some() {
+                        return Poll::Ready(End::Dead("no pong in time"));
+                    }
+                    self.pings_sent += 1;
+                    self.ping = Some(self.pings_sent);
+                    self.out.head(8, PING, 0, 0);
+                    self.out
+                        .buf
+                        .extend_from_slice(&self.pings_sent.to_be_bytes());
+                    let at = tokio::time::Instant::now() + keepalive.within;
+                    ping_timer.as_mut().reset(at);
+                    continue;
+                }
+                if let Some((sleep, every)) = &mut idle
+                    && self.goaway.is_none()
+                    && sleep.as_mut().poll(cx).is_ready()
+                {
+                    // Idle: no stream now, none opened and none open at the
+                    // last check.
+                    let quiet = self.active == 0 && self.opened == opened_at_check;
+                    if quiet && !busy_at_check {
+                        metrics::counter!("skein_proxy_h2_idle_closed_total").increment(1);
+                        self.go_away(Code::NO_ERROR);
+                    } else {
+                        opened_at_check = self.opened;
+                        busy_at_check = self.active != 0;
+                        sleep.as_mut().reset(tokio::time::Instant::now() + *every);
+                        continue;
+                    }
+                }
+                // Read and act on the peer's frames.
+                if let Err(f) = self.read(cx, &mut slots, &mut free, &make) {
+                    self.out.goaway(self.last_id, f.0);
+                    return Poll::Ready(End::Fatal(f));
+                }
+                if std::mem::take(&mut self.pong) {
+                    let at = tokio::time::Instant::now() + keepalive.every;
+                    ping_timer.as_mut().reset(at);
+                }
+                // The streams that were woken, or that the frames made ready.
+                wakes.take(&mut woken);
+                for i in woken.drain(..) {
+                    if let Some(s) = slots.get(i) {
+                        s.wake.queued.store(false, Ordering::Release);
+                    }
+                    self.ready.push_back(i);
+                }
+                while let Some(i) = self.ready.pop_front() {
+                    if let Some(slot) = slots.get_mut(i) {
+                        self.drive(slot, i);
+                        if slot.done() {
+                            self.release(slot);
+                            free.push(i);
+                        }
+                    }
+                }
+                if self.cancelled > RESET_ALLOWANCE && self.cancelled * 2 > self.opened {
+                    metrics::counter!("skein_proxy_h2_rapid_reset_total").increment(1);
+                    tracing::info!(
+                        cancelled = self.cancelled,
+                        opened = self.opened,
+                        "h2 client cancels most of its streams: cut off"
+                    );
+                    let f = Fatal(Code::ENHANCE_YOUR_CALM, "rapid reset");
+                    self.out.goaway(self.last_id, f.0);
+                    return Poll::Ready(End::Fatal(f));
+                }
+                // Write what the round made.
+                match self.flush(cx) {
+                    Err(()) => return Poll::Ready(End::Done),
+                    Ok(true) if !self.write_blocked.is_empty() => {
+                        self.ready.extend(self.write_blocked.drain(..));
+                        continue;
+                    }
+                    Ok(true) if std::mem::take(&mut self.read_paused) => {
+                        // The peer's frames waited for this flush.
+                        cx.waker().wake_by_ref();
+                    }
+                    Ok(_) => {}
+                }
+                let ending = self.goaway.is_some() || self.peer_goaway || self.read_closed;
+                if ending && self.active == 0 && self.out.backlog() == 0 {
+                    return Poll::Ready(End::Done);
+                }
+                if self.read_closed && self.out.backlog() == 0 {
+                    // The peer is gone: nothing it asked can reach it.
+                    return Poll::Ready(End::Done);
+                }
+                if wakes.inline.leave(rounds < ROUNDS) {
+                    rounds += 1;
+                } else {
+                    return Poll::Pending;
+                }
+            }
+        })
+        .await
+    }
+
+    /// Sends GOAWAY with the last stream started: nothing above it will be.
+    fn go_away(&mut self, code: Code) {
+        self.goaway = Some(self.last_id);
+        self.out.goaway(self.last_id, code);
+    }
+
+    /// Writes the buffer; true once it is all out. Err: the socket failed.
+    fn flush(&mut self, cx: &mut Context<'_>) -> Result<bool, ()> {
+        while self.out.backlog() > 0 {
+            match Pin::new(&mut self.io).poll_write(cx, &self.out.buf[self.out.pos..]) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Err(()),
+                Poll::Ready(Ok(n)) => {
+                    self.out.pos += n;
+                    self.unflushed = true;
+                }
+                Poll::Pending => return Ok(false),
+            }
+        }
+        self.out.buf.clear();
+        self.out.pos = 0;
+        if !self.unflushed {
+            return Ok(true);
+        }
+        match Pin::new(&mut self.io).poll_flush(cx) {
+            Poll::Ready(Err(_)) => Err(()),
+            Poll::Ready(Ok(())) => {
+                self.unflushed = false;
+                Ok(true)
+            }
+            Poll::Pending => Ok(false),
+        }
+    }
+
+    /// Reads what the socket has (bounded), acting on each whole frame.
+    fn read<F>(
+        &mut self,
+        cx: &mut Context<'_>,
+        slots: &mut Vec<Slot<F>>,
+        free: &mut Vec<usize>,
+        make: &impl Fn(Request<ProxyBody>) -> F,
+    ) -> Result<(), Fatal> {
+        let mut budget = READ_BUDGET;
+        loop {
+            self.frames(slots, free, make)?;
+            if self.read_closed {
+                return Ok(());
+            }
+            if self.out.backlog() >= WRITE_HIGH {
+                self.read_paused = true;
+                return Ok(());
+            }
+            if budget == 0 {
+                // More may be waiting: another round, after the streams.
+                cx.waker().wake_by_ref();
+                return Ok(());
+            }
+            if self.rbuf.capacity() - self.rbuf.len() < 4096 {
+                self.rbuf.reserve(MAX_FRAME + 9);
+            }
+            match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf) {
+                Poll::Pending => return Ok(()),
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                    self.read_closed = true;
+                    return Ok(());
+                }
+                Poll::Ready(Ok(n)) => budget = budget.saturating_sub(n),
+            }
+        }
+    }
+
+    /// Acts on every whole frame in the read buffer.
+    fn frames<F>(
+        &mut self,
+        slots: &mut Vec<Slot<F>>,
+        free: &mut Vec<usize>,
+        make: &impl Fn(Request<ProxyBody>) -> F,
+    ) -> Result<(), Fatal> {
+        while self.rbuf.len() >= 9 {
+            let h = &self.rbuf[..9];
+            let len = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
+            let (kind, flags) = (h[3], h[4]);
+            let id = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+            if len > MAX_FRAME {
+                return Err(Fatal(Code::FRAME_SIZE_ERROR, "frame over the size allowed"));
+            }
+            if self.rbuf.len() < 9 + len {
+                self.rbuf.reserve(9 + len - self.rbuf.len());
+                return Ok(());
+            }
+            self.rbuf.advance(9);
+            let payload = self.rbuf.split_to(len).freeze();
+            if self.partial.is_some() && kind != CONTINUATION {
+                return Err(Fatal(Code::PROTOCOL_ERROR, "header block interrupted"));
+            }
+            match kind {
+                DATA => self.on_data(slots, id, flags, payload)?,
+                HEADERS => self.on_headers(slots, free, make, id, flags, payload)?,
+                CONTINUATION => self.on_continuation(slots, free, make, id, flags, payload)?,
+                PRIORITY => {
+                    if id == 0 {
+                        return Err(Fatal(Code::PROTOCOL_ERROR, "PRIORITY on stream 0"));
+                    }
+                    if len != 5 {
+                        self.reset(slots, id, Code::FRAME_SIZE_ERROR);
+                    }
+                }
+                RST_STREAM => {
+                    if id == 0 || len != 4 {
+                        return Err(Fatal(Code::PROTOCOL_ERROR, "malformed RST_STREAM"));
+                    }
+                    if id > self.last_id {
+                        return Err(Fatal(Code::PROTOCOL_ERROR, "RST_STREAM on an idle stream"));
+                    }
+                    if let Some(&i) = self.by_id.get(&id)
+                        && let Some(slot) = slots.get_mut(i)
+                    {
+                        if slot.fut.is_some() {
+                            self.cancelled += 1;
+                            metrics::counter!("skein_proxy_h2_client_resets_total").increment(1);
+                        }
+                        slot.fail_request("reset by the client");
+                        self.release(slot);
+                        free.push(i);
+                    }
+                }
+                SETTINGS => self.on_settings(slots, id, flags, &payload)?,
+                PUSH_PROMISE => {
+                    return Err(Fatal(Code::PROTOCOL_ERROR, "PUSH_PROMISE from a client"));
+                }
+                PING => {
+                    if id != 0 || len != 8 {
+                        return Err(Fatal(Code::FRAME_SIZE_ERROR, "malformed PING"));
+                    }
+                    if flags & ACK != 0 {
+                        let n = u64::from_be_bytes(payload[..8].try_into().unwrap_or([0; 8]));
+                        if self.ping == Some(n) {
+                            self.ping = None;
+                            self.pong = true;
+                        }
+                    } else {
+                        self.out.head(8, PING, ACK, 0);
+                        self.out.buf.extend_from_slice(&payload);
+                    }
+                }
+                GOAWAY => {
+                    if id != 0 || len < 8 {
+                        return Err(Fatal(Code::PROTOCOL_ERROR, "malformed GOAWAY"));
+                    }
+                    let code = u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
+                    if code != 0 {
+                        tracing::debug!(code, "h2 client sent GOAWAY with an error");
+                    }
+                    self.peer_goaway = true;
+                }
+                WINDOW_UPDATE => self.on_window_update(slots, id, &payload)?,
+                // Unknown frame types are ignored (RFC 9113, 4.1).
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn on_data<F>(
+        &mut self,
+        slots: &mut [Slot<F>],
+        id: u32,
+        flags: u8,
+        mut payload: Bytes,
+    ) -> Result<(), Fatal> {
+        if id == 0 {
+            return Err(Fatal(Code::PROTOCOL_ERROR, "DATA on stream 0"));
+        }
+        let whole = payload.len();
+        // The whole frame, padding included, counts against the windows.
+        self.recv_window -= whole as i64;
+        if self.recv_window < 0 {
+            return Err(Fatal(
+                Code::FLOW_CONTROL_ERROR,
+                "DATA over the connection window",
+            ));
+        }
+        let pad = if flags & PADDED != 0 {
+            let Some(&p) = payload.first() else {
+                return Err(Fatal(Code::PROTOCOL_ERROR, "DATA padding cut short"));
+            };
+            if usize::from(p) >= whole {
+                return Err(Fatal(Code::PROTOCOL_ERROR, "DATA padding too long"));
+            }
+            payload.advance(1);
+            payload.truncate(whole - 1 - usize::from(p));
+            usize::from(p) + 1
+        } else {
+            0
+        };
+        if id > self.last_id {
+            return Err(Fatal(Code::PROTOCOL_ERROR, "DATA on an idle stream"));
+        }
+        let open = self
+            .by_id
+            .get(&id)
+            .copied()
+            .filter(|&i| slots.get(i).is_some_and(|s| s.recv_open));
+        let Some(i) = open else {
+            // A stream that ended or that this side reset: its bytes are
+            // given back to the connection and dropped.
+            self.give_back(whole as u32);
+            if self.by_id.contains_key(&id) {
+                self.reset(slots, id, Code::STREAM_CLOSED);
+            }
+            return Ok(());
+        };
+        let end = flags & END_STREAM != 0;
+        let Some(slot) = slots.get_mut(i) else {
+            return Ok(());
+        };
+        slot.recv_window -= whole as i64;
+        let refused = if slot.recv_window < 0 {
+            Some(Code::FLOW_CONTROL_ERROR)
+        } else {
+            match &mut slot.remaining {
+                Some(r) if *r < payload.len() as u64 => Some(Code::PROTOCOL_ERROR),
+                Some(r) => {
+                    *r -= payload.len() as u64;
+                    (end && *r > 0).then_some(Code::PROTOCOL_ERROR)
+                }
+                None => None,
+            }
+        };
+        if let Some(code) = refused {
+            self.give_back(whole as u32);
+            self.reset(slots, id, code);
+            return Ok(());
+        }
+        if pad > 0 {
+            slot.recv_unacked += pad as u32;
+        }
+        let taken = match &slot.recv {
+            Some(shared) => shared.push(payload, end),
+            None => false,
+        };
+        if end {
+            slot.recv_open = false;
+            if slot.done() {
+                self.ready.push_back(i);
+            }
+        }
+        if pad > 0 {
+            self.give_back(pad as u32);
+        }
+        if !taken {
+            // Nobody reads this body any more.
+            self.give_back((whole - pad) as u32);
+        }
+        Ok(())
+    }
+
+    /// Bytes the connection window gets back; a WINDOW_UPDATE goes out once
+    /// half the window is owed.
+    fn give_back(&mut self, n: u32) {
+        self.recv_unacked += n;
+        if self.recv_unacked >= self.limits.conn_window / 2 {
+            self.out.window_update(0, self.recv_unacked);
+            self.recv_window += i64::from(self.recv_unacked);
+            self.recv_unacked = 0;
+        }
+    }
+
+    /// Resets stream `id` for the peer's error; too many and the peer is
+    /// cut off (at the next check of `local_resets`).
+    fn reset<F>(&mut self, slots: &mut [Slot<F>], id: u32, code: Code) {
+        self.out.rst(id, code);
+        self.local_resets += 1;
+        metrics::counter!("skein_proxy_h2_stream_errors_total").increment(1);
+        if let Some(&i) = self.by_id.get(&id)
+            && let Some(slot) = slots.get_mut(i)
+        {
+            slot.fail_request("stream error");
+            // Released at its next drive: the free list is the caller's.
+            slot.local_done = true;
+            slot.recv_open = false;
+            slot.fut_drop();
+            slot.body = None;
+            self.ready.push_back(i);
+        }
+    }
+
+    fn on_headers<F>(
+        &mut self,
+        slots: &mut Vec<Slot<F>>,
+        free: &mut Vec<usize>,
+        make: &impl Fn(Request<ProxyBody>) -> F,
+        id: u32,
+        flags: u8,
+        mut payload: Bytes,
+    ) -> Result<(), Fatal> {
+        if id == 0 {
+            return Err(Fatal(Code::PROTOCOL_ERROR, "HEADERS on stream 0"));
+        }
+        if flags & PADDED != 0 {
+            let Some(&p) = payload.first() else {
+                return Err(Fatal(Code::PROTOCOL_ERROR, "HEADERS padding cut short"));
+            };
+            let whole = payload.len();
+            if usize::from(p) >= whole {
+                return Err(Fatal(Code::PROTOCOL_ERROR, "HEADERS padding too long"));
+            }
+            payload.advance(1);
+            payload.truncate(whole - 1 - usize::from(p));
+        }
+        if flags & PRIORITY_FLAG != 0 {
+            if payload.len() < 5 {
+                return Err(Fatal(Code::FRAME_SIZE_ERROR, "HEADERS priority cut short"));
+            }
+            payload.advance(5);
+        }
+        let end_stream = flags & END_STREAM != 0;
+        if flags & END_HEADERS == 0 {
+            self.partial = Some(Partial {
+                id,
+                end_stream,
+                block: BytesMut::from(&payload[..]),
+            });
+            return Ok(());
+        }
+        self.on_block(slots, free, make, id, end_stream, payload)
+    }
+
+    fn on_continuation<F>(
+        &mut self,
+        slots: &mut Vec<Slot<F>>,
+        free: &mut Vec<usize>,
+        make: &impl Fn(Request<ProxyBody>) -> F,
+        id: u32,
+        flags: u8,
+        payload: Bytes,
+    ) -> Result<(), Fatal> {
+        let Some(mut p) = self.partial.take() else {
+            return Err(Fatal(Code::PROTOCOL_ERROR, "CONTINUATION without HEADERS"));
+        };
+        if p.id != id {
+            return Err(Fatal(
+                Code::PROTOCOL_ERROR,
+                "CONTINUATION on another stream",
+            ));
+        }
+        p.block.extend_from_slice(&payload);
+        // The compressed block may not outgrow what its decoded list may be
+        // by much: a flood of CONTINUATION frames is cut here.
+        if p.block.len() > self.limits.max_header_list as usize + 16 * 1024 {
+            return Err(Fatal(Code::ENHANCE_YOUR_CALM, "header block too large"));
+        }
+        if flags & END_HEADERS == 0 {
+            self.partial = Some(p);
+            return Ok(());
+        }
+        self.on_block(slots, free, make, id, p.end_stream, p.block.freeze())
+    }
+
+    /// A whole header block: a new request, or the trailers of one.
+    fn on_block<F>(
+        &mut self,
+        slots: &mut Vec<Slot<F>>,
+        free: &mut Vec<usize>,
+        make: &impl Fn(Request<ProxyBody>) -> F,
+        id: u32,
+        end_stream: bool,
+        block: Bytes,
+    ) -> Result<(), Fatal> {
+        let mut head = Head::new(self.limits.max_header_list as usize);
+        self.hpack
+            .decode(block, |name, value| head.field(name, value))
+            .map_err(|e| Fatal(Code::COMPRESSION_ERROR, e.0))?;
+        if let Some(&i) = self.by_id.get(&id) {
+            return self.on_trailers(slots, i, id, end_stream, head);
+        }
+        if id <= self.last_id {
+            if id.is_multiple_of(2) {
+                return Err(Fatal(Code::PROTOCOL_ERROR, "HEADERS on a server stream id"));
+            }
+            // A stream that ended, or that this side reset.
+            return Ok(());
+        }
+        if id.is_multiple_of(2) {
+            return Err(Fatal(Code::PROTOCOL_ERROR, "HEADERS on a server stream id"));
+        }
+        self.last_id = id;
+        if self.goaway.is_some() || self.peer_goaway {
+            // After GOAWAY: not started (the peer knows from the last id).
+            return Ok(());
+        }
+        if self.active >= self.limits.max_streams as usize {
+            self.out.rst(id, Code::REFUSED_STREAM);
+            metrics::counter!("skein_proxy_h2_refused_streams_total").increment(1);
+            return Ok(());
+        }
+        if head.size > head.max {
+            // Too large: answered here, as HTTP/1.1 answers it.
+            metrics::counter!("skein_proxy_client_errors_total", "reason" => "header_list_too_large")
+                .increment(1);
+            self.block.clear();
+            hpack::put_status(&mut self.block, 431);
+            self.out.headers(id, &self.block, true, self.peer_frame);
+            if !end_stream {
+                self.out.rst(id, Code::NO_ERROR);
+            }
+            return Ok(());
+        }
+        let (req, remaining) = match head.request() {
+            Ok(r) => r,
+            Err(why) => {
+                tracing::debug!(why, "malformed h2 request");
+                metrics::counter!("skein_proxy_client_errors_total", "reason" => "h2_malformed")
+                    .increment(1);
+                self.out.rst(id, Code::PROTOCOL_ERROR);
+                self.local_resets += 1;
+                if self.local_resets > LOCAL_RESETS {
+                    return Err(Fatal(
+                        Code::ENHANCE_YOUR_CALM,
+                        "too many malformed requests",
+                    ));
+                }
+                return Ok(());
+            }
+        };
+        if end_stream && remaining.is_some_and(|n| n > 0) {
+            self.out.rst(id, Code::PROTOCOL_ERROR);
+            self.local_resets += 1;
+            return Ok(());
+        }
+        let i = match free.pop() {
+            Some(i) => i,
+            None => {
+                slots.push(Slot::new(slots.len(), &self.wakes));
+                slots.len() - 1
+            }
+        };
+        let Some(slot) = slots.get_mut(i) else {
+            return Ok(());
+        };
+        slot.start(
+            id,
+            self.peer_window,
+            self.limits.stream_window,
+            !end_stream,
+            remaining,
         );
+        let method_head = req.method() == Method::HEAD;
+        slot.head = method_head;
+        let req = if end_stream {
+            req.map(|()| Empty::new().map_err(|never| match never {}).boxed())
+        } else {
+            let shared = Arc::new(Shared::default());
+            slot.recv = Some(shared.clone());
+            let body = RecvBody {
+                shared,
+                conn: slot.waker.clone(),
+                remaining,
+            };
+            req.map(|()| body.boxed())
+        };
+        slot.fut.set(Some(make(req)));
+        self.by_id.insert(id, i);
+        self.active += 1;
+        self.opened += 1;
+        self.ready.push_back(i);
+        Ok(())
+    }
+
+    fn on_trailers<F>(
+        &mut self,
+        slots: &mut [Slot<F>],
+        i: usize,
+        id: u32,
+        end_stream: bool,
+        head: Head,
+    ) -> Result<(), Fatal> {
+        let Some(slot) = slots.get(i) else {
+            return Ok(());
+        };
+        if !slot.recv_open {
+            self.reset(slots, id, Code::STREAM_CLOSED);
+            return Ok(());
+        }
+        let complete = end_stream && slot.remaining.is_none_or(|r| r == 0);
+        let Some(trailers) = head.trailers().filter(|_| complete) else {
+            self.reset(slots, id, Code::PROTOCOL_ERROR);
+            return Ok(());
+        };
+        let Some(slot) = slots.get_mut(i) else {
+            return Ok(());
+        };
+        slot.recv_open = false;
+        if let Some(shared) = &slot.recv {
+            shared.trailers(trailers);
+        }
+        if slot.done() {
+            self.ready.push_back(i);
+        }
+        Ok(())
+    }
+
+    fn on_settings<F>(
+        &mut self,
+        slots: &mut [Slot<F>],
+        id: u32,
+        flags: u8,
+        payload: &[u8],
+    ) -> Result<(), Fatal> {
+        if id != 0 {
+            return Err(Fatal(Code::PROTOCOL_ERROR, "SETTINGS on a stream"));
+        }
+        if flags & ACK != 0 {
+            if !payload.is_empty() {
+                return Err(Fatal(Code::FRAME_SIZE_ERROR, "SETTINGS ACK with a payload"));
+            }
+            return Ok(());
+        }
+        if !payload.len().is_multiple_of(6) {
+            return Err(Fatal(Code::FRAME_SIZE_ERROR, "SETTINGS of a bad length"));
+        }
+        for s in payload.chunks_exact(6) {
+            let key = u16::from_be_bytes([s[0], s[1]]);
+            let v = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
+            match key {
+                // Push: 0 or 1.
+                0x2 if v > 1 => {
+                    return Err(Fatal(Code::PROTOCOL_ERROR, "ENABLE_PUSH not 0 or 1"));
+                }
+                0x4 => {
+                    if v > 0x7fff_ffff {
+                        return Err(Fatal(
+                            Code::FLOW_CONTROL_ERROR,
+                            "INITIAL_WINDOW_SIZE too large",
+                        ));
+                    }
+                    let delta = i64::from(v) - self.peer_window;
+                    self.peer_window = i64::from(v);
+                    for (i, slot) in slots.iter_mut().enumerate() {
+                        if slot.id != 0 {
+                            slot.send_window += delta;
+                            if delta > 0 && !slot.pending.is_empty() {
+                                self.ready.push_back(i);
+                            }
+                        }
+                    }
+                }
+                0x5 => {
+                    if !(16_384..=16_777_215).contains(&v) {
+                        return Err(Fatal(Code::PROTOCOL_ERROR, "MAX_FRAME_SIZE out of range"));
+                    }
+                    self.peer_frame = v as usize;
+                }
+                // The encoder indexes nothing, so the peer's table size does
+                // not bind it; the rest are advisory or for pushes.
+                _ => {}
+            }
+        }
+        self.out.head(0, SETTINGS, ACK, 0);
+        Ok(())
+    }
+
+    fn on_window_update<F>(
+        &mut self,
+        slots: &mut [Slot<F>],
+        id: u32,
+        payload: &[u8],
+    ) -> Result<(), Fatal> {
+        let [a, b, c, d] = payload else {
+            return Err(Fatal(
+                Code::FRAME_SIZE_ERROR,
+                "WINDOW_UPDATE of a bad length",
+            ));
+        };
+        let inc = i64::from(u32::from_be_bytes([*a, *b, *c, *d]) & 0x7fff_ffff);
+        if id == 0 {
+            if inc == 0 {
+                return Err(Fatal(Code::PROTOCOL_ERROR, "WINDOW_UPDATE of 0"));
+            }
+            self.send_window += inc;
+            if self.send_window > 0x7fff_ffff {
+                return Err(Fatal(
+                    Code::FLOW_CONTROL_ERROR,
+                    "connection window over 2^31-1",
+                ));
+            }
+            self.ready.extend(self.conn_blocked.drain(..));
+            return Ok(());
+        }
+        if id > self.last_id {
+            return Err(Fatal(
+                Code::PROTOCOL_ERROR,
+                "WINDOW_UPDATE on an idle stream",
+            ));
+        }
+        let Some(&i) = self.by_id.get(&id) else {
+            return Ok(());
+        };
+        if inc == 0 {
+            self.reset(slots, id, Code::PROTOCOL_ERROR);
+            return Ok(());
+        }
+        let Some(slot) = slots.get_mut(i) else {
+            return Ok(());
+        };
+        slot.send_window += inc;
+        if slot.send_window > 0x7fff_ffff {
+            self.reset(slots, id, Code::FLOW_CONTROL_ERROR);
+        } else if !slot.pending.is_empty() {
+            self.ready.push_back(i);
+        }
+        Ok(())
+    }
+
+    /// Polls one stream: its handler, then its response body, as far as the
+    /// windows and the write buffer let it go.
+    fn drive<F>(&mut self, slot: &mut Slot<F>, i: usize)
+    where
+        F: Future<Output = Response<ProxyBody>>,
+    {
+        if slot.id == 0 {
+            return;
+        }
+        let waker = slot.waker.clone();
+        let cx = &mut Context::from_waker(&waker);
+        // What the handler took of the request body goes back to the peer.
+        if let Some(shared) = &slot.recv {
+            let took = shared.take_released();
+            if took > 0 {
+                slot.recv_unacked += took;
+                self.give_back(took);
+            }
+        }
+        if slot.recv_open && slot.recv_unacked >= self.limits.stream_window / 2 {
+            self.out.window_update(slot.id, slot.recv_unacked);
+            slot.recv_window += i64::from(slot.recv_unacked);
+            slot.recv_unacked = 0;
+        }
+        if let Some(fut) = slot.fut.as_mut().as_pin_mut() {
+            let Poll::Ready(resp) = fut.poll(cx) else {
+                return;
+            };
+            slot.fut.set(None);
+            self.answer(slot, resp);
+        }
+        self.pump(slot, i, cx);
+    }
+
+    /// The handler's answer: its head goes out, its body is kept to pump.
+    fn answer<F>(&mut self, slot: &mut Slot<F>, resp: Response<ProxyBody>) {
+        let (mut parts, body) = resp.into_parts();
+        fit_response(&mut parts.headers, &body);
+        self.block.clear();
+        hpack::put_status(&mut self.block, parts.status.as_u16());
+        for (name, value) in &parts.headers {
+            hpack::put_field(
+                &mut self.block,
+                name.as_str(),
+                value.as_bytes(),
+                value.is_sensitive(),
+            );
+        }
+        let end = slot.head || body.is_end_stream();
+        self.out.headers(slot.id, &self.block, end, self.peer_frame);
+        if end {
+            slot.local_done = true;
+        } else {
+            slot.body = Some(body);
+        }
+    }
+
+    /// Sends what the response body has, within the windows.
+    fn pump<F>(&mut self, slot: &mut Slot<F>, i: usize, cx: &mut Context<'_>) {
+        loop {
+            if slot.local_done {
+                return;
+            }
+            if !slot.pending.is_empty() {
+                let room = slot
+                    .send_window
+                    .min(self.send_window)
+                    .min(self.peer_frame as i64);
+                if room <= 0 {
+                    if self.send_window <= 0 {
+                        self.conn_blocked.push(i);
+                    }
+                    // Else a WINDOW_UPDATE on the stream makes it ready.
+                    return;
+                }
+                let n = (room as usize).min(slot.pending.len());
+                let chunk = slot.pending.split_to(n);
+                let end = slot.pending.is_empty() && slot.end_after && slot.trailers.is_none();
+                self.out.data(slot.id, &chunk, end);
+                slot.send_window -= n as i64;
+                self.send_window -= n as i64;
+                if end {
+                    slot.local_done = true;
+                    slot.body = None;
+                    return;
+                }
+                continue;
+            }
+            if let Some(t) = slot.trailers.take() {
+                self.trailers(slot, &t);
+                return;
+            }
+            if slot.end_after {
+                self.out.data(slot.id, &[], true);
+                slot.local_done = true;
+                slot.body = None;
+                return;
+            }
+            if self.out.backlog() >= WRITE_HIGH {
+                self.write_blocked.push(i);
+                return;
+            }
+            let Some(body) = slot.body.as_mut() else {
+                return;
+            };
+            match Pin::new(&mut *body).poll_frame(cx) {
+                Poll::Pending => return,
+                Poll::Ready(None) => slot.end_after = true,
+                Poll::Ready(Some(Err(e))) => {
+                    metrics::counter!("skein_proxy_response_body_errors_total").increment(1);
+                    tracing::debug!(error = %e, "response body failed: stream reset");
+                    self.out.rst(slot.id, Code::INTERNAL_ERROR);
+                    slot.local_done = true;
+                    slot.recv_open = false;
+                    slot.body = None;
+                    return;
+                }
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        slot.end_after = body.is_end_stream();
+                        slot.pending = data;
+                    }
+                    Err(frame) => {
+                        if let Ok(t) = frame.into_trailers() {
+                            slot.trailers = Some(t);
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    fn trailers<F>(&mut self, slot: &mut Slot<F>, t: &HeaderMap) {
+        self.block.clear();
+        for (name, value) in t {
+            hpack::put_field(
+                &mut self.block,
+                name.as_str(),
+                value.as_bytes(),
+                value.is_sensitive(),
+            );
+        }
+        self.out
+            .headers(slot.id, &self.block, true, self.peer_frame);
+        slot.local_done = true;
+        slot.body = None;
+    }
+
+    /// Frees a stream's slot: its handler and bodies are dropped; a peer
+    /// still sending a request body is told to stop.
+    fn release<F>(&mut self, slot: &mut Slot<F>) {
+        if slot.id == 0 {
+            return;
+        }
+        if slot.recv_open {
+            // Answered (or failed) before the request body ended: the rest
+            // is not wanted (RFC 9113, 8.1).
+            self.out.rst(slot.id, Code::NO_ERROR);
+        }
+        if let Some(shared) = slot.recv.take() {
+            // What the handler left unread goes back to the connection.
+            let left = shared.close();
+            self.give_back(left);
+        }
+        self.by_id.remove(&slot.id);
+        self.active = self.active.saturating_sub(1);
+        slot.clear();
+    }
+}
+
+/// A request head as its block decodes.
+struct Head {
+    method: Option<Bytes>,
+    scheme: Option<Bytes>,
+    authority: Option<Bytes>,
+    path: Option<Bytes>,
+    headers: HeaderMap,
+    cookies: Vec<Bytes>,
+    size: usize,
+    max: usize,
+    regular: bool,
+    malformed: Option<&'static str>,
+}
+
+impl Head {
+    fn new(max: usize) -> Head {
+        Head {
+            method: None,
+            scheme: None,
+            authority: None,
+            path: None,
+            headers: HeaderMap::new(),
+            cookies: Vec::new(),
+            size: 0,
+            max,
+            regular: false,
+            malformed: None,
+        }
+    }
+
+    fn bad(&mut self, why: &'static str) {
+        self.malformed.get_or_insert(why);
+    }
+
+    fn field(&mut self, name: Name, value: Bytes) {
+        let name_len = match &name {
+            Name::Header(h) => h.as_str().len(),
+            Name::Authority => 10,
+            Name::Method | Name::Scheme | Name::Status => 7,
+            Name::Path => 5,
+            Name::Protocol => 9,
+            Name::UnknownPseudo | Name::Invalid => 0,
+        };
+        self.size += name_len + value.len() + 32;
+        if self.size > self.max || self.malformed.is_some() {
+            // Over the limit (answered 431) or already refused: not kept.
+            return;
+        }
+        let pseudo = |this: &mut Head, slot: fn(&mut Head) -> &mut Option<Bytes>| {
+            if this.regular {
+                return this.bad("pseudo-header after a regular one");
+            }
+            let s = slot(this);
+            if s.is_some() {
+                return this.bad("pseudo-header twice");
+            }
+            *s = Some(value.clone());
+        };
+        match name {
+            Name::Method => pseudo(self, |h| &mut h.method),
+            Name::Scheme => pseudo(self, |h| &mut h.scheme),
+            Name::Authority => pseudo(self, |h| &mut h.authority),
+            Name::Path => pseudo(self, |h| &mut h.path),
+            Name::Protocol => self.bad(":protocol (extended CONNECT) is not offered"),
+            Name::Status => self.bad(":status in a request"),
+            Name::UnknownPseudo => self.bad("unknown pseudo-header"),
+            Name::Invalid => self.bad("invalid field name"),
+            Name::Header(h) => {
+                self.regular = true;
+                if is_connection_specific(&h, &value) {
+                    return self.bad("connection-specific field");
+                }
+                if h == header::COOKIE {
+                    // Crumbs are joined again for HTTP/1.1 (RFC 9113, 8.2.3).
+                    self.cookies.push(value);
+                    return;
+                }
+                match HeaderValue::from_maybe_shared(value) {
+                    Ok(v) => {
+                        self.headers.append(h, v);
+                    }
+                    Err(_) => self.bad("invalid field value"),
+                }
+            }
+        }
+    }
+
+    /// The request, and the length its `Content-Length` announces.
+    fn request(mut self) -> Result<(Request<()>, Option<u64>), &'static str> {
+        if let Some(why) = self.malformed {
+            return Err(why);
+        }
+        self.join_cookies()?;
+        let method = self.method.ok_or("no :method")?;
+        let method = Method::from_bytes(&method).map_err(|_| "invalid :method")?;
+        let uri = if method == Method::CONNECT {
+            if self.scheme.is_some() || self.path.is_some() {
+                return Err("CONNECT with :scheme or :path");
+            }
+            let a = self.authority.ok_or("CONNECT without :authority")?;
+            Uri::from(Authority::from_maybe_shared(a).map_err(|_| "invalid :authority")?)
+        } else {
+            let scheme = self.scheme.ok_or("no :scheme")?;
+            let path = self.path.ok_or("no :path")?;
+            if path.is_empty() {
+                return Err("empty :path");
+            }
+            let path = PathAndQuery::from_maybe_shared(path).map_err(|_| "invalid :path")?;
+            let mut parts = http::uri::Parts::default();
+            parts.path_and_query = Some(path);
+            if let Some(a) = self.authority {
+                parts.scheme = Some(match &scheme[..] {
+                    b"https" => Scheme::HTTPS,
+                    b"http" => Scheme::HTTP,
+                    other => Scheme::try_from(other).map_err(|_| "invalid :scheme")?,
+                });
+                parts.authority =
+                    Some(Authority::from_maybe_shared(a).map_err(|_| "invalid :authority")?);
+            }
+            Uri::from_parts(parts).map_err(|_| "invalid request target")?
+        };
+        let remaining = match self.headers.get_all(header::CONTENT_LENGTH).iter().count() {
+            0 => None,
+            _ => Some(crate::http::content_length(&self.headers).ok_or("invalid content-length")?),
+        };
+        let mut req = Request::new(());
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.version_mut() = Version::HTTP_2;
+        *req.headers_mut() = self.headers;
+        Ok((req, remaining))
+    }
+
+    fn join_cookies(&mut self) -> Result<(), &'static str> {
+        if self.cookies.is_empty() {
+            return Ok(());
+        }
+        let joined = if self.cookies.len() == 1 {
+            self.cookies.pop().unwrap_or_default()
+        } else {
+            let mut v = Vec::new();
+            for (k, c) in self.cookies.iter().enumerate() {
+                if k > 0 {
+                    v.extend_from_slice(b"; ");
+                }
+                v.extend_from_slice(c);
+            }
+            Bytes::from(v)
+        };
+        let v = HeaderValue::from_maybe_shared(joined).map_err(|_| "invalid cookie")?;
+        self.headers.insert(header::COOKIE, v);
+        Ok(())
+    }
+
+    /// The fields as trailers: no pseudo-header.
+    fn trailers(mut self) -> Option<HeaderMap> {
+        if self.malformed.is_some() || self.size > self.max {
+            return None;
+        }
+        let pseudo = self.method.is_some()
+            || self.scheme.is_some()
+            || self.authority.is_some()
+            || self.path.is_some();
+        if pseudo || self.join_cookies().is_err() {
+            return None;
+        }
+        Some(self.headers)
+    }
+}
+
+/// Fields h2 forbids (RFC 9113, 8.2.2): they describe a connection, and h2
+/// has its own; `TE` may only say `trailers`.
+fn is_connection_specific(h: &HeaderName, value: &[u8]) -> bool {
+    *h == header::CONNECTION
+        || *h == header::TRANSFER_ENCODING
+        || *h == header::UPGRADE
+        || h.as_str() == "keep-alive"
+        || h.as_str() == "proxy-connection"
+        || (*h == header::TE && !value.eq_ignore_ascii_case(b"trailers"))
+}
+
+/// One stream's place in its connection; reused by later streams.
+struct Slot<F> {
+    /// The stream's id; 0 while the slot is free.
+    id: u32,
+    /// The handler, until it answers (its box outlives the stream).
+    fut: Pin<Box<Option<F>>>,
+    /// The response body, until it has all gone.
+    body: Option<ProxyBody>,
+    /// Data the body gave that the windows did not let out yet.
+    pending: Bytes,
+    /// The body ends after `pending` (and the trailers, if any).
+    end_after: bool,
+    trailers: Option<HeaderMap>,
+    /// What this side may still send on the stream.
+    send_window: i64,
+    /// What the peer may still send, and what was taken and not yet given
+    /// back.
+    recv_window: i64,
+    recv_unacked: u32,
+    /// The peer may still send (no END_STREAM yet).
+    recv_open: bool,
+    /// This side has ended the stream (END_STREAM or RST_STREAM).
+    local_done: bool,
+    /// The request body, shared with the handler.
+    recv: Option<Arc<Shared>>,
+    /// What Content-Length says is still to come.
+    remaining: Option<u64>,
+    /// A HEAD request: the answer's head alone goes out.
+    head: bool,
+    waker: Waker,
+    wake: Arc<SlotWake>,
+}
+
+impl<F> Slot<F> {
+    fn new(idx: usize, wakes: &Arc<Wakes>) -> Slot<F> {
+        let wake = Arc::new(SlotWake {
+            idx,
+            queued: AtomicBool::new(false),
+            wakes: wakes.clone(),
+        });
+        Slot {
+            id: 0,
+            fut: Box::pin(None),
+            body: None,
+            pending: Bytes::new(),
+            end_after: false,
+            trailers: None,
+            send_window: 0,
+            recv_window: 0,
+            recv_unacked: 0,
+            recv_open: false,
+            local_done: false,
+            recv: None,
+            remaining: None,
+            head: false,
+            waker: Waker::from(wake.clone()),
+            wake,
+        }
+    }
+
+    fn start(&mut self, id: u32, send: i64, recv: u32, recv_open: bool, remaining: Option<u64>) {
+        self.id = id;
+        self.send_window = send;
+        self.recv_window = i64::from(recv);
+        self.recv_unacked = 0;
+        self.recv_open = recv_open;
+        self.local_done = false;
+        self.end_after = false;
+        self.remaining = remaining;
+    }
+
+    fn done(&self) -> bool {
+        self.id != 0 && self.local_done && (!self.recv_open || self.fut.is_none())
+    }
+
+    fn fut_drop(&mut self) {
+        self.fut.set(None);
+    }
+
+    fn fail_request(&self, why: &'static str) {
+        if let Some(shared) = &self.recv {
+            shared.fail(why);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.id = 0;
+        self.fut.set(None);
+        self.body = None;
+        self.pending = Bytes::new();
+        self.trailers = None;
+        self.recv = None;
+        self.recv_open = false;
+        self.local_done = false;
+        self.head = false;
+    }
+}
+
+/// The wakes of a connection's streams: which slots want polling, and the
+/// connection task's own waker (see `Inline`).
+#[derive(Default)]
+struct Wakes {
+    list: Mutex<Vec<usize>>,
+    inline: Inline,
+}
+
+impl Wakes {
+    /// Moves the woken slots into `into`.
+    fn take(&self, into: &mut Vec<usize>) {
+        if let Ok(mut l) = self.list.lock() {
+            std::mem::swap(&mut *l, into);
+        }
+    }
+}
+
+impl std::task::Wake for Wakes {
+    fn wake(self: Arc<Self>) {
+        self.inline.wake_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.inline.wake_ref();
+    }
+}
+
+/// One slot's waker.
+struct SlotWake {
+    idx: usize,
+    queued: AtomicBool,
+    wakes: Arc<Wakes>,
+}
+
+impl std::task::Wake for SlotWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if !self.queued.swap(true, Ordering::AcqRel)
+            && let Ok(mut l) = self.wakes.list.lock()
+        {
+            l.push(self.idx);
+        }
+        self.wakes.inline.wake_ref();
+    }
+}
+
+/// A request body between the connection, which fills it, and the handler,
+/// which drains it.
+#[derive(Default)]
+struct Shared {
+    state: Mutex<RecvState>,
+}
+
+#[derive(Default)]
+struct RecvState {
+    chunks: VecDeque<Bytes>,
+    buffered: u32,
+    /// Taken by the handler and not yet given back to the peer's windows.
+    released: u32,
+    end: bool,
+    trailers: Option<HeaderMap>,
+    failed: Option<&'static str>,
+    /// The handler's body was dropped: nothing more is kept.
+    closed: bool,
+    reader: Option<Waker>,
+}
+
+impl Shared {
+    /// Data from the peer; false if nobody reads it any more.
+    fn push(&self, data: Bytes, end: bool) -> bool {
+        let Ok(mut s) = self.state.lock() else {
+            return false;
+        };
+        if s.closed {
+            return false;
+        }
+        if !data.is_empty() {
+            s.buffered += data.len() as u32;
+            s.chunks.push_back(data);
+        }
+        s.end |= end;
+        if let Some(w) = s.reader.take() {
+            w.wake();
+        }
+        true
+    }
+
+    fn trailers(&self, t: HeaderMap) {
+        if let Ok(mut s) = self.state.lock() {
+            s.trailers = Some(t);
+            s.end = true;
+            if let Some(w) = s.reader.take() {
+                w.wake();
+            }
+        }
+    }
+
+    fn fail(&self, why: &'static str) {
+        if let Ok(mut s) = self.state.lock()
+            && !s.end
+        {
+            s.failed = Some(why);
+            if let Some(w) = s.reader.take() {
+                w.wake();
+            }
+        }
+    }
+
+    fn take_released(&self) -> u32 {
+        self.state
+            .lock()
+            .map(|mut s| std::mem::take(&mut s.released))
+            .unwrap_or(0)
+    }
+
+    /// The stream is gone: what was not read (or not yet given back) is
+    /// returned, for the connection window.
+    fn close(&self) -> u32 {
+        let Ok(mut s) = self.state.lock() else {
+            return 0;
+        };
+        s.closed = true;
+        s.chunks.clear();
+        if s.failed.is_none() && !s.end {
+            s.failed = Some("stream closed");
+        }
+        if let Some(w) = s.reader.take() {
+            w.wake();
+        }
+        std::mem::take(&mut s.buffered) + std::mem::take(&mut s.released)
+    }
+}
+
+/// A request body as the handler reads it.
+struct RecvBody {
+    shared: Arc<Shared>,
+    /// The stream's waker: taking data may open the peer's window.
+    conn: Waker,
+    remaining: Option<u64>,
+}
+
+impl Body for RecvBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let Ok(mut s) = self.shared.state.lock() else {
+            return Poll::Ready(Some(Err("request body lost".into())));
+        };
+        if let Some(data) = s.chunks.pop_front() {
+            let n = data.len() as u32;
+            s.buffered -= n;
+            s.released += n;
+            // Tell the connection when the queue runs dry or enough was
+            // taken: the peer may be waiting for window.
+            let tell = s.buffered == 0 || s.released >= 16 << 10;
+            drop(s);
+            if tell {
+                self.conn.wake_by_ref();
+            }
+            if let Some(r) = &mut self.remaining {
+                *r = r.saturating_sub(u64::from(n));
+            }
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        if let Some(why) = s.failed.take() {
+            s.end = true;
+            return Poll::Ready(Some(Err(why.into())));
+        }
+        if s.end {
+            return Poll::Ready(s.trailers.take().map(|t| Ok(Frame::trailers(t))));
+        }
+        if !s.reader.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            s.reader = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.shared
+            .state
+            .lock()
+            .map(|s| s.end && s.chunks.is_empty() && s.trailers.is_none() && s.failed.is_none())
+            .unwrap_or(true)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.remaining {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for RecvBody {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.shared.state.lock() {
+            s.closed = true;
+            s.released += std::mem::take(&mut s.buffered);
+            s.chunks.clear();
+        }
+        self.conn.wake_by_ref();
     }
 }
 
@@ -279,10 +1903,17 @@ impl Inline {
 
 impl std::task::Wake for Inline {
     fn wake(self: std::sync::Arc<Self>) {
-        self.wake_by_ref();
+        self.wake_ref();
     }
 
     fn wake_by_ref(self: &std::sync::Arc<Self>) {
+        self.wake_ref();
+    }
+}
+
+impl Inline {
+    /// A wake: noted if the poll runs, else passed to the task.
+    fn wake_ref(&self) {
         let mut now = self.state.load(Ordering::SeqCst);
         loop {
             match now {
@@ -299,42 +1930,6 @@ impl std::task::Wake for Inline {
                 _ => return self.task.wake(),
             }
         }
-    }
-}
-
-/// One stream: the handler's answer, then its body. A client that resets
-/// the stream first drops the handler's work (the machine's request with it).
-async fn stream<F>(
-    work: F,
-    mut respond: h2::server::SendResponse<Bytes>,
-    head: bool,
-    resets: &AtomicU64,
-) where
-    F: Future<Output = Response<ProxyBody>>,
-{
-    let mut work = pin!(work);
-    let answered = poll_fn(|cx| {
-        if let Poll::Ready(r) = work.as_mut().poll(cx) {
-            return Poll::Ready(Some(r));
-        }
-        respond.poll_reset(cx).map(|_| None)
-    })
-    .await;
-    let Some(resp) = answered else {
-        resets.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("skein_proxy_h2_client_resets_total").increment(1);
-        return;
-    };
-    let (mut parts, body) = resp.into_parts();
-    fit_response(&mut parts.headers, &body);
-    let eos = head || body.is_end_stream();
-    let tx = match respond.send_response(Response::from_parts(parts, ()), eos) {
-        Ok(tx) => tx,
-        Err(e) => return tracing::debug!(error = %e, "h2 response not sent"),
-    };
-    if !eos && let Some(e) = pipe(body, tx, h2::Reason::INTERNAL_ERROR).await {
-        metrics::counter!("skein_proxy_response_body_errors_total").increment(1);
-        tracing::debug!(error = %e, "response body failed: stream reset");
     }
 }
 
