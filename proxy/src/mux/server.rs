@@ -2011,6 +2011,41 @@ mod tests {
                             .insert(header::CONNECTION, HeaderValue::from_static("close"));
                         r
                     }
+                    "/echo" => {
+                        // Reads the body slowly enough for the windows to
+                        // fill, then tells what came.
+                        let mut b = req.into_body();
+                        let (mut len, mut trailers) = (0usize, 0usize);
+                        while let Some(f) = b.frame().await {
+                            let f = f.unwrap();
+                            if let Some(d) = f.data_ref() {
+                                len += d.len();
+                                tokio::task::yield_now().await;
+                            } else if let Some(t) = f.trailers_ref() {
+                                trailers = t.len();
+                            }
+                        }
+                        let text = format!("len={len} trailers={trailers}");
+                        Response::new(Full::new(Bytes::from(text)).map_err(|n| match n {}).boxed())
+                    }
+                    "/big" => {
+                        // 3 MiB in 64 KiB chunks, as a stream.
+                        let chunks = (0..48).map(|_| {
+                            Ok::<_, BoxError>(Frame::data(Bytes::from(vec![b'x'; 64 << 10])))
+                        });
+                        let s = futures_util::stream::iter(chunks);
+                        Response::new(http_body_util::StreamBody::new(s).boxed())
+                    }
+                    "/cookie" => {
+                        let c = req.headers().get_all(header::COOKIE).iter().count();
+                        let v = req.headers().get(header::COOKIE).cloned();
+                        let text = format!(
+                            "{c}:{}",
+                            v.map(|v| v.to_str().unwrap().to_owned())
+                                .unwrap_or_default()
+                        );
+                        Response::new(Full::new(Bytes::from(text)).map_err(|n| match n {}).boxed())
+                    }
                     _ => Response::new(body("ok")),
                 }
             }
@@ -2225,5 +2260,364 @@ mod tests {
                 || poll_fn(|cx| tx.poll_ready(cx)).await.is_err(),
             "no new stream after GOAWAY"
         );
+    }
+
+    /// A client that writes frames as given, for what a real client will
+    /// not send.
+    struct Raw {
+        io: TcpStream,
+        buf: BytesMut,
+        hpack: hpack::Decoder,
+    }
+
+    impl Raw {
+        async fn connect(addr: std::net::SocketAddr) -> Raw {
+            let mut io = TcpStream::connect(addr).await.unwrap();
+            io.write_all(PREFACE).await.unwrap();
+            io.write_all(&[0, 0, 0, SETTINGS, 0, 0, 0, 0, 0])
+                .await
+                .unwrap();
+            Raw {
+                io,
+                buf: BytesMut::new(),
+                hpack: hpack::Decoder::new(4096),
+            }
+        }
+
+        async fn send(&mut self, kind: u8, flags: u8, id: u32, payload: &[u8]) {
+            let mut out = Out {
+                buf: Vec::new(),
+                pos: 0,
+            };
+            out.head(payload.len(), kind, flags, id);
+            out.buf.extend_from_slice(payload);
+            self.io.write_all(&out.buf).await.unwrap();
+        }
+
+        /// A request's HEADERS, every field a plain literal.
+        async fn request(&mut self, id: u32, fields: &[(&str, &str)], end: bool) {
+            let block = block(fields);
+            let flags = END_HEADERS | if end { END_STREAM } else { 0 };
+            self.send(HEADERS, flags, id, &block).await;
+        }
+
+        /// The next frame, or None once the server closed.
+        async fn frame(&mut self) -> Option<(u8, u8, u32, Bytes)> {
+            loop {
+                if self.buf.len() >= 9 {
+                    let len = (usize::from(self.buf[0]) << 16)
+                        | (usize::from(self.buf[1]) << 8)
+                        | usize::from(self.buf[2]);
+                    if self.buf.len() >= 9 + len {
+                        let h = self.buf.split_to(9);
+                        let id = u32::from_be_bytes([h[5], h[6], h[7], h[8]]);
+                        return Some((h[3], h[4], id, self.buf.split_to(len).freeze()));
+                    }
+                }
+                let read =
+                    tokio::time::timeout(Duration::from_secs(5), self.io.read_buf(&mut self.buf))
+                        .await
+                        .expect("the server answers within 5 s");
+                if read.unwrap_or(0) == 0 {
+                    return None;
+                }
+            }
+        }
+
+        /// Frames of `kind` on `id`, skipping the rest (settings, windows).
+        async fn next(&mut self, kind: u8, id: u32) -> Option<(u8, Bytes)> {
+            while let Some((k, flags, i, payload)) = self.frame().await {
+                if k == HEADERS && i == id && kind == HEADERS {
+                    return Some((flags, payload));
+                }
+                if k == HEADERS {
+                    // Another stream's answer: decoded to keep the table.
+                    self.hpack.decode(payload, |_, _| {}).unwrap();
+                    continue;
+                }
+                if k == kind && i == id {
+                    return Some((flags, payload));
+                }
+            }
+            None
+        }
+
+        /// The code of the RST_STREAM on `id`.
+        async fn reset_code(&mut self, id: u32) -> u32 {
+            let (_, p) = self.next(RST_STREAM, id).await.expect("RST_STREAM");
+            u32::from_be_bytes(p[..4].try_into().unwrap())
+        }
+
+        /// The code of the server's GOAWAY, after which it closes.
+        async fn goaway_code(&mut self) -> u32 {
+            let (_, p) = self.next(GOAWAY, 0).await.expect("GOAWAY");
+            u32::from_be_bytes(p[4..8].try_into().unwrap())
+        }
+
+        /// The `:status` of the answer on `id`.
+        async fn status(&mut self, id: u32) -> String {
+            let (_, block) = self.next(HEADERS, id).await.expect("an answer");
+            let mut status = String::new();
+            self.hpack
+                .decode(block, |n, v| {
+                    if n == Name::Status {
+                        status = String::from_utf8(v.to_vec()).unwrap();
+                    }
+                })
+                .unwrap();
+            status
+        }
+    }
+
+    fn block(fields: &[(&str, &str)]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for (n, v) in fields {
+            // Literal names always, so a bad one goes out as written.
+            b.push(0);
+            hpack::put_int(&mut b, 0, 7, n.len());
+            b.extend_from_slice(n.as_bytes());
+            hpack::put_int(&mut b, 0, 7, v.len());
+            b.extend_from_slice(v.as_bytes());
+        }
+        b
+    }
+
+    fn get_fields(path: &str) -> Vec<(&'static str, String)> {
+        vec![
+            (":method", "GET".into()),
+            (":scheme", "https".into()),
+            (":authority", "app.test".into()),
+            (":path", path.into()),
+        ]
+    }
+
+    fn fields<'a>(
+        base: &'a [(&'static str, String)],
+        extra: &[(&'a str, &'a str)],
+    ) -> Vec<(&'a str, &'a str)> {
+        base.iter()
+            .map(|(n, v)| (*n, v.as_str()))
+            .chain(extra.iter().copied())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn bodies_larger_than_every_window_flow_both_ways_with_trailers() {
+        let (addr, _) = server(limits(), CancellationToken::new()).await;
+        // A client with small windows: the 3 MiB answer must wait for its
+        // WINDOW_UPDATEs.
+        let io = TcpStream::connect(addr).await.unwrap();
+        let (mut tx, conn) = h2::client::Builder::new()
+            .initial_window_size(16 << 10)
+            .initial_connection_window_size(32 << 10)
+            .handshake::<_, Bytes>(io)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let (resp, _) = tx.send_request(get("/big"), true).unwrap();
+        let in_time = Duration::from_secs(20);
+        let big = tokio::time::timeout(in_time, async { body_of(resp.await.unwrap()).await })
+            .await
+            .expect("a stalled window would hang here");
+        assert_eq!(big.len(), 3 << 20);
+        assert!(big.bytes().all(|b| b == b'x'));
+        // 5 MiB up, over a 1 MiB stream and connection window, then
+        // trailers: the handler's reading opens the windows.
+        let post = Request::post("http://app.test/echo").body(()).unwrap();
+        let (resp, mut up) = tx.send_request(post, false).unwrap();
+        let sender = tokio::spawn(async move {
+            let mut left = 5 << 20;
+            while left > 0 {
+                let n = left.min(100_000);
+                up.reserve_capacity(n);
+                let got = poll_fn(|cx| up.poll_capacity(cx)).await.unwrap().unwrap();
+                up.send_data(Bytes::from(vec![b'y'; got.min(n)]), false)
+                    .unwrap();
+                left -= got.min(n);
+            }
+            let mut t = HeaderMap::new();
+            t.insert("grpc-status", HeaderValue::from_static("0"));
+            up.send_trailers(t).unwrap();
+        });
+        let text = tokio::time::timeout(in_time, async { body_of(resp.await.unwrap()).await })
+            .await
+            .expect("a stalled window would hang here");
+        assert_eq!(text, format!("len={} trailers=1", 5 << 20));
+        sender.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn malformed_requests_are_reset_and_the_connection_serves_on() {
+        let (addr, seen) = server(limits(), CancellationToken::new()).await;
+        let mut c = Raw::connect(addr).await;
+        let base = get_fields("/");
+        let bad: Vec<Vec<(&str, &str)>> = vec![
+            fields(&base, &[("X-Upper", "1")]),
+            fields(&base, &[("connection", "keep-alive")]),
+            fields(&base, &[("transfer-encoding", "chunked")]),
+            fields(&base, &[("te", "gzip")]),
+            fields(&base, &[(":bogus", "1")]),
+            vec![
+                (":method", "GET"),
+                (":scheme", "https"),
+                (":authority", "app.test"),
+            ],
+            vec![
+                ("x-first", "1"),
+                (":method", "GET"),
+                (":scheme", "https"),
+                (":path", "/"),
+            ],
+            fields(&base, &[("content-length", "5")]),
+        ];
+        let mut id = 1;
+        for f in &bad {
+            c.request(id, f, true).await;
+            assert_eq!(c.reset_code(id).await, Code::PROTOCOL_ERROR.0, "{f:?}");
+            id += 2;
+        }
+        assert_eq!(seen.started.load(Ordering::SeqCst), 0, "no handler ran");
+        c.request(id, &fields(&base, &[("te", "trailers")]), true)
+            .await;
+        assert_eq!(c.status(id).await, "200", "the connection still serves");
+    }
+
+    #[tokio::test]
+    async fn a_head_over_the_header_list_limit_is_answered_431() {
+        let (addr, seen) = server(limits(), CancellationToken::new()).await;
+        let mut c = Raw::connect(addr).await;
+        let big = "v".repeat(4000);
+        let base = get_fields("/");
+        let many: Vec<(&str, &str)> = (0..5).map(|_| ("x-big", big.as_str())).collect();
+        let b = block(&fields(&base, &many));
+        let (first, rest) = b.split_at(MAX_FRAME);
+        c.send(HEADERS, END_STREAM, 1, first).await;
+        c.send(CONTINUATION, END_HEADERS, 1, rest).await;
+        assert_eq!(c.status(1).await, "431");
+        assert_eq!(seen.started.load(Ordering::SeqCst), 0);
+        c.request(3, &fields(&base, &[]), true).await;
+        assert_eq!(c.status(3).await, "200");
+    }
+
+    #[tokio::test]
+    async fn a_block_split_over_continuation_decodes_and_a_flood_of_them_is_cut() {
+        let (addr, _) = server(limits(), CancellationToken::new()).await;
+        let mut c = Raw::connect(addr).await;
+        let b = block(&fields(
+            &get_fields("/cookie"),
+            &[("cookie", "a=1"), ("cookie", "b=2")],
+        ));
+        let (first, rest) = b.split_at(10);
+        c.send(HEADERS, END_STREAM, 1, first).await;
+        c.send(CONTINUATION, 0, 1, &rest[..5]).await;
+        c.send(CONTINUATION, END_HEADERS, 1, &rest[5..]).await;
+        assert_eq!(c.status(1).await, "200");
+        let (_, body) = c.next(DATA, 1).await.unwrap();
+        assert_eq!(
+            &body[..],
+            b"1:a=1; b=2",
+            "cookie crumbs joined for HTTP/1.1"
+        );
+        // A header block that never ends.
+        c.send(HEADERS, 0, 3, &block(&fields(&get_fields("/"), &[])))
+            .await;
+        let junk = vec![0u8; 16 << 10];
+        for _ in 0..4 {
+            c.send(CONTINUATION, 0, 3, &junk).await;
+        }
+        assert_eq!(c.goaway_code().await, Code::ENHANCE_YOUR_CALM.0);
+        assert!(c.frame().await.is_none(), "closed");
+    }
+
+    #[tokio::test]
+    async fn protocol_violations_end_the_connection_with_their_code() {
+        let (addr, _) = server(limits(), CancellationToken::new()).await;
+        /// Frames as (type, flags, stream, payload).
+        type Frames = Vec<(u8, u8, u32, Vec<u8>)>;
+        let cases: Vec<(Frames, Code)> = vec![
+            // A frame over the size allowed.
+            (
+                vec![(DATA, 0, 1, vec![0; MAX_FRAME + 1])],
+                Code::FRAME_SIZE_ERROR,
+            ),
+            // DATA past the connection window (64 KiB + 1 MiB granted).
+            (
+                {
+                    let mut v = vec![(
+                        HEADERS,
+                        END_HEADERS,
+                        1,
+                        block(&fields(&get_fields("/pending"), &[])),
+                    )];
+                    for _ in 0..70 {
+                        v.push((DATA, 0, 1, vec![0; MAX_FRAME]));
+                    }
+                    v
+                },
+                Code::FLOW_CONTROL_ERROR,
+            ),
+            // A HEADERS block HPACK cannot decode.
+            (
+                vec![(HEADERS, END_HEADERS | END_STREAM, 1, vec![0x80])],
+                Code::COMPRESSION_ERROR,
+            ),
+            // An even (server) stream id, then a stream id going backwards.
+            (
+                vec![(
+                    HEADERS,
+                    END_HEADERS | END_STREAM,
+                    2,
+                    block(&fields(&get_fields("/"), &[])),
+                )],
+                Code::PROTOCOL_ERROR,
+            ),
+            (
+                vec![(PUSH_PROMISE, END_HEADERS, 1, vec![0, 0, 0, 2])],
+                Code::PROTOCOL_ERROR,
+            ),
+            (
+                vec![(WINDOW_UPDATE, 0, 0, vec![0, 0, 0, 0])],
+                Code::PROTOCOL_ERROR,
+            ),
+            (
+                vec![(SETTINGS, 0, 0, vec![0, 4, 0x80, 0, 0, 0])],
+                Code::FLOW_CONTROL_ERROR,
+            ),
+            (
+                vec![(CONTINUATION, END_HEADERS, 1, vec![0x82])],
+                Code::PROTOCOL_ERROR,
+            ),
+        ];
+        for (frames, code) in cases {
+            let mut c = Raw::connect(addr).await;
+            for (kind, flags, id, payload) in &frames {
+                c.send(*kind, *flags, *id, payload).await;
+            }
+            assert_eq!(
+                c.goaway_code().await,
+                code.0,
+                "{:?}",
+                frames.first().map(|f| f.0)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn streams_over_the_limit_are_refused_and_pings_answered() {
+        let (addr, _) = server(limits(), CancellationToken::new()).await;
+        let mut c = Raw::connect(addr).await;
+        let base = get_fields("/pending");
+        let f = fields(&base, &[]);
+        for k in 0..17u32 {
+            c.request(1 + 2 * k, &f, true).await;
+        }
+        assert_eq!(
+            c.reset_code(33).await,
+            Code::REFUSED_STREAM.0,
+            "the 17th of 16"
+        );
+        c.send(PING, 0, 0, b"12345678").await;
+        let (flags, payload) = c.next(PING, 0).await.unwrap();
+        assert_eq!((flags, &payload[..]), (ACK, &b"12345678"[..]));
     }
 }
