@@ -8,8 +8,9 @@
 //! - [`tls`]: the certificate store and resolver.
 //! - [`upstream`]: connections to machines (pooled HTTP/1.1, shared h2c).
 //! - [`h1`]: skein's own HTTP/1.1 client connection.
-//! - [`mux`]: skein's h2: the h2c client connection (the backhaul, h2
-//!   machines) and the server side (clients' h2, the backhaul listener).
+//! - [`mux`]: h2: the h2c client connection (the backhaul, h2 machines; on
+//!   the `h2` crate) and skein's own server side (frames, HPACK, flow
+//!   control: clients' h2, the backhaul listener).
 //! - [`http`]: the request path: route, headers, queue, retry, stream back.
 //! - [`listener`]: accept, TLS or plaintext, HTTP/1.1 or h2 under limits.
 //!
