@@ -283,6 +283,13 @@ impl Out {
     }
 }
 
+/// A frame as its handler gets it: stream, flags, payload.
+struct H2Frame {
+    id: u32,
+    flags: u8,
+    payload: Bytes,
+}
+
 /// A header block that CONTINUATION frames are still adding to.
 struct Partial {
     id: u32,
@@ -346,6 +353,8 @@ struct Conn<I> {
     write_blocked: Vec<usize>,
     /// Slots the connection itself wants polled.
     ready: VecDeque<usize>,
+    /// Slots no stream holds, for the next streams.
+    free: Vec<usize>,
     active: usize,
     by_id: ById,
     /// The payload of the PING in flight, if one is.
@@ -388,6 +397,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             conn_blocked: Vec::new(),
             write_blocked: Vec::new(),
             ready: VecDeque::new(),
+            free: Vec::new(),
             active: 0,
             by_id: ById::default(),
             ping: None,
@@ -460,7 +470,6 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         let wakes = self.wakes.clone();
         let own = Waker::from(wakes.clone());
         let mut slots: Vec<Slot<F>> = Vec::new();
-        let mut free: Vec<usize> = Vec::new();
         let mut woken: Vec<usize> = Vec::new();
         let mut drained = pin!(drain.cancelled_owned());
         let keepalive = self.limits.keepalive;
@@ -510,7 +519,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                     }
                 }
                 // Read and act on the peer's frames.
-                if let Err(f) = self.read(cx, &mut slots, &mut free, &make) {
+                if let Err(f) = self.read(cx, &mut slots, &make) {
                     self.out.goaway(self.last_id, f.0);
                     return Poll::Ready(End::Fatal(f));
                 }
@@ -531,7 +540,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                         self.drive(slot, i);
                         if slot.done() {
                             self.release(slot);
-                            free.push(i);
+                            self.free.push(i);
                         }
                     }
                 }
@@ -615,12 +624,11 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         &mut self,
         cx: &mut Context<'_>,
         slots: &mut Vec<Slot<F>>,
-        free: &mut Vec<usize>,
         make: &impl Fn(Request<ProxyBody>) -> F,
     ) -> Result<(), Fatal> {
         let mut budget = READ_BUDGET;
         loop {
-            self.frames(slots, free, make)?;
+            self.frames(slots, make)?;
             if self.read_closed {
                 return Ok(());
             }
@@ -651,7 +659,6 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
     fn frames<F>(
         &mut self,
         slots: &mut Vec<Slot<F>>,
-        free: &mut Vec<usize>,
         make: &impl Fn(Request<ProxyBody>) -> F,
     ) -> Result<(), Fatal> {
         while self.rbuf.len() >= 9 {
@@ -673,8 +680,10 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             }
             match kind {
                 DATA => self.on_data(slots, id, flags, payload)?,
-                HEADERS => self.on_headers(slots, free, make, id, flags, payload)?,
-                CONTINUATION => self.on_continuation(slots, free, make, id, flags, payload)?,
+                HEADERS => self.on_headers(slots, make, H2Frame { id, flags, payload })?,
+                CONTINUATION => {
+                    self.on_continuation(slots, make, H2Frame { id, flags, payload })?
+                }
                 PRIORITY => {
                     if id == 0 {
                         return Err(Fatal(Code::PROTOCOL_ERROR, "PRIORITY on stream 0"));
@@ -699,7 +708,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                         }
                         slot.fail_request("reset by the client");
                         self.release(slot);
-                        free.push(i);
+                        self.free.push(i);
                     }
                 }
                 SETTINGS => self.on_settings(slots, id, flags, &payload)?,
@@ -866,12 +875,14 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
     fn on_headers<F>(
         &mut self,
         slots: &mut Vec<Slot<F>>,
-        free: &mut Vec<usize>,
         make: &impl Fn(Request<ProxyBody>) -> F,
-        id: u32,
-        flags: u8,
-        mut payload: Bytes,
+        f: H2Frame,
     ) -> Result<(), Fatal> {
+        let H2Frame {
+            id,
+            flags,
+            mut payload,
+        } = f;
         if id == 0 {
             return Err(Fatal(Code::PROTOCOL_ERROR, "HEADERS on stream 0"));
         }
@@ -901,18 +912,16 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             });
             return Ok(());
         }
-        self.on_block(slots, free, make, id, end_stream, payload)
+        self.on_block(slots, make, id, end_stream, payload)
     }
 
     fn on_continuation<F>(
         &mut self,
         slots: &mut Vec<Slot<F>>,
-        free: &mut Vec<usize>,
         make: &impl Fn(Request<ProxyBody>) -> F,
-        id: u32,
-        flags: u8,
-        payload: Bytes,
+        f: H2Frame,
     ) -> Result<(), Fatal> {
+        let H2Frame { id, flags, payload } = f;
         let Some(mut p) = self.partial.take() else {
             return Err(Fatal(Code::PROTOCOL_ERROR, "CONTINUATION without HEADERS"));
         };
@@ -932,14 +941,13 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             self.partial = Some(p);
             return Ok(());
         }
-        self.on_block(slots, free, make, id, p.end_stream, p.block.freeze())
+        self.on_block(slots, make, id, p.end_stream, p.block.freeze())
     }
 
     /// A whole header block: a new request, or the trailers of one.
     fn on_block<F>(
         &mut self,
         slots: &mut Vec<Slot<F>>,
-        free: &mut Vec<usize>,
         make: &impl Fn(Request<ProxyBody>) -> F,
         id: u32,
         end_stream: bool,
@@ -1006,7 +1014,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             self.local_resets += 1;
             return Ok(());
         }
-        let i = match free.pop() {
+        let i = match self.free.pop() {
             Some(i) => i,
             None => {
                 slots.push(Slot::new(slots.len(), &self.wakes));
