@@ -2628,4 +2628,113 @@ mod tests {
         let (flags, payload) = c.next(PING, 0).await.unwrap();
         assert_eq!((flags, &payload[..]), (ACK, &b"12345678"[..]));
     }
+
+    /// A small deterministic generator, for the fuzz-like tests.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+        fn bytes(&mut self, n: usize) -> Vec<u8> {
+            (0..n).map(|_| self.next() as u8).collect()
+        }
+    }
+
+    #[test]
+    fn hpack_survives_arbitrary_and_mangled_blocks() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let valid = block(&fields(
+            &get_fields("/a?b=c"),
+            &[("cookie", "x=1"), ("user-agent", "t")],
+        ));
+        let mut decoder = hpack::Decoder::new(TABLE_SIZE);
+        for round in 0..20_000 {
+            let b = if round % 2 == 0 {
+                let n = rng.below(64) as usize;
+                rng.bytes(n)
+            } else {
+                let mut b = valid.clone();
+                for _ in 0..1 + rng.below(4) {
+                    let i = rng.below(b.len() as u64) as usize;
+                    b[i] = rng.next() as u8;
+                }
+                b
+            };
+            // Any result but a panic; a failed block ends its connection, so a
+            // fresh decoder follows an error, as a fresh connection would.
+            if decoder.decode(Bytes::from(b), |_, _| {}).is_err() {
+                decoder = hpack::Decoder::new(TABLE_SIZE);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn random_frames_never_panic_the_server_and_others_are_still_served() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let seen = Arc::new(Seen::default());
+        let tasks = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (s, t) = (seen.clone(), tasks.clone());
+        tokio::spawn(async move {
+            loop {
+                let (io, _) = l.accept().await.unwrap();
+                let task = tokio::spawn(serve(
+                    io,
+                    limits(),
+                    CancellationToken::new(),
+                    Test(s.clone()),
+                ));
+                t.lock().unwrap().push(task);
+            }
+        });
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        let base = get_fields("/");
+        let valid = block(&fields(&base, &[]));
+        for _ in 0..150 {
+            let mut c = Raw::connect(addr).await;
+            for _ in 0..1 + rng.below(12) {
+                let kind = rng.below(11) as u8;
+                let flags = rng.next() as u8;
+                let id = rng.below(8) as u32;
+                let payload = match rng.below(3) {
+                    0 => valid.clone(),
+                    1 => {
+                        let n = rng.below(40) as usize;
+                        rng.bytes(n)
+                    }
+                    _ => {
+                        let mut v = valid.clone();
+                        let i = rng.below(v.len() as u64) as usize;
+                        v[i] = rng.next() as u8;
+                        v
+                    }
+                };
+                c.send(kind, flags, id, &payload).await;
+            }
+            // Read what comes back until the server closes or goes quiet.
+            while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(20), c.frame()).await
+            {
+            }
+        }
+        // A well-behaved client is served as ever.
+        let (mut tx, _conn) = client(addr).await;
+        let (resp, _) = tx.send_request(get("/"), true).unwrap();
+        assert_eq!(body_of(resp.await.unwrap()).await, "ok");
+        // No connection's task panicked (those still open are cut here).
+        let tasks: Vec<_> = std::mem::take(&mut *tasks.lock().unwrap());
+        assert!(tasks.len() > 150);
+        for t in tasks {
+            t.abort();
+            if let Err(e) = t.await {
+                assert!(!e.is_panic(), "a connection panicked: {e}");
+            }
+        }
+    }
 }
