@@ -579,11 +579,31 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                 if wakes.inline.leave(rounds < ROUNDS) {
                     rounds += 1;
                 } else {
+                    self.rest();
                     return Poll::Pending;
                 }
             }
         })
         .await
+    }
+
+    /// Between requests a connection holds no buffer, as an HTTP/1.1 one
+    /// does: with no stream open, nothing read ahead and nothing to write,
+    /// the read and write buffers go back (the next read takes a small one).
+    /// Most client connections are idle most of the time.
+    fn rest(&mut self) {
+        let quiet = self.active == 0 && self.partial.is_none();
+        if quiet && self.rbuf.is_empty() && self.out.backlog() == 0 {
+            if self.rbuf.capacity() > 0 {
+                self.rbuf = BytesMut::new();
+            }
+            if self.out.buf.capacity() > 0 {
+                self.out = Out {
+                    buf: Vec::new(),
+                    pos: 0,
+                };
+            }
+        }
     }
 
     /// Sends GOAWAY with the last stream started: nothing above it will be.
@@ -641,8 +661,15 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                 cx.waker().wake_by_ref();
                 return Ok(());
             }
-            if self.rbuf.capacity() - self.rbuf.len() < 4096 {
-                self.rbuf.reserve(MAX_FRAME + 9);
+            if self.rbuf.capacity() - self.rbuf.len() < 1024 {
+                // Small after a rest (a request's frames), a whole frame's
+                // room once frames come in a stream.
+                let want = if self.rbuf.capacity() == 0 {
+                    4096
+                } else {
+                    MAX_FRAME + 9
+                };
+                self.rbuf.reserve(want);
             }
             match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf) {
                 Poll::Pending => return Ok(()),
