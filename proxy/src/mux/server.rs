@@ -203,7 +203,11 @@ where
     }
     // What is left to write (a GOAWAY, the last answers), briefly: a peer
     // that does not read loses it.
-    let Conn { mut io, out, .. } = conn;
+    let Conn {
+        mut io,
+        link: Link { out, .. },
+        ..
+    } = conn;
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         io.write_all(&out.buf[out.pos..]).await?;
         io.shutdown().await
@@ -318,25 +322,287 @@ impl Hasher for IdHasher {
 
 type ById = HashMap<u32, usize, BuildHasherDefault<IdHasher>>;
 
-/// One connection's state, all of it owned by its task.
-struct Conn<I> {
-    io: I,
-    limits: Limits,
-    rbuf: BytesMut,
+/// What a connection's streams share, whichever side it is: the write
+/// buffer, the peer's settings, both connection windows, and the streams
+/// waiting on a window or on the write buffer.
+struct Link {
     out: Out,
-    /// A header block for reuse by every response.
+    /// A header block for reuse by every head and trailers.
     block: Vec<u8>,
-    hpack: hpack::Decoder,
-    partial: Option<Partial>,
     /// The peer's settings.
     peer_frame: usize,
     peer_window: i64,
     /// What this side may still send on the connection.
     send_window: i64,
-    /// What the peer may still send on the connection, and what its
-    /// handlers took that was not given back yet.
+    /// What the peer may still send on the connection, what its bodies'
+    /// readers took that was not given back yet, and the window's size.
     recv_window: i64,
     recv_unacked: u32,
+    recv_size: u32,
+    /// Slots waiting for the connection window, or for the write buffer.
+    conn_blocked: Vec<usize>,
+    write_blocked: Vec<usize>,
+    /// Slots the connection itself wants polled.
+    ready: VecDeque<usize>,
+}
+
+impl Link {
+    /// Bytes the connection window gets back; a WINDOW_UPDATE goes out once
+    /// half the window is owed.
+    fn give_back(&mut self, n: u32) {
+        self.recv_unacked += n;
+        if self.recv_unacked >= self.recv_size / 2 {
+            self.out.window_update(0, self.recv_unacked);
+            self.recv_window += i64::from(self.recv_unacked);
+            self.recv_unacked = 0;
+        }
+    }
+
+    /// What the reader of stream `id`'s body took goes back to the peer:
+    /// to the connection window, and to the stream's (`size`) once half of
+    /// it is owed and the peer may still send.
+    fn take_back(&mut self, id: u32, rx: &mut Inbound, size: u32) {
+        if let Some(shared) = &rx.shared {
+            let took = shared.take_released();
+            if took > 0 {
+                rx.unacked += took;
+                self.give_back(took);
+            }
+        }
+        if rx.open && rx.unacked >= size / 2 {
+            self.out.window_update(id, rx.unacked);
+            rx.window += i64::from(rx.unacked);
+            rx.unacked = 0;
+        }
+    }
+
+    /// Sends what stream `id`'s outgoing body has (slot `i`), within the
+    /// windows and the write buffer; the stream is left where a window
+    /// update or a flush will make it ready again. A body that fails resets
+    /// the stream (INTERNAL_ERROR) and its error is returned.
+    fn pump(
+        &mut self,
+        id: u32,
+        tx: &mut Outbound,
+        i: usize,
+        cx: &mut Context<'_>,
+    ) -> Option<BoxError> {
+        loop {
+            if tx.done {
+                return None;
+            }
+            if !tx.pending.is_empty() {
+                let room = tx.window.min(self.send_window).min(self.peer_frame as i64);
+                if room <= 0 {
+                    if self.send_window <= 0 {
+                        self.conn_blocked.push(i);
+                    }
+                    // Else a WINDOW_UPDATE on the stream makes it ready.
+                    return None;
+                }
+                let n = (room as usize).min(tx.pending.len());
+                let chunk = tx.pending.split_to(n);
+                let end = tx.pending.is_empty() && tx.end_after && tx.trailers.is_none();
+                self.out.data(id, &chunk, end);
+                tx.window -= n as i64;
+                self.send_window -= n as i64;
+                if end {
+                    tx.done = true;
+                    tx.body = None;
+                    return None;
+                }
+                continue;
+            }
+            if let Some(t) = tx.trailers.take() {
+                self.trailers(id, tx, &t);
+                return None;
+            }
+            if tx.end_after {
+                self.out.data(id, &[], true);
+                tx.done = true;
+                tx.body = None;
+                return None;
+            }
+            if self.out.backlog() >= WRITE_HIGH {
+                self.write_blocked.push(i);
+                return None;
+            }
+            let body = tx.body.as_mut()?;
+            match Pin::new(&mut *body).poll_frame(cx) {
+                Poll::Pending => return None,
+                Poll::Ready(None) => tx.end_after = true,
+                Poll::Ready(Some(Err(e))) => {
+                    self.out.rst(id, Code::INTERNAL_ERROR);
+                    tx.done = true;
+                    tx.body = None;
+                    return Some(e);
+                }
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        tx.end_after = body.is_end_stream();
+                        tx.pending = data;
+                    }
+                    Err(frame) => {
+                        if let Ok(t) = frame.into_trailers() {
+                            tx.trailers = Some(t);
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    /// A DATA frame's payload without its padding, the whole frame's length
+    /// (which counts against the windows) and the padding's; the
+    /// connection window is charged.
+    fn data_frame(&mut self, flags: u8, mut payload: Bytes) -> Result<(Bytes, u32, u32), Fatal> {
+        let whole = payload.len();
+        self.recv_window -= whole as i64;
+        if self.recv_window < 0 {
+            return Err(Fatal(
+                Code::FLOW_CONTROL_ERROR,
+                "DATA over the connection window",
+            ));
+        }
+        let pad = if flags & PADDED != 0 {
+            let Some(&p) = payload.first() else {
+                return Err(Fatal(Code::PROTOCOL_ERROR, "DATA padding cut short"));
+            };
+            if usize::from(p) >= whole {
+                return Err(Fatal(Code::PROTOCOL_ERROR, "DATA padding too long"));
+            }
+            payload.advance(1);
+            payload.truncate(whole - 1 - usize::from(p));
+            usize::from(p) + 1
+        } else {
+            0
+        };
+        Ok((payload, whole as u32, pad as u32))
+    }
+
+    /// A stream's data (`whole` bytes of frame, `pad` of them padding) into
+    /// its body: charged to the stream's window, checked against its
+    /// Content-Length, queued for its reader (or, with none, given back).
+    /// Err: the stream is to be reset with that code (its bytes were given
+    /// back to the connection).
+    fn data_in(
+        &mut self,
+        rx: &mut Inbound,
+        data: Bytes,
+        whole: u32,
+        pad: u32,
+        end: bool,
+    ) -> Result<(), Code> {
+        rx.window -= i64::from(whole);
+        let refused = if rx.window < 0 {
+            Some(Code::FLOW_CONTROL_ERROR)
+        } else {
+            match &mut rx.remaining {
+                Some(r) if *r < data.len() as u64 => Some(Code::PROTOCOL_ERROR),
+                Some(r) => {
+                    *r -= data.len() as u64;
+                    (end && *r > 0).then_some(Code::PROTOCOL_ERROR)
+                }
+                None => None,
+            }
+        };
+        if let Some(code) = refused {
+            self.give_back(whole);
+            return Err(code);
+        }
+        rx.unacked += pad;
+        let taken = match &rx.shared {
+            Some(shared) => shared.push(data, end),
+            None => false,
+        };
+        if end {
+            rx.open = false;
+        }
+        if pad > 0 {
+            self.give_back(pad);
+        }
+        if !taken {
+            // Nobody reads this body any more.
+            self.give_back(whole - pad);
+        }
+        Ok(())
+    }
+
+    /// Trailers end stream `id`.
+    fn trailers(&mut self, id: u32, tx: &mut Outbound, t: &HeaderMap) {
+        self.block.clear();
+        for (name, value) in t {
+            hpack::put_field(
+                &mut self.block,
+                name.as_str(),
+                value.as_bytes(),
+                value.is_sensitive(),
+            );
+        }
+        self.out.headers(id, &self.block, true, self.peer_frame);
+        tx.done = true;
+        tx.body = None;
+    }
+
+    fn new(conn_window: u32) -> Link {
+        Link {
+            out: Out {
+                buf: Vec::with_capacity(16 << 10),
+                pos: 0,
+            },
+            block: Vec::with_capacity(512),
+            peer_frame: MAX_FRAME,
+            peer_window: 65_535,
+            send_window: 65_535,
+            recv_window: i64::from(conn_window.max(65_535)),
+            recv_unacked: 0,
+            recv_size: conn_window.max(65_535),
+            conn_blocked: Vec::new(),
+            write_blocked: Vec::new(),
+            ready: VecDeque::new(),
+        }
+    }
+}
+
+/// A stream's body going out: the body, what the windows held back, its
+/// end.
+#[derive(Default)]
+struct Outbound {
+    body: Option<ProxyBody>,
+    /// Data the body gave that the windows did not let out yet.
+    pending: Bytes,
+    /// The body ends after `pending` (and the trailers, if any).
+    end_after: bool,
+    trailers: Option<HeaderMap>,
+    /// What this side may still send on the stream.
+    window: i64,
+    /// This side has ended the stream (END_STREAM or RST_STREAM).
+    done: bool,
+}
+
+/// A stream's body coming in: the windows and the queue its reader drains.
+#[derive(Default)]
+struct Inbound {
+    /// What the peer may still send, and what was taken and not yet given
+    /// back.
+    window: i64,
+    unacked: u32,
+    /// The peer may still send (no END_STREAM yet).
+    open: bool,
+    /// What Content-Length says is still to come.
+    remaining: Option<u64>,
+    /// The body's queue, shared with its reader.
+    shared: Option<Arc<Shared>>,
+}
+
+/// One connection's state, all of it owned by its task.
+struct Conn<I> {
+    io: I,
+    limits: Limits,
+    rbuf: BytesMut,
+    link: Link,
+    hpack: hpack::Decoder,
+    partial: Option<Partial>,
     /// Highest stream id the peer opened.
     last_id: u32,
     /// A GOAWAY was sent with this last stream id: no stream above it starts.
@@ -348,11 +614,6 @@ struct Conn<I> {
     opened: u64,
     cancelled: u64,
     local_resets: u64,
-    /// Slots waiting for the connection window, or for the write buffer.
-    conn_blocked: Vec<usize>,
-    write_blocked: Vec<usize>,
-    /// Slots the connection itself wants polled.
-    ready: VecDeque<usize>,
     /// Slots no stream holds, for the next streams.
     free: Vec<usize>,
     active: usize,
@@ -375,18 +636,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             io,
             limits,
             rbuf: BytesMut::with_capacity(16 << 10),
-            out: Out {
-                buf: Vec::with_capacity(16 << 10),
-                pos: 0,
-            },
-            block: Vec::with_capacity(512),
+            link: Link::new(limits.conn_window),
             hpack: hpack::Decoder::new(TABLE_SIZE),
             partial: None,
-            peer_frame: MAX_FRAME,
-            peer_window: 65_535,
-            send_window: 65_535,
-            recv_window: i64::from(limits.conn_window.max(65_535)),
-            recv_unacked: 0,
             last_id: 0,
             goaway: None,
             peer_goaway: false,
@@ -394,9 +646,6 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             opened: 0,
             cancelled: 0,
             local_resets: 0,
-            conn_blocked: Vec::new(),
-            write_blocked: Vec::new(),
-            ready: VecDeque::new(),
             free: Vec::new(),
             active: 0,
             by_id: ById::default(),
@@ -421,21 +670,21 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             // not offered.
             (0x5, MAX_FRAME as u32),
         ];
-        self.out.head(settings.len() * 6, SETTINGS, 0, 0);
+        self.link.out.head(settings.len() * 6, SETTINGS, 0, 0);
         for (id, v) in settings {
-            self.out.buf.extend_from_slice(&id.to_be_bytes());
-            self.out.buf.extend_from_slice(&v.to_be_bytes());
+            self.link.out.buf.extend_from_slice(&id.to_be_bytes());
+            self.link.out.buf.extend_from_slice(&v.to_be_bytes());
         }
-        let extra = self.recv_window - 65_535;
+        let extra = self.link.recv_window - 65_535;
         if extra > 0 {
-            self.out.window_update(0, extra as u32);
+            self.link.out.window_update(0, extra as u32);
         }
         self.io
-            .write_all(&self.out.buf)
+            .write_all(&self.link.out.buf)
             .await
             .map_err(|_| "write failed")?;
         self.io.flush().await.map_err(|_| "write failed")?;
-        self.out.buf.clear();
+        self.link.out.buf.clear();
         while self.rbuf.len() < PREFACE.len() + 9 {
             if self
                 .io
@@ -493,8 +742,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                     }
                     self.pings_sent += 1;
                     self.ping = Some(self.pings_sent);
-                    self.out.head(8, PING, 0, 0);
-                    self.out
+                    self.link.out.head(8, PING, 0, 0);
+                    self.link
+                        .out
                         .buf
                         .extend_from_slice(&self.pings_sent.to_be_bytes());
                     let at = tokio::time::Instant::now() + keepalive.within;
@@ -520,7 +770,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                 }
                 // Read and act on the peer's frames.
                 if let Err(f) = self.read(cx, &mut slots, &make) {
-                    self.out.goaway(self.last_id, f.0);
+                    self.link.out.goaway(self.last_id, f.0);
                     return Poll::Ready(End::Fatal(f));
                 }
                 if std::mem::take(&mut self.pong) {
@@ -533,9 +783,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                     if let Some(s) = slots.get(i) {
                         s.wake.queued.store(false, Ordering::Release);
                     }
-                    self.ready.push_back(i);
+                    self.link.ready.push_back(i);
                 }
-                while let Some(i) = self.ready.pop_front() {
+                while let Some(i) = self.link.ready.pop_front() {
                     if let Some(slot) = slots.get_mut(i) {
                         self.drive(slot, i);
                         if slot.done() {
@@ -552,14 +802,14 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                         "h2 client cancels most of its streams: cut off"
                     );
                     let f = Fatal(Code::ENHANCE_YOUR_CALM, "rapid reset");
-                    self.out.goaway(self.last_id, f.0);
+                    self.link.out.goaway(self.last_id, f.0);
                     return Poll::Ready(End::Fatal(f));
                 }
                 // Write what the round made.
                 match self.flush(cx) {
                     Err(()) => return Poll::Ready(End::Done),
-                    Ok(true) if !self.write_blocked.is_empty() => {
-                        self.ready.extend(self.write_blocked.drain(..));
+                    Ok(true) if !self.link.write_blocked.is_empty() => {
+                        self.link.ready.extend(self.link.write_blocked.drain(..));
                         continue;
                     }
                     Ok(true) if std::mem::take(&mut self.read_paused) => {
@@ -569,10 +819,10 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                     Ok(_) => {}
                 }
                 let ending = self.goaway.is_some() || self.peer_goaway || self.read_closed;
-                if ending && self.active == 0 && self.out.backlog() == 0 {
+                if ending && self.active == 0 && self.link.out.backlog() == 0 {
                     return Poll::Ready(End::Done);
                 }
-                if self.read_closed && self.out.backlog() == 0 {
+                if self.read_closed && self.link.out.backlog() == 0 {
                     // The peer is gone: nothing it asked can reach it.
                     return Poll::Ready(End::Done);
                 }
@@ -593,12 +843,12 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
     /// Most client connections are idle most of the time.
     fn rest(&mut self) {
         let quiet = self.active == 0 && self.partial.is_none();
-        if quiet && self.rbuf.is_empty() && self.out.backlog() == 0 {
+        if quiet && self.rbuf.is_empty() && self.link.out.backlog() == 0 {
             if self.rbuf.capacity() > 0 {
                 self.rbuf = BytesMut::new();
             }
-            if self.out.buf.capacity() > 0 {
-                self.out = Out {
+            if self.link.out.buf.capacity() > 0 {
+                self.link.out = Out {
                     buf: Vec::new(),
                     pos: 0,
                 };
@@ -609,23 +859,23 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
     /// Sends GOAWAY with the last stream started: nothing above it will be.
     fn go_away(&mut self, code: Code) {
         self.goaway = Some(self.last_id);
-        self.out.goaway(self.last_id, code);
+        self.link.out.goaway(self.last_id, code);
     }
 
     /// Writes the buffer; true once it is all out. Err: the socket failed.
     fn flush(&mut self, cx: &mut Context<'_>) -> Result<bool, ()> {
-        while self.out.backlog() > 0 {
-            match Pin::new(&mut self.io).poll_write(cx, &self.out.buf[self.out.pos..]) {
+        while self.link.out.backlog() > 0 {
+            match Pin::new(&mut self.io).poll_write(cx, &self.link.out.buf[self.link.out.pos..]) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Err(()),
                 Poll::Ready(Ok(n)) => {
-                    self.out.pos += n;
+                    self.link.out.pos += n;
                     self.unflushed = true;
                 }
                 Poll::Pending => return Ok(false),
             }
         }
-        self.out.buf.clear();
-        self.out.pos = 0;
+        self.link.out.buf.clear();
+        self.link.out.pos = 0;
         if !self.unflushed {
             return Ok(true);
         }
@@ -652,7 +902,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             if self.read_closed {
                 return Ok(());
             }
-            if self.out.backlog() >= WRITE_HIGH {
+            if self.link.out.backlog() >= WRITE_HIGH {
                 self.read_paused = true;
                 return Ok(());
             }
@@ -753,8 +1003,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                             self.pong = true;
                         }
                     } else {
-                        self.out.head(8, PING, ACK, 0);
-                        self.out.buf.extend_from_slice(&payload);
+                        self.link.out.head(8, PING, ACK, 0);
+                        self.link.out.buf.extend_from_slice(&payload);
                     }
                 }
                 GOAWAY => {
@@ -780,33 +1030,12 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         slots: &mut [Slot<F>],
         id: u32,
         flags: u8,
-        mut payload: Bytes,
+        payload: Bytes,
     ) -> Result<(), Fatal> {
         if id == 0 {
             return Err(Fatal(Code::PROTOCOL_ERROR, "DATA on stream 0"));
         }
-        let whole = payload.len();
-        // The whole frame, padding included, counts against the windows.
-        self.recv_window -= whole as i64;
-        if self.recv_window < 0 {
-            return Err(Fatal(
-                Code::FLOW_CONTROL_ERROR,
-                "DATA over the connection window",
-            ));
-        }
-        let pad = if flags & PADDED != 0 {
-            let Some(&p) = payload.first() else {
-                return Err(Fatal(Code::PROTOCOL_ERROR, "DATA padding cut short"));
-            };
-            if usize::from(p) >= whole {
-                return Err(Fatal(Code::PROTOCOL_ERROR, "DATA padding too long"));
-            }
-            payload.advance(1);
-            payload.truncate(whole - 1 - usize::from(p));
-            usize::from(p) + 1
-        } else {
-            0
-        };
+        let (data, whole, pad) = self.link.data_frame(flags, payload)?;
         if id > self.last_id {
             return Err(Fatal(Code::PROTOCOL_ERROR, "DATA on an idle stream"));
         }
@@ -814,76 +1043,32 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             .by_id
             .get(&id)
             .copied()
-            .filter(|&i| slots.get(i).is_some_and(|s| s.recv_open));
+            .filter(|&i| slots.get(i).is_some_and(|s| s.rx.open));
         let Some(i) = open else {
             // A stream that ended or that this side reset: its bytes are
             // given back to the connection and dropped.
-            self.give_back(whole as u32);
+            self.link.give_back(whole);
             if self.by_id.contains_key(&id) {
                 self.reset(slots, id, Code::STREAM_CLOSED);
             }
             return Ok(());
         };
-        let end = flags & END_STREAM != 0;
         let Some(slot) = slots.get_mut(i) else {
             return Ok(());
         };
-        slot.recv_window -= whole as i64;
-        let refused = if slot.recv_window < 0 {
-            Some(Code::FLOW_CONTROL_ERROR)
-        } else {
-            match &mut slot.remaining {
-                Some(r) if *r < payload.len() as u64 => Some(Code::PROTOCOL_ERROR),
-                Some(r) => {
-                    *r -= payload.len() as u64;
-                    (end && *r > 0).then_some(Code::PROTOCOL_ERROR)
-                }
-                None => None,
-            }
-        };
-        if let Some(code) = refused {
-            self.give_back(whole as u32);
+        let end = flags & END_STREAM != 0;
+        if let Err(code) = self.link.data_in(&mut slot.rx, data, whole, pad, end) {
             self.reset(slots, id, code);
-            return Ok(());
-        }
-        if pad > 0 {
-            slot.recv_unacked += pad as u32;
-        }
-        let taken = match &slot.recv {
-            Some(shared) => shared.push(payload, end),
-            None => false,
-        };
-        if end {
-            slot.recv_open = false;
-            if slot.done() {
-                self.ready.push_back(i);
-            }
-        }
-        if pad > 0 {
-            self.give_back(pad as u32);
-        }
-        if !taken {
-            // Nobody reads this body any more.
-            self.give_back((whole - pad) as u32);
+        } else if end && slot.done() {
+            self.link.ready.push_back(i);
         }
         Ok(())
-    }
-
-    /// Bytes the connection window gets back; a WINDOW_UPDATE goes out once
-    /// half the window is owed.
-    fn give_back(&mut self, n: u32) {
-        self.recv_unacked += n;
-        if self.recv_unacked >= self.limits.conn_window / 2 {
-            self.out.window_update(0, self.recv_unacked);
-            self.recv_window += i64::from(self.recv_unacked);
-            self.recv_unacked = 0;
-        }
     }
 
     /// Resets stream `id` for the peer's error; too many and the peer is
     /// cut off (at the next check of `local_resets`).
     fn reset<F>(&mut self, slots: &mut [Slot<F>], id: u32, code: Code) {
-        self.out.rst(id, code);
+        self.link.out.rst(id, code);
         self.local_resets += 1;
         metrics::counter!("skein_proxy_h2_stream_errors_total").increment(1);
         if let Some(&i) = self.by_id.get(&id)
@@ -891,11 +1076,11 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         {
             slot.fail_request("stream error");
             // Released at its next drive: the free list is the caller's.
-            slot.local_done = true;
-            slot.recv_open = false;
+            slot.tx.done = true;
+            slot.rx.open = false;
             slot.fut_drop();
-            slot.body = None;
-            self.ready.push_back(i);
+            slot.tx.body = None;
+            self.link.ready.push_back(i);
         }
     }
 
@@ -1003,7 +1188,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             return Ok(());
         }
         if self.active >= self.limits.max_streams as usize {
-            self.out.rst(id, Code::REFUSED_STREAM);
+            self.link.out.rst(id, Code::REFUSED_STREAM);
             metrics::counter!("skein_proxy_h2_refused_streams_total").increment(1);
             return Ok(());
         }
@@ -1011,11 +1196,13 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             // Too large: answered here, as HTTP/1.1 answers it.
             metrics::counter!("skein_proxy_client_errors_total", "reason" => "header_list_too_large")
                 .increment(1);
-            self.block.clear();
-            hpack::put_status(&mut self.block, 431);
-            self.out.headers(id, &self.block, true, self.peer_frame);
+            self.link.block.clear();
+            hpack::put_status(&mut self.link.block, 431);
+            self.link
+                .out
+                .headers(id, &self.link.block, true, self.link.peer_frame);
             if !end_stream {
-                self.out.rst(id, Code::NO_ERROR);
+                self.link.out.rst(id, Code::NO_ERROR);
             }
             return Ok(());
         }
@@ -1025,7 +1212,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                 tracing::debug!(why, "malformed h2 request");
                 metrics::counter!("skein_proxy_client_errors_total", "reason" => "h2_malformed")
                     .increment(1);
-                self.out.rst(id, Code::PROTOCOL_ERROR);
+                self.link.out.rst(id, Code::PROTOCOL_ERROR);
                 self.local_resets += 1;
                 if self.local_resets > LOCAL_RESETS {
                     return Err(Fatal(
@@ -1037,7 +1224,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             }
         };
         if end_stream && remaining.is_some_and(|n| n > 0) {
-            self.out.rst(id, Code::PROTOCOL_ERROR);
+            self.link.out.rst(id, Code::PROTOCOL_ERROR);
             self.local_resets += 1;
             return Ok(());
         }
@@ -1053,7 +1240,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         };
         slot.start(
             id,
-            self.peer_window,
+            self.link.peer_window,
             self.limits.stream_window,
             !end_stream,
             remaining,
@@ -1064,7 +1251,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             req.map(|()| Empty::new().map_err(|never| match never {}).boxed())
         } else {
             let shared = Arc::new(Shared::default());
-            slot.recv = Some(shared.clone());
+            slot.rx.shared = Some(shared.clone());
             let body = RecvBody {
                 shared,
                 conn: slot.waker.clone(),
@@ -1076,7 +1263,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         self.by_id.insert(id, i);
         self.active += 1;
         self.opened += 1;
-        self.ready.push_back(i);
+        self.link.ready.push_back(i);
         Ok(())
     }
 
@@ -1091,11 +1278,11 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         let Some(slot) = slots.get(i) else {
             return Ok(());
         };
-        if !slot.recv_open {
+        if !slot.rx.open {
             self.reset(slots, id, Code::STREAM_CLOSED);
             return Ok(());
         }
-        let complete = end_stream && slot.remaining.is_none_or(|r| r == 0);
+        let complete = end_stream && slot.rx.remaining.is_none_or(|r| r == 0);
         let Some(trailers) = head.trailers().filter(|_| complete) else {
             self.reset(slots, id, Code::PROTOCOL_ERROR);
             return Ok(());
@@ -1103,12 +1290,12 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         let Some(slot) = slots.get_mut(i) else {
             return Ok(());
         };
-        slot.recv_open = false;
-        if let Some(shared) = &slot.recv {
+        slot.rx.open = false;
+        if let Some(shared) = &slot.rx.shared {
             shared.trailers(trailers);
         }
         if slot.done() {
-            self.ready.push_back(i);
+            self.link.ready.push_back(i);
         }
         Ok(())
     }
@@ -1147,13 +1334,13 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                             "INITIAL_WINDOW_SIZE too large",
                         ));
                     }
-                    let delta = i64::from(v) - self.peer_window;
-                    self.peer_window = i64::from(v);
+                    let delta = i64::from(v) - self.link.peer_window;
+                    self.link.peer_window = i64::from(v);
                     for (i, slot) in slots.iter_mut().enumerate() {
                         if slot.id != 0 {
-                            slot.send_window += delta;
-                            if delta > 0 && !slot.pending.is_empty() {
-                                self.ready.push_back(i);
+                            slot.tx.window += delta;
+                            if delta > 0 && !slot.tx.pending.is_empty() {
+                                self.link.ready.push_back(i);
                             }
                         }
                     }
@@ -1162,14 +1349,14 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                     if !(16_384..=16_777_215).contains(&v) {
                         return Err(Fatal(Code::PROTOCOL_ERROR, "MAX_FRAME_SIZE out of range"));
                     }
-                    self.peer_frame = v as usize;
+                    self.link.peer_frame = v as usize;
                 }
                 // The encoder indexes nothing, so the peer's table size does
                 // not bind it; the rest are advisory or for pushes.
                 _ => {}
             }
         }
-        self.out.head(0, SETTINGS, ACK, 0);
+        self.link.out.head(0, SETTINGS, ACK, 0);
         Ok(())
     }
 
@@ -1190,14 +1377,14 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             if inc == 0 {
                 return Err(Fatal(Code::PROTOCOL_ERROR, "WINDOW_UPDATE of 0"));
             }
-            self.send_window += inc;
-            if self.send_window > 0x7fff_ffff {
+            self.link.send_window += inc;
+            if self.link.send_window > 0x7fff_ffff {
                 return Err(Fatal(
                     Code::FLOW_CONTROL_ERROR,
                     "connection window over 2^31-1",
                 ));
             }
-            self.ready.extend(self.conn_blocked.drain(..));
+            self.link.ready.extend(self.link.conn_blocked.drain(..));
             return Ok(());
         }
         if id > self.last_id {
@@ -1216,11 +1403,11 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         let Some(slot) = slots.get_mut(i) else {
             return Ok(());
         };
-        slot.send_window += inc;
-        if slot.send_window > 0x7fff_ffff {
+        slot.tx.window += inc;
+        if slot.tx.window > 0x7fff_ffff {
             self.reset(slots, id, Code::FLOW_CONTROL_ERROR);
-        } else if !slot.pending.is_empty() {
-            self.ready.push_back(i);
+        } else if !slot.tx.pending.is_empty() {
+            self.link.ready.push_back(i);
         }
         Ok(())
     }
@@ -1237,18 +1424,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         let waker = slot.waker.clone();
         let cx = &mut Context::from_waker(&waker);
         // What the handler took of the request body goes back to the peer.
-        if let Some(shared) = &slot.recv {
-            let took = shared.take_released();
-            if took > 0 {
-                slot.recv_unacked += took;
-                self.give_back(took);
-            }
-        }
-        if slot.recv_open && slot.recv_unacked >= self.limits.stream_window / 2 {
-            self.out.window_update(slot.id, slot.recv_unacked);
-            slot.recv_window += i64::from(slot.recv_unacked);
-            slot.recv_unacked = 0;
-        }
+        self.link
+            .take_back(slot.id, &mut slot.rx, self.limits.stream_window);
         if let Some(fut) = slot.fut.as_mut().as_pin_mut() {
             let Poll::Ready(resp) = fut.poll(cx) else {
                 return;
@@ -1256,121 +1433,36 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             slot.fut.set(None);
             self.answer(slot, resp);
         }
-        self.pump(slot, i, cx);
+        if let Some(e) = self.link.pump(slot.id, &mut slot.tx, i, cx) {
+            metrics::counter!("skein_proxy_response_body_errors_total").increment(1);
+            tracing::debug!(error = %e, "response body failed: stream reset");
+            slot.rx.open = false;
+        }
     }
 
     /// The handler's answer: its head goes out, its body is kept to pump.
     fn answer<F>(&mut self, slot: &mut Slot<F>, resp: Response<ProxyBody>) {
         let (mut parts, body) = resp.into_parts();
         fit_response(&mut parts.headers, &body);
-        self.block.clear();
-        hpack::put_status(&mut self.block, parts.status.as_u16());
+        self.link.block.clear();
+        hpack::put_status(&mut self.link.block, parts.status.as_u16());
         for (name, value) in &parts.headers {
             hpack::put_field(
-                &mut self.block,
+                &mut self.link.block,
                 name.as_str(),
                 value.as_bytes(),
                 value.is_sensitive(),
             );
         }
         let end = slot.head || body.is_end_stream();
-        self.out.headers(slot.id, &self.block, end, self.peer_frame);
+        self.link
+            .out
+            .headers(slot.id, &self.link.block, end, self.link.peer_frame);
         if end {
-            slot.local_done = true;
+            slot.tx.done = true;
         } else {
-            slot.body = Some(body);
+            slot.tx.body = Some(body);
         }
-    }
-
-    /// Sends what the response body has, within the windows.
-    fn pump<F>(&mut self, slot: &mut Slot<F>, i: usize, cx: &mut Context<'_>) {
-        loop {
-            if slot.local_done {
-                return;
-            }
-            if !slot.pending.is_empty() {
-                let room = slot
-                    .send_window
-                    .min(self.send_window)
-                    .min(self.peer_frame as i64);
-                if room <= 0 {
-                    if self.send_window <= 0 {
-                        self.conn_blocked.push(i);
-                    }
-                    // Else a WINDOW_UPDATE on the stream makes it ready.
-                    return;
-                }
-                let n = (room as usize).min(slot.pending.len());
-                let chunk = slot.pending.split_to(n);
-                let end = slot.pending.is_empty() && slot.end_after && slot.trailers.is_none();
-                self.out.data(slot.id, &chunk, end);
-                slot.send_window -= n as i64;
-                self.send_window -= n as i64;
-                if end {
-                    slot.local_done = true;
-                    slot.body = None;
-                    return;
-                }
-                continue;
-            }
-            if let Some(t) = slot.trailers.take() {
-                self.trailers(slot, &t);
-                return;
-            }
-            if slot.end_after {
-                self.out.data(slot.id, &[], true);
-                slot.local_done = true;
-                slot.body = None;
-                return;
-            }
-            if self.out.backlog() >= WRITE_HIGH {
-                self.write_blocked.push(i);
-                return;
-            }
-            let Some(body) = slot.body.as_mut() else {
-                return;
-            };
-            match Pin::new(&mut *body).poll_frame(cx) {
-                Poll::Pending => return,
-                Poll::Ready(None) => slot.end_after = true,
-                Poll::Ready(Some(Err(e))) => {
-                    metrics::counter!("skein_proxy_response_body_errors_total").increment(1);
-                    tracing::debug!(error = %e, "response body failed: stream reset");
-                    self.out.rst(slot.id, Code::INTERNAL_ERROR);
-                    slot.local_done = true;
-                    slot.recv_open = false;
-                    slot.body = None;
-                    return;
-                }
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) => {
-                        slot.end_after = body.is_end_stream();
-                        slot.pending = data;
-                    }
-                    Err(frame) => {
-                        if let Ok(t) = frame.into_trailers() {
-                            slot.trailers = Some(t);
-                        }
-                    }
-                },
-            }
-        }
-    }
-
-    fn trailers<F>(&mut self, slot: &mut Slot<F>, t: &HeaderMap) {
-        self.block.clear();
-        for (name, value) in t {
-            hpack::put_field(
-                &mut self.block,
-                name.as_str(),
-                value.as_bytes(),
-                value.is_sensitive(),
-            );
-        }
-        self.out
-            .headers(slot.id, &self.block, true, self.peer_frame);
-        slot.local_done = true;
-        slot.body = None;
     }
 
     /// Frees a stream's slot: its handler and bodies are dropped; a peer
@@ -1379,15 +1471,15 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         if slot.id == 0 {
             return;
         }
-        if slot.recv_open {
+        if slot.rx.open {
             // Answered (or failed) before the request body ended: the rest
             // is not wanted (RFC 9113, 8.1).
-            self.out.rst(slot.id, Code::NO_ERROR);
+            self.link.out.rst(slot.id, Code::NO_ERROR);
         }
-        if let Some(shared) = slot.recv.take() {
+        if let Some(shared) = slot.rx.shared.take() {
             // What the handler left unread goes back to the connection.
             let left = shared.close();
-            self.give_back(left);
+            self.link.give_back(left);
         }
         self.by_id.remove(&slot.id);
         self.active = self.active.saturating_sub(1);
@@ -1582,27 +1674,10 @@ struct Slot<F> {
     id: u32,
     /// The handler, until it answers (its box outlives the stream).
     fut: Pin<Box<Option<F>>>,
-    /// The response body, until it has all gone.
-    body: Option<ProxyBody>,
-    /// Data the body gave that the windows did not let out yet.
-    pending: Bytes,
-    /// The body ends after `pending` (and the trailers, if any).
-    end_after: bool,
-    trailers: Option<HeaderMap>,
-    /// What this side may still send on the stream.
-    send_window: i64,
-    /// What the peer may still send, and what was taken and not yet given
-    /// back.
-    recv_window: i64,
-    recv_unacked: u32,
-    /// The peer may still send (no END_STREAM yet).
-    recv_open: bool,
-    /// This side has ended the stream (END_STREAM or RST_STREAM).
-    local_done: bool,
-    /// The request body, shared with the handler.
-    recv: Option<Arc<Shared>>,
-    /// What Content-Length says is still to come.
-    remaining: Option<u64>,
+    /// The response going out.
+    tx: Outbound,
+    /// The request body coming in.
+    rx: Inbound,
     /// A HEAD request: the answer's head alone goes out.
     head: bool,
     waker: Waker,
@@ -1619,17 +1694,8 @@ impl<F> Slot<F> {
         Slot {
             id: 0,
             fut: Box::pin(None),
-            body: None,
-            pending: Bytes::new(),
-            end_after: false,
-            trailers: None,
-            send_window: 0,
-            recv_window: 0,
-            recv_unacked: 0,
-            recv_open: false,
-            local_done: false,
-            recv: None,
-            remaining: None,
+            tx: Outbound::default(),
+            rx: Inbound::default(),
             head: false,
             waker: Waker::from(wake.clone()),
             wake,
@@ -1638,17 +1704,20 @@ impl<F> Slot<F> {
 
     fn start(&mut self, id: u32, send: i64, recv: u32, recv_open: bool, remaining: Option<u64>) {
         self.id = id;
-        self.send_window = send;
-        self.recv_window = i64::from(recv);
-        self.recv_unacked = 0;
-        self.recv_open = recv_open;
-        self.local_done = false;
-        self.end_after = false;
-        self.remaining = remaining;
+        self.tx = Outbound {
+            window: send,
+            ..Outbound::default()
+        };
+        self.rx = Inbound {
+            window: i64::from(recv),
+            open: recv_open,
+            remaining,
+            ..Inbound::default()
+        };
     }
 
     fn done(&self) -> bool {
-        self.id != 0 && self.local_done && (!self.recv_open || self.fut.is_none())
+        self.id != 0 && self.tx.done && (!self.rx.open || self.fut.is_none())
     }
 
     fn fut_drop(&mut self) {
@@ -1656,7 +1725,7 @@ impl<F> Slot<F> {
     }
 
     fn fail_request(&self, why: &'static str) {
-        if let Some(shared) = &self.recv {
+        if let Some(shared) = &self.rx.shared {
             shared.fail(why);
         }
     }
@@ -1664,12 +1733,8 @@ impl<F> Slot<F> {
     fn clear(&mut self) {
         self.id = 0;
         self.fut.set(None);
-        self.body = None;
-        self.pending = Bytes::new();
-        self.trailers = None;
-        self.recv = None;
-        self.recv_open = false;
-        self.local_done = false;
+        self.tx = Outbound::default();
+        self.rx = Inbound::default();
         self.head = false;
     }
 }
