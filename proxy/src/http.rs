@@ -111,7 +111,7 @@ pub(crate) fn local(
 }
 
 /// Headers that describe one hop and are never forwarded (RFC 9110 7.6.1).
-fn hop_by_hop(name: &str) -> bool {
+pub(crate) fn hop_by_hop(name: &str) -> bool {
     matches!(
         name,
         "connection"

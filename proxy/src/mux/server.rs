@@ -84,18 +84,18 @@ const PRIORITY_FLAG: u8 = 0x20;
 
 /// An h2 error code (RFC 9113, 7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Code(pub u32);
+struct Code(u32);
 
 impl Code {
-    pub(crate) const NO_ERROR: Code = Code(0);
-    pub(crate) const PROTOCOL_ERROR: Code = Code(1);
-    pub(crate) const INTERNAL_ERROR: Code = Code(2);
-    pub(crate) const FLOW_CONTROL_ERROR: Code = Code(3);
-    pub(crate) const STREAM_CLOSED: Code = Code(5);
-    pub(crate) const FRAME_SIZE_ERROR: Code = Code(6);
-    pub(crate) const REFUSED_STREAM: Code = Code(7);
-    pub(crate) const COMPRESSION_ERROR: Code = Code(9);
-    pub(crate) const ENHANCE_YOUR_CALM: Code = Code(0xb);
+    const NO_ERROR: Code = Code(0);
+    const PROTOCOL_ERROR: Code = Code(1);
+    const INTERNAL_ERROR: Code = Code(2);
+    const FLOW_CONTROL_ERROR: Code = Code(3);
+    const STREAM_CLOSED: Code = Code(5);
+    const FRAME_SIZE_ERROR: Code = Code(6);
+    const REFUSED_STREAM: Code = Code(7);
+    const COMPRESSION_ERROR: Code = Code(9);
+    const ENHANCE_YOUR_CALM: Code = Code(0xb);
 }
 
 /// A connection error: the code for GOAWAY and why, for the logs and the
@@ -1078,7 +1078,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             // Released at its next drive: the free list is the caller's.
             slot.tx.done = true;
             slot.rx.open = false;
-            slot.fut_drop();
+            slot.fut.set(None);
             slot.tx.body = None;
             self.link.ready.push_back(i);
         }
@@ -1418,30 +1418,38 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
     where
         F: Future<Output = Response<ProxyBody>>,
     {
-        if slot.id == 0 {
+        let Slot {
+            id,
+            fut,
+            tx,
+            rx,
+            head,
+            waker,
+            ..
+        } = slot;
+        if *id == 0 {
             return;
         }
-        let waker = slot.waker.clone();
-        let cx = &mut Context::from_waker(&waker);
+        let cx = &mut Context::from_waker(waker);
         // What the handler took of the request body goes back to the peer.
-        self.link
-            .take_back(slot.id, &mut slot.rx, self.limits.stream_window);
-        if let Some(fut) = slot.fut.as_mut().as_pin_mut() {
-            let Poll::Ready(resp) = fut.poll(cx) else {
+        self.link.take_back(*id, rx, self.limits.stream_window);
+        if let Some(f) = fut.as_mut().as_pin_mut() {
+            let Poll::Ready(resp) = f.poll(cx) else {
                 return;
             };
-            slot.fut.set(None);
-            self.answer(slot, resp);
+            fut.set(None);
+            self.answer(*id, *head, tx, resp);
         }
-        if let Some(e) = self.link.pump(slot.id, &mut slot.tx, i, cx) {
+        if let Some(e) = self.link.pump(*id, tx, i, cx) {
             metrics::counter!("skein_proxy_response_body_errors_total").increment(1);
             tracing::debug!(error = %e, "response body failed: stream reset");
-            slot.rx.open = false;
+            rx.open = false;
         }
     }
 
-    /// The handler's answer: its head goes out, its body is kept to pump.
-    fn answer<F>(&mut self, slot: &mut Slot<F>, resp: Response<ProxyBody>) {
+    /// The handler's answer on stream `id`: its head goes out (alone after
+    /// a HEAD), its body is kept to pump.
+    fn answer(&mut self, id: u32, head: bool, tx: &mut Outbound, resp: Response<ProxyBody>) {
         let (mut parts, body) = resp.into_parts();
         fit_response(&mut parts.headers, &body);
         self.link.block.clear();
@@ -1454,14 +1462,14 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                 value.is_sensitive(),
             );
         }
-        let end = slot.head || body.is_end_stream();
+        let end = head || body.is_end_stream();
         self.link
             .out
-            .headers(slot.id, &self.link.block, end, self.link.peer_frame);
+            .headers(id, &self.link.block, end, self.link.peer_frame);
         if end {
-            slot.tx.done = true;
+            tx.done = true;
         } else {
-            slot.tx.body = Some(body);
+            tx.body = Some(body);
         }
     }
 
@@ -1657,15 +1665,15 @@ impl Head {
     }
 }
 
-/// Fields h2 forbids (RFC 9113, 8.2.2): they describe a connection, and h2
-/// has its own; `TE` may only say `trailers`.
+/// Fields h2 forbids (RFC 9113, 8.2.2): the hop-by-hop ones that describe a
+/// connection (h2 has its own), `TE` unless it says `trailers`; a proxy's
+/// authentication fields are hop-by-hop but allowed.
 fn is_connection_specific(h: &HeaderName, value: &[u8]) -> bool {
-    *h == header::CONNECTION
-        || *h == header::TRANSFER_ENCODING
-        || *h == header::UPGRADE
-        || h.as_str() == "keep-alive"
-        || h.as_str() == "proxy-connection"
-        || (*h == header::TE && !value.eq_ignore_ascii_case(b"trailers"))
+    match h.as_str() {
+        "te" => !value.eq_ignore_ascii_case(b"trailers"),
+        "proxy-authenticate" | "proxy-authorization" => false,
+        n => crate::http::hop_by_hop(n),
+    }
 }
 
 /// One stream's place in its connection; reused by later streams.
@@ -1720,10 +1728,6 @@ impl<F> Slot<F> {
         self.id != 0 && self.tx.done && (!self.rx.open || self.fut.is_none())
     }
 
-    fn fut_drop(&mut self) {
-        self.fut.set(None);
-    }
-
     fn fail_request(&self, why: &'static str) {
         if let Some(shared) = &self.rx.shared {
             shared.fail(why);
@@ -1744,12 +1748,18 @@ impl<F> Slot<F> {
 #[derive(Default)]
 struct Wakes {
     list: Mutex<Vec<usize>>,
+    /// Set once a slot is on the list: a round with no woken stream (most,
+    /// on a busy connection) takes no lock.
+    listed: AtomicBool,
     inline: Inline,
 }
 
 impl Wakes {
     /// Moves the woken slots into `into`.
     fn take(&self, into: &mut Vec<usize>) {
+        if !self.listed.swap(false, Ordering::AcqRel) {
+            return;
+        }
         if let Ok(mut l) = self.list.lock() {
             std::mem::swap(&mut *l, into);
         }
@@ -1783,6 +1793,10 @@ impl std::task::Wake for SlotWake {
             && let Ok(mut l) = self.wakes.list.lock()
         {
             l.push(self.idx);
+            drop(l);
+            // After the push: a `take` that misses the flag finds the slot
+            // at its next round, which this wake brings about.
+            self.wakes.listed.store(true, Ordering::Release);
         }
         self.wakes.inline.wake_ref();
     }
@@ -1999,19 +2013,7 @@ impl Inline {
         }
         false
     }
-}
 
-impl std::task::Wake for Inline {
-    fn wake(self: std::sync::Arc<Self>) {
-        self.wake_ref();
-    }
-
-    fn wake_by_ref(self: &std::sync::Arc<Self>) {
-        self.wake_ref();
-    }
-}
-
-impl Inline {
     /// A wake: noted if the poll runs, else passed to the task.
     fn wake_ref(&self) {
         let mut now = self.state.load(Ordering::SeqCst);
@@ -2030,6 +2032,16 @@ impl Inline {
                 _ => return self.task.wake(),
             }
         }
+    }
+}
+
+impl std::task::Wake for Inline {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.wake_ref();
+    }
+
+    fn wake_by_ref(self: &std::sync::Arc<Self>) {
+        self.wake_ref();
     }
 }
 
