@@ -27,6 +27,7 @@ use crate::upstream::{BoxError, ProxyBody};
 
 pub(crate) mod hpack;
 pub(crate) mod server;
+pub(crate) mod wire;
 
 /// Largest response head (all headers, decoded) a peer may send.
 const MAX_HEADER_LIST: u32 = 64 * 1024;

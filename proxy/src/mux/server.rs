@@ -28,80 +28,31 @@
 //! (client connections), and drained (GOAWAY, then its open streams finish)
 //! when the proxy stops.
 
-use std::collections::{HashMap, VecDeque};
 use std::future::{Future, poll_fn};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::{Pin, pin};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Buf as _, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, Uri, Version};
 use http_body_util::{BodyExt as _, Empty};
-use hyper::body::{Body, Frame, SizeHint};
+use hyper::body::Body;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio_util::sync::CancellationToken;
 
 use super::Keepalive;
 use super::hpack::{self, Name};
-use crate::upstream::{BoxError, ProxyBody};
+use super::wire::*;
+use crate::upstream::ProxyBody;
 
 /// Client-cancelled streams a connection may have before its share counts.
 const RESET_ALLOWANCE: u64 = 200;
 /// Streams this side may reset for the peer's errors before it is cut off.
 const LOCAL_RESETS: u64 = 256;
-/// Bytes waiting to be written past which no more is read or produced.
-const WRITE_HIGH: usize = 128 << 10;
-/// Bytes read in one round before the other work of the connection.
-const READ_BUDGET: usize = 256 << 10;
-/// Largest frame this side accepts (the protocol's default; not raised).
-const MAX_FRAME: usize = 16_384;
-/// HPACK table this side keeps for the peer (the protocol's default).
-const TABLE_SIZE: usize = 4096;
-/// The client's connection preface.
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-// Frame types and flags (RFC 9113, 6).
-const DATA: u8 = 0;
-const HEADERS: u8 = 1;
-const PRIORITY: u8 = 2;
-const RST_STREAM: u8 = 3;
-const SETTINGS: u8 = 4;
-const PUSH_PROMISE: u8 = 5;
-const PING: u8 = 6;
-const GOAWAY: u8 = 7;
-const WINDOW_UPDATE: u8 = 8;
-const CONTINUATION: u8 = 9;
-const END_STREAM: u8 = 0x1;
-const ACK: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
-const PADDED: u8 = 0x8;
-const PRIORITY_FLAG: u8 = 0x20;
-
-/// An h2 error code (RFC 9113, 7).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Code(u32);
-
-impl Code {
-    const NO_ERROR: Code = Code(0);
-    const PROTOCOL_ERROR: Code = Code(1);
-    const INTERNAL_ERROR: Code = Code(2);
-    const FLOW_CONTROL_ERROR: Code = Code(3);
-    const STREAM_CLOSED: Code = Code(5);
-    const FRAME_SIZE_ERROR: Code = Code(6);
-    const REFUSED_STREAM: Code = Code(7);
-    const COMPRESSION_ERROR: Code = Code(9);
-    const ENHANCE_YOUR_CALM: Code = Code(0xb);
-}
-
-/// A connection error: the code for GOAWAY and why, for the logs and the
-/// metric.
-struct Fatal(Code, &'static str);
-
 /// What one server connection allows.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
@@ -225,376 +176,6 @@ enum End {
     Fatal(Fatal),
 }
 
-/// The bytes waiting to be written.
-struct Out {
-    buf: Vec<u8>,
-    /// Written so far.
-    pos: usize,
-}
-
-impl Out {
-    fn backlog(&self) -> usize {
-        self.buf.len() - self.pos
-    }
-
-    fn head(&mut self, len: usize, kind: u8, flags: u8, id: u32) {
-        let len = len as u32;
-        self.buf
-            .extend_from_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags]);
-        self.buf
-            .extend_from_slice(&(id & 0x7fff_ffff).to_be_bytes());
-    }
-
-    fn rst(&mut self, id: u32, code: Code) {
-        self.head(4, RST_STREAM, 0, id);
-        self.buf.extend_from_slice(&code.0.to_be_bytes());
-    }
-
-    fn window_update(&mut self, id: u32, inc: u32) {
-        self.head(4, WINDOW_UPDATE, 0, id);
-        self.buf.extend_from_slice(&inc.to_be_bytes());
-    }
-
-    fn goaway(&mut self, last: u32, code: Code) {
-        self.head(8, GOAWAY, 0, 0);
-        self.buf.extend_from_slice(&last.to_be_bytes());
-        self.buf.extend_from_slice(&code.0.to_be_bytes());
-    }
-
-    fn data(&mut self, id: u32, chunk: &[u8], end: bool) {
-        self.head(chunk.len(), DATA, if end { END_STREAM } else { 0 }, id);
-        self.buf.extend_from_slice(chunk);
-    }
-
-    /// A header block as HEADERS, then CONTINUATION frames when it is larger
-    /// than the peer's frames.
-    fn headers(&mut self, id: u32, block: &[u8], end: bool, max_frame: usize) {
-        let mut chunks = block.chunks(max_frame.max(1)).peekable();
-        let first = chunks.next().unwrap_or(&[]);
-        let last = chunks.peek().is_none();
-        let flags = if end { END_STREAM } else { 0 } | if last { END_HEADERS } else { 0 };
-        self.head(first.len(), HEADERS, flags, id);
-        self.buf.extend_from_slice(first);
-        while let Some(c) = chunks.next() {
-            let flags = if chunks.peek().is_none() {
-                END_HEADERS
-            } else {
-                0
-            };
-            self.head(c.len(), CONTINUATION, flags, id);
-            self.buf.extend_from_slice(c);
-        }
-    }
-}
-
-/// A frame as its handler gets it: stream, flags, payload.
-struct H2Frame {
-    id: u32,
-    flags: u8,
-    payload: Bytes,
-}
-
-/// A header block that CONTINUATION frames are still adding to.
-struct Partial {
-    id: u32,
-    end_stream: bool,
-    block: BytesMut,
-}
-
-/// A map keyed by stream id: ids are distinct integers, hashing them with
-/// SipHash would only cost time.
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        }
-    }
-    fn write_u32(&mut self, n: u32) {
-        self.0 = u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-}
-
-type ById = HashMap<u32, usize, BuildHasherDefault<IdHasher>>;
-
-/// What a connection's streams share, whichever side it is: the write
-/// buffer, the peer's settings, both connection windows, and the streams
-/// waiting on a window or on the write buffer.
-struct Link {
-    out: Out,
-    /// A header block for reuse by every head and trailers.
-    block: Vec<u8>,
-    /// The peer's settings.
-    peer_frame: usize,
-    peer_window: i64,
-    /// What this side may still send on the connection.
-    send_window: i64,
-    /// What the peer may still send on the connection, what its bodies'
-    /// readers took that was not given back yet, and the window's size.
-    recv_window: i64,
-    recv_unacked: u32,
-    recv_size: u32,
-    /// Slots waiting for the connection window, or for the write buffer.
-    conn_blocked: Vec<usize>,
-    write_blocked: Vec<usize>,
-    /// Slots the connection itself wants polled.
-    ready: VecDeque<usize>,
-}
-
-impl Link {
-    /// Bytes the connection window gets back; a WINDOW_UPDATE goes out once
-    /// half the window is owed.
-    fn give_back(&mut self, n: u32) {
-        self.recv_unacked += n;
-        if self.recv_unacked >= self.recv_size / 2 {
-            self.out.window_update(0, self.recv_unacked);
-            self.recv_window += i64::from(self.recv_unacked);
-            self.recv_unacked = 0;
-        }
-    }
-
-    /// What the reader of stream `id`'s body took goes back to the peer:
-    /// to the connection window, and to the stream's (`size`) once half of
-    /// it is owed and the peer may still send.
-    fn take_back(&mut self, id: u32, rx: &mut Inbound, size: u32) {
-        if let Some(shared) = &rx.shared {
-            let took = shared.take_released();
-            if took > 0 {
-                rx.unacked += took;
-                self.give_back(took);
-            }
-        }
-        if rx.open && rx.unacked >= size / 2 {
-            self.out.window_update(id, rx.unacked);
-            rx.window += i64::from(rx.unacked);
-            rx.unacked = 0;
-        }
-    }
-
-    /// Sends what stream `id`'s outgoing body has (slot `i`), within the
-    /// windows and the write buffer; the stream is left where a window
-    /// update or a flush will make it ready again. A body that fails resets
-    /// the stream (INTERNAL_ERROR) and its error is returned.
-    fn pump(
-        &mut self,
-        id: u32,
-        tx: &mut Outbound,
-        i: usize,
-        cx: &mut Context<'_>,
-    ) -> Option<BoxError> {
-        loop {
-            if tx.done {
-                return None;
-            }
-            if !tx.pending.is_empty() {
-                let room = tx.window.min(self.send_window).min(self.peer_frame as i64);
-                if room <= 0 {
-                    if self.send_window <= 0 {
-                        self.conn_blocked.push(i);
-                    }
-                    // Else a WINDOW_UPDATE on the stream makes it ready.
-                    return None;
-                }
-                let n = (room as usize).min(tx.pending.len());
-                let chunk = tx.pending.split_to(n);
-                let end = tx.pending.is_empty() && tx.end_after && tx.trailers.is_none();
-                self.out.data(id, &chunk, end);
-                tx.window -= n as i64;
-                self.send_window -= n as i64;
-                if end {
-                    tx.done = true;
-                    tx.body = None;
-                    return None;
-                }
-                continue;
-            }
-            if let Some(t) = tx.trailers.take() {
-                self.trailers(id, tx, &t);
-                return None;
-            }
-            if tx.end_after {
-                self.out.data(id, &[], true);
-                tx.done = true;
-                tx.body = None;
-                return None;
-            }
-            if self.out.backlog() >= WRITE_HIGH {
-                self.write_blocked.push(i);
-                return None;
-            }
-            let body = tx.body.as_mut()?;
-            match Pin::new(&mut *body).poll_frame(cx) {
-                Poll::Pending => return None,
-                Poll::Ready(None) => tx.end_after = true,
-                Poll::Ready(Some(Err(e))) => {
-                    self.out.rst(id, Code::INTERNAL_ERROR);
-                    tx.done = true;
-                    tx.body = None;
-                    return Some(e);
-                }
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) => {
-                        tx.end_after = body.is_end_stream();
-                        tx.pending = data;
-                    }
-                    Err(frame) => {
-                        if let Ok(t) = frame.into_trailers() {
-                            tx.trailers = Some(t);
-                        }
-                    }
-                },
-            }
-        }
-    }
-
-    /// A DATA frame's payload without its padding, the whole frame's length
-    /// (which counts against the windows) and the padding's; the
-    /// connection window is charged.
-    fn data_frame(&mut self, flags: u8, mut payload: Bytes) -> Result<(Bytes, u32, u32), Fatal> {
-        let whole = payload.len();
-        self.recv_window -= whole as i64;
-        if self.recv_window < 0 {
-            return Err(Fatal(
-                Code::FLOW_CONTROL_ERROR,
-                "DATA over the connection window",
-            ));
-        }
-        let pad = if flags & PADDED != 0 {
-            let Some(&p) = payload.first() else {
-                return Err(Fatal(Code::PROTOCOL_ERROR, "DATA padding cut short"));
-            };
-            if usize::from(p) >= whole {
-                return Err(Fatal(Code::PROTOCOL_ERROR, "DATA padding too long"));
-            }
-            payload.advance(1);
-            payload.truncate(whole - 1 - usize::from(p));
-            usize::from(p) + 1
-        } else {
-            0
-        };
-        Ok((payload, whole as u32, pad as u32))
-    }
-
-    /// A stream's data (`whole` bytes of frame, `pad` of them padding) into
-    /// its body: charged to the stream's window, checked against its
-    /// Content-Length, queued for its reader (or, with none, given back).
-    /// Err: the stream is to be reset with that code (its bytes were given
-    /// back to the connection).
-    fn data_in(
-        &mut self,
-        rx: &mut Inbound,
-        data: Bytes,
-        whole: u32,
-        pad: u32,
-        end: bool,
-    ) -> Result<(), Code> {
-        rx.window -= i64::from(whole);
-        let refused = if rx.window < 0 {
-            Some(Code::FLOW_CONTROL_ERROR)
-        } else {
-            match &mut rx.remaining {
-                Some(r) if *r < data.len() as u64 => Some(Code::PROTOCOL_ERROR),
-                Some(r) => {
-                    *r -= data.len() as u64;
-                    (end && *r > 0).then_some(Code::PROTOCOL_ERROR)
-                }
-                None => None,
-            }
-        };
-        if let Some(code) = refused {
-            self.give_back(whole);
-            return Err(code);
-        }
-        rx.unacked += pad;
-        let taken = match &rx.shared {
-            Some(shared) => shared.push(data, end),
-            None => false,
-        };
-        if end {
-            rx.open = false;
-        }
-        if pad > 0 {
-            self.give_back(pad);
-        }
-        if !taken {
-            // Nobody reads this body any more.
-            self.give_back(whole - pad);
-        }
-        Ok(())
-    }
-
-    /// Trailers end stream `id`.
-    fn trailers(&mut self, id: u32, tx: &mut Outbound, t: &HeaderMap) {
-        self.block.clear();
-        for (name, value) in t {
-            hpack::put_field(
-                &mut self.block,
-                name.as_str(),
-                value.as_bytes(),
-                value.is_sensitive(),
-            );
-        }
-        self.out.headers(id, &self.block, true, self.peer_frame);
-        tx.done = true;
-        tx.body = None;
-    }
-
-    fn new(conn_window: u32) -> Link {
-        Link {
-            out: Out {
-                buf: Vec::with_capacity(16 << 10),
-                pos: 0,
-            },
-            block: Vec::with_capacity(512),
-            peer_frame: MAX_FRAME,
-            peer_window: 65_535,
-            send_window: 65_535,
-            recv_window: i64::from(conn_window.max(65_535)),
-            recv_unacked: 0,
-            recv_size: conn_window.max(65_535),
-            conn_blocked: Vec::new(),
-            write_blocked: Vec::new(),
-            ready: VecDeque::new(),
-        }
-    }
-}
-
-/// A stream's body going out: the body, what the windows held back, its
-/// end.
-#[derive(Default)]
-struct Outbound {
-    body: Option<ProxyBody>,
-    /// Data the body gave that the windows did not let out yet.
-    pending: Bytes,
-    /// The body ends after `pending` (and the trailers, if any).
-    end_after: bool,
-    trailers: Option<HeaderMap>,
-    /// What this side may still send on the stream.
-    window: i64,
-    /// This side has ended the stream (END_STREAM or RST_STREAM).
-    done: bool,
-}
-
-/// A stream's body coming in: the windows and the queue its reader drains.
-#[derive(Default)]
-struct Inbound {
-    /// What the peer may still send, and what was taken and not yet given
-    /// back.
-    window: i64,
-    unacked: u32,
-    /// The peer may still send (no END_STREAM yet).
-    open: bool,
-    /// What Content-Length says is still to come.
-    remaining: Option<u64>,
-    /// The body's queue, shared with its reader.
-    shared: Option<Arc<Shared>>,
-}
-
 /// One connection's state, all of it owned by its task.
 struct Conn<I> {
     io: I,
@@ -618,11 +199,7 @@ struct Conn<I> {
     free: Vec<usize>,
     active: usize,
     by_id: ById,
-    /// The payload of the PING in flight, if one is.
-    ping: Option<u64>,
-    pings_sent: u64,
-    /// A PONG came since the timer was last armed.
-    pong: bool,
+    pinger: Pinger,
     /// Reading stopped for the write buffer; a flush resumes it.
     read_paused: bool,
     /// Written and not yet flushed.
@@ -649,9 +226,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             free: Vec::new(),
             active: 0,
             by_id: ById::default(),
-            ping: None,
-            pings_sent: 0,
-            pong: false,
+            pinger: Pinger::new(limits.keepalive),
             read_paused: false,
             unflushed: false,
             wakes: Arc::new(Wakes::default()),
@@ -721,8 +296,6 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         let mut slots: Vec<Slot<F>> = Vec::new();
         let mut woken: Vec<usize> = Vec::new();
         let mut drained = pin!(drain.cancelled_owned());
-        let keepalive = self.limits.keepalive;
-        let mut ping_timer = pin!(tokio::time::sleep(keepalive.every));
         let mut idle = self
             .limits
             .idle
@@ -736,20 +309,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                 if self.goaway.is_none() && drained.as_mut().poll(cx).is_ready() {
                     self.go_away(Code::NO_ERROR);
                 }
-                if ping_timer.as_mut().poll(cx).is_ready() {
-                    if self.ping.is_some() {
-                        return Poll::Ready(End::Dead("no pong in time"));
-                    }
-                    self.pings_sent += 1;
-                    self.ping = Some(self.pings_sent);
-                    self.link.out.head(8, PING, 0, 0);
-                    self.link
-                        .out
-                        .buf
-                        .extend_from_slice(&self.pings_sent.to_be_bytes());
-                    let at = tokio::time::Instant::now() + keepalive.within;
-                    ping_timer.as_mut().reset(at);
-                    continue;
+                if let Err(why) = self.pinger.poll(cx, &mut self.link.out) {
+                    return Poll::Ready(End::Dead(why));
                 }
                 if let Some((sleep, every)) = &mut idle
                     && self.goaway.is_none()
@@ -772,10 +333,6 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                 if let Err(f) = self.read(cx, &mut slots, &make) {
                     self.link.out.goaway(self.last_id, f.0);
                     return Poll::Ready(End::Fatal(f));
-                }
-                if std::mem::take(&mut self.pong) {
-                    let at = tokio::time::Instant::now() + keepalive.every;
-                    ping_timer.as_mut().reset(at);
                 }
                 // The streams that were woken, or that the frames made ready.
                 wakes.take(&mut woken);
@@ -938,11 +495,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         slots: &mut Vec<Slot<F>>,
         make: &impl Fn(Request<ProxyBody>) -> F,
     ) -> Result<(), Fatal> {
-        while self.rbuf.len() >= 9 {
-            let h = &self.rbuf[..9];
-            let len = (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
-            let (kind, flags) = (h[3], h[4]);
-            let id = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+        while let Some((len, kind, flags, id)) = frame_header(&self.rbuf) {
             if len > MAX_FRAME {
                 return Err(Fatal(Code::FRAME_SIZE_ERROR, "frame over the size allowed"));
             }
@@ -988,24 +541,20 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                         self.free.push(i);
                     }
                 }
-                SETTINGS => self.on_settings(slots, id, flags, &payload)?,
+                SETTINGS => {
+                    let streams = slots.iter_mut().enumerate();
+                    let open = streams
+                        .filter(|(_, s)| s.id != 0)
+                        .map(|(i, s)| (i, &mut s.tx));
+                    self.link
+                        .on_settings(&H2Frame { id, flags, payload }, open)?;
+                }
                 PUSH_PROMISE => {
                     return Err(Fatal(Code::PROTOCOL_ERROR, "PUSH_PROMISE from a client"));
                 }
                 PING => {
-                    if id != 0 || len != 8 {
-                        return Err(Fatal(Code::FRAME_SIZE_ERROR, "malformed PING"));
-                    }
-                    if flags & ACK != 0 {
-                        let n = u64::from_be_bytes(payload[..8].try_into().unwrap_or([0; 8]));
-                        if self.ping == Some(n) {
-                            self.ping = None;
-                            self.pong = true;
-                        }
-                    } else {
-                        self.link.out.head(8, PING, ACK, 0);
-                        self.link.out.buf.extend_from_slice(&payload);
-                    }
+                    let f = H2Frame { id, flags, payload };
+                    self.pinger.on_ping(&f, &mut self.link.out)?;
                 }
                 GOAWAY => {
                     if id != 0 || len < 8 {
@@ -1017,7 +566,12 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                     }
                     self.peer_goaway = true;
                 }
-                WINDOW_UPDATE => self.on_window_update(slots, id, &payload)?,
+                WINDOW_UPDATE => {
+                    let f = H2Frame { id, flags, payload };
+                    if let Some(inc) = self.link.on_window_update(&f)? {
+                        self.on_window_update(slots, id, inc)?;
+                    }
+                }
                 // Unknown frame types are ignored (RFC 9113, 4.1).
                 _ => {}
             }
@@ -1090,31 +644,11 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         make: &impl Fn(Request<ProxyBody>) -> F,
         f: H2Frame,
     ) -> Result<(), Fatal> {
-        let H2Frame {
-            id,
-            flags,
-            mut payload,
-        } = f;
+        let H2Frame { id, flags, payload } = f;
         if id == 0 {
             return Err(Fatal(Code::PROTOCOL_ERROR, "HEADERS on stream 0"));
         }
-        if flags & PADDED != 0 {
-            let Some(&p) = payload.first() else {
-                return Err(Fatal(Code::PROTOCOL_ERROR, "HEADERS padding cut short"));
-            };
-            let whole = payload.len();
-            if usize::from(p) >= whole {
-                return Err(Fatal(Code::PROTOCOL_ERROR, "HEADERS padding too long"));
-            }
-            payload.advance(1);
-            payload.truncate(whole - 1 - usize::from(p));
-        }
-        if flags & PRIORITY_FLAG != 0 {
-            if payload.len() < 5 {
-                return Err(Fatal(Code::FRAME_SIZE_ERROR, "HEADERS priority cut short"));
-            }
-            payload.advance(5);
-        }
+        let payload = headers_fragment(flags, payload)?;
         let end_stream = flags & END_STREAM != 0;
         if flags & END_HEADERS == 0 {
             self.partial = Some(Partial {
@@ -1300,93 +834,13 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         Ok(())
     }
 
-    fn on_settings<F>(
-        &mut self,
-        slots: &mut [Slot<F>],
-        id: u32,
-        flags: u8,
-        payload: &[u8],
-    ) -> Result<(), Fatal> {
-        if id != 0 {
-            return Err(Fatal(Code::PROTOCOL_ERROR, "SETTINGS on a stream"));
-        }
-        if flags & ACK != 0 {
-            if !payload.is_empty() {
-                return Err(Fatal(Code::FRAME_SIZE_ERROR, "SETTINGS ACK with a payload"));
-            }
-            return Ok(());
-        }
-        if !payload.len().is_multiple_of(6) {
-            return Err(Fatal(Code::FRAME_SIZE_ERROR, "SETTINGS of a bad length"));
-        }
-        for s in payload.chunks_exact(6) {
-            let key = u16::from_be_bytes([s[0], s[1]]);
-            let v = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
-            match key {
-                // Push: 0 or 1.
-                0x2 if v > 1 => {
-                    return Err(Fatal(Code::PROTOCOL_ERROR, "ENABLE_PUSH not 0 or 1"));
-                }
-                0x4 => {
-                    if v > 0x7fff_ffff {
-                        return Err(Fatal(
-                            Code::FLOW_CONTROL_ERROR,
-                            "INITIAL_WINDOW_SIZE too large",
-                        ));
-                    }
-                    let delta = i64::from(v) - self.link.peer_window;
-                    self.link.peer_window = i64::from(v);
-                    for (i, slot) in slots.iter_mut().enumerate() {
-                        if slot.id != 0 {
-                            slot.tx.window += delta;
-                            if delta > 0 && !slot.tx.pending.is_empty() {
-                                self.link.ready.push_back(i);
-                            }
-                        }
-                    }
-                }
-                0x5 => {
-                    if !(16_384..=16_777_215).contains(&v) {
-                        return Err(Fatal(Code::PROTOCOL_ERROR, "MAX_FRAME_SIZE out of range"));
-                    }
-                    self.link.peer_frame = v as usize;
-                }
-                // The encoder indexes nothing, so the peer's table size does
-                // not bind it; the rest are advisory or for pushes.
-                _ => {}
-            }
-        }
-        self.link.out.head(0, SETTINGS, ACK, 0);
-        Ok(())
-    }
-
+    /// A stream's WINDOW_UPDATE, `inc` bytes.
     fn on_window_update<F>(
         &mut self,
         slots: &mut [Slot<F>],
         id: u32,
-        payload: &[u8],
+        inc: i64,
     ) -> Result<(), Fatal> {
-        let [a, b, c, d] = payload else {
-            return Err(Fatal(
-                Code::FRAME_SIZE_ERROR,
-                "WINDOW_UPDATE of a bad length",
-            ));
-        };
-        let inc = i64::from(u32::from_be_bytes([*a, *b, *c, *d]) & 0x7fff_ffff);
-        if id == 0 {
-            if inc == 0 {
-                return Err(Fatal(Code::PROTOCOL_ERROR, "WINDOW_UPDATE of 0"));
-            }
-            self.link.send_window += inc;
-            if self.link.send_window > 0x7fff_ffff {
-                return Err(Fatal(
-                    Code::FLOW_CONTROL_ERROR,
-                    "connection window over 2^31-1",
-                ));
-            }
-            self.link.ready.extend(self.link.conn_blocked.drain(..));
-            return Ok(());
-        }
         if id > self.last_id {
             return Err(Fatal(
                 Code::PROTOCOL_ERROR,
@@ -1396,18 +850,11 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         let Some(&i) = self.by_id.get(&id) else {
             return Ok(());
         };
-        if inc == 0 {
-            self.reset(slots, id, Code::PROTOCOL_ERROR);
-            return Ok(());
-        }
         let Some(slot) = slots.get_mut(i) else {
             return Ok(());
         };
-        slot.tx.window += inc;
-        if slot.tx.window > 0x7fff_ffff {
-            self.reset(slots, id, Code::FLOW_CONTROL_ERROR);
-        } else if !slot.tx.pending.is_empty() {
-            self.link.ready.push_back(i);
+        if let Err(code) = slot.tx.grow(inc, i, &mut self.link.ready) {
+            self.reset(slots, id, code);
         }
         Ok(())
     }
@@ -1665,17 +1112,6 @@ impl Head {
     }
 }
 
-/// Fields h2 forbids (RFC 9113, 8.2.2): the hop-by-hop ones that describe a
-/// connection (h2 has its own), `TE` unless it says `trailers`; a proxy's
-/// authentication fields are hop-by-hop but allowed.
-fn is_connection_specific(h: &HeaderName, value: &[u8]) -> bool {
-    match h.as_str() {
-        "te" => !value.eq_ignore_ascii_case(b"trailers"),
-        "proxy-authenticate" | "proxy-authorization" => false,
-        n => crate::http::hop_by_hop(n),
-    }
-}
-
 /// One stream's place in its connection; reused by later streams.
 struct Slot<F> {
     /// The stream's id; 0 while the slot is free.
@@ -1743,308 +1179,6 @@ impl<F> Slot<F> {
     }
 }
 
-/// The wakes of a connection's streams: which slots want polling, and the
-/// connection task's own waker (see `Inline`).
-#[derive(Default)]
-struct Wakes {
-    list: Mutex<Vec<usize>>,
-    /// Set once a slot is on the list: a round with no woken stream (most,
-    /// on a busy connection) takes no lock.
-    listed: AtomicBool,
-    inline: Inline,
-}
-
-impl Wakes {
-    /// Moves the woken slots into `into`.
-    fn take(&self, into: &mut Vec<usize>) {
-        if !self.listed.swap(false, Ordering::AcqRel) {
-            return;
-        }
-        if let Ok(mut l) = self.list.lock() {
-            std::mem::swap(&mut *l, into);
-        }
-    }
-}
-
-impl std::task::Wake for Wakes {
-    fn wake(self: Arc<Self>) {
-        self.inline.wake_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.inline.wake_ref();
-    }
-}
-
-/// One slot's waker.
-struct SlotWake {
-    idx: usize,
-    queued: AtomicBool,
-    wakes: Arc<Wakes>,
-}
-
-impl std::task::Wake for SlotWake {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        if !self.queued.swap(true, Ordering::AcqRel)
-            && let Ok(mut l) = self.wakes.list.lock()
-        {
-            l.push(self.idx);
-            drop(l);
-            // After the push: a `take` that misses the flag finds the slot
-            // at its next round, which this wake brings about.
-            self.wakes.listed.store(true, Ordering::Release);
-        }
-        self.wakes.inline.wake_ref();
-    }
-}
-
-/// A request body between the connection, which fills it, and the handler,
-/// which drains it.
-#[derive(Default)]
-struct Shared {
-    state: Mutex<RecvState>,
-}
-
-#[derive(Default)]
-struct RecvState {
-    chunks: VecDeque<Bytes>,
-    buffered: u32,
-    /// Taken by the handler and not yet given back to the peer's windows.
-    released: u32,
-    end: bool,
-    trailers: Option<HeaderMap>,
-    failed: Option<&'static str>,
-    /// The handler's body was dropped: nothing more is kept.
-    closed: bool,
-    reader: Option<Waker>,
-}
-
-impl Shared {
-    /// Data from the peer; false if nobody reads it any more.
-    fn push(&self, data: Bytes, end: bool) -> bool {
-        let Ok(mut s) = self.state.lock() else {
-            return false;
-        };
-        if s.closed {
-            return false;
-        }
-        if !data.is_empty() {
-            s.buffered += data.len() as u32;
-            s.chunks.push_back(data);
-        }
-        s.end |= end;
-        if let Some(w) = s.reader.take() {
-            w.wake();
-        }
-        true
-    }
-
-    fn trailers(&self, t: HeaderMap) {
-        if let Ok(mut s) = self.state.lock() {
-            s.trailers = Some(t);
-            s.end = true;
-            if let Some(w) = s.reader.take() {
-                w.wake();
-            }
-        }
-    }
-
-    fn fail(&self, why: &'static str) {
-        if let Ok(mut s) = self.state.lock()
-            && !s.end
-        {
-            s.failed = Some(why);
-            if let Some(w) = s.reader.take() {
-                w.wake();
-            }
-        }
-    }
-
-    fn take_released(&self) -> u32 {
-        self.state
-            .lock()
-            .map(|mut s| std::mem::take(&mut s.released))
-            .unwrap_or(0)
-    }
-
-    /// The stream is gone: what was not read (or not yet given back) is
-    /// returned, for the connection window.
-    fn close(&self) -> u32 {
-        let Ok(mut s) = self.state.lock() else {
-            return 0;
-        };
-        s.closed = true;
-        s.chunks.clear();
-        if s.failed.is_none() && !s.end {
-            s.failed = Some("stream closed");
-        }
-        if let Some(w) = s.reader.take() {
-            w.wake();
-        }
-        std::mem::take(&mut s.buffered) + std::mem::take(&mut s.released)
-    }
-}
-
-/// A request body as the handler reads it.
-struct RecvBody {
-    shared: Arc<Shared>,
-    /// The stream's waker: taking data may open the peer's window.
-    conn: Waker,
-    remaining: Option<u64>,
-}
-
-impl Body for RecvBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let Ok(mut s) = self.shared.state.lock() else {
-            return Poll::Ready(Some(Err("request body lost".into())));
-        };
-        if let Some(data) = s.chunks.pop_front() {
-            let n = data.len() as u32;
-            s.buffered -= n;
-            s.released += n;
-            // Tell the connection when the queue runs dry or enough was
-            // taken: the peer may be waiting for window.
-            let tell = s.buffered == 0 || s.released >= 16 << 10;
-            drop(s);
-            if tell {
-                self.conn.wake_by_ref();
-            }
-            if let Some(r) = &mut self.remaining {
-                *r = r.saturating_sub(u64::from(n));
-            }
-            return Poll::Ready(Some(Ok(Frame::data(data))));
-        }
-        if let Some(why) = s.failed.take() {
-            s.end = true;
-            return Poll::Ready(Some(Err(why.into())));
-        }
-        if s.end {
-            return Poll::Ready(s.trailers.take().map(|t| Ok(Frame::trailers(t))));
-        }
-        if !s.reader.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            s.reader = Some(cx.waker().clone());
-        }
-        Poll::Pending
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.shared
-            .state
-            .lock()
-            .map(|s| s.end && s.chunks.is_empty() && s.trailers.is_none() && s.failed.is_none())
-            .unwrap_or(true)
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self.remaining {
-            Some(n) => SizeHint::with_exact(n),
-            None => SizeHint::default(),
-        }
-    }
-}
-
-impl Drop for RecvBody {
-    fn drop(&mut self) {
-        if let Ok(mut s) = self.shared.state.lock() {
-            s.closed = true;
-            s.released += std::mem::take(&mut s.buffered);
-            s.chunks.clear();
-        }
-        self.conn.wake_by_ref();
-    }
-}
-
-/// The connection task's waker as its streams and sockets see it. When a
-/// stream queues a frame, the h2 crate wakes the connection to write it; the
-/// streams are polled inside the connection's own poll, so that wake would
-/// come while the task runs and make the runtime poll it all once more
-/// (every timer, the drain, the streams, the connection), one extra poll per
-/// response. A wake that comes during the poll is instead noted and served
-/// by another round of the same poll; any other is passed on.
-#[derive(Default)]
-struct Inline {
-    state: std::sync::atomic::AtomicU8,
-    task: futures_util::task::AtomicWaker,
-}
-
-/// Rounds one poll may make for wakes that came during it. A resource out
-/// of tokio's cooperative budget wakes its task and says Pending until the
-/// task has yielded: rounds alone would spin on it.
-const ROUNDS: u32 = 4;
-/// Not being polled.
-const IDLE: u8 = 0;
-/// Being polled.
-const POLLING: u8 = 1;
-/// Being polled, and woken meanwhile.
-const WOKEN: u8 = 2;
-
-impl Inline {
-    /// A poll begins, on behalf of the task `outer` wakes.
-    fn enter(&self, outer: &std::task::Waker) {
-        self.task.register(outer);
-        self.state.store(POLLING, Ordering::SeqCst);
-    }
-
-    /// The poll would end: true if a wake came during it and `again` lets
-    /// the poll go on; false if it ends (a wake that came is passed to the
-    /// task then; later wakes go to it directly).
-    fn leave(&self, again: bool) -> bool {
-        let woken = self
-            .state
-            .compare_exchange(POLLING, IDLE, Ordering::SeqCst, Ordering::SeqCst)
-            .is_err();
-        if woken && again {
-            self.state.store(POLLING, Ordering::SeqCst);
-            return true;
-        }
-        if woken {
-            self.state.store(IDLE, Ordering::SeqCst);
-            self.task.wake();
-        }
-        false
-    }
-
-    /// A wake: noted if the poll runs, else passed to the task.
-    fn wake_ref(&self) {
-        let mut now = self.state.load(Ordering::SeqCst);
-        loop {
-            match now {
-                POLLING => match self.state.compare_exchange(
-                    POLLING,
-                    WOKEN,
-                    Ordering::SeqCst,
-                    Ordering::SeqCst,
-                ) {
-                    Ok(_) => return,
-                    Err(seen) => now = seen,
-                },
-                WOKEN => return,
-                _ => return self.task.wake(),
-            }
-        }
-    }
-}
-
-impl std::task::Wake for Inline {
-    fn wake(self: std::sync::Arc<Self>) {
-        self.wake_ref();
-    }
-
-    fn wake_by_ref(self: &std::sync::Arc<Self>) {
-        self.wake_ref();
-    }
-}
-
 /// A response head as h2 carries it: no hop-by-hop field (h2 refuses the
 /// connection-specific ones; a local answer may say `Connection: close`), a
 /// `Date`, and the body's length when it is known and was not given.
@@ -2065,7 +1199,9 @@ fn fit_response(h: &mut HeaderMap, body: &ProxyBody) {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+    use crate::upstream::BoxError;
     use http_body_util::Full;
+    use hyper::body::Frame;
     use std::sync::Arc;
     use std::sync::atomic::AtomicUsize;
     use tokio::net::{TcpListener, TcpStream};
