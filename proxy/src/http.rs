@@ -928,7 +928,7 @@ pub(crate) async fn send(
                     resp: answer(backend, resp, slot),
                     head,
                 }),
-                Ok(Err(crate::mux::Failure::NotSent(req))) => Err(SendFailure::NotSent(req, slot)),
+                Ok(Err(crate::mux::Failure::NotSent(req))) => Err(SendFailure::NotSent(*req, slot)),
                 Ok(Err(crate::mux::Failure::Body(e))) => {
                     Err(SendFailure::Failed(body_failed(backend, &*e)))
                 }

@@ -1,54 +1,33 @@
-//! Multiplexed upstream connections: h2 with prior knowledge (h2c), spoken
-//! with the `h2` crate directly. They carry the backhaul (an edge's requests
-//! to another host's proxy) and reach machines whose service asks for h2.
-//!
-//! A request is handed to the connection's stream state by the task that
-//! proxies it, and its response is awaited by that same task: two tasks per
-//! request (this one and the connection's), where hyper's client adds a
-//! dispatch channel, a task per request to await the response and two
-//! one-shot channels. A body still to send is piped by a task of its own,
-//! spawned only when it cannot all go at once.
+//! h2, spoken by skein itself: the server (`server`) that clients' h2 and
+//! h2c and other edges' backhaul reach, and the client (`Conn`) that carries
+//! the backhaul (an edge's requests to another host's proxy) and reaches
+//! machines whose service asks for h2c. What both sides need (frames,
+//! windows, a stream's halves, wakers) is `wire`; HPACK is `hpack`.
 
-use std::future::poll_fn;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::Bytes;
-use futures_util::FutureExt as _;
-use http::{Request, Response};
-use http_body_util::BodyExt as _;
-use hyper::body::{Body, Frame, SizeHint};
-use tokio::net::TcpStream;
+use http::Request;
 
 use crate::upstream::{BoxError, ProxyBody};
 
+mod client;
 pub(crate) mod hpack;
 pub(crate) mod server;
 pub(crate) mod wire;
 
-/// Largest response head (all headers, decoded) a peer may send.
-const MAX_HEADER_LIST: u32 = 64 * 1024;
-
-/// One h2 connection to an upstream; clones share it.
-#[derive(Clone)]
-pub struct Conn {
-    tx: h2::client::SendRequest<Bytes>,
-    closed: Arc<AtomicBool>,
-}
+pub use client::{Conn, Error};
 
 /// Why a request got no answer on a connection.
 pub enum Failure {
     /// The connection takes no more requests (it closed, or the peer sent
-    /// GOAWAY): nothing was sent and the request comes back whole.
-    NotSent(Request<ProxyBody>),
+    /// GOAWAY), or the peer refused the stream before reading any of it:
+    /// the request comes back whole, to be sent elsewhere.
+    NotSent(Box<Request<ProxyBody>>),
     /// The request's own body failed (over its limit, cut short): the
     /// stream was reset.
     Body(BoxError),
     /// The peer or the connection failed the exchange.
-    Upstream(h2::Error),
+    Upstream(Error),
 }
 
 /// How a connection checks that its peer is still there: a PING every
@@ -73,240 +52,17 @@ impl Default for Keepalive {
     }
 }
 
-impl Conn {
-    /// Speaks h2 on `io` (the preface, then settings); the connection's
-    /// frames are read and written by a task on the caller's runtime, which
-    /// also pings the peer as `keepalive` says.
-    pub async fn handshake(io: TcpStream, keepalive: Keepalive) -> Result<Conn, h2::Error> {
-        let (tx, mut conn) = h2::client::Builder::new()
-            .enable_push(false)
-            // Windows sized so that one large response does not stall on a
-            // link with a real round trip; the machine side bounds memory.
-            .initial_window_size(2 << 20)
-            .initial_connection_window_size(5 << 20)
-            .max_send_buffer_size(1 << 20)
-            .max_header_list_size(MAX_HEADER_LIST)
-            .handshake::<_, Bytes>(io)
-            .await?;
-        let closed = Arc::new(AtomicBool::new(false));
-        let done = closed.clone();
-        let pings = conn.ping_pong();
-        tokio::spawn(async move {
-            tokio::select! {
-                r = &mut conn => {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "upstream h2 connection ended");
-                    }
-                }
-                why = alive(pings, keepalive) => {
-                    // Dropping the connection fails its streams at once.
-                    metrics::counter!("skein_proxy_upstream_h2_dead_total").increment(1);
-                    tracing::warn!(reason = why, "upstream h2 peer stopped answering pings: connection dropped");
-                }
-            }
-            done.store(true, Ordering::Release);
-        });
-        Ok(Conn { tx, closed })
-    }
-
-    /// True once the connection has ended or refused a new stream.
-    pub fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
-    }
-
-    /// Sends `req` (its URI absolute, no connection-specific header) and
-    /// waits for the response head; the response's body reads the rest.
-    pub async fn send(mut self, req: Request<ProxyBody>) -> Result<Response<ProxyBody>, Failure> {
-        // Waits while the peer's concurrent stream limit is reached.
-        if poll_fn(|cx| self.tx.poll_ready(cx)).await.is_err() {
-            self.closed.store(true, Ordering::Release);
-            return Err(Failure::NotSent(req));
-        }
-        let (parts, body) = req.into_parts();
-        let eos = body.is_end_stream();
-        let (response, stream) = self
-            .tx
-            .send_request(Request::from_parts(parts, ()), eos)
-            .map_err(Failure::Upstream)?;
-        let body_failed = if eos {
-            None
-        } else {
-            let failed = Arc::new(std::sync::Mutex::new(None));
-            let kept = failed.clone();
-            let mut pipe = Box::pin(async move {
-                if let Some(e) = pipe(body, stream, h2::Reason::CANCEL).await {
-                    *kept.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-                }
-            });
-            // Most bodies are whole already (held for a replay): sent now,
-            // with no task.
-            if pipe.as_mut().now_or_never().is_none() {
-                tokio::spawn(pipe);
-            }
-            Some(failed)
-        };
-        match response.await {
-            Ok(resp) => {
-                let remaining = crate::http::content_length(resp.headers());
-                Ok(resp.map(|recv| Incoming::new(recv, remaining).boxed()))
-            }
-            Err(e) => {
-                let own =
-                    body_failed.and_then(|f| f.lock().unwrap_or_else(|p| p.into_inner()).take());
-                Err(own.map_or(Failure::Upstream(e), Failure::Body))
-            }
-        }
-    }
-}
-
-/// Pings the peer for as long as it answers; returns why it stopped.
-pub(crate) async fn alive(pings: Option<h2::PingPong>, keepalive: Keepalive) -> &'static str {
-    let Some(mut pings) = pings else {
-        return std::future::pending().await;
-    };
-    loop {
-        tokio::time::sleep(keepalive.every).await;
-        match tokio::time::timeout(keepalive.within, pings.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) => return "ping failed",
-            Err(_) => return "no pong in time",
-        }
-    }
-}
-
-/// Streams a body into its h2 stream (a request's to an upstream, a
-/// response's to a client): frames as they come, each once the peer's window
-/// has room for at least a byte (h2 buffers the rest of a frame, bounded by
-/// `max_send_buffer_size`), then the trailers or the end. A body that fails
-/// resets the stream with `on_error` and its error is returned; a stream the
-/// peer reset ends the pipe quietly.
-pub(crate) async fn pipe(
-    mut body: ProxyBody,
-    mut tx: h2::SendStream<Bytes>,
-    on_error: h2::Reason,
-) -> Option<BoxError> {
-    loop {
-        tx.reserve_capacity(1);
-        let room = poll_fn(|cx| {
-            if tx.capacity() > 0 {
-                return Poll::Ready(true);
-            }
-            match ready!(tx.poll_capacity(cx)) {
-                Some(Ok(_)) => Poll::Ready(true),
-                // The stream was reset or the connection went away.
-                Some(Err(_)) | None => Poll::Ready(false),
-            }
-        })
-        .await;
-        if !room {
-            return None;
-        }
-        let frame = poll_fn(|cx| {
-            if let Poll::Ready(reason) = tx.poll_reset(cx) {
-                tracing::debug!(?reason, "upstream reset the stream mid-body");
-                return Poll::Ready(None);
-            }
-            Pin::new(&mut body).poll_frame(cx).map(Some)
-        })
-        .await;
-        let frame = match frame {
-            // Reset by the peer.
-            None => return None,
-            Some(None) => {
-                let _ = tx.send_data(Bytes::new(), true);
-                return None;
-            }
-            Some(Some(Err(e))) => {
-                tx.send_reset(on_error);
-                return Some(e);
-            }
-            Some(Some(Ok(frame))) => frame,
-        };
-        match frame.into_data() {
-            Ok(data) => {
-                let eos = body.is_end_stream();
-                if tx.send_data(data, eos).is_err() || eos {
-                    return None;
-                }
-            }
-            Err(frame) => {
-                if let Ok(t) = frame.into_trailers() {
-                    let _ = tx.send_trailers(t);
-                    return None;
-                }
-                // A frame kind http-body does not have yet: skipped.
-            }
-        }
-    }
-}
-
-/// A body read from its h2 stream (an upstream's response, a client's
-/// request): each frame's bytes handed back to the peer's window as they are
-/// taken, then the trailers. Its length is what `Content-Length` said (the
-/// proxy's HTTP/1.1 side frames with it).
-pub(crate) struct Incoming {
-    recv: h2::RecvStream,
-    data_done: bool,
-    remaining: Option<u64>,
-}
-
-impl Incoming {
-    /// The body arriving on `recv`, `remaining` bytes long if announced.
-    pub(crate) fn new(recv: h2::RecvStream, remaining: Option<u64>) -> Incoming {
-        Incoming {
-            recv,
-            data_done: false,
-            remaining,
-        }
-    }
-}
-
-impl Body for Incoming {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if !self.data_done {
-            match ready!(self.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let _ = self.recv.flow_control().release_capacity(data.len());
-                    if let Some(r) = &mut self.remaining {
-                        *r = r.saturating_sub(data.len() as u64);
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
-                None => self.data_done = true,
-            }
-        }
-        match ready!(self.recv.poll_trailers(cx)) {
-            Ok(Some(t)) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
-            Ok(None) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(e.into()))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.recv.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self.remaining {
-            _ if self.recv.is_end_stream() => SizeHint::with_exact(0),
-            Some(n) => SizeHint::with_exact(n),
-            None => SizeHint::default(),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-    use http::HeaderMap;
+    use bytes::Bytes;
+    use http::{HeaderMap, Response};
+    use http_body_util::BodyExt as _;
+    use hyper::body::{Body as _, Frame};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::net::TcpStream;
 
     /// What the test server saw of one request.
     #[derive(Debug)]

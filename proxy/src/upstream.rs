@@ -55,9 +55,6 @@ pub enum ConnectError {
     /// The HTTP handshake failed.
     #[error("handshake: {0}")]
     Handshake(#[from] hyper::Error),
-    /// The h2 handshake failed.
-    #[error("h2 handshake: {0}")]
-    H2(#[from] h2::Error),
 }
 
 /// A TCP connection to `addr` within `timeout`, Nagle off, with the given

@@ -37,15 +37,14 @@ use std::time::Duration;
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Method, Request, Response, Uri, Version};
+use http::{Method, Request, Response};
 use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Body;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio_util::sync::CancellationToken;
 
 use super::Keepalive;
-use super::hpack::{self, Name};
+use super::hpack;
 use super::wire::*;
 use crate::upstream::ProxyBody;
 
@@ -155,7 +154,7 @@ where
     // What is left to write (a GOAWAY, the last answers), briefly: a peer
     // that does not read loses it.
     let Conn {
-        mut io,
+        wire: Wire { mut io, .. },
         link: Link { out, .. },
         ..
     } = conn;
@@ -178,9 +177,8 @@ enum End {
 
 /// One connection's state, all of it owned by its task.
 struct Conn<I> {
-    io: I,
+    wire: Wire<I>,
     limits: Limits,
-    rbuf: BytesMut,
     link: Link,
     hpack: hpack::Decoder,
     partial: Option<Partial>,
@@ -189,7 +187,6 @@ struct Conn<I> {
     /// A GOAWAY was sent with this last stream id: no stream above it starts.
     goaway: Option<u32>,
     peer_goaway: bool,
-    read_closed: bool,
     /// Streams opened, cancelled by the client while their handler ran, and
     /// reset by this side for the client's errors.
     opened: u64,
@@ -200,26 +197,20 @@ struct Conn<I> {
     active: usize,
     by_id: ById,
     pinger: Pinger,
-    /// Reading stopped for the write buffer; a flush resumes it.
-    read_paused: bool,
-    /// Written and not yet flushed.
-    unflushed: bool,
     wakes: Arc<Wakes>,
 }
 
 impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
     fn new(io: I, limits: Limits) -> Conn<I> {
         Conn {
-            io,
+            wire: Wire::new(io, 16 << 10),
             limits,
-            rbuf: BytesMut::with_capacity(16 << 10),
             link: Link::new(limits.conn_window),
             hpack: hpack::Decoder::new(TABLE_SIZE),
             partial: None,
             last_id: 0,
             goaway: None,
             peer_goaway: false,
-            read_closed: false,
             opened: 0,
             cancelled: 0,
             local_resets: 0,
@@ -227,8 +218,6 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             active: 0,
             by_id: ById::default(),
             pinger: Pinger::new(limits.keepalive),
-            read_paused: false,
-            unflushed: false,
             wakes: Arc::new(Wakes::default()),
         }
     }
@@ -254,29 +243,31 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         if extra > 0 {
             self.link.out.window_update(0, extra as u32);
         }
-        self.io
+        self.wire
+            .io
             .write_all(&self.link.out.buf)
             .await
             .map_err(|_| "write failed")?;
-        self.io.flush().await.map_err(|_| "write failed")?;
+        self.wire.io.flush().await.map_err(|_| "write failed")?;
         self.link.out.buf.clear();
-        while self.rbuf.len() < PREFACE.len() + 9 {
+        while self.wire.rbuf.len() < PREFACE.len() + 9 {
             if self
+                .wire
                 .io
-                .read_buf(&mut self.rbuf)
+                .read_buf(&mut self.wire.rbuf)
                 .await
                 .map_err(|_| "read failed")?
                 == 0
             {
                 return Err("closed before its preface");
             }
-            let n = self.rbuf.len().min(PREFACE.len());
-            if self.rbuf[..n] != PREFACE[..n] {
+            let n = self.wire.rbuf.len().min(PREFACE.len());
+            if self.wire.rbuf[..n] != PREFACE[..n] {
                 return Err("not an h2 preface");
             }
         }
-        self.rbuf.advance(PREFACE.len());
-        if self.rbuf[3] != SETTINGS || self.rbuf[4] & ACK != 0 {
+        self.wire.rbuf.advance(PREFACE.len());
+        if self.wire.rbuf[3] != SETTINGS || self.wire.rbuf[4] & ACK != 0 {
             return Err("preface not followed by SETTINGS");
         }
         Ok(())
@@ -363,23 +354,23 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
                     return Poll::Ready(End::Fatal(f));
                 }
                 // Write what the round made.
-                match self.flush(cx) {
+                match self.wire.flush(cx, &mut self.link.out) {
                     Err(()) => return Poll::Ready(End::Done),
                     Ok(true) if !self.link.write_blocked.is_empty() => {
                         self.link.ready.extend(self.link.write_blocked.drain(..));
                         continue;
                     }
-                    Ok(true) if std::mem::take(&mut self.read_paused) => {
+                    Ok(true) if std::mem::take(&mut self.wire.read_paused) => {
                         // The peer's frames waited for this flush.
                         cx.waker().wake_by_ref();
                     }
                     Ok(_) => {}
                 }
-                let ending = self.goaway.is_some() || self.peer_goaway || self.read_closed;
+                let ending = self.goaway.is_some() || self.peer_goaway || self.wire.read_closed;
                 if ending && self.active == 0 && self.link.out.backlog() == 0 {
                     return Poll::Ready(End::Done);
                 }
-                if self.read_closed && self.link.out.backlog() == 0 {
+                if self.wire.read_closed && self.link.out.backlog() == 0 {
                     // The peer is gone: nothing it asked can reach it.
                     return Poll::Ready(End::Done);
                 }
@@ -400,9 +391,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
     /// Most client connections are idle most of the time.
     fn rest(&mut self) {
         let quiet = self.active == 0 && self.partial.is_none();
-        if quiet && self.rbuf.is_empty() && self.link.out.backlog() == 0 {
-            if self.rbuf.capacity() > 0 {
-                self.rbuf = BytesMut::new();
+        if quiet && self.wire.rbuf.is_empty() && self.link.out.backlog() == 0 {
+            if self.wire.rbuf.capacity() > 0 {
+                self.wire.rbuf = BytesMut::new();
             }
             if self.link.out.buf.capacity() > 0 {
                 self.link.out = Out {
@@ -419,33 +410,6 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         self.link.out.goaway(self.last_id, code);
     }
 
-    /// Writes the buffer; true once it is all out. Err: the socket failed.
-    fn flush(&mut self, cx: &mut Context<'_>) -> Result<bool, ()> {
-        while self.link.out.backlog() > 0 {
-            match Pin::new(&mut self.io).poll_write(cx, &self.link.out.buf[self.link.out.pos..]) {
-                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Err(()),
-                Poll::Ready(Ok(n)) => {
-                    self.link.out.pos += n;
-                    self.unflushed = true;
-                }
-                Poll::Pending => return Ok(false),
-            }
-        }
-        self.link.out.buf.clear();
-        self.link.out.pos = 0;
-        if !self.unflushed {
-            return Ok(true);
-        }
-        match Pin::new(&mut self.io).poll_flush(cx) {
-            Poll::Ready(Err(_)) => Err(()),
-            Poll::Ready(Ok(())) => {
-                self.unflushed = false;
-                Ok(true)
-            }
-            Poll::Pending => Ok(false),
-        }
-    }
-
     /// Reads what the socket has (bounded), acting on each whole frame.
     fn read<F>(
         &mut self,
@@ -456,35 +420,11 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         let mut budget = READ_BUDGET;
         loop {
             self.frames(slots, make)?;
-            if self.read_closed {
+            if !self
+                .wire
+                .read_more(cx, &mut budget, self.link.out.backlog())
+            {
                 return Ok(());
-            }
-            if self.link.out.backlog() >= WRITE_HIGH {
-                self.read_paused = true;
-                return Ok(());
-            }
-            if budget == 0 {
-                // More may be waiting: another round, after the streams.
-                cx.waker().wake_by_ref();
-                return Ok(());
-            }
-            if self.rbuf.capacity() - self.rbuf.len() < 1024 {
-                // Small after a rest (a request's frames), a whole frame's
-                // room once frames come in a stream.
-                let want = if self.rbuf.capacity() == 0 {
-                    4096
-                } else {
-                    MAX_FRAME + 9
-                };
-                self.rbuf.reserve(want);
-            }
-            match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf) {
-                Poll::Pending => return Ok(()),
-                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
-                    self.read_closed = true;
-                    return Ok(());
-                }
-                Poll::Ready(Ok(n)) => budget = budget.saturating_sub(n),
             }
         }
     }
@@ -495,16 +435,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         slots: &mut Vec<Slot<F>>,
         make: &impl Fn(Request<ProxyBody>) -> F,
     ) -> Result<(), Fatal> {
-        while let Some((len, kind, flags, id)) = frame_header(&self.rbuf) {
-            if len > MAX_FRAME {
-                return Err(Fatal(Code::FRAME_SIZE_ERROR, "frame over the size allowed"));
-            }
-            if self.rbuf.len() < 9 + len {
-                self.rbuf.reserve(9 + len - self.rbuf.len());
-                return Ok(());
-            }
-            self.rbuf.advance(9);
-            let payload = self.rbuf.split_to(len).freeze();
+        while let Some((kind, f)) = self.wire.next_frame()? {
+            let H2Frame { id, flags, payload } = f;
+            let len = payload.len();
             if self.partial.is_some() && kind != CONTINUATION {
                 return Err(Fatal(Code::PROTOCOL_ERROR, "header block interrupted"));
             }
@@ -887,7 +820,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             fut.set(None);
             self.answer(*id, *head, tx, resp);
         }
-        if let Some(e) = self.link.pump(*id, tx, i, cx) {
+        if let Some(e) = self.link.pump(*id, tx, i, cx, Code::INTERNAL_ERROR) {
             metrics::counter!("skein_proxy_response_body_errors_total").increment(1);
             tracing::debug!(error = %e, "response body failed: stream reset");
             rx.open = false;
@@ -933,182 +866,12 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         }
         if let Some(shared) = slot.rx.shared.take() {
             // What the handler left unread goes back to the connection.
-            let left = shared.close();
+            let left = shared.finish();
             self.link.give_back(left);
         }
         self.by_id.remove(&slot.id);
         self.active = self.active.saturating_sub(1);
         slot.clear();
-    }
-}
-
-/// A request head as its block decodes.
-struct Head {
-    method: Option<Bytes>,
-    scheme: Option<Bytes>,
-    authority: Option<Bytes>,
-    path: Option<Bytes>,
-    headers: HeaderMap,
-    cookies: Vec<Bytes>,
-    size: usize,
-    max: usize,
-    regular: bool,
-    malformed: Option<&'static str>,
-}
-
-impl Head {
-    fn new(max: usize) -> Head {
-        Head {
-            method: None,
-            scheme: None,
-            authority: None,
-            path: None,
-            headers: HeaderMap::new(),
-            cookies: Vec::new(),
-            size: 0,
-            max,
-            regular: false,
-            malformed: None,
-        }
-    }
-
-    fn bad(&mut self, why: &'static str) {
-        self.malformed.get_or_insert(why);
-    }
-
-    fn field(&mut self, name: Name, value: Bytes) {
-        let name_len = match &name {
-            Name::Header(h) => h.as_str().len(),
-            Name::Authority => 10,
-            Name::Method | Name::Scheme | Name::Status => 7,
-            Name::Path => 5,
-            Name::Protocol => 9,
-            Name::UnknownPseudo | Name::Invalid => 0,
-        };
-        self.size += name_len + value.len() + 32;
-        if self.size > self.max || self.malformed.is_some() {
-            // Over the limit (answered 431) or already refused: not kept.
-            return;
-        }
-        let pseudo = |this: &mut Head, slot: fn(&mut Head) -> &mut Option<Bytes>| {
-            if this.regular {
-                return this.bad("pseudo-header after a regular one");
-            }
-            let s = slot(this);
-            if s.is_some() {
-                return this.bad("pseudo-header twice");
-            }
-            *s = Some(value.clone());
-        };
-        match name {
-            Name::Method => pseudo(self, |h| &mut h.method),
-            Name::Scheme => pseudo(self, |h| &mut h.scheme),
-            Name::Authority => pseudo(self, |h| &mut h.authority),
-            Name::Path => pseudo(self, |h| &mut h.path),
-            Name::Protocol => self.bad(":protocol (extended CONNECT) is not offered"),
-            Name::Status => self.bad(":status in a request"),
-            Name::UnknownPseudo => self.bad("unknown pseudo-header"),
-            Name::Invalid => self.bad("invalid field name"),
-            Name::Header(h) => {
-                self.regular = true;
-                if is_connection_specific(&h, &value) {
-                    return self.bad("connection-specific field");
-                }
-                if h == header::COOKIE {
-                    // Crumbs are joined again for HTTP/1.1 (RFC 9113, 8.2.3).
-                    self.cookies.push(value);
-                    return;
-                }
-                match HeaderValue::from_maybe_shared(value) {
-                    Ok(v) => {
-                        self.headers.append(h, v);
-                    }
-                    Err(_) => self.bad("invalid field value"),
-                }
-            }
-        }
-    }
-
-    /// The request, and the length its `Content-Length` announces.
-    fn request(mut self) -> Result<(Request<()>, Option<u64>), &'static str> {
-        if let Some(why) = self.malformed {
-            return Err(why);
-        }
-        self.join_cookies()?;
-        let method = self.method.ok_or("no :method")?;
-        let method = Method::from_bytes(&method).map_err(|_| "invalid :method")?;
-        let uri = if method == Method::CONNECT {
-            if self.scheme.is_some() || self.path.is_some() {
-                return Err("CONNECT with :scheme or :path");
-            }
-            let a = self.authority.ok_or("CONNECT without :authority")?;
-            Uri::from(Authority::from_maybe_shared(a).map_err(|_| "invalid :authority")?)
-        } else {
-            let scheme = self.scheme.ok_or("no :scheme")?;
-            let path = self.path.ok_or("no :path")?;
-            if path.is_empty() {
-                return Err("empty :path");
-            }
-            let path = PathAndQuery::from_maybe_shared(path).map_err(|_| "invalid :path")?;
-            let mut parts = http::uri::Parts::default();
-            parts.path_and_query = Some(path);
-            if let Some(a) = self.authority {
-                parts.scheme = Some(match &scheme[..] {
-                    b"https" => Scheme::HTTPS,
-                    b"http" => Scheme::HTTP,
-                    other => Scheme::try_from(other).map_err(|_| "invalid :scheme")?,
-                });
-                parts.authority =
-                    Some(Authority::from_maybe_shared(a).map_err(|_| "invalid :authority")?);
-            }
-            Uri::from_parts(parts).map_err(|_| "invalid request target")?
-        };
-        let remaining = match self.headers.get_all(header::CONTENT_LENGTH).iter().count() {
-            0 => None,
-            _ => Some(crate::http::content_length(&self.headers).ok_or("invalid content-length")?),
-        };
-        let mut req = Request::new(());
-        *req.method_mut() = method;
-        *req.uri_mut() = uri;
-        *req.version_mut() = Version::HTTP_2;
-        *req.headers_mut() = self.headers;
-        Ok((req, remaining))
-    }
-
-    fn join_cookies(&mut self) -> Result<(), &'static str> {
-        if self.cookies.is_empty() {
-            return Ok(());
-        }
-        let joined = if self.cookies.len() == 1 {
-            self.cookies.pop().unwrap_or_default()
-        } else {
-            let mut v = Vec::new();
-            for (k, c) in self.cookies.iter().enumerate() {
-                if k > 0 {
-                    v.extend_from_slice(b"; ");
-                }
-                v.extend_from_slice(c);
-            }
-            Bytes::from(v)
-        };
-        let v = HeaderValue::from_maybe_shared(joined).map_err(|_| "invalid cookie")?;
-        self.headers.insert(header::COOKIE, v);
-        Ok(())
-    }
-
-    /// The fields as trailers: no pseudo-header.
-    fn trailers(mut self) -> Option<HeaderMap> {
-        if self.malformed.is_some() || self.size > self.max {
-            return None;
-        }
-        let pseudo = self.method.is_some()
-            || self.scheme.is_some()
-            || self.authority.is_some()
-            || self.path.is_some();
-        if pseudo || self.join_cookies().is_err() {
-            return None;
-        }
-        Some(self.headers)
     }
 }
 
@@ -1196,9 +959,10 @@ fn fit_response(h: &mut HeaderMap, body: &ProxyBody) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+    use crate::mux::hpack::Name;
     use crate::upstream::BoxError;
     use http_body_util::Full;
     use hyper::body::Frame;
@@ -1208,7 +972,7 @@ mod tests {
 
     /// Counts the handler calls started and the ones dropped unfinished.
     #[derive(Default)]
-    struct Seen {
+    pub(in crate::mux) struct Seen {
         started: AtomicUsize,
         dropped: AtomicUsize,
         started_tx: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<()>>>,
@@ -1300,7 +1064,7 @@ mod tests {
         }
     }
 
-    fn limits() -> Limits {
+    pub(in crate::mux) fn limits() -> Limits {
         Limits {
             max_streams: 16,
             max_header_list: 16 << 10,
@@ -1314,7 +1078,10 @@ mod tests {
 
     /// Serves `limits` on loopback; returns the address and what the
     /// handler saw.
-    async fn server(limits: Limits, drain: CancellationToken) -> (std::net::SocketAddr, Arc<Seen>) {
+    pub(in crate::mux) async fn server(
+        limits: Limits,
+        drain: CancellationToken,
+    ) -> (std::net::SocketAddr, Arc<Seen>) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let seen = Arc::new(Seen::default());

@@ -13,11 +13,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
+use tokio::io::{AsyncRead, AsyncWrite};
+
 use bytes::{Buf as _, Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Method, Request, Response, Uri, Version};
 use hyper::body::{Body, Frame, SizeHint};
 
-use super::hpack;
+use super::hpack::{self, Name};
 use crate::upstream::{BoxError, ProxyBody};
 
 /// Bytes waiting to be written past which no more is read or produced.
@@ -60,6 +64,7 @@ impl Code {
     pub(super) const STREAM_CLOSED: Code = Code(5);
     pub(super) const FRAME_SIZE_ERROR: Code = Code(6);
     pub(super) const REFUSED_STREAM: Code = Code(7);
+    pub(super) const CANCEL: Code = Code(8);
     pub(super) const COMPRESSION_ERROR: Code = Code(9);
     pub(super) const ENHANCE_YOUR_CALM: Code = Code(0xb);
 }
@@ -225,13 +230,14 @@ impl Link {
     /// Sends what stream `id`'s outgoing body has (slot `i`), within the
     /// windows and the write buffer; the stream is left where a window
     /// update or a flush will make it ready again. A body that fails resets
-    /// the stream (INTERNAL_ERROR) and its error is returned.
+    /// the stream with `on_error` and its error is returned.
     pub(super) fn pump(
         &mut self,
         id: u32,
         tx: &mut Outbound,
         i: usize,
         cx: &mut Context<'_>,
+        on_error: Code,
     ) -> Option<BoxError> {
         loop {
             if tx.done {
@@ -274,11 +280,12 @@ impl Link {
                 return None;
             }
             let body = tx.body.as_mut()?;
+            tx.polled = true;
             match Pin::new(&mut *body).poll_frame(cx) {
                 Poll::Pending => return None,
                 Poll::Ready(None) => tx.end_after = true,
                 Poll::Ready(Some(Err(e))) => {
-                    self.out.rst(id, Code::INTERNAL_ERROR);
+                    self.out.rst(id, on_error);
                     tx.done = true;
                     tx.body = None;
                     return Some(e);
@@ -430,6 +437,8 @@ pub(super) struct Outbound {
     pub(super) window: i64,
     /// This side has ended the stream (END_STREAM or RST_STREAM).
     pub(super) done: bool,
+    /// The body was polled: it cannot be sent again elsewhere.
+    pub(super) polled: bool,
 }
 
 /// A stream's body coming in: the windows and the queue its reader drains.
@@ -584,6 +593,27 @@ impl Shared {
             .lock()
             .map(|mut s| std::mem::take(&mut s.released))
             .unwrap_or(0)
+    }
+
+    /// The reader dropped the body.
+    pub(super) fn is_closed(&self) -> bool {
+        self.state.lock().map(|s| s.closed).unwrap_or(true)
+    }
+
+    /// The stream's slot goes. A body that ended whole stays for its
+    /// reader, and all of it is given back to the connection window now (the
+    /// stream takes no more); any other is closed, see `close`.
+    pub(super) fn finish(&self) -> u32 {
+        let Ok(mut s) = self.state.lock() else {
+            return 0;
+        };
+        if s.end && s.failed.is_none() && !s.closed {
+            // Its reader still counts what it takes, for nobody: the
+            // connection does not look at this queue again.
+            return s.buffered + std::mem::take(&mut s.released);
+        }
+        drop(s);
+        self.close()
     }
 
     /// The stream is gone: what was not read (or not yet given back) is
@@ -966,4 +996,322 @@ pub(super) fn headers_fragment(flags: u8, mut payload: Bytes) -> Result<Bytes, F
         payload.advance(5);
     }
     Ok(payload)
+}
+
+/// A header block as it decodes: a request's head, a response's, or
+/// trailers.
+pub(super) struct Head {
+    status: Option<Bytes>,
+    pub(super) method: Option<Bytes>,
+    pub(super) scheme: Option<Bytes>,
+    pub(super) authority: Option<Bytes>,
+    pub(super) path: Option<Bytes>,
+    pub(super) headers: HeaderMap,
+    pub(super) cookies: Vec<Bytes>,
+    pub(super) size: usize,
+    pub(super) max: usize,
+    pub(super) regular: bool,
+    pub(super) malformed: Option<&'static str>,
+}
+
+impl Head {
+    pub(super) fn new(max: usize) -> Head {
+        Head {
+            status: None,
+            method: None,
+            scheme: None,
+            authority: None,
+            path: None,
+            headers: HeaderMap::new(),
+            cookies: Vec::new(),
+            size: 0,
+            max,
+            regular: false,
+            malformed: None,
+        }
+    }
+
+    fn bad(&mut self, why: &'static str) {
+        self.malformed.get_or_insert(why);
+    }
+
+    pub(super) fn field(&mut self, name: Name, value: Bytes) {
+        let name_len = match &name {
+            Name::Header(h) => h.as_str().len(),
+            Name::Authority => 10,
+            Name::Method | Name::Scheme | Name::Status => 7,
+            Name::Path => 5,
+            Name::Protocol => 9,
+            Name::UnknownPseudo | Name::Invalid => 0,
+        };
+        self.size += name_len + value.len() + 32;
+        if self.size > self.max || self.malformed.is_some() {
+            // Over the limit (answered 431) or already refused: not kept.
+            return;
+        }
+        let pseudo = |this: &mut Head, slot: fn(&mut Head) -> &mut Option<Bytes>| {
+            if this.regular {
+                return this.bad("pseudo-header after a regular one");
+            }
+            let s = slot(this);
+            if s.is_some() {
+                return this.bad("pseudo-header twice");
+            }
+            *s = Some(value.clone());
+        };
+        match name {
+            Name::Method => pseudo(self, |h| &mut h.method),
+            Name::Scheme => pseudo(self, |h| &mut h.scheme),
+            Name::Authority => pseudo(self, |h| &mut h.authority),
+            Name::Path => pseudo(self, |h| &mut h.path),
+            Name::Protocol => self.bad(":protocol (extended CONNECT) is not offered"),
+            Name::Status => pseudo(self, |h| &mut h.status),
+            Name::UnknownPseudo => self.bad("unknown pseudo-header"),
+            Name::Invalid => self.bad("invalid field name"),
+            Name::Header(h) => {
+                self.regular = true;
+                if is_connection_specific(&h, &value) {
+                    return self.bad("connection-specific field");
+                }
+                if h == header::COOKIE {
+                    // Crumbs are joined again for HTTP/1.1 (RFC 9113, 8.2.3).
+                    self.cookies.push(value);
+                    return;
+                }
+                match HeaderValue::from_maybe_shared(value) {
+                    Ok(v) => {
+                        self.headers.append(h, v);
+                    }
+                    Err(_) => self.bad("invalid field value"),
+                }
+            }
+        }
+    }
+
+    /// The request, and the length its `Content-Length` announces.
+    pub(super) fn request(mut self) -> Result<(Request<()>, Option<u64>), &'static str> {
+        if let Some(why) = self.malformed {
+            return Err(why);
+        }
+        if self.status.is_some() {
+            return Err(":status in a request");
+        }
+        self.join_cookies()?;
+        let method = self.method.ok_or("no :method")?;
+        let method = Method::from_bytes(&method).map_err(|_| "invalid :method")?;
+        let uri = if method == Method::CONNECT {
+            if self.scheme.is_some() || self.path.is_some() {
+                return Err("CONNECT with :scheme or :path");
+            }
+            let a = self.authority.ok_or("CONNECT without :authority")?;
+            Uri::from(Authority::from_maybe_shared(a).map_err(|_| "invalid :authority")?)
+        } else {
+            let scheme = self.scheme.ok_or("no :scheme")?;
+            let path = self.path.ok_or("no :path")?;
+            if path.is_empty() {
+                return Err("empty :path");
+            }
+            let path = PathAndQuery::from_maybe_shared(path).map_err(|_| "invalid :path")?;
+            let mut parts = http::uri::Parts::default();
+            parts.path_and_query = Some(path);
+            if let Some(a) = self.authority {
+                parts.scheme = Some(match &scheme[..] {
+                    b"https" => Scheme::HTTPS,
+                    b"http" => Scheme::HTTP,
+                    other => Scheme::try_from(other).map_err(|_| "invalid :scheme")?,
+                });
+                parts.authority =
+                    Some(Authority::from_maybe_shared(a).map_err(|_| "invalid :authority")?);
+            }
+            Uri::from_parts(parts).map_err(|_| "invalid request target")?
+        };
+        let remaining = match self.headers.get_all(header::CONTENT_LENGTH).iter().count() {
+            0 => None,
+            _ => Some(crate::http::content_length(&self.headers).ok_or("invalid content-length")?),
+        };
+        let mut req = Request::new(());
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.version_mut() = Version::HTTP_2;
+        *req.headers_mut() = self.headers;
+        Ok((req, remaining))
+    }
+
+    fn join_cookies(&mut self) -> Result<(), &'static str> {
+        if self.cookies.is_empty() {
+            return Ok(());
+        }
+        let joined = if self.cookies.len() == 1 {
+            self.cookies.pop().unwrap_or_default()
+        } else {
+            let mut v = Vec::new();
+            for (k, c) in self.cookies.iter().enumerate() {
+                if k > 0 {
+                    v.extend_from_slice(b"; ");
+                }
+                v.extend_from_slice(c);
+            }
+            Bytes::from(v)
+        };
+        let v = HeaderValue::from_maybe_shared(joined).map_err(|_| "invalid cookie")?;
+        self.headers.insert(header::COOKIE, v);
+        Ok(())
+    }
+
+    /// The fields as a response's head: its status and headers, and the
+    /// length its `Content-Length` announces.
+    pub(super) fn response(mut self) -> Result<(Response<()>, Option<u64>), &'static str> {
+        if let Some(why) = self.malformed {
+            return Err(why);
+        }
+        let request_only = self.method.is_some()
+            || self.scheme.is_some()
+            || self.authority.is_some()
+            || self.path.is_some();
+        if request_only {
+            return Err("a request pseudo-header in a response");
+        }
+        self.join_cookies()?;
+        let status = self.status.as_deref().ok_or("no :status")?;
+        let status = http::StatusCode::from_bytes(status).map_err(|_| "invalid :status")?;
+        let remaining = match self.headers.get_all(header::CONTENT_LENGTH).iter().count() {
+            0 => None,
+            _ => Some(crate::http::content_length(&self.headers).ok_or("invalid content-length")?),
+        };
+        let mut resp = Response::new(());
+        *resp.status_mut() = status;
+        *resp.version_mut() = Version::HTTP_2;
+        *resp.headers_mut() = self.headers;
+        Ok((resp, remaining))
+    }
+
+    /// The fields as trailers: no pseudo-header.
+    pub(super) fn trailers(mut self) -> Option<HeaderMap> {
+        if self.malformed.is_some() || self.size > self.max {
+            return None;
+        }
+        let pseudo = self.status.is_some()
+            || self.method.is_some()
+            || self.scheme.is_some()
+            || self.authority.is_some()
+            || self.path.is_some();
+        if pseudo || self.join_cookies().is_err() {
+            return None;
+        }
+        Some(self.headers)
+    }
+}
+
+/// A connection's socket and what has been read from it.
+pub(super) struct Wire<I> {
+    pub(super) io: I,
+    pub(super) rbuf: BytesMut,
+    /// The peer closed its side (or the socket failed).
+    pub(super) read_closed: bool,
+    /// Reading stopped for the write buffer; a flush resumes it.
+    pub(super) read_paused: bool,
+    /// Written and not yet flushed.
+    pub(super) unflushed: bool,
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin> Wire<I> {
+    pub(super) fn new(io: I, rbuf: usize) -> Wire<I> {
+        Wire {
+            io,
+            rbuf: BytesMut::with_capacity(rbuf),
+            read_closed: false,
+            read_paused: false,
+            unflushed: false,
+        }
+    }
+
+    /// After the frames in the buffer were acted on: reads more when it
+    /// may (true: frames may have come). It may not once the peer closed,
+    /// while `backlog` bytes wait to be written past the high mark, or once
+    /// `budget` is spent (the task is woken for another round then).
+    pub(super) fn read_more(
+        &mut self,
+        cx: &mut Context<'_>,
+        budget: &mut usize,
+        backlog: usize,
+    ) -> bool {
+        if self.read_closed {
+            return false;
+        }
+        if backlog >= WRITE_HIGH {
+            self.read_paused = true;
+            return false;
+        }
+        if *budget == 0 {
+            // More may be waiting: another round, after the streams.
+            cx.waker().wake_by_ref();
+            return false;
+        }
+        if self.rbuf.capacity() - self.rbuf.len() < 1024 {
+            // Small after a rest, a whole frame's room once frames come in
+            // a stream.
+            let want = if self.rbuf.capacity() == 0 {
+                4096
+            } else {
+                MAX_FRAME + 9
+            };
+            self.rbuf.reserve(want);
+        }
+        match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf) {
+            Poll::Pending => false,
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                self.read_closed = true;
+                false
+            }
+            Poll::Ready(Ok(n)) => {
+                *budget = budget.saturating_sub(n);
+                true
+            }
+        }
+    }
+
+    /// The next whole frame in the buffer, if one is: its header and
+    /// payload. Err: a frame larger than this side allows.
+    pub(super) fn next_frame(&mut self) -> Result<Option<(u8, H2Frame)>, Fatal> {
+        let Some((len, kind, flags, id)) = frame_header(&self.rbuf) else {
+            return Ok(None);
+        };
+        if len > MAX_FRAME {
+            return Err(Fatal(Code::FRAME_SIZE_ERROR, "frame over the size allowed"));
+        }
+        if self.rbuf.len() < 9 + len {
+            self.rbuf.reserve(9 + len - self.rbuf.len());
+            return Ok(None);
+        }
+        self.rbuf.advance(9);
+        let payload = self.rbuf.split_to(len).freeze();
+        Ok(Some((kind, H2Frame { id, flags, payload })))
+    }
+
+    /// Writes `out`; true once it is all out. Err: the socket failed.
+    pub(super) fn flush(&mut self, cx: &mut Context<'_>, out: &mut Out) -> Result<bool, ()> {
+        while out.backlog() > 0 {
+            match Pin::new(&mut self.io).poll_write(cx, &out.buf[out.pos..]) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Err(()),
+                Poll::Ready(Ok(n)) => {
+                    out.pos += n;
+                    self.unflushed = true;
+                }
+                Poll::Pending => return Ok(false),
+            }
+        }
+        out.buf.clear();
+        out.pos = 0;
+        if !self.unflushed {
+            return Ok(true);
+        }
+        match Pin::new(&mut self.io).poll_flush(cx) {
+            Poll::Ready(Err(_)) => Err(()),
+            Poll::Ready(Ok(())) => {
+                self.unflushed = false;
+                Ok(true)
+            }
+            Poll::Pending => Ok(false),
+        }
+    }
 }
