@@ -8,9 +8,9 @@
 //! - [`tls`]: the certificate store and resolver.
 //! - [`upstream`]: connections to machines (pooled HTTP/1.1, shared h2c).
 //! - [`h1`]: skein's own HTTP/1.1 client connection.
-//! - [`mux`]: h2: the h2c client connection (the backhaul, h2 machines; on
-//!   the `h2` crate) and skein's own server side (frames, HPACK, flow
-//!   control: clients' h2, the backhaul listener).
+//! - [`mux`]: skein's own h2, both sides on one wire (frames, HPACK, flow
+//!   control): the client (the backhaul, h2c machines) and the server
+//!   (clients' h2 and h2c, the backhaul listener).
 //! - [`http`]: the request path: route, headers, queue, retry, stream back.
 //! - [`listener`]: accept, TLS or plaintext, HTTP/1.1 or h2 under limits.
 //!

@@ -206,8 +206,18 @@ impl Conn {
         Ok(Conn::start(io, keepalive))
     }
 
-    /// The connection on any byte stream (tests use this too).
-    pub(crate) fn start<I>(io: I, keepalive: Keepalive) -> Conn
+    /// The connection on any byte stream, its task spawned.
+    fn start<I>(io: I, keepalive: Keepalive) -> Conn
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (conn, task) = Conn::new(io, keepalive);
+        tokio::spawn(task);
+        conn
+    }
+
+    /// The connection and its task, for the caller to run.
+    fn new<I>(io: I, keepalive: Keepalive) -> (Conn, impl Future<Output = ()> + Send + 'static)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -218,10 +228,10 @@ impl Conn {
             wakes: wakes.clone(),
         });
         let driver = Driver::new(io, keepalive, queue.clone(), wakes);
-        tokio::spawn(driver.run());
-        Conn {
+        let conn = Conn {
             handle: Arc::new(Handle { queue }),
-        }
+        };
+        (conn, driver.run())
     }
 
     /// True once the connection has ended or takes no more requests.
@@ -633,11 +643,16 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Driver<I> {
         });
         let Some(i) = open else {
             // A stream that ended or was reset: the bytes go back to the
-            // connection and are dropped; DATA before a response head is
-            // malformed.
+            // connection and are dropped.
             self.link.give_back(whole);
             if let Some(&i) = self.by_id.get(&f.id) {
-                self.reset(i, Code::STREAM_CLOSED, "DATA on a closed stream");
+                let (code, why) = match self.slots.get(i) {
+                    Some(s) if s.cell.is_some() => {
+                        (Code::PROTOCOL_ERROR, "DATA before the response head")
+                    }
+                    _ => (Code::STREAM_CLOSED, "DATA on a closed stream"),
+                };
+                self.reset(i, code, why);
             }
             return Ok(());
         };
@@ -885,7 +900,6 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Driver<I> {
         slot.cell = Some(cell);
         self.by_id.insert(id, i);
         self.active += 1;
-        metrics::counter!("skein_proxy_upstream_h2_streams_total").increment(1);
         if !eos {
             self.link.ready.push_back(i);
         }
@@ -1263,5 +1277,145 @@ mod tests {
             }
         }
         assert!(!conn.is_closed());
+    }
+
+    /// A small deterministic generator (xorshift), so a failure repeats.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// A frame for the client: well formed about half the time (on the
+    /// streams it opened, of the right length: deep enough to reach the
+    /// streams), else of random type, flags, stream and payload.
+    fn frame_for(rng: &mut Rng) -> (u8, u8, u32, Vec<u8>) {
+        let open = [1u32, 3, 5][rng.below(3) as usize];
+        let noise = |rng: &mut Rng, n: u64| -> Vec<u8> {
+            (0..rng.below(n)).map(|_| rng.next() as u8).collect()
+        };
+        if rng.below(2) == 0 {
+            let kind = match rng.below(12) {
+                k @ 0..=9 => k as u8,
+                _ => 0x20 + rng.below(8) as u8,
+            };
+            let id = [0, 2, 1 << 30, 1, 3, 5][rng.below(6) as usize];
+            let n = if rng.below(2) == 0 { 24 } else { 3000 };
+            return (kind, rng.next() as u8, id, noise(rng, n));
+        }
+        match rng.below(7) {
+            0 => {
+                let mut b = Vec::new();
+                let status = [100, 103, 200, 204, 304, 404, 999][rng.below(7) as usize];
+                hpack::put_status(&mut b, status);
+                if rng.below(2) == 0 {
+                    hpack::put_field(&mut b, "content-length", b"3", false);
+                }
+                if rng.below(4) == 0 {
+                    b.extend(noise(rng, 8));
+                }
+                let end = if rng.below(2) == 0 { END_STREAM } else { 0 };
+                (HEADERS, END_HEADERS | end, open, b)
+            }
+            1 => {
+                let end = if rng.below(2) == 0 { END_STREAM } else { 0 };
+                (DATA, end, open, noise(rng, 40))
+            }
+            2 => {
+                let inc = (rng.next() as u32) >> rng.below(32);
+                (
+                    WINDOW_UPDATE,
+                    0,
+                    [0, open][rng.below(2) as usize],
+                    inc.to_be_bytes().to_vec(),
+                )
+            }
+            3 => {
+                let mut b = Vec::new();
+                for _ in 0..rng.below(4) {
+                    b.extend_from_slice(&(rng.below(9) as u16).to_be_bytes());
+                    b.extend_from_slice(&((rng.next() as u32) >> rng.below(32)).to_be_bytes());
+                }
+                (SETTINGS, 0, 0, b)
+            }
+            4 => (
+                PING,
+                rng.below(2) as u8,
+                0,
+                noise(rng, 1).into_iter().chain([0; 8]).take(8).collect(),
+            ),
+            5 => (
+                RST_STREAM,
+                0,
+                open,
+                (rng.below(14) as u32).to_be_bytes().to_vec(),
+            ),
+            _ => {
+                let mut b = (rng.below(8) as u32).to_be_bytes().to_vec();
+                b.extend_from_slice(&(rng.below(3) as u32).to_be_bytes());
+                (GOAWAY, 0, 0, b)
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn random_frames_from_a_peer_never_panic_the_client_and_every_sender_is_answered() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut rng = Rng(0x5eed_cafe_f00d_d00d);
+        for round in 0..120 {
+            let io = TcpStream::connect(addr).await.unwrap();
+            let (conn, task) = Conn::new(io, Keepalive::default());
+            let task = tokio::spawn(task);
+            let mut peer = Peer::accept(&l, &[]).await;
+            let senders: Vec<_> = (0..3)
+                .map(|k| {
+                    let req = if k == 2 {
+                        Request::post("http://machine/up")
+                            .body(streamed(2))
+                            .unwrap()
+                    } else {
+                        get("/x")
+                    };
+                    tokio::spawn(conn.clone().send(req))
+                })
+                .collect();
+            for _ in 0..(1 + rng.below(16)) {
+                let (kind, flags, id, payload) = frame_for(&mut rng);
+                peer.send(kind, flags, id, &payload).await;
+            }
+            if round % 2 == 0 {
+                // The peer goes away: everything must end.
+                drop(peer);
+            } else {
+                // Or stays, quiet: the senders are dropped (their timeout).
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                for s in &senders {
+                    s.abort();
+                }
+                drop(peer);
+            }
+            for s in senders {
+                match tokio::time::timeout(Duration::from_secs(5), s).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => assert!(e.is_cancelled(), "a sender panicked: {e}"),
+                    Err(_) => panic!("round {round}: a sender was never answered"),
+                }
+            }
+            drop(conn);
+            match tokio::time::timeout(Duration::from_secs(5), task).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => panic!("round {round}: the connection panicked: {e}"),
+                Err(_) => panic!("round {round}: the connection never ended"),
+            }
+        }
     }
 }
