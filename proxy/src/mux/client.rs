@@ -203,16 +203,17 @@ impl Conn {
     /// the first write of the connection's task, spawned on the caller's
     /// runtime, which also pings the peer as `keepalive` says.
     pub async fn handshake(io: TcpStream, keepalive: Keepalive) -> std::io::Result<Conn> {
-        Ok(Conn::start(io, keepalive))
+        let span = tracing::debug_span!("upstream_h2", peer = %io.peer_addr()?);
+        Ok(Conn::start(io, keepalive, span))
     }
 
     /// The connection on any byte stream, its task spawned.
-    fn start<I>(io: I, keepalive: Keepalive) -> Conn
+    fn start<I>(io: I, keepalive: Keepalive, span: tracing::Span) -> Conn
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (conn, task) = Conn::new(io, keepalive);
-        tokio::spawn(task);
+        tokio::spawn(tracing::Instrument::instrument(task, span));
         conn
     }
 
