@@ -94,9 +94,7 @@ struct Handle {
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        if let Ok(mut w) = self.queue.state.lock() {
-            w.handles_gone = true;
-        }
+        self.queue.gone.store(true, Ordering::Release);
         self.queue.wakes.inline.wake_ref();
     }
 }
@@ -106,6 +104,10 @@ struct Queue {
     state: Mutex<Waiting>,
     /// The connection takes no more requests.
     closed: AtomicBool,
+    /// The list may hold requests: the task looks (and locks) only then.
+    queued: AtomicBool,
+    /// Every handle is gone.
+    gone: AtomicBool,
     wakes: Arc<Wakes>,
 }
 
@@ -113,7 +115,6 @@ struct Queue {
 struct Waiting {
     list: VecDeque<Submit>,
     closed: bool,
-    handles_gone: bool,
 }
 
 struct Submit {
@@ -226,6 +227,8 @@ impl Conn {
         let queue = Arc::new(Queue {
             state: Mutex::new(Waiting::default()),
             closed: AtomicBool::new(false),
+            queued: AtomicBool::new(false),
+            gone: AtomicBool::new(false),
             wakes: wakes.clone(),
         });
         let driver = Driver::new(io, keepalive, queue.clone(), wakes);
@@ -257,6 +260,7 @@ impl Conn {
                 req,
                 cell: cell.clone(),
             });
+            queue.queued.store(true, Ordering::Release);
         }
         queue.wakes.inline.wake_ref();
         Answer { cell, done: false }.await
@@ -353,6 +357,8 @@ struct Driver<I> {
     next_id: u32,
     /// The peer's GOAWAY: no stream above this id was or will be processed.
     peer_last: Option<u32>,
+    /// No more requests are taken (GOAWAY either way, the end).
+    refused: bool,
 }
 
 impl<I: AsyncRead + AsyncWrite + Unpin> Driver<I> {
@@ -381,6 +387,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Driver<I> {
             active: 0,
             next_id: 1,
             peer_last: None,
+            refused: false,
         }
     }
 
@@ -457,32 +464,23 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Driver<I> {
 
     /// No more requests will come or be taken, and none waits.
     fn finished(&mut self) -> bool {
-        let Ok(mut w) = self.queue.state.lock() else {
+        if self.refused {
+            // The list was emptied then, and nothing is queued after.
             return true;
-        };
-        if w.handles_gone && w.list.is_empty() && !w.closed {
-            // Every handle is gone: a GOAWAY tells the peer, then the end.
-            w.closed = true;
-            self.queue.closed.store(true, Ordering::Release);
-            self.link.out.goaway(0, Code::NO_ERROR);
         }
-        w.closed && w.list.is_empty()
+        if !self.queue.gone.load(Ordering::Acquire) || self.queue.queued.load(Ordering::Acquire) {
+            return false;
+        }
+        // Every handle is gone: a GOAWAY tells the peer, then the end.
+        self.refuse_new();
+        self.link.out.goaway(0, Code::NO_ERROR);
+        true
     }
 
     /// The connection is over: the streams still open fail, and the
     /// requests still queued go back unsent.
     fn close(&mut self, end: Ended) {
-        self.queue.closed.store(true, Ordering::Release);
-        let waiting = match self.queue.state.lock() {
-            Ok(mut w) => {
-                w.closed = true;
-                std::mem::take(&mut w.list)
-            }
-            Err(_) => VecDeque::new(),
-        };
-        for s in waiting {
-            let _ = s.cell.answer(Err(Failure::NotSent(Box::new(s.req))));
-        }
+        self.refuse_new();
         for slot in &mut self.slots {
             if slot.id != 0 {
                 slot.fail(end.0, None, false);
@@ -492,10 +490,12 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Driver<I> {
 
     /// Takes no more requests: those queued go back unsent.
     fn refuse_new(&mut self) {
+        self.refused = true;
         self.queue.closed.store(true, Ordering::Release);
         let waiting = match self.queue.state.lock() {
             Ok(mut w) => {
                 w.closed = true;
+                self.queue.queued.store(false, Ordering::Release);
                 std::mem::take(&mut w.list)
             }
             Err(_) => VecDeque::new(),
@@ -815,6 +815,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Driver<I> {
         while self.active < limit as usize
             && self.peer_last.is_none()
             && self.link.out.backlog() < WRITE_HIGH
+            && self.queue.queued.load(Ordering::Acquire)
         {
             let settled = self.link.peer_settings;
             let next = match self.queue.state.lock() {
@@ -823,7 +824,11 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Driver<I> {
                     if !settled && !w.list.front().is_some_and(bodiless) {
                         return;
                     }
-                    w.list.pop_front()
+                    let next = w.list.pop_front();
+                    if w.list.is_empty() {
+                        self.queue.queued.store(false, Ordering::Release);
+                    }
+                    next
                 }
                 Err(_) => None,
             };

@@ -454,13 +454,118 @@ fn put_str(out: &mut Vec<u8>, s: &[u8]) {
     out.extend_from_slice(s);
 }
 
-/// Index of a name in the static table, for names that have one.
+/// Index of a name in the static table, for names that have one: by
+/// length first, so most names are told apart by one comparison.
 fn static_name(name: &str) -> Option<usize> {
-    // The static table's regular names begin at 15.
-    STATIC[14..]
-        .iter()
-        .position(|(n, _)| *n == name)
-        .map(|i| i + 15)
+    match name.len() {
+        3 => match name.as_bytes() {
+            b"age" => Some(21),
+            b"via" => Some(60),
+            _ => None,
+        },
+        4 => match name.as_bytes() {
+            b"date" => Some(33),
+            b"etag" => Some(34),
+            b"from" => Some(37),
+            b"host" => Some(38),
+            b"link" => Some(45),
+            b"vary" => Some(59),
+            _ => None,
+        },
+        5 => match name.as_bytes() {
+            b":path" => Some(4),
+            b"allow" => Some(22),
+            b"range" => Some(50),
+            _ => None,
+        },
+        6 => match name.as_bytes() {
+            b"accept" => Some(19),
+            b"cookie" => Some(32),
+            b"expect" => Some(35),
+            b"server" => Some(54),
+            _ => None,
+        },
+        7 => match name.as_bytes() {
+            b":method" => Some(2),
+            b":scheme" => Some(6),
+            b":status" => Some(8),
+            b"expires" => Some(36),
+            b"referer" => Some(51),
+            b"refresh" => Some(52),
+            _ => None,
+        },
+        8 => match name.as_bytes() {
+            b"if-match" => Some(39),
+            b"if-range" => Some(42),
+            b"location" => Some(46),
+            _ => None,
+        },
+        10 => match name.as_bytes() {
+            b":authority" => Some(1),
+            b"set-cookie" => Some(55),
+            b"user-agent" => Some(58),
+            _ => None,
+        },
+        11 => match name.as_bytes() {
+            b"retry-after" => Some(53),
+            _ => None,
+        },
+        12 => match name.as_bytes() {
+            b"content-type" => Some(31),
+            b"max-forwards" => Some(47),
+            _ => None,
+        },
+        13 => match name.as_bytes() {
+            b"accept-ranges" => Some(18),
+            b"authorization" => Some(23),
+            b"cache-control" => Some(24),
+            b"content-range" => Some(30),
+            b"if-none-match" => Some(41),
+            b"last-modified" => Some(44),
+            _ => None,
+        },
+        14 => match name.as_bytes() {
+            b"accept-charset" => Some(15),
+            b"content-length" => Some(28),
+            _ => None,
+        },
+        15 => match name.as_bytes() {
+            b"accept-encoding" => Some(16),
+            b"accept-language" => Some(17),
+            _ => None,
+        },
+        16 => match name.as_bytes() {
+            b"content-encoding" => Some(26),
+            b"content-language" => Some(27),
+            b"content-location" => Some(29),
+            b"www-authenticate" => Some(61),
+            _ => None,
+        },
+        17 => match name.as_bytes() {
+            b"if-modified-since" => Some(40),
+            b"transfer-encoding" => Some(57),
+            _ => None,
+        },
+        18 => match name.as_bytes() {
+            b"proxy-authenticate" => Some(48),
+            _ => None,
+        },
+        19 => match name.as_bytes() {
+            b"content-disposition" => Some(25),
+            b"if-unmodified-since" => Some(43),
+            b"proxy-authorization" => Some(49),
+            _ => None,
+        },
+        25 => match name.as_bytes() {
+            b"strict-transport-security" => Some(56),
+            _ => None,
+        },
+        27 => match name.as_bytes() {
+            b"access-control-allow-origin" => Some(20),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 /// Appends `:status` (indexed where the static table has it).
@@ -495,6 +600,19 @@ pub(crate) fn put_status(out: &mut Vec<u8>, status: u16) {
 /// indexed when `sensitive`), its name from the static table when it is
 /// there. `name` must be lowercase.
 pub(crate) fn put_field(out: &mut Vec<u8>, name: &str, value: &[u8], sensitive: bool) {
+    // A request's commonest pseudo-headers are whole entries of the table.
+    let whole = match (name, value) {
+        (":method", b"GET") => 2,
+        (":method", b"POST") => 3,
+        (":path", b"/") => 4,
+        (":scheme", b"http") => 6,
+        (":scheme", b"https") => 7,
+        _ => 0,
+    };
+    if whole != 0 {
+        out.push(0x80 | whole);
+        return;
+    }
     let first = if sensitive { 0x10 } else { 0x00 };
     match static_name(name) {
         Some(i) => put_int(out, first, 4, i),
@@ -711,6 +829,43 @@ mod tests {
             ])
         );
         assert!(d.table.is_empty(), "nothing indexed");
+    }
+
+    #[test]
+    fn every_static_name_is_found_and_common_request_pairs_take_one_byte() {
+        for (i, (name, _)) in STATIC.iter().enumerate() {
+            let first = STATIC.iter().position(|(n, _)| n == name).unwrap() + 1;
+            assert_eq!(static_name(name), Some(first), "{name} (entry {})", i + 1);
+        }
+        assert_eq!(static_name("x-forwarded-for"), None);
+        assert_eq!(static_name("hosts"), None);
+        let fields: &[(&str, &str)] = &[
+            (":method", "GET"),
+            (":method", "POST"),
+            (":method", "DELETE"),
+            (":scheme", "http"),
+            (":scheme", "https"),
+            (":authority", "a.example"),
+            (":path", "/"),
+            (":path", "/x?y=1"),
+            ("accept-encoding", "br"),
+            ("www-authenticate", "Basic"),
+        ];
+        let mut out = Vec::new();
+        for (n, v) in &fields[..2] {
+            put_field(&mut out, n, v.as_bytes(), false);
+        }
+        assert_eq!(out, [0x82, 0x83], "GET and POST indexed whole");
+        for (n, v) in &fields[2..] {
+            put_field(&mut out, n, v.as_bytes(), false);
+        }
+        let mut d = Decoder::new(4096);
+        let mut got = Vec::new();
+        d.decode(out.into(), |n, v| {
+            got.push((text(&n), String::from_utf8(v.to_vec()).unwrap()))
+        })
+        .unwrap();
+        assert_eq!(got, pairs(fields));
     }
 
     #[test]
