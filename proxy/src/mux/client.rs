@@ -359,6 +359,49 @@ struct Driver<I> {
     peer_last: Option<u32>,
     /// No more requests are taken (GOAWAY either way, the end).
     refused: bool,
+    /// Every stream and sender was answered.
+    ended: bool,
+}
+
+impl<I> Driver<I> {
+    /// The connection is over: the streams still open fail, and the
+    /// requests still queued go back unsent.
+    fn close(&mut self, end: Ended) {
+        self.ended = true;
+        self.refuse_new();
+        for slot in &mut self.slots {
+            if slot.id != 0 {
+                slot.fail(end.0, None, false);
+            }
+        }
+    }
+
+    /// Takes no more requests: those queued go back unsent.
+    fn refuse_new(&mut self) {
+        self.refused = true;
+        self.queue.closed.store(true, Ordering::Release);
+        let waiting = match self.queue.state.lock() {
+            Ok(mut w) => {
+                w.closed = true;
+                self.queue.queued.store(false, Ordering::Release);
+                std::mem::take(&mut w.list)
+            }
+            Err(_) => VecDeque::new(),
+        };
+        for s in waiting {
+            let _ = s.cell.answer(Err(Failure::NotSent(Box::new(s.req))));
+        }
+    }
+}
+
+/// A task that ends without closing (a panic, a runtime shutting down)
+/// still answers every sender: none waits out its timeout for it.
+impl<I> Drop for Driver<I> {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.close(Ended("the connection's task ended"));
+        }
+    }
 }
 
 impl<I: AsyncRead + AsyncWrite + Unpin> Driver<I> {
@@ -388,6 +431,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Driver<I> {
             next_id: 1,
             peer_last: None,
             refused: false,
+            ended: false,
         }
     }
 
@@ -475,34 +519,6 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Driver<I> {
         self.refuse_new();
         self.link.out.goaway(0, Code::NO_ERROR);
         true
-    }
-
-    /// The connection is over: the streams still open fail, and the
-    /// requests still queued go back unsent.
-    fn close(&mut self, end: Ended) {
-        self.refuse_new();
-        for slot in &mut self.slots {
-            if slot.id != 0 {
-                slot.fail(end.0, None, false);
-            }
-        }
-    }
-
-    /// Takes no more requests: those queued go back unsent.
-    fn refuse_new(&mut self) {
-        self.refused = true;
-        self.queue.closed.store(true, Ordering::Release);
-        let waiting = match self.queue.state.lock() {
-            Ok(mut w) => {
-                w.closed = true;
-                self.queue.queued.store(false, Ordering::Release);
-                std::mem::take(&mut w.list)
-            }
-            Err(_) => VecDeque::new(),
-        };
-        for s in waiting {
-            let _ = s.cell.answer(Err(Failure::NotSent(Box::new(s.req))));
-        }
     }
 
     fn read(&mut self, cx: &mut Context<'_>) -> Result<(), Fatal> {
@@ -1225,6 +1241,31 @@ mod tests {
                 Some(f) => assert_ne!(f.kind, HEADERS, "no stream after GOAWAY"),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_connection_task_that_is_dropped_answers_every_sender() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let io = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (conn, task) = Conn::new(io, Keepalive::default());
+        let task = tokio::spawn(task);
+        let mut peer = Peer::accept(&l, &[(0x3, 1)]).await;
+        // One stream open (the peer's limit), one request queued behind it.
+        let open = tokio::spawn(conn.clone().send(get("/open")));
+        peer.request().await;
+        let queued = tokio::spawn(conn.clone().send(get("/queued")));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The runtime drops the task (a shutdown; a panic unwinds the same
+        // way): nobody is left waiting out a timeout.
+        task.abort();
+        let open = tokio::time::timeout(Duration::from_secs(5), open).await;
+        match open.expect("answered").unwrap() {
+            Err(Failure::Upstream(e)) => assert!(e.to_string().contains("task ended"), "{e}"),
+            _ => panic!("the open stream should fail"),
+        }
+        let queued = tokio::time::timeout(Duration::from_secs(5), queued).await;
+        assert_eq!(path_of(queued.expect("answered").unwrap()), "/queued");
+        assert!(conn.is_closed());
     }
 
     /// A body of `n` chunks of 64 KiB, made as it is read, then a trailer.
