@@ -999,6 +999,7 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio::net::TcpListener;
 
+    use crate::mux::server::tests::Rng;
     use crate::upstream::BoxError;
 
     fn get(path: &str) -> Request<ProxyBody> {
@@ -1324,21 +1325,6 @@ mod tests {
             }
         }
         assert!(!conn.is_closed());
-    }
-
-    /// A small deterministic generator (xorshift), so a failure repeats.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
     }
 
     /// A frame for the client: well formed about half the time (on the

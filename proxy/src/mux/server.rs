@@ -1636,17 +1636,18 @@ pub(super) mod tests {
         assert_eq!((flags, &payload[..]), (ACK, &b"12345678"[..]));
     }
 
-    /// A small deterministic generator, for the fuzz-like tests.
-    struct Rng(u64);
+    /// A small deterministic generator (xorshift), for the fuzz-like tests:
+    /// a failure repeats.
+    pub(in crate::mux) struct Rng(pub(in crate::mux) u64);
 
     impl Rng {
-        fn next(&mut self) -> u64 {
+        pub(in crate::mux) fn next(&mut self) -> u64 {
             self.0 ^= self.0 << 13;
             self.0 ^= self.0 >> 7;
             self.0 ^= self.0 << 17;
             self.0
         }
-        fn below(&mut self, n: u64) -> u64 {
+        pub(in crate::mux) fn below(&mut self, n: u64) -> u64 {
             self.next() % n
         }
         fn bytes(&mut self, n: usize) -> Vec<u8> {

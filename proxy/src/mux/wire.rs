@@ -526,7 +526,8 @@ impl std::task::Wake for SlotWake {
     }
 }
 
-/// A request body between the connection, which fills it, and the handler,
+/// An incoming body (a request's at the server, a response's at the client)
+/// between the connection, which fills it, and its reader,
 /// which drains it.
 #[derive(Default)]
 pub(super) struct Shared {
@@ -537,12 +538,12 @@ pub(super) struct Shared {
 pub(super) struct RecvState {
     pub(super) chunks: VecDeque<Bytes>,
     pub(super) buffered: u32,
-    /// Taken by the handler and not yet given back to the peer's windows.
+    /// Taken by the reader and not yet given back to the peer's windows.
     pub(super) released: u32,
     pub(super) end: bool,
     pub(super) trailers: Option<HeaderMap>,
     pub(super) failed: Option<&'static str>,
-    /// The handler's body was dropped: nothing more is kept.
+    /// The reader dropped the body: nothing more is kept.
     pub(super) closed: bool,
     pub(super) reader: Option<Waker>,
 }
@@ -634,7 +635,7 @@ impl Shared {
     }
 }
 
-/// A request body as the handler reads it.
+/// An incoming body as its reader (a handler, the proxy) reads it.
 pub(super) struct RecvBody {
     pub(super) shared: Arc<Shared>,
     /// The stream's waker: taking data may open the peer's window.
@@ -651,7 +652,7 @@ impl Body for RecvBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let Ok(mut s) = self.shared.state.lock() else {
-            return Poll::Ready(Some(Err("request body lost".into())));
+            return Poll::Ready(Some(Err("body lost".into())));
         };
         if let Some(data) = s.chunks.pop_front() {
             let n = data.len() as u32;
