@@ -744,19 +744,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Driver<I> {
         slot.rx.remaining = remaining;
         // Processed: the head is not needed to send the request again.
         slot.parts = None;
-        let resp = if end_stream {
-            slot.rx.open = false;
-            resp.map(|()| Empty::new().map_err(|never| match never {}).boxed())
-        } else {
-            let shared = Arc::new(Shared::default());
-            slot.rx.shared = Some(shared.clone());
-            let body = RecvBody {
-                shared,
-                conn: slot.waker.clone(),
-                remaining,
-            };
-            resp.map(|()| body.boxed())
-        };
+        slot.rx.open = !end_stream;
+        let resp = resp.map(|()| slot.rx.reader(end_stream, &slot.waker, remaining));
         let Some(cell) = slot.cell.take() else {
             return Ok(());
         };

@@ -38,7 +38,6 @@ use std::time::Duration;
 use bytes::{Buf as _, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response};
-use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Body;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio_util::sync::CancellationToken;
@@ -714,18 +713,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         );
         let method_head = req.method() == Method::HEAD;
         slot.head = method_head;
-        let req = if end_stream {
-            req.map(|()| Empty::new().map_err(|never| match never {}).boxed())
-        } else {
-            let shared = Arc::new(Shared::default());
-            slot.rx.shared = Some(shared.clone());
-            let body = RecvBody {
-                shared,
-                conn: slot.waker.clone(),
-                remaining,
-            };
-            req.map(|()| body.boxed())
-        };
+        let req = req.map(|()| slot.rx.reader(end_stream, &slot.waker, remaining));
         slot.fut.set(Some(make(req)));
         self.by_id.insert(id, i);
         self.active += 1;
@@ -964,7 +952,7 @@ pub(super) mod tests {
     use super::*;
     use crate::mux::hpack::Name;
     use crate::upstream::BoxError;
-    use http_body_util::Full;
+    use http_body_util::{BodyExt as _, Full};
     use hyper::body::Frame;
     use std::sync::Arc;
     use std::sync::atomic::AtomicUsize;

@@ -456,6 +456,33 @@ pub(super) struct Inbound {
     pub(super) shared: Option<Arc<Shared>>,
 }
 
+impl Inbound {
+    /// The body a head's reader gets: empty when the head ended the stream,
+    /// else the queue this side fills (`waker` is the stream's: the reader's
+    /// takes may open the peer's window).
+    pub(super) fn reader(
+        &mut self,
+        end_stream: bool,
+        waker: &Waker,
+        remaining: Option<u64>,
+    ) -> ProxyBody {
+        use http_body_util::BodyExt as _;
+        if end_stream {
+            return http_body_util::Empty::new()
+                .map_err(|never| match never {})
+                .boxed();
+        }
+        let shared = Arc::new(Shared::default());
+        self.shared = Some(shared.clone());
+        RecvBody {
+            shared,
+            conn: waker.clone(),
+            remaining,
+        }
+        .boxed()
+    }
+}
+
 /// Fields h2 forbids (RFC 9113, 8.2.2): the hop-by-hop ones that describe a
 /// connection (h2 has its own), `TE` unless it says `trailers`; a proxy's
 /// authentication fields are hop-by-hop but allowed.
