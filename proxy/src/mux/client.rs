@@ -537,6 +537,10 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Driver<I> {
     }
 
     fn frame(&mut self, kind: u8, f: H2Frame) -> Result<(), Fatal> {
+        if !self.link.peer_settings && (kind != SETTINGS || f.flags & ACK != 0) {
+            // The server's preface is a SETTINGS frame (RFC 9113, 3.4).
+            return Err(Fatal(Code::PROTOCOL_ERROR, "server preface not SETTINGS"));
+        }
         if self.partial.is_some() && kind != CONTINUATION {
             return Err(Fatal(Code::PROTOCOL_ERROR, "header block interrupted"));
         }
@@ -1231,6 +1235,43 @@ mod tests {
                 Some(f) => assert_ne!(f.kind, HEADERS, "no stream after GOAWAY"),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_server_whose_first_frame_is_not_settings_is_not_spoken_to() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let io = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let conn = Conn::handshake(io, Keepalive::default()).await.unwrap();
+        let (io, _) = l.accept().await.unwrap();
+        let mut peer = Peer {
+            io,
+            buf: BytesMut::new(),
+            hpack: hpack::Decoder::new(4096),
+        };
+        while peer.buf.len() < PREFACE.len() {
+            peer.read().await;
+        }
+        peer.buf.advance(PREFACE.len());
+        let sent = tokio::spawn(conn.clone().send(get("/x")));
+        // Not an h2 server's preface: a PING where SETTINGS must be.
+        peer.send(PING, 0, 0, &[0; 8]).await;
+        match tokio::time::timeout(Duration::from_secs(5), sent)
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            Err(Failure::Upstream(e)) => assert!(e.to_string().contains("SETTINGS"), "{e}"),
+            Err(Failure::NotSent(_)) => {}
+            _ => panic!("answered by a server that did not speak h2"),
+        }
+        while let Some(f) = peer.frame().await {
+            if f.kind == GOAWAY {
+                let code = u32::from_be_bytes(f.payload[4..8].try_into().unwrap());
+                assert_eq!(code, 1, "PROTOCOL_ERROR");
+                return;
+            }
+        }
+        panic!("closed without GOAWAY");
     }
 
     #[tokio::test]
