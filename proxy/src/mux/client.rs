@@ -361,6 +361,8 @@ struct Driver<I> {
     refused: bool,
     /// Every stream and sender was answered.
     ended: bool,
+    /// Requests wait for the write buffer to drain.
+    start_blocked: bool,
 }
 
 impl<I> Driver<I> {
@@ -432,6 +434,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Driver<I> {
             peer_last: None,
             refused: false,
             ended: false,
+            start_blocked: false,
         }
     }
 
@@ -474,7 +477,10 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Driver<I> {
                 }
                 match self.wire.flush(cx, &mut self.link.out) {
                     Err(()) => return Poll::Ready(Ended("the upstream connection failed")),
-                    Ok(true) if !self.link.write_blocked.is_empty() => {
+                    Ok(true) if !self.link.write_blocked.is_empty() || self.start_blocked => {
+                        // The buffer drained: what waited on it goes on, and
+                        // requests the backlog held back are opened.
+                        self.start_blocked = false;
                         self.link.ready.extend(self.link.write_blocked.drain(..));
                         continue;
                     }
@@ -823,9 +829,13 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Driver<I> {
         };
         while self.active < limit as usize
             && self.peer_last.is_none()
-            && self.link.out.backlog() < WRITE_HIGH
             && self.queue.queued.load(Ordering::Acquire)
         {
+            if self.link.out.backlog() >= WRITE_HIGH {
+                // Opened after the next full flush.
+                self.start_blocked = true;
+                return;
+            }
             let settled = self.link.peer_settings;
             let next = match self.queue.state.lock() {
                 Ok(mut w) => {
@@ -1235,6 +1245,39 @@ mod tests {
                 Some(f) => assert_ne!(f.kind, HEADERS, "no stream after GOAWAY"),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_request_queued_behind_a_full_write_buffer_goes_once_it_drains() {
+        // The largest windows, and a peer that reads nothing at first: a
+        // 48 MiB upload fills the socket's buffers and the write buffer.
+        let (conn, mut peer) = pair(&[(0x4, 0x7fff_ffff)]).await;
+        peer.send(WINDOW_UPDATE, 0, 0, &0x7fff_0000u32.to_be_bytes())
+            .await;
+        let body = Full::new(Bytes::from(vec![b'u'; 48 << 20]))
+            .map_err(|never| match never {})
+            .boxed();
+        let up = Request::post("http://machine/up").body(body).unwrap();
+        let _up = tokio::spawn(conn.clone().send(up));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _get = tokio::spawn(conn.clone().send(get("/after")));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The peer now reads, and sends nothing that would wake the client:
+        // the queued request must come from the drained buffer alone.
+        let mut paths = Vec::new();
+        while paths.len() < 2 {
+            let f = peer.next().await.expect("the connection stays");
+            if f.kind == HEADERS {
+                peer.hpack
+                    .decode(f.payload, |name, value| {
+                        if name == hpack::Name::Path {
+                            paths.push(String::from_utf8(value.to_vec()).unwrap());
+                        }
+                    })
+                    .unwrap();
+            }
+        }
+        assert_eq!(paths, ["/up", "/after"]);
     }
 
     #[tokio::test]

@@ -244,6 +244,12 @@ impl Link {
                 return None;
             }
             if !tx.pending.is_empty() {
+                if self.out.backlog() >= WRITE_HIGH {
+                    // A large chunk goes out as the buffer drains, not
+                    // copied into it whole.
+                    self.write_blocked.push(i);
+                    return None;
+                }
                 let room = tx.window.min(self.send_window).min(self.peer_frame as i64);
                 if room <= 0 {
                     if self.send_window <= 0 {
@@ -1341,5 +1347,52 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Wire<I> {
             }
             Poll::Pending => Ok(false),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use http_body_util::BodyExt as _;
+
+    #[test]
+    fn a_large_body_goes_into_the_write_buffer_no_faster_than_it_drains() {
+        let mut link = Link::new(1 << 20);
+        link.send_window = 0x7fff_ffff;
+        let body = http_body_util::Full::new(Bytes::from(vec![b'x'; 8 << 20]))
+            .map_err(|never| match never {})
+            .boxed();
+        let mut tx = Outbound {
+            body: Some(body),
+            window: 0x7fff_ffff,
+            ..Outbound::default()
+        };
+        let waker = Waker::noop();
+        let cx = &mut Context::from_waker(waker);
+        let mut sent = 0;
+        let mut rounds = 0;
+        loop {
+            assert!(link.pump(1, &mut tx, 0, cx, Code::CANCEL).is_none());
+            let backlog = link.out.backlog();
+            assert!(
+                backlog <= WRITE_HIGH + MAX_FRAME + 9,
+                "the buffer holds {backlog} bytes"
+            );
+            sent += backlog;
+            if tx.done {
+                break;
+            }
+            assert_eq!(link.write_blocked, [0], "waits for the buffer to drain");
+            // A flush.
+            link.write_blocked.clear();
+            link.out.buf.clear();
+            link.out.pos = 0;
+            rounds += 1;
+        }
+        assert!(rounds >= 60, "8 MiB in bounded steps ({rounds})");
+        // Every byte went, framed: 9 bytes of header per 16 KiB frame (and
+        // the empty last one).
+        assert!(sent > 8 << 20 && sent < (8 << 20) + 600 * 9, "{sent}");
     }
 }
