@@ -459,8 +459,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Driver<I> {
                     metrics::counter!("skein_proxy_upstream_h2_errors_total", "reason" => f.1)
                         .increment(1);
                     tracing::debug!(code = f.0.0, why = f.1, "upstream h2 connection error");
-                    let last = self.next_id.saturating_sub(2);
-                    self.link.out.goaway(last, f.0);
+                    // The last stream the peer opened: none (no push).
+                    self.link.out.goaway(0, f.0);
                     let _ = self.wire.flush(cx, &mut self.link.out);
                     return Poll::Ready(Ended(f.1));
                 }
