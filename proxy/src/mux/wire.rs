@@ -743,13 +743,14 @@ impl Drop for RecvBody {
     }
 }
 
-/// The connection task's waker as its streams and sockets see it. When a
-/// stream queues a frame, the h2 crate wakes the connection to write it; the
-/// streams are polled inside the connection's own poll, so that wake would
-/// come while the task runs and make the runtime poll it all once more
-/// (every timer, the drain, the streams, the connection), one extra poll per
-/// response. A wake that comes during the poll is instead noted and served
-/// by another round of the same poll; any other is passed on.
+/// The connection task's waker as its streams and sockets see it. A stream
+/// is polled inside the connection's own poll, and what it does there (a
+/// handler answering, a body giving its next chunk, a request queued to the
+/// client) wakes the connection while its task runs: the runtime would poll
+/// it all once more (every timer, the drain, the streams, the socket), one
+/// extra poll per response. A wake that comes during the poll is instead
+/// noted and served by another round of the same poll; any other is passed
+/// on.
 #[derive(Default)]
 pub(super) struct Inline {
     pub(super) state: std::sync::atomic::AtomicU8,
