@@ -286,11 +286,7 @@ struct Slot {
 
 impl Slot {
     fn new(idx: usize, wakes: &Arc<Wakes>) -> Slot {
-        let wake = Arc::new(SlotWake {
-            idx,
-            queued: AtomicBool::new(false),
-            wakes: wakes.clone(),
-        });
+        let (waker, wake) = SlotWake::new(idx, wakes);
         Slot {
             id: 0,
             tx: Outbound::default(),
@@ -298,7 +294,7 @@ impl Slot {
             cell: None,
             parts: None,
             no_body: false,
-            waker: Waker::from(wake.clone()),
+            waker,
             wake,
         }
     }

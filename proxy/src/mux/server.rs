@@ -31,7 +31,7 @@
 use std::future::{Future, poll_fn};
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -881,18 +881,14 @@ struct Slot<F> {
 
 impl<F> Slot<F> {
     fn new(idx: usize, wakes: &Arc<Wakes>) -> Slot<F> {
-        let wake = Arc::new(SlotWake {
-            idx,
-            queued: AtomicBool::new(false),
-            wakes: wakes.clone(),
-        });
+        let (waker, wake) = SlotWake::new(idx, wakes);
         Slot {
             id: 0,
             fut: Box::pin(None),
             tx: Outbound::default(),
             rx: Inbound::default(),
             head: false,
-            waker: Waker::from(wake.clone()),
+            waker,
             wake,
         }
     }

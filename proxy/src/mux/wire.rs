@@ -540,6 +540,18 @@ pub(super) struct SlotWake {
     pub(super) wakes: Arc<Wakes>,
 }
 
+impl SlotWake {
+    /// Slot `idx`'s waker, and the flag its wakes set.
+    pub(super) fn new(idx: usize, wakes: &Arc<Wakes>) -> (Waker, Arc<SlotWake>) {
+        let wake = Arc::new(SlotWake {
+            idx,
+            queued: AtomicBool::new(false),
+            wakes: wakes.clone(),
+        });
+        (Waker::from(wake.clone()), wake)
+    }
+}
+
 impl std::task::Wake for SlotWake {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();
