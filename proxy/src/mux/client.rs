@@ -30,7 +30,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Body as _;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -309,11 +308,7 @@ impl Slot {
             return None;
         }
         let parts = self.parts.take()?;
-        let body = self
-            .tx
-            .body
-            .take()
-            .unwrap_or_else(|| Empty::new().map_err(|never| match never {}).boxed());
+        let body = self.tx.body.take().unwrap_or_else(empty);
         Some(Request::from_parts(parts, body))
     }
 
@@ -353,8 +348,6 @@ struct Driver<I> {
     next_id: u32,
     /// The peer's GOAWAY: no stream above this id was or will be processed.
     peer_last: Option<u32>,
-    /// No more requests are taken (GOAWAY either way, the end).
-    refused: bool,
     /// Every stream and sender was answered.
     ended: bool,
     /// Requests wait for the write buffer to drain.
@@ -376,7 +369,6 @@ impl<I> Driver<I> {
 
     /// Takes no more requests: those queued go back unsent.
     fn refuse_new(&mut self) {
-        self.refused = true;
         self.queue.closed.store(true, Ordering::Release);
         let waiting = match self.queue.state.lock() {
             Ok(mut w) => {
@@ -428,7 +420,6 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Driver<I> {
             active: 0,
             next_id: 1,
             peer_last: None,
-            refused: false,
             ended: false,
             start_blocked: false,
         }
@@ -510,8 +501,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Driver<I> {
 
     /// No more requests will come or be taken, and none waits.
     fn finished(&mut self) -> bool {
-        if self.refused {
-            // The list was emptied then, and nothing is queued after.
+        if self.queue.closed.load(Ordering::Relaxed) {
+            // Only this task closes the queue (`refuse_new`): the list was
+            // emptied then, and nothing is queued after.
             return true;
         }
         if !self.queue.gone.load(Ordering::Acquire) || self.queue.queued.load(Ordering::Acquire) {
@@ -548,39 +540,14 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Driver<I> {
         }
         match kind {
             DATA => self.on_data(f),
-            HEADERS => {
-                self.opened_stream(f.id, "HEADERS")?;
-                let end_stream = f.flags & END_STREAM != 0;
-                let block = headers_fragment(f.flags, f.payload)?;
-                if f.flags & END_HEADERS == 0 {
-                    self.partial = Some(Partial {
-                        id: f.id,
-                        end_stream,
-                        block: bytes::BytesMut::from(&block[..]),
-                    });
-                    return Ok(());
+            HEADERS | CONTINUATION => {
+                if kind == HEADERS {
+                    self.opened_stream(f.id, "HEADERS")?;
                 }
-                self.on_block(f.id, end_stream, block)
-            }
-            CONTINUATION => {
-                let Some(mut p) = self.partial.take() else {
-                    return Err(Fatal(Code::PROTOCOL_ERROR, "CONTINUATION without HEADERS"));
-                };
-                if p.id != f.id {
-                    return Err(Fatal(
-                        Code::PROTOCOL_ERROR,
-                        "CONTINUATION on another stream",
-                    ));
+                match header_block(&mut self.partial, kind, f, MAX_HEADER_LIST)? {
+                    Some((id, end_stream, block)) => self.on_block(id, end_stream, block),
+                    None => Ok(()),
                 }
-                p.block.extend_from_slice(&f.payload);
-                if p.block.len() > MAX_HEADER_LIST as usize + 16 * 1024 {
-                    return Err(Fatal(Code::ENHANCE_YOUR_CALM, "header block too large"));
-                }
-                if f.flags & END_HEADERS == 0 {
-                    self.partial = Some(p);
-                    return Ok(());
-                }
-                self.on_block(f.id, p.end_stream, p.block.freeze())
             }
             PRIORITY => {
                 if f.id == 0 {
@@ -992,7 +959,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use bytes::{Buf as _, BytesMut};
-    use http_body_util::Full;
+    use http_body_util::{BodyExt as _, Full};
     use hyper::body::Frame;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -1003,7 +970,7 @@ mod tests {
 
     fn get(path: &str) -> Request<ProxyBody> {
         Request::get(format!("http://machine{path}"))
-            .body(Empty::new().map_err(|never| match never {}).boxed())
+            .body(empty())
             .unwrap()
     }
 
@@ -1025,10 +992,8 @@ mod tests {
     }
 
     impl Peer {
-        /// Accepts the client's connection: its preface, then this side's
-        /// (empty) SETTINGS, or `settings` when given.
-        async fn accept(l: &TcpListener, settings: &[(u16, u32)]) -> Peer {
-            let (io, _) = l.accept().await.unwrap();
+        /// The server's end of a connection, past the client's preface.
+        async fn connected(io: TcpStream) -> Peer {
             let mut p = Peer {
                 io,
                 buf: BytesMut::new(),
@@ -1039,6 +1004,14 @@ mod tests {
             }
             assert_eq!(&p.buf[..PREFACE.len()], PREFACE, "the client's preface");
             p.buf.advance(PREFACE.len());
+            p
+        }
+
+        /// Accepts the client's connection: its preface, then this side's
+        /// (empty) SETTINGS, or `settings` when given.
+        async fn accept(l: &TcpListener, settings: &[(u16, u32)]) -> Peer {
+            let (io, _) = l.accept().await.unwrap();
+            let mut p = Peer::connected(io).await;
             let mut payload = Vec::new();
             for (k, v) in settings {
                 payload.extend_from_slice(&k.to_be_bytes());
@@ -1282,15 +1255,7 @@ mod tests {
         let io = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let conn = Conn::handshake(io, Keepalive::default()).await.unwrap();
         let (io, _) = l.accept().await.unwrap();
-        let mut peer = Peer {
-            io,
-            buf: BytesMut::new(),
-            hpack: hpack::Decoder::new(4096),
-        };
-        while peer.buf.len() < PREFACE.len() {
-            peer.read().await;
-        }
-        peer.buf.advance(PREFACE.len());
+        let mut peer = Peer::connected(io).await;
         let sent = tokio::spawn(conn.clone().send(get("/x")));
         // Not an h2 server's preface: a PING where SETTINGS must be.
         peer.send(PING, 0, 0, &[0; 8]).await;

@@ -442,9 +442,12 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             }
             match kind {
                 DATA => self.on_data(slots, id, flags, payload)?,
-                HEADERS => self.on_headers(slots, make, H2Frame { id, flags, payload })?,
-                CONTINUATION => {
-                    self.on_continuation(slots, make, H2Frame { id, flags, payload })?
+                HEADERS | CONTINUATION => {
+                    let f = H2Frame { id, flags, payload };
+                    let max = self.limits.max_header_list;
+                    if let Some((id, end, block)) = header_block(&mut self.partial, kind, f, max)? {
+                        self.on_block(slots, make, id, end, block)?;
+                    }
                 }
                 PRIORITY => {
                     if id == 0 {
@@ -568,58 +571,6 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             slot.tx.body = None;
             self.link.ready.push_back(i);
         }
-    }
-
-    fn on_headers<F>(
-        &mut self,
-        slots: &mut Vec<Slot<F>>,
-        make: &impl Fn(Request<ProxyBody>) -> F,
-        f: H2Frame,
-    ) -> Result<(), Fatal> {
-        let H2Frame { id, flags, payload } = f;
-        if id == 0 {
-            return Err(Fatal(Code::PROTOCOL_ERROR, "HEADERS on stream 0"));
-        }
-        let payload = headers_fragment(flags, payload)?;
-        let end_stream = flags & END_STREAM != 0;
-        if flags & END_HEADERS == 0 {
-            self.partial = Some(Partial {
-                id,
-                end_stream,
-                block: BytesMut::from(&payload[..]),
-            });
-            return Ok(());
-        }
-        self.on_block(slots, make, id, end_stream, payload)
-    }
-
-    fn on_continuation<F>(
-        &mut self,
-        slots: &mut Vec<Slot<F>>,
-        make: &impl Fn(Request<ProxyBody>) -> F,
-        f: H2Frame,
-    ) -> Result<(), Fatal> {
-        let H2Frame { id, flags, payload } = f;
-        let Some(mut p) = self.partial.take() else {
-            return Err(Fatal(Code::PROTOCOL_ERROR, "CONTINUATION without HEADERS"));
-        };
-        if p.id != id {
-            return Err(Fatal(
-                Code::PROTOCOL_ERROR,
-                "CONTINUATION on another stream",
-            ));
-        }
-        p.block.extend_from_slice(&payload);
-        // The compressed block may not outgrow what its decoded list may be
-        // by much: a flood of CONTINUATION frames is cut here.
-        if p.block.len() > self.limits.max_header_list as usize + 16 * 1024 {
-            return Err(Fatal(Code::ENHANCE_YOUR_CALM, "header block too large"));
-        }
-        if flags & END_HEADERS == 0 {
-            self.partial = Some(p);
-            return Ok(());
-        }
-        self.on_block(slots, make, id, p.end_stream, p.block.freeze())
     }
 
     /// A whole header block: a new request, or the trailers of one.

@@ -144,9 +144,58 @@ pub(super) struct H2Frame {
 
 /// A header block that CONTINUATION frames are still adding to.
 pub(super) struct Partial {
-    pub(super) id: u32,
-    pub(super) end_stream: bool,
-    pub(super) block: BytesMut,
+    id: u32,
+    end_stream: bool,
+    block: BytesMut,
+}
+
+/// A header block as its frames come: a HEADERS frame (its fragment past
+/// padding and priority) starts one, CONTINUATION frames add to it. Returns
+/// the whole block (stream, END_STREAM, bytes) once its last frame came. The
+/// compressed block may not outgrow what its decoded list may be (`max_list`)
+/// by much: a flood of CONTINUATION frames is cut here.
+pub(super) fn header_block(
+    partial: &mut Option<Partial>,
+    kind: u8,
+    f: H2Frame,
+    max_list: u32,
+) -> Result<Option<(u32, bool, Bytes)>, Fatal> {
+    let H2Frame { id, flags, payload } = f;
+    let done = flags & END_HEADERS != 0;
+    if kind == HEADERS {
+        if id == 0 {
+            return Err(Fatal(Code::PROTOCOL_ERROR, "HEADERS on stream 0"));
+        }
+        let block = headers_fragment(flags, payload)?;
+        let end_stream = flags & END_STREAM != 0;
+        if done {
+            return Ok(Some((id, end_stream, block)));
+        }
+        *partial = Some(Partial {
+            id,
+            end_stream,
+            block: BytesMut::from(&block[..]),
+        });
+        return Ok(None);
+    }
+    let Some(mut p) = partial.take() else {
+        return Err(Fatal(Code::PROTOCOL_ERROR, "CONTINUATION without HEADERS"));
+    };
+    if p.id != id {
+        return Err(Fatal(
+            Code::PROTOCOL_ERROR,
+            "CONTINUATION on another stream",
+        ));
+    }
+    p.block.extend_from_slice(&payload);
+    if p.block.len() > max_list as usize + 16 * 1024 {
+        return Err(Fatal(Code::ENHANCE_YOUR_CALM, "header block too large"));
+    }
+    if !done {
+        *partial = Some(p);
+        return Ok(None);
+    }
+    Ok(Some((id, p.end_stream, p.block.freeze())))
 }
 
 /// A map keyed by stream id: ids are distinct integers, hashing them with
@@ -462,6 +511,14 @@ pub(super) struct Inbound {
     pub(super) shared: Option<Arc<Shared>>,
 }
 
+/// A body with nothing in it.
+pub(super) fn empty() -> ProxyBody {
+    use http_body_util::BodyExt as _;
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
+
 impl Inbound {
     /// The body a head's reader gets: empty when the head ended the stream,
     /// else the queue this side fills (`waker` is the stream's: the reader's
@@ -474,9 +531,7 @@ impl Inbound {
     ) -> ProxyBody {
         use http_body_util::BodyExt as _;
         if end_stream {
-            return http_body_util::Empty::new()
-                .map_err(|never| match never {})
-                .boxed();
+            return empty();
         }
         let shared = Arc::new(Shared::default());
         self.shared = Some(shared.clone());
@@ -1024,7 +1079,7 @@ pub(super) fn frame_header(buf: &[u8]) -> Option<(usize, u8, u8, u32)> {
 }
 
 /// A HEADERS frame's header block fragment, without padding and priority.
-pub(super) fn headers_fragment(flags: u8, mut payload: Bytes) -> Result<Bytes, Fatal> {
+fn headers_fragment(flags: u8, mut payload: Bytes) -> Result<Bytes, Fatal> {
     if flags & PADDED != 0 {
         let Some(&p) = payload.first() else {
             return Err(Fatal(Code::PROTOCOL_ERROR, "HEADERS padding cut short"));
