@@ -354,7 +354,10 @@ fn bench_mesh() -> anyhow::Result<()> {
 }
 
 fn bench_proxy() -> anyhow::Result<()> {
-    let harness = root().join("../shared/bench/proxy-peers.sh");
+    // PROXY_HARNESS: a modified copy of the harness, for experiments.
+    let harness = std::env::var_os("PROXY_HARNESS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root().join("../shared/bench/proxy-peers.sh"));
     if !harness.exists() {
         bail!(
             "{} is missing (the shared folder sits beside the repository)",
