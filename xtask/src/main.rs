@@ -10,7 +10,8 @@
 //! - `bench proxy`: skein's proxy against nginx and HAProxy on this machine, in
 //!   one run, with the peer harness in `../shared/bench/proxy-peers.sh` (proxy on
 //!   core 0, load on core 1). Environment knobs pass through (DURATION, REPEAT,
-//!   SCENARIOS, IDLE_CONNS…).
+//!   SCENARIOS, IDLE_CONNS…); PROXY_HARNESS runs a modified copy of the harness
+//!   instead (e.g. one that keeps h2load's per-request log).
 //! - `bench dns`: skein's DNS against NSD and Knot on the same 10,000-service
 //!   zone with `../shared/bench/dns-peers.sh` (server on core 0, dnsperf on 1).
 
