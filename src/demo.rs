@@ -334,7 +334,7 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> anyhow::Result<()> {
     println!(
         "  curl -s http://{admin}/metrics | grep 'skein_proxy_app_requests_total{{app=\"demo\"'"
     );
-    println!("  curl -s http://{admin}/metrics | grep skein_proxy_machine_inflight\n");
+    println!("  curl -s http://{admin}/metrics | grep skein_proxy_machine_\n");
     println!("Ctrl-C stops the demo and removes what it made.");
 
     let out = running.until_signal().await;

@@ -22,7 +22,7 @@ use skein_catalog::model::BackendProtocol;
 use crate::Proxy;
 use crate::backhaul;
 use crate::balance::{Prefs, Refusal, acquire};
-use crate::load::Slot;
+use crate::load::{MachineError, Slot};
 use crate::table::{AppRoute, Backend, PortRoute, normalize_host};
 use crate::upstream::{BoxError, ConnectError, Proto, ProxyBody, Sender};
 
@@ -222,8 +222,7 @@ pub(crate) async fn serve_request(
 ) -> Response<ProxyBody> {
     let started = Instant::now();
     let resp = route(proxy, conn, req, started).await;
-    let class = usize::from(resp.status().as_u16() / 100).clamp(1, 5) - 1;
-    proxy.metrics.requests[class].increment(1);
+    proxy.metrics.requests.record(resp.status());
     proxy
         .metrics
         .duration
@@ -231,11 +230,32 @@ pub(crate) async fn serve_request(
     resp
 }
 
+/// A counter per status class (1xx..5xx), resolved once: counting an answer
+/// is one atomic add, no registry lookup. The proxy's, each app's, each
+/// service's and each machine's requests are counted with one of these.
+#[derive(Debug)]
+pub struct ByStatus([metrics::Counter; 5]);
+
+impl ByStatus {
+    /// The five handles, `counter(class)` registering the one of each class
+    /// (`"1xx"` .. `"5xx"`, for the `status` label).
+    pub fn new(counter: impl Fn(&'static str) -> metrics::Counter) -> Self {
+        ByStatus(["1xx", "2xx", "3xx", "4xx", "5xx"].map(counter))
+    }
+
+    /// Counts one answer (a status outside 100-599 counts with the nearest
+    /// class).
+    pub fn record(&self, status: StatusCode) {
+        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        self.0[class].increment(1);
+    }
+}
+
 /// Per-app metric handles, resolved when the route table is built.
 #[derive(Debug)]
 pub struct AppMetrics {
-    /// Requests by status class 1xx..5xx.
-    pub requests: [metrics::Counter; 5],
+    /// Requests by status class: `skein_proxy_app_requests_total{app,status}`.
+    pub requests: ByStatus,
     /// Time to response headers.
     pub duration: metrics::Histogram,
 }
@@ -243,9 +263,10 @@ pub struct AppMetrics {
 impl AppMetrics {
     /// Registers the handles of one app.
     pub fn new(app: &str) -> Self {
-        let c = |class: &'static str| metrics::counter!("skein_proxy_app_requests_total", "app" => app.to_string(), "status" => class);
         AppMetrics {
-            requests: [c("1xx"), c("2xx"), c("3xx"), c("4xx"), c("5xx")],
+            requests: ByStatus::new(
+                |class| metrics::counter!("skein_proxy_app_requests_total", "app" => app.to_string(), "status" => class),
+            ),
             duration: metrics::histogram!("skein_proxy_app_request_duration_seconds", "app" => app.to_string()),
         }
     }
@@ -253,8 +274,8 @@ impl AppMetrics {
 
 /// Metric handles resolved once, so the request path does no registry lookup.
 pub struct RequestMetrics {
-    /// Requests by status class 1xx..5xx.
-    pub requests: [metrics::Counter; 5],
+    /// Requests by status class: `skein_proxy_requests_total{status}`.
+    pub requests: ByStatus,
     /// Time from request to response headers.
     pub duration: metrics::Histogram,
 }
@@ -262,9 +283,10 @@ pub struct RequestMetrics {
 impl RequestMetrics {
     /// Registers the handles with the installed recorder.
     pub fn new() -> Self {
-        let c = |class: &'static str| metrics::counter!("skein_proxy_requests_total", "status" => class);
         RequestMetrics {
-            requests: [c("1xx"), c("2xx"), c("3xx"), c("4xx"), c("5xx")],
+            requests: ByStatus::new(
+                |class| metrics::counter!("skein_proxy_requests_total", "status" => class),
+            ),
             duration: metrics::histogram!("skein_proxy_request_duration_seconds"),
         }
     }
@@ -366,7 +388,7 @@ async fn route(
     // handler future into a task per request (per stream on h2).
     let resp = Box::pin(forward(proxy, conn, &table, &app, &port, host, req)).await;
     let m = &app.metrics;
-    m.requests[usize::from(resp.status().as_u16() / 100).clamp(1, 5) - 1].increment(1);
+    m.requests.record(resp.status());
     m.duration.record(started.elapsed().as_secs_f64());
     resp
 }
@@ -620,6 +642,7 @@ async fn forward(
             &mut client_upgrade,
         )
         .await;
+        svc.queue.answered.record(resp.status());
         let Some(directive) = resp.headers().get(REPLAY) else {
             return resp;
         };
@@ -823,6 +846,7 @@ fn refusal(r: Refusal, tried_some: bool) -> Response<ProxyBody> {
 /// Marks a machine that refused a connect.
 pub fn connect_failed(proxy: &Proxy, backend: &Backend, e: &ConnectError) {
     backend.load.eject(proxy.limits.eject_for);
+    backend.load.failed(MachineError::Connect);
     metrics::counter!("skein_proxy_upstream_connect_errors_total").increment(1);
     tracing::warn!(machine = %backend.machine, addr = %backend.addr, error = %e, "connect failed; machine ejected");
 }
@@ -882,8 +906,10 @@ pub(crate) async fn send(
     // Where the sender is connected (the pool's key).
     let addr = backend.via.unwrap_or(backend.addr);
     let timeout = proxy.limits.response_timeout;
-    let timed_out =
-        || SendFailure::Failed(local(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", None));
+    let timed_out = || {
+        backend.load.failed(MachineError::Timeout);
+        SendFailure::Failed(local(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", None))
+    };
     let (req, head) = match &sender {
         Sender::H1(_) => (req, None),
         _ if !keep_head => (req, None),
@@ -984,6 +1010,7 @@ fn body_failed(backend: &Backend, e: &(dyn std::error::Error + 'static)) -> Resp
 
 fn upstream_failed(backend: &Backend, e: &dyn std::fmt::Display) -> Response<ProxyBody> {
     metrics::counter!("skein_proxy_upstream_errors_total").increment(1);
+    backend.load.failed(MachineError::Upstream);
     tracing::warn!(machine = %backend.machine, error = %e, "upstream request failed");
     local(StatusCode::BAD_GATEWAY, "upstream_error", None)
 }
@@ -992,6 +1019,7 @@ fn upstream_failed(backend: &Backend, e: &dyn std::fmt::Display) -> Response<Pro
 /// with `Via` and the machine's name, holding the machine's slot until its
 /// body has ended.
 fn answer(backend: &Backend, resp: Response<ProxyBody>, slot: Slot) -> Response<ProxyBody> {
+    backend.load.answered(resp.status());
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts
@@ -1031,6 +1059,7 @@ fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     slot: Slot,
 ) -> Response<ProxyBody> {
+    backend.load.answered(resp.status());
     let upstream = hyper::upgrade::on(&mut resp);
     let machine = backend.machine.clone();
     tokio::spawn(async move {

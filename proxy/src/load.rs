@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use crate::http::ByStatus;
+
 /// Where the process's clock starts, for ejection deadlines in an atomic.
 fn now_ms(epoch: Instant) -> u64 {
     u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
@@ -25,6 +27,37 @@ pub struct ServiceQueue {
     pub waiting: AtomicU32,
     /// The same, exported: `skein_proxy_queue_depth{app,port}`.
     pub depth: metrics::Gauge,
+    /// Answers to the service's requests, the machines' and the proxy's own
+    /// (capacity, timeouts): `skein_proxy_service_requests_total{app,port,status}`.
+    pub answered: ByStatus,
+}
+
+/// Why a machine gave no answer, for `skein_proxy_machine_errors_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MachineError {
+    /// The connection was refused, reset or timed out.
+    Connect,
+    /// The request or the answer broke off (or the answer was malformed).
+    Upstream,
+    /// No answer within the response timeout.
+    Timeout,
+}
+
+impl MachineError {
+    const ALL: [MachineError; 3] = [
+        MachineError::Connect,
+        MachineError::Upstream,
+        MachineError::Timeout,
+    ];
+
+    /// The `reason` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MachineError::Connect => "connect",
+            MachineError::Upstream => "upstream",
+            MachineError::Timeout => "timeout",
+        }
+    }
 }
 
 /// Load of one machine for one service.
@@ -33,6 +66,11 @@ pub struct MachineLoad {
     inflight: AtomicU32,
     /// `skein_proxy_machine_inflight{app,machine}`.
     gauge: metrics::Gauge,
+    /// `skein_proxy_machine_requests_total{app,machine,status}`: its answers.
+    answered: ByStatus,
+    /// `skein_proxy_machine_errors_total{app,machine,reason}`, by
+    /// [`MachineError`].
+    errors: [metrics::Counter; 3],
     check_failing: std::sync::atomic::AtomicBool,
     ejected_until_ms: AtomicU64,
     epoch: Instant,
@@ -65,6 +103,16 @@ impl MachineLoad {
                 Err(now) => cur = now,
             }
         }
+    }
+
+    /// Counts one of its answers (as it gave it, before the proxy's changes).
+    pub fn answered(&self, status: http::StatusCode) {
+        self.answered.record(status);
+    }
+
+    /// Counts a request it did not answer.
+    pub fn failed(&self, why: MachineError) {
+        self.errors[why as usize].increment(1);
     }
 
     /// True while an active health check fails: out of routing until it passes.
@@ -135,6 +183,9 @@ impl Loads {
             freed: Notify::new(),
             waiting: AtomicU32::new(0),
             depth: metrics::gauge!("skein_proxy_queue_depth", "app" => app.to_string(), "port" => port.to_string()),
+            answered: ByStatus::new(
+                |class| metrics::counter!("skein_proxy_service_requests_total", "app" => app.to_string(), "port" => port.to_string(), "status" => class),
+            ),
         });
         m.insert(key, Arc::downgrade(&q));
         q
@@ -160,6 +211,8 @@ impl Loads {
                 "app" => app.to_string(),
                 "machine" => machine.to_string()
             ),
+            answered: ByStatus::new(|class| metrics::counter!("skein_proxy_machine_requests_total", "app" => app.to_string(), "machine" => machine.to_string(), "status" => class)),
+            errors: MachineError::ALL.map(|why| metrics::counter!("skein_proxy_machine_errors_total", "app" => app.to_string(), "machine" => machine.to_string(), "reason" => why.as_str())),
             check_failing: std::sync::atomic::AtomicBool::new(false),
             ejected_until_ms: AtomicU64::new(0),
             epoch: self.epoch,

@@ -97,6 +97,11 @@ async fn backend(name: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
                             return Ok(r);
                         }
                         let q = req.uri().query().unwrap_or("").to_string();
+                        if let Some(code) = q.strip_prefix("status=") {
+                            let mut r = Response::new(Full::new(Bytes::from(name)));
+                            *r.status_mut() = code.parse().unwrap_or(StatusCode::IM_A_TEAPOT);
+                            return Ok(r);
+                        }
                         if let Some(ms) = q.strip_prefix("sleep=") {
                             tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0)))
                                 .await;
@@ -664,6 +669,135 @@ async fn a_refused_connect_is_retried_on_another_machine_and_ejects_the_dead_one
     assert_eq!(
         (st, headers["skein-error"].to_str().unwrap()),
         (StatusCode::BAD_GATEWAY, "connect_failed")
+    );
+}
+
+/// The process's Prometheus recorder (installed once for this test binary).
+fn prometheus() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE.get_or_init(|| {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .unwrap()
+    })
+}
+
+/// The value of the sample `name{labels}` in a Prometheus text rendering
+/// (None when absent).
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let (n, rest) = series.split_once('{')?;
+        let mut got: Vec<(&str, &str)> = rest
+            .strip_suffix('}')?
+            .split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k, v.trim_matches('"')))
+            .collect();
+        let mut want = labels.to_vec();
+        got.sort_unstable();
+        want.sort_unstable();
+        (n == name && got == want).then(|| value.parse().ok())?
+    })
+}
+
+#[tokio::test]
+async fn answers_and_failures_are_counted_per_service_and_per_machine() {
+    let prom = prometheus();
+    let (ok, _) = backend("mtok").await;
+    let dead = dead_addr();
+    // An app of its own, so that other tests' requests do not count here;
+    // its dead machine is the closest, so it is tried first.
+    let h = Harness::start_with(
+        &[],
+        20,
+        25,
+        |_| {
+            format!(
+                r#"
+        [[apps]]
+        name = "metered"
+        network = "n"
+        hostnames = ["metered.example.com"]
+        [[apps.services]]
+        internal_port = 8080
+        ports = [{{ port = 80, handlers = ["http"] }}]
+        [[machines]]
+        id = "mtdead"
+        app = "metered"
+        region = "ams"
+        host = "0:2"
+        state = "started"
+        endpoint = "{dead}"
+        [[machines]]
+        id = "mtok"
+        app = "metered"
+        region = "iad"
+        host = "0:3"
+        state = "started"
+        endpoint = "{ok}"
+        "#
+            )
+        },
+        |c| c.response_timeout = Duration::from_millis(300),
+    )
+    .await;
+    for _ in 0..3 {
+        let (st, _, body) = h.plain_get("metered.example.com", "/").await;
+        assert_eq!(st, StatusCode::OK, "{body}");
+    }
+    let (st, _, _) = h.plain_get("metered.example.com", "/?status=500").await;
+    assert_eq!(st, StatusCode::INTERNAL_SERVER_ERROR);
+    let (st, headers, _) = h.plain_get("metered.example.com", "/?sleep=1500").await;
+    assert_eq!(st, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(headers["skein-error"], "upstream_timeout");
+    let (st, _, _) = h.plain_get("nothing.example.com", "/").await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+
+    let text = prom.render();
+    let machine = |m: &str, extra: (&str, &str)| {
+        sample(
+            &text,
+            if extra.0 == "reason" {
+                "skein_proxy_machine_errors_total"
+            } else {
+                "skein_proxy_machine_requests_total"
+            },
+            &[("app", "metered"), ("machine", m), extra],
+        )
+    };
+    // The machines' own answers, by machine: the dead one never answered.
+    assert_eq!(machine("mtok", ("status", "2xx")), Some(3.0), "{text}");
+    assert_eq!(machine("mtok", ("status", "5xx")), Some(1.0));
+    assert_eq!(machine("mtdead", ("status", "2xx")), Some(0.0));
+    // What went wrong, by machine and reason: one refused connect (then
+    // ejected, so the later requests went straight to mt-ok), one timeout.
+    assert_eq!(machine("mtdead", ("reason", "connect")), Some(1.0));
+    assert_eq!(machine("mtok", ("reason", "timeout")), Some(1.0));
+    assert_eq!(machine("mtok", ("reason", "connect")), Some(0.0));
+    assert_eq!(machine("mtok", ("reason", "upstream")), Some(0.0));
+    // The service counts every answer its requests got, the proxy's own 504
+    // with the machine's 500; the app the same; a request for no app counts
+    // for no app.
+    let svc = |class| {
+        sample(
+            &text,
+            "skein_proxy_service_requests_total",
+            &[("app", "metered"), ("port", "8080"), ("status", class)],
+        )
+    };
+    assert_eq!((svc("2xx"), svc("5xx")), (Some(3.0), Some(2.0)));
+    let app = |class| {
+        sample(
+            &text,
+            "skein_proxy_app_requests_total",
+            &[("app", "metered"), ("status", class)],
+        )
+    };
+    assert_eq!(
+        (app("2xx"), app("4xx"), app("5xx")),
+        (Some(3.0), Some(0.0), Some(2.0))
     );
 }
 
