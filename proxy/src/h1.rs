@@ -524,7 +524,13 @@ pub(crate) async fn write_response<W: AsyncWrite + Unpin>(
     let (parts, mut body) = resp.into_parts();
     let status = parts.status;
     let no_body = head_only || bodiless(status);
-    let mut w = Writer::new(256 + parts.headers.len() * 40);
+    // Room for the head and, when its length is known and small, the body
+    // that goes in the same write: the buffer does not grow mid-message.
+    let inline = match body.size_hint().exact() {
+        Some(n) if !no_body => usize::try_from(n).ok().filter(|n| *n <= COALESCE).unwrap_or(0),
+        _ => 0,
+    };
+    let mut w = Writer::new(256 + parts.headers.len() * 40 + inline);
     let out = &mut w.out;
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());

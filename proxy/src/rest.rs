@@ -408,7 +408,7 @@ where
             }
         };
         let head_only = plain.req.method() == Method::HEAD;
-        let resp = Box::pin(serve_request(proxy, info, plain.req)).await;
+        let resp = serve_request(proxy, info, plain.req).await;
         let close_after = plain.close || drain.is_cancelled();
         match h1::write_response(s, resp, head_only, close_after).await {
             Ok(true) => {}
