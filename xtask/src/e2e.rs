@@ -10,6 +10,9 @@
 //! - `direct`: plain HTTP straight to the machine's 6PN address over the same
 //!   mesh (e2 to w1), the eBPF guard and rewrite on the way.
 //!
+//! - `proxied-http`: the same path as `proxied` over plain HTTP (the app's
+//!   port 80): the two proxies without TLS at the edge.
+//!
 //! So the difference is the two proxies (and TLS at the edge). The report goes
 //! to target/bench-report/ with the others; `REPEAT=3` repeats.
 
@@ -187,6 +190,10 @@ pub fn bench_e2e() -> anyhow::Result<()> {
         .args(&scenarios)
         .arg("--target")
         .arg(format!("proxied=https://[{ANYCAST}]:443"))
+        // The same two proxies without TLS at the edge (the app's plain
+        // HTTP port): what the proxies cost apart from TLS.
+        .arg("--target")
+        .arg(format!("proxied-http=http://[{ANYCAST}]:80"))
         .arg("--target")
         .arg(format!("direct=http://[{MACHINE}]:8080"))
         .args(["--out", "target/bench-report", "--label", &label])
