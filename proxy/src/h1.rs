@@ -792,7 +792,7 @@ fn cut(head: &Bytes, (n, nl, v, vl): Span) -> Option<(HeaderName, HeaderValue)> 
 }
 
 /// The comma-separated tokens of a header value (`Connection`), trimmed.
-fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub(crate) fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
     v.split(|b| *b == b',').map(<[u8]>::trim_ascii)
 }
 

@@ -125,6 +125,18 @@ pub(crate) fn hop_by_hop(name: &str) -> bool {
     )
 }
 
+/// [`hop_by_hop`] for a name in any case (a `Connection` option).
+fn hop_by_hop_token(t: &[u8]) -> bool {
+    // The longest hop-by-hop name is 19 bytes.
+    let mut lower = [0u8; 19];
+    let Some(to) = lower.get_mut(..t.len()) else {
+        return false;
+    };
+    to.copy_from_slice(t);
+    to.make_ascii_lowercase();
+    std::str::from_utf8(to).is_ok_and(hop_by_hop)
+}
+
 /// The platform's own request headers: set by the proxy, never taken from a
 /// client (a client could forge its address or steer another's request).
 fn platform_request_header(name: &str) -> bool {
@@ -151,8 +163,16 @@ fn strip(h: &mut HeaderMap, also: fn(&str) -> bool) {
     for (name, value) in h.iter() {
         let n = name.as_str();
         if n == "connection" {
-            let listed = value.to_str().ok().into_iter().flat_map(|v| v.split(','));
-            doomed.extend(listed.filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok()));
+            // The options it lists name headers to drop, except `close` and
+            // the hop-by-hop names, which go anyway: no name is made (and,
+            // for one not standard, allocated) for `keep-alive` and `close`,
+            // the usual ones.
+            doomed.extend(
+                crate::h1::tokens(value.as_bytes())
+                    .filter(|t| !t.eq_ignore_ascii_case(b"close") && !t.is_empty())
+                    .filter(|t| !hop_by_hop_token(t))
+                    .filter_map(|t| HeaderName::from_bytes(t).ok()),
+            );
         } else if n == "te" {
             te_trailers |= value.as_bytes().eq_ignore_ascii_case(b"trailers");
         }
