@@ -527,7 +527,10 @@ pub(crate) async fn write_response<W: AsyncWrite + Unpin>(
     // Room for the head and, when its length is known and small, the body
     // that goes in the same write: the buffer does not grow mid-message.
     let inline = match body.size_hint().exact() {
-        Some(n) if !no_body => usize::try_from(n).ok().filter(|n| *n <= COALESCE).unwrap_or(0),
+        Some(n) if !no_body => usize::try_from(n)
+            .ok()
+            .filter(|n| *n <= COALESCE)
+            .unwrap_or(0),
         _ => 0,
     };
     let mut w = Writer::new(256 + parts.headers.len() * 40 + inline);
