@@ -94,7 +94,7 @@ pub fn bench_e2e() -> anyhow::Result<()> {
     let work = root().join("target/bench/e2e");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(work.join("tmp"))?;
-    let skein = root().join("target/release/skein");
+    let skein = crate::skein_bin();
     let mut child = Command::new(&skein)
         .args(["demo", "--hosts", "3", "--external-backends"])
         .stdout(Stdio::piped())

@@ -7,11 +7,15 @@
 //! - `build-ebpf`: build the eBPF programs with nightly; binaries built afterwards
 //!   embed them (without it they build, and the mesh says how to get them).
 //! - `lint`: only fmt and clippy.
+//! - `pgo`: skein built with profile-guided optimization (trained on the
+//!   proxy harness; `target/pgo/use/release/skein`). `PGO=1` before any bench
+//!   verb makes the bench build and run it.
 //! - `bench proxy`: skein's proxy against nginx and HAProxy on this machine, in
 //!   one run, with the peer harness in `../shared/bench/proxy-peers.sh` (proxy on
 //!   core 0, load on core 1). Environment knobs pass through (DURATION, REPEAT,
 //!   SCENARIOS, IDLE_CONNS…); PROXY_HARNESS runs a modified copy of the harness
-//!   instead (e.g. one that keeps h2load's per-request log).
+//!   instead (e.g. one that keeps h2load's per-request log), SKEIN_BIN another
+//!   build of skein.
 //! - `bench dns`: skein's DNS against NSD and Knot on the same 10,000-service
 //!   zone with `../shared/bench/dns-peers.sh` (server on core 0, dnsperf on 1).
 
@@ -60,6 +64,11 @@ fn main() -> anyhow::Result<()> {
         }
         "ensure" => ensure(),
         "build-ebpf" => build_ebpf(),
+        "pgo" => {
+            let bin = pgo()?;
+            println!("{}", bin.display());
+            Ok(())
+        }
         "lint" => lint(),
         "bench" => match std::env::args().nth(2).as_deref() {
             Some("proxy") => bench_proxy(),
@@ -70,7 +79,7 @@ fn main() -> anyhow::Result<()> {
             _ => bail!("usage: cargo xtask bench <proxy|dns|platform|e2e|mesh>"),
         },
         _ => bail!(
-            "usage: cargo xtask <test|ensure|build-ebpf|lint|bench proxy|bench dns|bench platform|bench e2e|bench mesh>"
+            "usage: cargo xtask <test|ensure|build-ebpf|lint|pgo|bench proxy|bench dns|bench platform|bench e2e|bench mesh>"
         ),
     }
 }
@@ -324,6 +333,20 @@ fn self_signed(dir: &std::path::Path, cn: &str, sans: &str) -> anyhow::Result<(S
 }
 
 /// Builds the release binaries of the benches.
+/// The profile-guided build, once made (`PGO=1`).
+static PGO_BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// The skein the benches run: `SKEIN_BIN` (another build, an older commit),
+/// the profile-guided build with `PGO=1`, else the release build.
+fn skein_bin() -> PathBuf {
+    std::env::var_os("SKEIN_BIN")
+        .map(PathBuf::from)
+        .or_else(|| PGO_BIN.get().cloned())
+        .unwrap_or_else(|| root().join("target/release/skein"))
+}
+
+/// The release build of skein and the load generator; with `PGO=1`, also
+/// skein's profile-guided build, which the benches then run.
 fn build_release() -> anyhow::Result<()> {
     run(Command::new("cargo").args([
         "build",
@@ -333,7 +356,64 @@ fn build_release() -> anyhow::Result<()> {
         "-p",
         "skein-bench",
         "--bins",
-    ]))
+    ]))?;
+    if std::env::var("PGO").is_ok_and(|v| v == "1") && PGO_BIN.get().is_none() {
+        let bin = pgo()?;
+        let _ = PGO_BIN.set(bin);
+    }
+    Ok(())
+}
+
+/// A profile-guided build of skein (`cargo xtask pgo`, or `PGO=1` before a
+/// bench verb): an instrumented build serves the proxy harness's keep-alive,
+/// h2 and new-connection scenarios (against nginx from Debian as the
+/// backend), LLVM's `llvm-profdata` of rustc's own LLVM version merges what
+/// it counted, and skein is built again with that profile, in
+/// `target/pgo/use`. Returns the binary.
+fn pgo() -> anyhow::Result<PathBuf> {
+    let dir = root().join("target/pgo");
+    let raw = dir.join("raw");
+    let merged = dir.join("skein.profdata");
+    let rustc = Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .context("rustc -vV")?;
+    let major = String::from_utf8_lossy(&rustc.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next().map(str::to_string))
+        .context("rustc -vV names no LLVM version")?;
+    let profdata = format!("llvm-profdata-{major}");
+    if !quiet_ok(Command::new(&profdata).arg("--version")) {
+        apt_ensure(&[&format!("llvm-{major}")])?;
+    }
+    let build = |target: &str, flags: String| {
+        run(Command::new("cargo")
+            .args(["build", "--release", "-p", "skein"])
+            .env("CARGO_TARGET_DIR", dir.join(target))
+            .env("RUSTFLAGS", flags))
+    };
+    build("gen", format!("-Cprofile-generate={}", raw.display()))?;
+    // What the build scripts counted is not skein's.
+    let _ = std::fs::remove_dir_all(&raw);
+    std::fs::create_dir_all(&raw)?;
+    proxy_harness(
+        &dir.join("gen/release/skein"),
+        &[
+            ("PROXIES", "nginx"),
+            ("SCENARIOS", "ka h2 close"),
+            ("IDLE_CONNS", "0"),
+            ("DIRECT", "0"),
+            ("REPEAT", "1"),
+            ("DURATION", "5"),
+        ],
+    )?;
+    run(Command::new(&profdata)
+        .args(["merge", "-o"])
+        .arg(&merged)
+        .arg(&raw))?;
+    build("use", format!("-Cprofile-use={}", merged.display()))?;
+    Ok(dir.join("use/release/skein"))
 }
 
 /// iperf3 between machines on two hosts: skein's device with and without the
@@ -355,6 +435,12 @@ fn bench_mesh() -> anyhow::Result<()> {
 }
 
 fn bench_proxy() -> anyhow::Result<()> {
+    build_release()?;
+    proxy_harness(&skein_bin(), &[])
+}
+
+/// Runs the proxy harness against `bin` (with `env` set for the harness).
+fn proxy_harness(bin: &std::path::Path, env: &[(&str, &str)]) -> anyhow::Result<()> {
     // PROXY_HARNESS: a modified copy of the harness, for experiments.
     let harness = std::env::var_os("PROXY_HARNESS")
         .map(std::path::PathBuf::from)
@@ -366,17 +452,19 @@ fn bench_proxy() -> anyhow::Result<()> {
         );
     }
     apt_ensure(&["nginx-light", "haproxy", "wrk", "nghttp2-client", "openssl"])?;
-    build_release()?;
     let work = root().join("target/bench/proxy");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let (cert, key) = self_signed(&work, "bench.local", "DNS:bench.local,DNS:localhost")?;
     std::fs::write(work.join("catalog.toml"), bench_catalog(&cert, &key))?;
     std::fs::write(work.join("skein.toml"), BENCH_CONFIG)?;
-    with_skein(&work, "PROXY_CPUS", 9911, 100, &|_| {
-        run(Command::new("bash")
-            .arg(&harness)
-            .arg("skein=127.0.0.1:9443"))
+    with_skein(bin, &work, "PROXY_CPUS", 9911, 100, &|_| {
+        let mut cmd = Command::new("bash");
+        cmd.arg(&harness).arg("skein=127.0.0.1:9443");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        run(&mut cmd)
     })
 }
 
@@ -414,7 +502,7 @@ fn bench_dns() -> anyhow::Result<()> {
         "[admin]\nlisten = \"127.0.0.1:9912\"\n[state]\ndir = \"state\"\n[catalog]\nfile = \"catalog.toml\"\n[log]\nlevel = \"warn\"\n[dns]\nenabled = true\nthreads = 1\ndefault_network = \"bench\"\nlisten = [\"127.0.0.1:5403\"]\n",
     )?;
     let peers = work.join("peers");
-    with_skein(&work, "SERVER_CPUS", 9912, 300, &|pid| {
+    with_skein(&skein_bin(), &work, "SERVER_CPUS", 9912, 300, &|pid| {
         // The table goes to the screen and, through skein-bench, into the
         // reports (dnsperf-peak: qps, mean latency, core-0 us/query).
         let table = work.join("dnsperf.txt");
@@ -498,6 +586,7 @@ fn dns_latency(
 /// `/readyz` on `admin_port` (up to `tries` x 100 ms); then runs `bench` (the
 /// peer harness and any phase of its own), and stops skein whatever happened.
 fn with_skein(
+    bin: &std::path::Path,
     work: &std::path::Path,
     cpus_var: &str,
     admin_port: u16,
@@ -507,7 +596,7 @@ fn with_skein(
     let cpus = std::env::var(cpus_var).unwrap_or_else(|_| "0".into());
     let mut skein = Command::new("taskset")
         .args(["-c", &cpus])
-        .arg(root().join("target/release/skein"))
+        .arg(bin)
         .args(["run", "--config", "skein.toml"])
         .current_dir(work)
         .stderr(std::fs::File::create(work.join("skein.log"))?)
@@ -526,7 +615,23 @@ fn with_skein(
             work.join("skein.log").display()
         ))
     };
-    let _ = skein.kill();
-    let _ = skein.wait();
+    stop_gracefully(&mut skein, std::time::Duration::from_secs(15));
     result
+}
+
+/// SIGTERM, then SIGKILL if it has not exited in `grace`: skein drains and
+/// returns from `main` (an instrumented build writes its profile then).
+fn stop_gracefully(child: &mut std::process::Child, grace: std::time::Duration) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let until = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < until {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -160,7 +160,7 @@ pub fn bench_platform() -> anyhow::Result<()> {
         "backend.log",
     )?);
     wait_port(8080, "the backend", &work.join("backend.err"))?;
-    let skein_bin = root().join("target/release/skein").display().to_string();
+    let skein_bin = crate::skein_bin().display().to_string();
     let skein = spawn(
         &proxy_cpus,
         &[&skein_bin, "run", "--config", "skein.toml"],
