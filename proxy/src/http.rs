@@ -1039,7 +1039,10 @@ fn upstream_failed(backend: &Backend, e: &dyn std::fmt::Display) -> Response<Pro
 /// with `Via` and the machine's name, holding the machine's slot until its
 /// body has ended.
 fn answer(backend: &Backend, resp: Response<ProxyBody>, slot: Slot) -> Response<ProxyBody> {
-    backend.load.answered(resp.status());
+    // A worker's refusal is not the machine's answer (nothing reached it).
+    if backend.via.is_none() || !resp.headers().contains_key(backhaul::REFUSED) {
+        backend.load.answered(resp.status());
+    }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts
