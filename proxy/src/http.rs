@@ -169,8 +169,9 @@ fn strip(h: &mut HeaderMap, also: fn(&str) -> bool) {
             // the usual ones.
             doomed.extend(
                 crate::h1::tokens(value.as_bytes())
-                    .filter(|t| !t.eq_ignore_ascii_case(b"close") && !t.is_empty())
-                    .filter(|t| !hop_by_hop_token(t))
+                    .filter(|t| {
+                        !t.is_empty() && !t.eq_ignore_ascii_case(b"close") && !hop_by_hop_token(t)
+                    })
                     .filter_map(|t| HeaderName::from_bytes(t).ok()),
             );
         } else if n == "te" {
@@ -866,7 +867,7 @@ fn refusal(r: Refusal, tried_some: bool) -> Response<ProxyBody> {
 /// Marks a machine that refused a connect.
 pub fn connect_failed(proxy: &Proxy, backend: &Backend, e: &ConnectError) {
     backend.load.eject(proxy.limits.eject_for);
-    backend.load.failed(MachineError::Connect);
+    backend.failed(MachineError::Connect);
     metrics::counter!("skein_proxy_upstream_connect_errors_total").increment(1);
     tracing::warn!(machine = %backend.machine, addr = %backend.addr, error = %e, "connect failed; machine ejected");
 }
@@ -927,7 +928,7 @@ pub(crate) async fn send(
     let addr = backend.via.unwrap_or(backend.addr);
     let timeout = proxy.limits.response_timeout;
     let timed_out = || {
-        backend.load.failed(MachineError::Timeout);
+        backend.failed(MachineError::Timeout);
         SendFailure::Failed(local(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", None))
     };
     let (req, head) = match &sender {
@@ -1030,7 +1031,7 @@ fn body_failed(backend: &Backend, e: &(dyn std::error::Error + 'static)) -> Resp
 
 fn upstream_failed(backend: &Backend, e: &dyn std::fmt::Display) -> Response<ProxyBody> {
     metrics::counter!("skein_proxy_upstream_errors_total").increment(1);
-    backend.load.failed(MachineError::Upstream);
+    backend.failed(MachineError::Upstream);
     tracing::warn!(machine = %backend.machine, error = %e, "upstream request failed");
     local(StatusCode::BAD_GATEWAY, "upstream_error", None)
 }
@@ -1039,10 +1040,7 @@ fn upstream_failed(backend: &Backend, e: &dyn std::fmt::Display) -> Response<Pro
 /// with `Via` and the machine's name, holding the machine's slot until its
 /// body has ended.
 fn answer(backend: &Backend, resp: Response<ProxyBody>, slot: Slot) -> Response<ProxyBody> {
-    // A worker's refusal is not the machine's answer (nothing reached it).
-    if backend.via.is_none() || !resp.headers().contains_key(backhaul::REFUSED) {
-        backend.load.answered(resp.status());
-    }
+    backend.answered(resp.status());
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts
@@ -1082,7 +1080,7 @@ fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     slot: Slot,
 ) -> Response<ProxyBody> {
-    backend.load.answered(resp.status());
+    backend.answered(resp.status());
     let upstream = hyper::upgrade::on(&mut resp);
     let machine = backend.machine.clone();
     tokio::spawn(async move {

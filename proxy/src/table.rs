@@ -33,6 +33,25 @@ pub struct Backend {
     pub load: Arc<MachineLoad>,
 }
 
+impl Backend {
+    /// Counts the machine's answer, on the host that delivers to it: a
+    /// backhauled request is counted by the worker alone (an edge sees its
+    /// worker, not the machine), so a sum over hosts counts each request once.
+    pub fn answered(&self, status: http::StatusCode) {
+        if self.via.is_none() {
+            self.load.answered(status);
+        }
+    }
+
+    /// Counts a request the machine did not answer, on the host that
+    /// delivers to it (as [`Backend::answered`]).
+    pub fn failed(&self, why: crate::load::MachineError) {
+        if self.via.is_none() {
+            self.load.failed(why);
+        }
+    }
+}
+
 /// A service of an app: its machines and limits.
 #[derive(Debug)]
 pub struct ServiceRoute {

@@ -443,7 +443,7 @@ fn bench_proxy() -> anyhow::Result<()> {
 fn proxy_harness(bin: &std::path::Path, env: &[(&str, &str)]) -> anyhow::Result<()> {
     // PROXY_HARNESS: a modified copy of the harness, for experiments.
     let harness = std::env::var_os("PROXY_HARNESS")
-        .map(std::path::PathBuf::from)
+        .map(PathBuf::from)
         .unwrap_or_else(|| root().join("../shared/bench/proxy-peers.sh"));
     if !harness.exists() {
         bail!(
