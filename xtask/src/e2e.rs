@@ -13,6 +13,12 @@
 //! - `proxied-http`: the same path as `proxied` over plain HTTP (the app's
 //!   port 80): the two proxies without TLS at the edge.
 //!
+//! - `nginx-pair` (and `nginx-pair-http`): what people would build instead,
+//!   in the same run over the same mesh: nginx on e2 (TLS, h2 to the client)
+//!   proxying over HTTP/1.1 keep-alive to nginx on w1 (on w1's own 6PN
+//!   address), which proxies to the machine. One worker process each, as the
+//!   demo's daemons have one serving thread.
+//!
 //! So the difference is the two proxies (and TLS at the edge). The report goes
 //! to target/bench-report/ with the others; `REPEAT=3` repeats.
 
@@ -28,6 +34,29 @@ use crate::{apt_ensure, root, run};
 const MACHINE: &str = "fdaa:0:18:0:4:0:1:0";
 const LOADGEN: &str = "fdaa:0:18:0:3:0:9:0";
 const ANYCAST: &str = "2001:db8:a::10";
+/// e2's address on the underlay (where the anycast route points).
+const E2_UNDERLAY: &str = "fd00:99::2";
+/// w1's own 6PN address (`SixPn::host_address` of host 0:4), where its
+/// backhaul listener is: the nginx pair's worker listens there too.
+const W1_HOST: &str = "fdaa::4:0:0:1";
+
+/// nginx as the edge (on e2: TLS and plain HTTP on the underlay) and as the
+/// worker (on w1's 6PN address), keep-alive upstreams, one worker process.
+fn pair_conf(d: &std::path::Path, edge: bool) -> String {
+    let d = d.display();
+    let server = if edge {
+        format!(
+            "  upstream next {{ server [{W1_HOST}]:8181; keepalive 64; }}\n  server {{\n    listen [{E2_UNDERLAY}]:8443 ssl http2 backlog=4096;\n    listen [{E2_UNDERLAY}]:8080 backlog=4096;\n    ssl_certificate {d}/cert.pem; ssl_certificate_key {d}/key.pem;\n    ssl_protocols TLSv1.3; ssl_session_cache shared:SSL:10m;\n    location / {{ proxy_pass http://next; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto $scheme; }}\n  }}\n"
+        )
+    } else {
+        format!(
+            "  upstream next {{ server [{MACHINE}]:8080; keepalive 64; }}\n  server {{\n    listen [{W1_HOST}]:8181 backlog=4096;\n    location / {{ proxy_pass http://next; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n"
+        )
+    };
+    format!(
+        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/nginx.err warn;\nevents {{ worker_connections 16384; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp; uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;\n  tcp_nodelay on; keepalive_timeout 120s; keepalive_requests 10000000;\n{server}}}\n"
+    )
+}
 
 /// The demo, stopped with SIGINT (so it removes its namespaces) however the
 /// bench ends.
@@ -152,7 +181,31 @@ pub fn bench_e2e() -> anyhow::Result<()> {
         .stderr(Stdio::null())
         .spawn()
         .context("starting nginx in the machine")?;
-    let _nginx = crate::platform::Kids(vec![nginx]);
+    let mut kids = crate::platform::Kids(vec![nginx]);
+    // The nginx pair, for comparison.
+    for (ns, name, edge) in [
+        ("skd-e2", "pair-edge", true),
+        ("skd-w1", "pair-worker", false),
+    ] {
+        let d = work.join(name);
+        std::fs::create_dir_all(d.join("tmp"))?;
+        if edge {
+            crate::self_signed(&d, "web.example.com", "DNS:web.example.com")?;
+        }
+        std::fs::write(d.join("nginx.conf"), pair_conf(&d, edge))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "nginx", "-p"])
+            .arg(&d)
+            .arg("-c")
+            .arg(d.join("nginx.conf"))
+            .arg("-e")
+            .arg(d.join("nginx.err"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting nginx ({name})"))?;
+        kids.0.push(child);
+    }
 
     let direct = format!("http://[{MACHINE}]:8080/");
     wait(
@@ -173,6 +226,29 @@ pub fn bench_e2e() -> anyhow::Result<()> {
         (0..5).all(|_| ok_in("skd-load", &proxied))
     })?;
 
+    let pair = [
+        "curl",
+        "-sfk",
+        "--max-time",
+        "2",
+        "--resolve",
+        &format!("web.example.com:8443:[{E2_UNDERLAY}]"),
+        "https://web.example.com:8443/",
+    ];
+    wait(Duration::from_secs(30), "the nginx pair", || {
+        ok_in("skd-load", &pair)
+    })?;
+
+    // HOLD=<seconds>: keep the topology up that long instead of loading it
+    // (to measure by hand: perf, strace, tcpdump in the namespaces), then
+    // tear it down.
+    if let Some(secs) = std::env::var("HOLD").ok().and_then(|s| s.parse().ok()) {
+        println!("holding the e2e topology for {secs} s (namespaces skd-*)");
+        std::thread::sleep(Duration::from_secs(secs));
+        drop(kids);
+        drop(demo);
+        return Ok(());
+    }
     let label = std::env::var("LABEL").unwrap_or_else(|_| {
         "client -> e2 proxy -> mesh -> w1 proxy -> machine, against client -> mesh -> machine"
             .into()
@@ -195,6 +271,10 @@ pub fn bench_e2e() -> anyhow::Result<()> {
         .arg("--target")
         .arg(format!("proxied-http=http://[{ANYCAST}]:80"))
         .arg("--target")
+        .arg(format!("nginx-pair=https://[{E2_UNDERLAY}]:8443"))
+        .arg("--target")
+        .arg(format!("nginx-pair-http=http://[{E2_UNDERLAY}]:8080"))
+        .arg("--target")
         .arg(format!("direct=http://[{MACHINE}]:8080"))
         .args(["--out", "target/bench-report", "--label", &label])
         .args([
@@ -202,6 +282,7 @@ pub fn bench_e2e() -> anyhow::Result<()> {
             &std::env::var("REPEAT").unwrap_or_else(|_| "3".into()),
         ])
         .current_dir(root()));
+    drop(kids);
     drop(demo);
     r
 }
