@@ -277,6 +277,8 @@ pub fn bench_e2e() -> anyhow::Result<()> {
         .arg("--target")
         .arg(format!("direct=http://[{MACHINE}]:8080"))
         .args(["--out", "target/bench-report", "--label", &label])
+        // The goal's figure: what each path adds to the direct one's p99.
+        .args(["--baseline", "direct"])
         .args([
             "--repeat",
             &std::env::var("REPEAT").unwrap_or_else(|_| "3".into()),

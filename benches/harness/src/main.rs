@@ -39,6 +39,10 @@ enum Cli {
         /// table and charts show the run with the median p99.
         #[arg(long, default_value_t = 1)]
         repeat: u32,
+        /// A target the others are compared with: the table gains what each
+        /// adds to its p99 (per repeat against the same repeat, the median).
+        #[arg(long)]
+        baseline: Option<String>,
     },
     /// Builds report.html from a saved run (JSON) and the runs beside it.
     Report {
@@ -99,11 +103,17 @@ fn real_main() -> anyhow::Result<()> {
             label,
             threads,
             repeat,
+            baseline,
         } => {
             let targets: Vec<Target> = targets
                 .iter()
                 .map(|t| Target::parse(t).map_err(anyhow::Error::msg))
                 .collect::<Result<_, _>>()?;
+            if let Some(b) = &baseline
+                && !targets.iter().any(|t| &t.name == b)
+            {
+                anyhow::bail!("--baseline {b:?}: no such target");
+            }
             let mut targets = targets;
             for a in &admins {
                 let (name, addr) = a
@@ -159,6 +169,7 @@ fn real_main() -> anyhow::Result<()> {
                 started: now_rfc3339(),
                 label,
                 results,
+                baseline,
             };
             print!("{}", report.table());
             let html = skein_bench::report::save(&report, &out, 20)?;
@@ -182,6 +193,7 @@ fn real_main() -> anyhow::Result<()> {
                     started: now_rfc3339(),
                     label,
                     results,
+                    baseline: None,
                 },
                 &out,
             )
@@ -210,6 +222,7 @@ fn real_main() -> anyhow::Result<()> {
                     started: now_rfc3339(),
                     label,
                     results,
+                    baseline: None,
                 },
                 &out,
             )

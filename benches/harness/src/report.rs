@@ -20,6 +20,10 @@ pub struct Report {
     pub label: String,
     /// Results, scenario by target.
     pub results: Vec<RunResult>,
+    /// The target the others are compared with (`--baseline`): the table
+    /// gains what each adds to its p99.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<String>,
 }
 
 impl Report {
@@ -60,6 +64,40 @@ impl Report {
             .collect()
     }
 
+    /// What `target` adds to the baseline's p99 in `scenario`: each repeat
+    /// against the baseline's run of the same repeat (interleaved, so the
+    /// two saw the same minutes of the machine), the median of those
+    /// ratios, minus one. `None` without a baseline, for the baseline
+    /// itself, or without runs to pair.
+    pub fn over_baseline(&self, scenario: &str, target: &str) -> Option<f64> {
+        let base = self.baseline.as_deref()?;
+        if base == target {
+            return None;
+        }
+        let p99 = |t: &str, rep: u32| {
+            self.results
+                .iter()
+                .find(|r| r.scenario == scenario && r.target == t && r.repeat == rep)
+                .map(|r| r.latency_us.p99 as f64)
+        };
+        let mut ratios: Vec<f64> = self
+            .results
+            .iter()
+            .filter(|r| r.scenario == scenario && r.target == target)
+            .filter_map(|r| {
+                let b = p99(base, r.repeat).filter(|b| *b > 0.0)?;
+                Some(r.latency_us.p99 as f64 / b - 1.0)
+            })
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        let n = ratios.len();
+        match n {
+            0 => None,
+            _ if n % 2 == 1 => Some(ratios[n / 2]),
+            _ => Some((ratios[n / 2 - 1] + ratios[n / 2]) / 2.0),
+        }
+    }
+
     /// The terminal table.
     pub fn table(&self) -> String {
         let mut out = String::new();
@@ -80,6 +118,11 @@ impl Report {
             "range",
             "steal %"
         );
+        if let Some(b) = &self.baseline {
+            // Replace the line's end with one more column.
+            out.pop();
+            let _ = writeln!(out, "  p99 vs {b}");
+        }
         for (r, runs, (lo, hi)) in self.medians() {
             let errors: u64 = r.errors.values().sum();
             let _ = writeln!(
@@ -103,6 +146,13 @@ impl Report {
                 },
                 r.steal_pct.map_or("-".to_string(), |p| format!("{p:.1}")),
             );
+            if self.baseline.is_some() {
+                out.pop();
+                let vs = self
+                    .over_baseline(&r.scenario, &r.target)
+                    .map_or("-".to_string(), |x| format!("{:+.0}%", x * 100.0));
+                let _ = writeln!(out, "  {vs:>9}");
+            }
         }
         out
     }

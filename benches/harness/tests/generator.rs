@@ -259,6 +259,44 @@ fn the_report_builds_from_a_saved_run() {
     assert_eq!((lo, hi), (1.0, 9.0));
     assert!(repeated.table().contains("1.0-9.0"), "{}", repeated.table());
     assert!(
+        !repeated.table().contains("p99 vs"),
+        "no baseline, no column"
+    );
+
+    // Against a baseline: each repeat is compared with the baseline's run of
+    // the same repeat, and the median of those ratios is reported, not the
+    // ratio of the medians (which would pair a calm minute with a noisy one).
+    let mut paired = Report {
+        baseline: Some("direct".into()),
+        ..report.clone()
+    };
+    paired.results.clear();
+    for (rep, (through, direct)) in [(3_000u64, 2_000u64), (2_000, 1_000), (1_000, 1_000)]
+        .into_iter()
+        .enumerate()
+    {
+        for (target, p99) in [("proxied", through), ("direct", direct)] {
+            let mut r = report.results[0].clone();
+            r.target = target.into();
+            r.repeat = rep as u32;
+            r.latency_us.p99 = p99;
+            paired.results.push(r);
+        }
+    }
+    let sc = paired.results[0].scenario.clone();
+    // Per repeat +50%, +100%, +0%: the median is +50% (the medians' ratio
+    // would be 2.0 / 1.0, +100%).
+    assert_eq!(paired.over_baseline(&sc, "proxied"), Some(0.5));
+    assert_eq!(paired.over_baseline(&sc, "direct"), None);
+    assert_eq!(paired.over_baseline(&sc, "nobody"), None);
+    let versus = paired.table();
+    assert!(versus.contains("p99 vs direct"), "{versus}");
+    let line = versus.lines().find(|l| l.contains("proxied")).unwrap();
+    assert!(line.trim_end().ends_with("+50%"), "{versus}");
+    // Saved and loaded, the baseline stays.
+    let back: Report = serde_json::from_str(&serde_json::to_string(&paired).unwrap()).unwrap();
+    assert_eq!(back.baseline.as_deref(), Some("direct"));
+    assert!(
         table.contains("skein") && table.contains("nginx"),
         "{table}"
     );
