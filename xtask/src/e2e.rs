@@ -259,23 +259,24 @@ pub fn bench_e2e() -> anyhow::Result<()> {
         .split_whitespace()
         .map(|s| format!("benches/scenarios/{s}.toml"))
         .collect();
-    let r = run(Command::new("ip")
-        .args(["netns", "exec", "skd-load"])
-        .arg(&bench)
-        .arg("run")
-        .args(&scenarios)
-        .arg("--target")
-        .arg(format!("proxied=https://[{ANYCAST}]:443"))
+    let targets = [
+        format!("proxied=https://[{ANYCAST}]:443"),
         // The same two proxies without TLS at the edge (the app's plain
         // HTTP port): what the proxies cost apart from TLS.
-        .arg("--target")
-        .arg(format!("proxied-http=http://[{ANYCAST}]:80"))
-        .arg("--target")
-        .arg(format!("nginx-pair=https://[{E2_UNDERLAY}]:8443"))
-        .arg("--target")
-        .arg(format!("nginx-pair-http=http://[{E2_UNDERLAY}]:8080"))
-        .arg("--target")
-        .arg(format!("direct=http://[{MACHINE}]:8080"))
+        format!("proxied-http=http://[{ANYCAST}]:80"),
+        format!("nginx-pair=https://[{E2_UNDERLAY}]:8443"),
+        format!("nginx-pair-http=http://[{E2_UNDERLAY}]:8080"),
+        format!("direct=http://[{MACHINE}]:8080"),
+    ];
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", "skd-load"])
+        .arg(&bench)
+        .arg("run")
+        .args(&scenarios);
+    for t in &targets {
+        cmd.arg("--target").arg(t);
+    }
+    let r = run(cmd
         .args(["--out", "target/bench-report", "--label", &label])
         // The goal's figure: what each path adds to the direct one's p99.
         .args(["--baseline", "direct"])

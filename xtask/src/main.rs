@@ -332,7 +332,6 @@ fn self_signed(dir: &std::path::Path, cn: &str, sans: &str) -> anyhow::Result<(S
     ))
 }
 
-/// Builds the release binaries of the benches.
 /// The profile-guided build, once made (`PGO=1`).
 static PGO_BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
