@@ -19,6 +19,13 @@
 //!   address), which proxies to the machine. One worker process each, as the
 //!   demo's daemons have one serving thread.
 //!
+//! - `l4-pair` and `relay-pair`: the floor. Two proxies that do no HTTP work
+//!   at all, on the same hosts, addresses and mesh: HAProxy in TCP mode (a
+//!   production L4 relay) and socat (a process per connection copying bytes).
+//!   What they add to the direct path is what any pair of user-space proxies
+//!   pays here before parsing a byte: two more TCP connections, two more
+//!   processes to wake per direction.
+//!
 //! So the difference is the two proxies (and TLS at the edge). The report goes
 //! to target/bench-report/ with the others; `REPEAT=3` repeats.
 
@@ -56,6 +63,54 @@ fn pair_conf(d: &std::path::Path, edge: bool) -> String {
     format!(
         "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/nginx.err warn;\nevents {{ worker_connections 16384; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp; uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;\n  tcp_nodelay on; keepalive_timeout 120s; keepalive_requests 10000000;\n{server}}}\n"
     )
+}
+
+/// HAProxy as an L4 relay (`mode tcp`, one thread) from `listen` to `server`.
+fn l4_conf(listen: &str, server: &str) -> String {
+    format!(
+        "global\n  nbthread 1\n  maxconn 9000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\nlisten relay\n  bind {listen} backlog 4096\n  server s1 {server}\n"
+    )
+}
+
+/// The floor's relays, each leg as (namespace, HAProxy config to write
+/// first if any, command).
+type Leg = (&'static str, Option<(PathBuf, String)>, Vec<String>);
+
+fn floor_pairs(work: &std::path::Path) -> Vec<Leg> {
+    let haproxy = |ns, name: &str, listen: String, server: String| -> Leg {
+        let cfg = work.join(format!("{name}.cfg"));
+        let cmd = vec![
+            "haproxy".into(),
+            "-db".into(),
+            "-f".into(),
+            cfg.display().to_string(),
+        ];
+        (ns, Some((cfg, l4_conf(&listen, &server))), cmd)
+    };
+    let socat = |ns, port: u16, at: &str, to: String| -> Leg {
+        let cmd = vec![
+            "socat".into(),
+            format!("TCP6-LISTEN:{port},bind=[{at}],fork,reuseaddr,nodelay,backlog=4096"),
+            format!("TCP6:{to},nodelay"),
+        ];
+        (ns, None, cmd)
+    };
+    vec![
+        haproxy(
+            "skd-e2",
+            "l4-edge",
+            format!("[{E2_UNDERLAY}]:7080"),
+            format!("[{W1_HOST}]:7181"),
+        ),
+        haproxy(
+            "skd-w1",
+            "l4-worker",
+            format!("[{W1_HOST}]:7181"),
+            format!("[{MACHINE}]:8080"),
+        ),
+        socat("skd-e2", 7090, E2_UNDERLAY, format!("[{W1_HOST}]:7191")),
+        socat("skd-w1", 7191, W1_HOST, format!("[{MACHINE}]:8080")),
+    ]
 }
 
 /// The demo, stopped with SIGINT (so it removes its namespaces) however the
@@ -117,7 +172,7 @@ fn wait(limit: Duration, what: &str, mut ok: impl FnMut() -> bool) -> anyhow::Re
 }
 
 pub fn bench_e2e() -> anyhow::Result<()> {
-    apt_ensure(&["nginx-light"])?;
+    apt_ensure(&["nginx-light", "haproxy", "socat"])?;
     crate::build_ebpf()?;
     crate::build_release()?;
     let work = root().join("target/bench/e2e");
@@ -207,6 +262,21 @@ pub fn bench_e2e() -> anyhow::Result<()> {
         kids.0.push(child);
     }
 
+    // The floor: the L4 relay pairs.
+    for (ns, conf, cmd) in floor_pairs(&work) {
+        if let Some((path, text)) = conf {
+            std::fs::write(path, text)?;
+        }
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(&cmd)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {} in {ns}", cmd[0]))?;
+        kids.0.push(child);
+    }
+
     let direct = format!("http://[{MACHINE}]:8080/");
     wait(
         Duration::from_secs(30),
@@ -238,6 +308,12 @@ pub fn bench_e2e() -> anyhow::Result<()> {
     wait(Duration::from_secs(30), "the nginx pair", || {
         ok_in("skd-load", &pair)
     })?;
+    for port in [7080, 7090] {
+        let url = format!("http://[{E2_UNDERLAY}]:{port}/");
+        wait(Duration::from_secs(30), "the L4 relay pairs", || {
+            ok_in("skd-load", &["curl", "-sf", "--max-time", "2", &url])
+        })?;
+    }
 
     // HOLD=<seconds>: keep the topology up that long instead of loading it
     // (to measure by hand: perf, strace, tcpdump in the namespaces), then
@@ -266,6 +342,9 @@ pub fn bench_e2e() -> anyhow::Result<()> {
         format!("proxied-http=http://[{ANYCAST}]:80"),
         format!("nginx-pair=https://[{E2_UNDERLAY}]:8443"),
         format!("nginx-pair-http=http://[{E2_UNDERLAY}]:8080"),
+        // The floor: relays that never parse HTTP.
+        format!("l4-pair=http://[{E2_UNDERLAY}]:7080"),
+        format!("relay-pair=http://[{E2_UNDERLAY}]:7090"),
         format!("direct=http://[{MACHINE}]:8080"),
     ];
     let mut cmd = Command::new("ip");
