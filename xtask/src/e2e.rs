@@ -141,6 +141,20 @@ fn ok_in(ns: &str, cmd: &[&str]) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// Starts `args` in namespace `ns` as a quiet child (its output discarded).
+fn spawn_in<S: AsRef<std::ffi::OsStr>>(ns: &str, args: &[S]) -> anyhow::Result<Child> {
+    let what = args
+        .first()
+        .map(|a| a.as_ref().to_string_lossy().into_owned());
+    Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {} in {ns}", what.unwrap_or_default()))
+}
+
 /// The demo catalog with the iad machine stopped and the load generator added.
 fn bench_catalog(text: &str) -> String {
     let mut out = String::new();
@@ -228,14 +242,18 @@ pub fn bench_e2e() -> anyhow::Result<()> {
         crate::platform::backend_conf(&work, &format!("[{MACHINE}]:8080")),
     )?;
     let w = work.display().to_string();
-    let nginx = Command::new("ip")
-        .args(["netns", "exec", "skd-webams", "nginx", "-p", &w, "-c"])
-        .arg(work.join("backend.conf"))
-        .args(["-e", &format!("{w}/backend.err")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting nginx in the machine")?;
+    let nginx = spawn_in(
+        "skd-webams",
+        &[
+            "nginx".into(),
+            "-p".into(),
+            w.clone(),
+            "-c".into(),
+            format!("{w}/backend.conf"),
+            "-e".into(),
+            format!("{w}/backend.err"),
+        ],
+    )?;
     let mut kids = crate::platform::Kids(vec![nginx]);
     // The nginx pair, for comparison.
     for (ns, name, edge) in [
@@ -248,18 +266,17 @@ pub fn bench_e2e() -> anyhow::Result<()> {
             crate::self_signed(&d, "web.example.com", "DNS:web.example.com")?;
         }
         std::fs::write(d.join("nginx.conf"), pair_conf(&d, edge))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns, "nginx", "-p"])
-            .arg(&d)
-            .arg("-c")
-            .arg(d.join("nginx.conf"))
-            .arg("-e")
-            .arg(d.join("nginx.err"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting nginx ({name})"))?;
-        kids.0.push(child);
+        let d = d.display();
+        let args = [
+            "nginx".into(),
+            "-p".into(),
+            d.to_string(),
+            "-c".into(),
+            format!("{d}/nginx.conf"),
+            "-e".into(),
+            format!("{d}/nginx.err"),
+        ];
+        kids.0.push(spawn_in(ns, &args)?);
     }
 
     // The floor: the L4 relay pairs.
@@ -267,14 +284,7 @@ pub fn bench_e2e() -> anyhow::Result<()> {
         if let Some((path, text)) = conf {
             std::fs::write(path, text)?;
         }
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .args(&cmd)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {} in {ns}", cmd[0]))?;
-        kids.0.push(child);
+        kids.0.push(spawn_in(ns, &cmd)?);
     }
 
     let direct = format!("http://[{MACHINE}]:8080/");
