@@ -9,7 +9,6 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use metrics_exporter_prometheus::PrometheusHandle;
 use skein_catalog::Store;
 use skein_catalog::sources::api::{self, Api};
 
@@ -30,7 +29,7 @@ pub struct Readiness {
 struct Health {
     ready: Arc<Readiness>,
     store: Arc<Store>,
-    prom: PrometheusHandle,
+    prom: crate::telemetry::MetricsHandle,
 }
 
 /// The admin router.
@@ -38,7 +37,7 @@ pub fn router(
     api: Api,
     body_limit: usize,
     ready: Arc<Readiness>,
-    prom: PrometheusHandle,
+    prom: crate::telemetry::MetricsHandle,
     acme: Arc<skein_acme::AcmeStatus>,
 ) -> Router {
     let health = Health {

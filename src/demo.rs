@@ -332,7 +332,7 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> anyhow::Result<()> {
     println!("  # metrics");
     println!("  curl -s http://{admin}/metrics | grep skein_catalog");
     println!(
-        "  curl -s http://{admin}/metrics | grep 'skein_proxy_app_requests_total{{app=\"demo\"'"
+        "  curl -s http://{admin}/metrics | grep -E 'skein_proxy_app_request(s_total|_duration_seconds_count)\\{{app=\"demo\"'"
     );
     println!("  curl -s http://{admin}/metrics | grep skein_proxy_machine_\n");
     println!("Ctrl-C stops the demo and removes what it made.");

@@ -7,6 +7,7 @@ mod config;
 mod daemon;
 mod demo;
 mod demo_hosts;
+mod histograms;
 mod server;
 mod steer;
 mod telemetry;

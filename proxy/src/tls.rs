@@ -229,7 +229,13 @@ pub fn resumption() -> Result<Resumption, rustls::Error> {
 
 impl ResolvesServerCert for Certs {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        match hello.server_name().or(self.default_name.as_deref()) {
+        let sni = hello.server_name();
+        if sni.is_none() {
+            // No name, or one rustls refused (an IP address): the default
+            // hostname's certificate, if there is one.
+            metrics::counter!("skein_proxy_handshakes_without_sni_total").increment(1);
+        }
+        match sni.or(self.default_name.as_deref()) {
             Some(name) => self.lookup(name),
             None => {
                 metrics::counter!("skein_proxy_certificate_misses_total", "reason" => "no_sni")

@@ -49,6 +49,7 @@ fn the_demo_serves_and_its_printed_commands_work() {
         "0 100 80 demo.default.svc.cluster.local.",
         "\"ams1 ams,ams2 ams,iad1 iad\"",
         "skein_proxy_app_requests_total{app=\"demo\",status=\"2xx\"}",
+        "skein_proxy_app_request_duration_seconds_count{app=\"demo\"}",
         "skein_proxy_machine_inflight{app=\"demo\",machine=\"ams1\"} 0",
         "skein_proxy_machine_requests_total{app=\"demo\",machine=\"ams1\",status=\"2xx\"}",
     ] {
