@@ -2,19 +2,54 @@
 //! works.
 
 use std::io::BufReader;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 use crate::support::*;
 
+/// A running demo, stopped with Ctrl-C (SIGINT, so it removes what it made)
+/// when the test ends, also when it ends by a failed assertion.
+struct Demo(Child);
+
+impl Demo {
+    /// Ctrl-C, then the exit status (killed after 20 s).
+    fn interrupt(&mut self) -> Option<ExitStatus> {
+        if let Ok(Some(st)) = self.0.try_wait() {
+            return Some(st);
+        }
+        let _ = Command::new("kill")
+            .args(["-INT", &self.0.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.0.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        None
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        self.interrupt();
+    }
+}
+
 #[test]
 fn the_demo_serves_and_its_printed_commands_work() {
-    let mut child = skein()
-        .args(["demo", "--admin", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut child = Demo(
+        skein()
+            .args(["demo", "--admin", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut out = BufReader::new(child.0.stdout.take().unwrap());
     let lines = read_until(&mut out, "Ctrl-C");
     let commands: Vec<&String> = lines
         .iter()
@@ -67,11 +102,7 @@ fn the_demo_serves_and_its_printed_commands_work() {
         .unwrap()
         .to_string();
     assert!(std::path::Path::new(&dir).exists());
-    Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let status = child.wait().unwrap();
+    let status = child.interrupt().expect("the demo did not stop on Ctrl-C");
     assert!(status.success());
     assert!(
         !std::path::Path::new(&dir).exists(),
@@ -86,13 +117,15 @@ fn the_three_host_demo_serves_and_leaves_nothing_behind() {
     if !skein_testkit::require_root("the_three_host_demo_serves_and_leaves_nothing_behind") {
         return;
     }
-    let mut child = skein()
-        .args(["demo", "--hosts", "3"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut child = Demo(
+        skein()
+            .args(["demo", "--hosts", "3"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut out = BufReader::new(child.0.stdout.take().unwrap());
     let lines = read_until(&mut out, "Ctrl-C");
     let dir = lines
         .iter()
@@ -136,11 +169,7 @@ fn the_three_host_demo_serves_and_leaves_nothing_behind() {
         1,
         "{outputs}"
     );
-    Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let status = child.wait().unwrap();
+    let status = child.interrupt().expect("the demo did not stop on Ctrl-C");
     assert!(status.success());
     let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
     let left = String::from_utf8_lossy(&netns.stdout);
