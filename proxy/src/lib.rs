@@ -18,6 +18,7 @@
 //! never takes a lock that a catalog update holds.
 
 pub mod acme;
+mod admit;
 pub mod backhaul;
 pub mod balance;
 pub mod config;

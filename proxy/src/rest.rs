@@ -501,6 +501,7 @@ where
     I: AsyncRead + Readable + Unpin,
 {
     s.inner.readable().await?;
+    crate::admit::admit().await;
     let mut b = BytesMut::with_capacity(2048);
     s.read_buf(&mut b).await?;
     Ok(b)
