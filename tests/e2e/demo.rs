@@ -2,33 +2,50 @@
 //! works.
 
 use std::io::BufReader;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::*;
 
 /// A running demo, stopped with Ctrl-C (SIGINT, so it removes what it made)
 /// when the test ends, also when it ends by a failed assertion.
-struct Demo(Child);
+struct Demo {
+    child: Child,
+    /// Its output, kept open: a demo that prints into a closed pipe fails.
+    _out: BufReader<ChildStdout>,
+}
 
 impl Demo {
+    /// Starts `skein <args>` and reads what it prints up to its Ctrl-C line.
+    fn start(args: &[&str]) -> (Demo, Vec<String>) {
+        let mut child = skein()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let lines = read_until(&mut out, "Ctrl-C");
+        (Demo { child, _out: out }, lines)
+    }
+
     /// Ctrl-C, then the exit status (killed after 20 s).
     fn interrupt(&mut self) -> Option<ExitStatus> {
-        if let Ok(Some(st)) = self.0.try_wait() {
+        if let Ok(Some(st)) = self.child.try_wait() {
             return Some(st);
         }
         let _ = Command::new("kill")
-            .args(["-INT", &self.0.id().to_string()])
+            .args(["-INT", &self.child.id().to_string()])
             .status();
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if let Ok(Some(st)) = self.0.try_wait() {
+            if let Ok(Some(st)) = self.child.try_wait() {
                 return Some(st);
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
         None
     }
 }
@@ -41,16 +58,7 @@ impl Drop for Demo {
 
 #[test]
 fn the_demo_serves_and_its_printed_commands_work() {
-    let mut child = Demo(
-        skein()
-            .args(["demo", "--admin", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut out = BufReader::new(child.0.stdout.take().unwrap());
-    let lines = read_until(&mut out, "Ctrl-C");
+    let (mut child, lines) = Demo::start(&["demo", "--admin", "127.0.0.1:0"]);
     let commands: Vec<&String> = lines
         .iter()
         .filter(|l| {
@@ -117,16 +125,7 @@ fn the_three_host_demo_serves_and_leaves_nothing_behind() {
     if !skein_testkit::require_root("the_three_host_demo_serves_and_leaves_nothing_behind") {
         return;
     }
-    let mut child = Demo(
-        skein()
-            .args(["demo", "--hosts", "3"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut out = BufReader::new(child.0.stdout.take().unwrap());
-    let lines = read_until(&mut out, "Ctrl-C");
+    let (mut child, lines) = Demo::start(&["demo", "--hosts", "3"]);
     let dir = lines
         .iter()
         .find_map(|l| l.split("Files: ").nth(1))
