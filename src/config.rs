@@ -304,6 +304,9 @@ impl Config {
             if self.proxy.max_connections == 0 {
                 bad("proxy.max_connections", "must be at least 1".into());
             }
+            if self.proxy.requests_per_turn == 0 {
+                bad("proxy.requests_per_turn", "must be at least 1".into());
+            }
             if self.proxy.max_header_bytes < 1024 {
                 bad("proxy.max_header_bytes", "must be at least 1024".into());
             }

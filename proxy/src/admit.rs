@@ -11,12 +11,12 @@
 //! upstream connection of its own (9,000-10,000 new backend connections in 10
 //! seconds, against nginx's 2,700-5,000), and the machine paid for those too.
 //!
-//! So a thread starts at most [`PER_TURN`] requests on its own turn; a request
-//! past that waits in a first-come queue that a pump task empties
-//! [`PER_TURN`] at a time, yielding in between, and a yield resumes only after
+//! So a thread starts at most `requests_per_turn` (32) requests on its own
+//! turn; a request past that waits in a first-come queue that a pump task
+//! empties as many at a time, yielding in between, and a yield resumes only after
 //! the thread's next poll for I/O, behind the answers that poll brought in.
-//! Nothing is capped: a thread with slow upstreams still starts
-//! [`PER_TURN`] requests every turn of its loop, however many are in flight.
+//! Nothing is capped: a thread with slow upstreams still starts that many
+//! requests every turn of its loop, however many are in flight.
 //! A request is gated once its connection is readable and before a byte of it
 //! is read, so a waiting connection holds no buffer.
 
@@ -24,9 +24,6 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 
 use tokio::sync::oneshot;
-
-/// New requests a serving thread starts in one turn while others wait.
-pub(crate) const PER_TURN: u32 = 32;
 
 #[derive(Default)]
 struct Gate {
@@ -43,16 +40,16 @@ thread_local! {
 }
 
 /// Returns when the calling connection may start its next request: at once
-/// unless this serving thread has started [`PER_TURN`] requests in this turn
+/// unless this serving thread has started `per_turn` requests in this turn
 /// or others are waiting. Off the serving threads (tests' runtimes, a
 /// multi-threaded runtime) there is no gate.
-pub(crate) async fn admit() {
+pub(crate) async fn admit(per_turn: u32) {
     if crate::workers::index().is_none() {
         return;
     }
     let wait = GATE.with(|g| {
         let mut g = g.borrow_mut();
-        if g.waiting.is_empty() && g.started < PER_TURN {
+        if g.waiting.is_empty() && g.started < per_turn {
             g.started += 1;
             return None;
         }
@@ -61,7 +58,7 @@ pub(crate) async fn admit() {
         if !g.pumping {
             g.pumping = true;
             turns().increment(1);
-            tokio::spawn(pump());
+            tokio::spawn(pump(per_turn));
         }
         Some(rx)
     });
@@ -72,21 +69,21 @@ pub(crate) async fn admit() {
 }
 
 /// Pumps started: how often a serving thread had more new requests at once
-/// than [`PER_TURN`] (`skein_proxy_admission_pumps_total`).
+/// than it starts in one (`skein_proxy_admission_pumps_total`).
 fn turns() -> &'static metrics::Counter {
     static C: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
     C.get_or_init(|| metrics::counter!("skein_proxy_admission_pumps_total"))
 }
 
-/// Lets the waiting requests in, [`PER_TURN`] a turn, until none wait.
-async fn pump() {
+/// Lets the waiting requests in, `per_turn` a turn, until none wait.
+async fn pump(per_turn: u32) {
     loop {
         // After the next poll for I/O: the answers it brings go first.
         tokio::task::yield_now().await;
         let more = GATE.with(|g| {
             let mut g = g.borrow_mut();
             g.started = 0;
-            while g.started < PER_TURN {
+            while g.started < per_turn {
                 let Some(tx) = g.waiting.pop_front() else {
                     break;
                 };
@@ -112,6 +109,8 @@ mod tests {
 
     use super::*;
 
+    const PER_TURN: u32 = 32;
+
     #[test]
     fn an_answer_that_arrives_during_a_burst_goes_before_the_rest_of_the_burst() {
         let workers = crate::workers::Workers::start(1, "admit-test").unwrap();
@@ -133,7 +132,7 @@ mod tests {
             for i in 0..100 {
                 let r = l.clone();
                 burst.push(tokio::spawn(async move {
-                    admit().await;
+                    admit(PER_TURN).await;
                     r.lock().unwrap().push(i.to_string());
                 }));
             }
@@ -166,7 +165,7 @@ mod tests {
         rt.block_on(async {
             for _ in 0..(PER_TURN * 3) {
                 // Would wait for a pump past PER_TURN on a serving thread.
-                assert!(futures_util::FutureExt::now_or_never(admit()).is_some());
+                assert!(futures_util::FutureExt::now_or_never(admit(PER_TURN)).is_some());
             }
         });
     }

@@ -57,6 +57,12 @@ pub struct ProxyConfig {
     /// keeps such a connection with hyper, and its buffers, for its whole life.
     #[serde(default = "d_rest_after", with = "humantime_serde")]
     pub rest_after: Duration,
+    /// New HTTP/1.1 requests a serving thread starts in one turn of its loop
+    /// while others wait: the rest wait, first come first served, behind the
+    /// upstream answers that turn brought in (see `admit`). Not a cap on
+    /// requests in flight.
+    #[serde(default = "d_per_turn")]
+    pub requests_per_turn: u32,
     /// An HTTP/1.1 keep-alive connection with no request for this long after
     /// its last response is closed (its next head, once begun, has
     /// `header_timeout`).
@@ -253,6 +259,9 @@ fn d_keepalive() -> Duration {
     Duration::from_secs(60)
 }
 
+pub(crate) fn d_per_turn() -> u32 {
+    32
+}
 fn d_rest_after() -> Duration {
     Duration::from_millis(100)
 }
@@ -301,6 +310,7 @@ impl Default for ProxyConfig {
             header_timeout: d_header_timeout(),
             idle_timeout: d_idle(),
             rest_after: d_rest_after(),
+            requests_per_turn: d_per_turn(),
             keepalive_timeout: d_keepalive(),
             max_header_bytes: d_header_bytes(),
             max_headers: d_headers(),

@@ -460,7 +460,7 @@ where
     let rests = Rests::new(proxy);
     let woke = loop {
         tokio::select! {
-            r = first_bytes(s) => break match r {
+            r = first_bytes(s, proxy.cfg.requests_per_turn) => break match r {
                 Ok(b) if !b.is_empty() => Some(b),
                 _ => None,
             },
@@ -496,12 +496,12 @@ async fn close<I: AsyncWrite + Unpin>(s: &mut Watched<I>) {
 /// into a small one that hyper is handed first: a client that only closes
 /// (FIN, close_notify) is let go without building a hyper connection (and its
 /// buffers) to read the end of it, which matters when many leave at once.
-async fn first_bytes<I>(s: &mut Watched<I>) -> io::Result<BytesMut>
+async fn first_bytes<I>(s: &mut Watched<I>, per_turn: u32) -> io::Result<BytesMut>
 where
     I: AsyncRead + Readable + Unpin,
 {
     s.inner.readable().await?;
-    crate::admit::admit().await;
+    crate::admit::admit(per_turn).await;
     let mut b = BytesMut::with_capacity(2048);
     s.read_buf(&mut b).await?;
     Ok(b)

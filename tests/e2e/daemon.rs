@@ -224,6 +224,14 @@ fn check_config_names_fields_and_sets_the_exit_code() {
     assert!(err.contains("log.colour"), "{err}");
     let (_, err) = check("[admin]\nlisten = \"0.0.0.0:9901\"\n");
     assert!(err.contains("admin.listen: 0.0.0.0:9901 is not loopback"));
+    let (code, err) = check(
+        "[host]\nregion = \"ams\"\n[proxy]\nenabled = true\nlisteners = [{ bind = \"127.0.0.1:9\" }]\nrequests_per_turn = 0\n",
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("proxy.requests_per_turn: must be at least 1"),
+        "{err}"
+    );
     let (code, err) = check("[kubernetes]\nenabled = true\napi = \"10.0.0.1\"\n");
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("kubernetes.network"), "{err}");
