@@ -355,8 +355,10 @@ async fn a_cut_host_keeps_serving_and_resumes_without_missing_or_doubling() {
     );
 
     gate.restore();
+    // The status counts a batch after the catalog it made is published: wait
+    // for both, or the count can be read between the two.
     until("caught up", Duration::from_secs(15), || {
-        host.apps() == ids(&["a0", "a1", "a2", "a3", "web"])
+        host.apps() == ids(&["a0", "a1", "a2", "a3", "web"]) && host.status.events() - events >= 7
     })
     .await;
     let snap = host.store.snapshot();
