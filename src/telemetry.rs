@@ -6,11 +6,10 @@ use std::sync::Arc;
 
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, SharedString, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
-
-use crate::histograms::Histograms;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
+use crate::histograms::Histograms;
 
 /// Installs the global subscriber. `RUST_LOG` overrides the configured level.
 pub fn init_logs(cfg: &LogConfig) {
