@@ -130,15 +130,19 @@ fn ip(args: &str) -> anyhow::Result<()> {
     run(Command::new("ip").args(args.split_whitespace()))
 }
 
+/// `args` to run in namespace `ns`, its output discarded.
+fn quiet_in<S: AsRef<std::ffi::OsStr>>(ns: &str, args: &[S]) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
+}
+
 /// Runs `cmd` in namespace `ns`; true if it succeeded.
 fn ok_in(ns: &str, cmd: &[&str]) -> bool {
-    Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(cmd)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    quiet_in(ns, cmd).status().is_ok_and(|s| s.success())
 }
 
 /// Starts `args` in namespace `ns` as a quiet child (its output discarded).
@@ -146,11 +150,7 @@ fn spawn_in<S: AsRef<std::ffi::OsStr>>(ns: &str, args: &[S]) -> anyhow::Result<C
     let what = args
         .first()
         .map(|a| a.as_ref().to_string_lossy().into_owned());
-    Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+    quiet_in(ns, args)
         .spawn()
         .with_context(|| format!("starting {} in {ns}", what.unwrap_or_default()))
 }
