@@ -97,12 +97,12 @@ pub(crate) async fn admit(per_turn: u32) {
     }
 }
 
-/// Turns that ended with requests waiting: how often a serving thread had
-/// more new requests in a turn than it starts in one
-/// (`skein_proxy_admission_pumps_total`).
+/// Backlogs begun: how often a serving thread had more new requests in a
+/// turn than it starts in one, so that some began to wait for a later turn
+/// (`skein_proxy_admission_backlogs_total`).
 fn behind() -> &'static metrics::Counter {
     static C: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
-    C.get_or_init(|| metrics::counter!("skein_proxy_admission_pumps_total"))
+    C.get_or_init(|| metrics::counter!("skein_proxy_admission_backlogs_total"))
 }
 
 /// Counts the thread's turns, starts each turn with the requests waiting
@@ -260,7 +260,7 @@ mod tests {
             .unwrap();
         rt.block_on(async {
             for _ in 0..(PER_TURN * 3) {
-                // Would wait for a pump past PER_TURN on a serving thread.
+                // Would wait for a later turn past PER_TURN on a serving thread.
                 assert!(futures_util::FutureExt::now_or_never(admit(PER_TURN)).is_some());
             }
         });
